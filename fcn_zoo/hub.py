@@ -1,0 +1,299 @@
+"""Where weights come from: a name, repo id, folder or ``.pth`` becomes a local ``save_pretrained`` folder.
+
+Resolution order for a zoo name (e.g. ``fcn_resnet50os8_voc``):
+
+1. its Hugging Face Hub repo at the pinned revision, when the row has one (or ``revision`` is given);
+2. a converted copy of the reference ``.pth`` in the fcn_zoo cache;
+3. the reference ``.pth`` itself, downloaded (``FCN_ZOO_REFERENCE_URL`` replaces the base URL), read with
+   ``torch.load(weights_only=True)``, converted, shape-checked and stored as safetensors in the cache.
+
+With ``HF_HUB_OFFLINE=1`` or ``local_files_only=True`` only steps 1-2 run, from the cache, and a miss is
+a :class:`NotCachedError` that says what to download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import FCNZooError, NotCachedError, UnknownModelError, WeightsError
+from .zoo import CHECKPOINTS, Checkpoint
+
+__all__ = ["from_pretrained", "resolve", "cache_root", "is_cached", "reference_download_url"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+PROVENANCE_NAME = "provenance.json"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def from_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    num_classes: int | None = None,
+    device: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+):
+    """Load an FCN in eval mode.
+
+    Args:
+        name_or_path: a zoo name (``fcn_zoo.list_models()``), a Hub repo id ``owner/name`` or
+            ``owner/name@revision``, a ``save_pretrained`` folder, or a reference ``.pth`` file.
+        revision: a Hub branch, tag or commit; for zoo names it replaces the pinned revision.
+        num_classes: if different from the checkpoint's, the classifiers are freshly initialised
+            (for fine-tuning) and everything else is loaded.
+        device: where to put the model (``"cpu"``, ``"cuda"``, ``"cuda:1"``...); default CPU.
+        cache_dir: where downloads and converted weights are kept (default ``~/.cache/fcn_zoo`` and the
+            Hugging Face cache).
+        local_files_only: never touch the network (also implied by ``HF_HUB_OFFLINE=1``).
+
+    Returns:
+        an :class:`fcn_zoo.FCN` in eval mode.
+    """
+    import torch
+
+    from .model import FCN
+
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    try:
+        device = torch.device(device or "cpu")
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
+    folder = resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    overrides = {} if num_classes is None else {"num_classes": num_classes}
+    if num_classes is not None:
+        saved = _read_config(folder)
+        if saved.get("num_classes") != num_classes and saved.get("dataset") is not None:
+            overrides["dataset"] = None  # the dataset's class names no longer apply
+    model = FCN.from_pretrained(folder, **overrides)
+    return model.to(device).eval()
+
+
+def resolve(
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """Return a local folder holding ``config.json`` and ``model.safetensors`` for ``name_or_path``.
+
+    Downloads and converts as needed; see the module docstring for the order.
+    """
+    offline = local_files_only or _hub_offline()
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _check_folder(path)
+    if path.is_file():
+        if path.suffix in (".pth", ".pt"):
+            return _convert_local_pth(path, cache_dir)
+        raise WeightsError(
+            f"{path}: expected a save_pretrained folder (config.json + model.safetensors) or a reference .pth file"
+        )
+    if text in CHECKPOINTS:
+        return _resolve_zoo(CHECKPOINTS[text], revision, cache_dir, offline)
+    repo_id, _, repo_revision = text.partition("@")
+    if _REPO_ID.match(repo_id) and not text.endswith((".pth", ".pt", "/")):
+        return _download_hub(repo_id, revision or repo_revision or None, cache_dir, offline)
+    if os.sep in text or text.endswith((".pth", ".pt")):
+        raise FileNotFoundError(f"{text}: no such file or folder")
+    raise UnknownModelError(text, sorted(CHECKPOINTS))
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder for converted reference weights: ``cache_dir``, ``$FCN_ZOO_CACHE`` or ``~/.cache/fcn_zoo``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("FCN_ZOO_CACHE"):
+        return Path(os.environ["FCN_ZOO_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "fcn_zoo"
+
+
+def reference_download_url(checkpoint: Checkpoint) -> str:
+    """The reference ``.pth`` URL of a row, with ``FCN_ZOO_REFERENCE_URL`` replacing the base if set."""
+    base = os.environ.get("FCN_ZOO_REFERENCE_URL")
+    return f"{base.rstrip('/')}/{checkpoint.name}.pth" if base else checkpoint.reference_url
+
+
+def is_cached(name: str, cache_dir: str | os.PathLike | None = None) -> bool:
+    """Whether zoo model ``name`` loads without the network."""
+    checkpoint = CHECKPOINTS[name]
+    if _is_complete(cache_root(cache_dir) / "reference" / name):
+        return True
+    if not checkpoint.hub_revision:
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    return all(
+        isinstance(try_to_load_from_cache(checkpoint.hub_repo_id, f, cache_dir=cache_dir, revision=checkpoint.hub_revision), str)
+        for f in (CONFIG_NAME, WEIGHTS_NAME)
+    )
+
+
+# --- the routes ----------------------------------------------------------------------------------
+
+
+def _resolve_zoo(checkpoint: Checkpoint, revision: str | None, cache_dir, offline: bool) -> Path:
+    hub_revision = revision or checkpoint.hub_revision
+    if hub_revision:
+        try:
+            return _download_hub(checkpoint.hub_repo_id, hub_revision, cache_dir, offline)
+        except FCNZooError as e:
+            if revision:  # an explicitly requested Hub revision has no fallback
+                raise
+            logger.info("%s; using the reference weights instead", e)
+    converted = cache_root(cache_dir) / "reference" / checkpoint.name
+    if _is_complete(converted):
+        return converted
+    url = reference_download_url(checkpoint)
+    if offline:
+        raise NotCachedError(
+            f"{checkpoint.name} is not cached and downloads are disabled "
+            f"({'local_files_only=True' if not _hub_offline() else 'HF_HUB_OFFLINE=1'}). "
+            f"On a machine with network run `fcn-zoo download {checkpoint.name}` and copy {converted}, "
+            f"or place {url.rsplit('/', 1)[-1]} behind FCN_ZOO_REFERENCE_URL and allow downloads."
+        )
+    return _download_reference(checkpoint, url, converted)
+
+
+def _download_hub(repo_id: str, revision: str | None, cache_dir, offline: bool) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        files = [
+            Path(hf_hub_download(repo_id, f, revision=revision, cache_dir=cache_dir, local_files_only=offline))
+            for f in (CONFIG_NAME, WEIGHTS_NAME)
+        ]
+    except RevisionNotFoundError as e:
+        raise WeightsError(f"{where}: the Hub repo has no such revision; use a branch, tag or commit it has") from e
+    except RepositoryNotFoundError as e:
+        raise UnknownModelError(repo_id, sorted(CHECKPOINTS), kind="model or Hub repo") from e
+    except EntryNotFoundError as e:
+        raise WeightsError(f"{where}: the Hub repo has no {CONFIG_NAME} + {WEIGHTS_NAME}; not an fcn_zoo model") from e
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+        if offline:
+            raise NotCachedError(
+                f"{where} is not in the Hugging Face cache and downloads are disabled; "
+                f"on a machine with network run `hf download {repo_id}"
+                f"{' --revision ' + revision if revision else ''}` and copy the cache here"
+            ) from e
+        raise FCNZooError(f"{where}: the Hugging Face Hub cannot be reached ({e})") from e
+    except HfHubHTTPError as e:
+        raise FCNZooError(f"{where}: the Hugging Face Hub answered {e}") from e
+    return files[0].parent
+
+
+def _download_reference(checkpoint: Checkpoint, url: str, folder: Path) -> Path:
+    from torch.hub import download_url_to_file
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{checkpoint.name}-") as tmp:
+        pth = Path(tmp) / f"{checkpoint.name}.pth"
+        logger.info("downloading %s", url)
+        try:
+            download_url_to_file(url, str(pth), progress=True)
+        except Exception as e:  # urllib raises URLError, HTTPError, IncompleteRead, timeouts, ...
+            raise FCNZooError(
+                f"{checkpoint.name}: downloading {url} failed ({e}); check the network, "
+                "or set FCN_ZOO_REFERENCE_URL to a mirror that holds the reference .pth files"
+            ) from e
+        sha256 = _sha256(pth)
+        if checkpoint.sha256 and sha256 != checkpoint.sha256:
+            raise WeightsError(
+                f"{url}: sha256 {sha256} differs from the published {checkpoint.sha256}; the file was not used"
+            )
+        return _convert(pth, folder, checkpoint.model_config(), {"source_url": url, "source_sha256": sha256})
+
+
+def _convert_local_pth(path: Path, cache_dir) -> Path:
+    sha256 = _sha256(path)
+    folder = cache_root(cache_dir) / "local" / f"{path.stem}-{sha256[:16]}"
+    if _is_complete(folder):
+        return folder
+    config = CHECKPOINTS[path.stem].model_config() if path.stem in CHECKPOINTS else None
+    return _convert(path, folder, config, {"source_file": str(path.resolve()), "source_sha256": sha256})
+
+
+def _convert(pth: Path, folder: Path, config: dict | None, provenance: dict) -> Path:
+    """Reference ``.pth`` -> checked ``save_pretrained`` folder, written beside ``folder`` then renamed."""
+    from .convert import convert_reference, read_checkpoint, reference_config
+    from .model import FCN, load_state_dict
+
+    state_dict = convert_reference(read_checkpoint(pth))
+    if config is None:
+        config = reference_config(state_dict, output_stride=None, name=pth.name)
+    model = FCN(**config)
+    load_state_dict(model, state_dict, source=str(pth))  # strict: every key and shape
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        model.save_pretrained(tmp)
+        (tmp / "README.md").unlink(missing_ok=True)  # the generic mixin card says nothing true about these weights
+        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not _is_complete(folder):  # not a concurrent conversion that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
+
+
+def _check_folder(folder: Path) -> Path:
+    missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / f).is_file()]
+    if missing:
+        raise WeightsError(f"{folder}: not a save_pretrained folder, it lacks {' and '.join(missing)}")
+    return folder
+
+
+def _read_config(folder: Path) -> dict:
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text())
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{folder / CONFIG_NAME}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise WeightsError(f"{folder / CONFIG_NAME}: expected a JSON object")
+    return config
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,286 @@
+"""FCN: a timm ResNet backbone, an FCN head on its last stage and an auxiliary head on the stage before.
+
+The module layout follows the reference implementation (sssegmentation) so that its checkpoints map onto
+this model by renaming keys alone; torchvision's FCN is the same model with ``backbone="resnet50"``,
+``num_convs=1`` and ``aux_channels=256``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
+from torch import nn
+
+from .errors import WeightsError
+from .zoo import DATASETS, IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["FCN", "FCNHead", "load_weights"]
+
+logger = logging.getLogger(__name__)
+
+
+class FCNHead(nn.Sequential):
+    """``num_convs`` x (conv3x3 -> BN -> ReLU), Dropout2d, conv1x1 to ``num_classes``.
+
+    With ``num_convs=2`` the layer indices are those of the reference's ``decoder`` (0, 1, 3, 4, 7);
+    with ``num_convs=1`` those of torchvision's ``FCNHead`` and of the auxiliary heads (0, 1, 4).
+    """
+
+    def __init__(self, in_channels: int, channels: int, num_classes: int, num_convs: int = 2, dropout: float = 0.1):
+        layers: list[nn.Module] = []
+        for i in range(num_convs):
+            layers += [
+                nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1, bias=False),
+                nn.BatchNorm2d(channels),
+                nn.ReLU(inplace=True),
+            ]
+        layers += [nn.Dropout2d(dropout), nn.Conv2d(channels if num_convs else in_channels, num_classes, 1)]
+        super().__init__(*layers)
+
+    @property
+    def classifier(self) -> nn.Conv2d:
+        """The final 1x1 convolution, the only layer whose shape depends on the number of classes."""
+        return self[-1]
+
+
+class FCN(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="fcn-zoo",
+    pipeline_tag="image-segmentation",
+    license="apache-2.0",
+    tags=["semantic-segmentation", "fcn", "timm"],
+    paper_url="https://arxiv.org/abs/1411.4038",
+):
+    """Fully convolutional network for semantic segmentation (Long et al., 2015), reference variant.
+
+    Args:
+        num_classes: number of output classes.
+        backbone: a timm ResNet name (``resnet50c``/``resnet101c`` are the reference's V1c ResNets).
+        output_stride: 8 or 16; the last stages are dilated instead of strided.
+        head_channels: width of the FCN head's convolutions.
+        num_convs: number of conv3x3-BN-ReLU blocks in the head.
+        aux_channels: width of the auxiliary head on the second-to-last stage; ``None`` for no auxiliary head.
+        dropout: Dropout2d probability before each classifier.
+        dataset: the dataset the weights were trained on (a key of ``fcn_zoo.zoo.DATASETS``), if any;
+            it supplies class names, palette and the evaluation resize.
+        class_names: the class names, if not those of ``dataset``.
+
+    ``forward(x)`` takes a normalised float tensor ``(N, 3, H, W)`` and returns logits ``(N, C, H, W)``
+    upsampled bilinearly (``align_corners=False``); in training mode it returns ``(logits, aux_logits)``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 21,
+        backbone: str = "resnet50c",
+        output_stride: int = 8,
+        head_channels: int = 512,
+        num_convs: int = 2,
+        aux_channels: int | None = 512,
+        dropout: float = 0.1,
+        dataset: str | None = None,
+        class_names: list[str] | None = None,
+    ):
+        super().__init__()
+        import timm  # deferred: timm takes seconds to import and `import fcn_zoo` must stay fast
+
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
+        if dataset is not None and dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)} (or None)")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names but num_classes is {num_classes}")
+        if not timm.is_model(backbone):
+            raise ValueError(f"unknown timm backbone {backbone!r}; use a timm ResNet such as 'resnet50c'")
+        self.num_classes = num_classes
+        self.output_stride = output_stride
+        self.dataset = dataset
+        self._class_names = list(class_names) if class_names is not None else None
+        self.backbone = timm.create_model(
+            backbone, pretrained=False, features_only=True, output_stride=output_stride, out_indices=(3, 4)
+        )
+        aux_in, in_channels = self.backbone.feature_info.channels()
+        self.decode_head = FCNHead(in_channels, head_channels, num_classes, num_convs, dropout)
+        self.auxiliary_head = (
+            FCNHead(aux_in, aux_channels, num_classes, 1, dropout) if aux_channels is not None else None
+        )
+
+    @property
+    def class_names(self) -> list[str]:
+        """One name per output channel."""
+        if self._class_names is not None:
+            return self._class_names
+        if self.dataset is not None and DATASETS[self.dataset].num_classes == self.num_classes:
+            return list(DATASETS[self.dataset].classes)
+        return [f"class_{i}" for i in range(self.num_classes)]
+
+    @property
+    def palette(self) -> list[tuple[int, int, int]]:
+        """One RGB colour per class: the dataset's own palette, else a VOC-style bit-interleaved one."""
+        if self.dataset is not None and DATASETS[self.dataset].num_classes == self.num_classes:
+            return list(DATASETS[self.dataset].palette)
+        return [_bit_palette(i) for i in range(self.num_classes)]
+
+    @property
+    def eval_size(self) -> tuple[int, int]:
+        """The (long, short) bound of the reference evaluation resize."""
+        return DATASETS[self.dataset].eval_size if self.dataset else (2048, 512)
+
+    @property
+    def crop_size(self) -> tuple[int, int]:
+        """The training crop (height, width); also the window of sliding-window inference."""
+        return DATASETS[self.dataset].crop_size if self.dataset else (512, 512)
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return DATASETS[self.dataset].mean if self.dataset else IMAGENET_MEAN
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return DATASETS[self.dataset].std if self.dataset else IMAGENET_STD
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        size = x.shape[-2:]
+        aux_features, features = self.backbone(x)
+        logits = F.interpolate(self.decode_head(features), size=size, mode="bilinear", align_corners=False)
+        if self.training and self.auxiliary_head is not None:
+            aux = F.interpolate(self.auxiliary_head(aux_features), size=size, mode="bilinear", align_corners=False)
+            return logits, aux
+        return logits
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits at the backbone's resolution ``(N, C, H / output_stride, W / output_stride)``, no auxiliary head."""
+        return self.decode_head(self.backbone(x)[-1])
+
+    def predict(self, images, **kwargs):
+        """Segment one image or a list of them; see :func:`fcn_zoo.predict.predict` for the options."""
+        from .predict import predict
+
+        return predict(self, images, **kwargs)
+
+    # --- Hub mixin: strict loading, no prints -------------------------------------------------------
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str = "cpu",
+        strict: bool = True,
+        **model_kwargs: Any,
+    ) -> "FCN":
+        if Path(model_id).is_dir():
+            model_file = Path(model_id) / constants.SAFETENSORS_SINGLE_FILE
+        else:
+            model_file = hf_hub_download(
+                repo_id=model_id,
+                filename=constants.SAFETENSORS_SINGLE_FILE,
+                revision=revision,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                token=token,
+                local_files_only=local_files_only,
+            )
+        try:
+            model = cls(**model_kwargs)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise WeightsError(f"{model_id}: config.json does not describe a valid FCN: {e}") from e
+        load_weights(model, model_file, strict=strict, map_location=map_location)
+        return model.eval()
+
+
+def load_weights(model: FCN, path: str | Path, *, strict: bool = True, map_location: str = "cpu") -> FCN:
+    """Load a ``model.safetensors`` into ``model``.
+
+    Every key must match in name and shape, except that when the model has a different number of
+    classes than the file, the two classifier convolutions keep their fresh initialisation (fine-tuning).
+    Anything else that does not match raises :class:`WeightsError` naming the keys.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    try:
+        state_dict = load_file(path, device=str(map_location))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({e}); delete it and download it again") from e
+    load_state_dict(model, state_dict, source=str(path), strict=strict)
+    return model
+
+
+def load_state_dict(model: FCN, state_dict: dict[str, torch.Tensor], *, source: str, strict: bool = True) -> None:
+    """``model.load_state_dict`` with errors that name the keys, and classifier re-initialisation.
+
+    The classifiers are skipped (and logged) when their shapes differ from ``state_dict``'s only in the
+    number of classes, which is what asking for a different ``num_classes`` means.
+    """
+    expected = model.state_dict()
+    classifier_keys = {
+        f"{head}.{len(getattr(model, head)) - 1}.{p}"
+        for head in ("decode_head", "auxiliary_head")
+        if getattr(model, head) is not None
+        for p in ("weight", "bias")
+    }
+    reinit = sorted(
+        k for k in classifier_keys
+        if k in state_dict and state_dict[k].shape[0] != expected[k].shape[0] and state_dict[k].shape[1:] == expected[k].shape[1:]
+    )
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state_dict))
+        if k not in reinit and state_dict[k].shape != expected[k].shape
+    ]
+    problems = []
+    if strict and missing:
+        problems.append(f"missing keys {_short(missing)}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys {_short(unexpected)}")
+    if mismatched:
+        problems.append(f"wrong shapes {_short(mismatched)}")
+    if problems:
+        raise WeightsError(f"{source}: does not fit FCN({_describe(model)}): " + "; ".join(problems))
+    if reinit:
+        old = state_dict[reinit[0]].shape[0]
+        logger.warning(
+            "%s has %d classes; the model has %d: the classifiers (%s) are freshly initialised for fine-tuning",
+            source, old, model.num_classes, ", ".join(reinit),
+        )
+    model.load_state_dict({k: v for k, v in state_dict.items() if k not in reinit}, strict=False)
+
+
+def _describe(model: FCN) -> str:
+    cfg = getattr(model, "_hub_mixin_config", None) or {}
+    return ", ".join(f"{k}={cfg[k]!r}" for k in ("backbone", "output_stride", "num_classes") if k in cfg)
+
+
+def _short(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _bit_palette(i: int) -> tuple[int, int, int]:
+    """The PASCAL VOC colour map: class bits spread over the high bits of R, G and B."""
+    r = g = b = 0
+    for shift in range(7, -1, -1):
+        r |= ((i >> 0) & 1) << shift
+        g |= ((i >> 1) & 1) << shift
+        b |= ((i >> 2) & 1) << shift
+        i >>= 3
+    return r, g, b

@@ -1,0 +1,351 @@
+"""What happens to an image: read -> RGB -> reference resize -> normalise -> forward -> logits at the
+image's own size -> argmax, and the :class:`Segmentation` that holds the result.
+
+The default is the reference evaluation protocol exactly: resize keeping the aspect ratio so that the
+image fits the row's evaluation size (``(2048, 512)``, Cityscapes ``(2048, 1024)``), one forward pass,
+bilinear upsampling of the logits straight to the original size, argmax.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from .errors import ImageError
+
+__all__ = ["predict", "Segmentation", "TTA", "load_image", "eval_resize_shape"]
+
+logger = logging.getLogger(__name__)
+
+ImageInput = "str | os.PathLike | Image.Image | np.ndarray | torch.Tensor"
+
+
+@dataclass(frozen=True)
+class TTA:
+    """Test-time augmentation: average the logits over ``scales`` (and their horizontal flips)."""
+
+    scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+    flip: bool = True
+
+
+@dataclass
+class Segmentation:
+    """The prediction for one image.
+
+    Attributes:
+        labels: ``(H, W)`` class indices at the input's own size (``uint8`` up to 256 classes, else ``int32``).
+        class_names: the name of each class index.
+        palette: the RGB colour of each class index.
+        image: the input as an ``(H, W, 3)`` uint8 RGB array, used by :meth:`overlay`.
+    """
+
+    labels: np.ndarray
+    class_names: list[str]
+    palette: list[tuple[int, int, int]]
+    image: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(height, width)``."""
+        return self.labels.shape[0], self.labels.shape[1]
+
+    def colorize(self) -> Image.Image:
+        """The labels as a palette (``P`` mode) PIL image: pixel values are class indices."""
+        if len(self.palette) > 256:
+            return Image.fromarray(np.asarray(self.palette, dtype=np.uint8)[self.labels])
+        img = Image.fromarray(self.labels.astype(np.uint8), mode="P")
+        img.putpalette([c for rgb in self.palette for c in rgb])
+        return img
+
+    def overlay(self, image: ImageInput | None = None, alpha: float = 0.5) -> Image.Image:
+        """The class colours blended over ``image`` (default: the input) with weight ``alpha``."""
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        base = self.image if image is None else _rgb_uint8(load_image(image)[0])
+        if base is None:
+            raise ValueError("this Segmentation holds no image; pass the image to overlay(image)")
+        if base.shape[:2] != self.labels.shape:
+            raise ValueError(f"image is {base.shape[1]}x{base.shape[0]} but the labels are {self.size[1]}x{self.size[0]}")
+        colours = np.asarray(self.palette, dtype=np.float32)[self.labels]
+        return Image.fromarray(np.rint(base * (1 - alpha) + colours * alpha).astype(np.uint8))
+
+    def class_shares(self) -> dict[str, float]:
+        """Fraction of pixels of each class present, largest first."""
+        counts = np.bincount(self.labels.ravel(), minlength=len(self.class_names))
+        order = np.argsort(-counts, kind="stable")
+        return {self.class_names[i]: counts[i] / self.labels.size for i in order if counts[i]}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the labels as a palette PNG (pixel value = class index), atomically."""
+        path = Path(path)
+        if path.suffix.lower() != ".png":
+            raise ValueError(f"{path}: labels are saved as PNG so that they survive exactly; use a .png name")
+        return _atomic_save(self.colorize(), path)
+
+
+def predict(
+    model,
+    images,
+    *,
+    tta: bool | TTA | None = None,
+    mode: str = "whole",
+    window: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+) -> Segmentation | list[Segmentation]:
+    """Segment images with ``model`` (an :class:`fcn_zoo.FCN`).
+
+    Args:
+        images: one image or a list. An image is a path, a PIL image, a uint8 ``(H, W, 3)`` (or ``(H, W)``)
+            array, or a ``(3, H, W)`` tensor (float in ``[0, 1]`` or uint8). EXIF rotation is applied;
+            greyscale, palette, 16-bit and alpha images are converted to RGB (alpha is dropped).
+        tta: ``True`` for flip + scales 0.5-1.75, or a :class:`TTA`; default none (the reference protocol).
+        mode: ``"whole"`` (the reference protocol) or ``"slide"``: overlapping windows, all in batches.
+        window, stride: the sliding window and its step, ``(h, w)``; default the training crop and 2/3 of it.
+        batch_size: images (or windows) per forward pass.
+        device: run on this device (the model is moved there); default the model's.
+        precision: ``"fp32"``, or on GPU ``"fp16"`` / ``"bf16"`` autocast.
+
+    Returns:
+        a :class:`Segmentation` for one image, a list of them for a list.
+    """
+    if mode not in ("whole", "slide"):
+        raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    tta = TTA() if tta is True else (tta or None)
+    single = not isinstance(images, (list, tuple))
+    items = [images] if single else list(images)
+    if not items:
+        raise ImageError("no images given: pass an image or a non-empty list of images")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    autocast_dtype = _autocast_dtype(precision, device)
+    model = model.to(device=device, memory_format=torch.channels_last).eval()
+    results = []
+    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        for start in range(0, len(items), batch_size):
+            chunk = [load_image(item) for item in items[start:start + batch_size]]
+            inputs = [_preprocess(model, x, from_uint8, device) for x, from_uint8 in chunk]
+            logits = _logits(model, inputs, tta, mode, window, stride, batch_size)
+            for (x, _), lg in zip(chunk, logits):
+                labels = _upsample_argmax(lg, x.shape[-2:])
+                results.append(Segmentation(labels, model.class_names, model.palette, _rgb_uint8(x)))
+    return results[0] if single else results
+
+
+# --- input ---------------------------------------------------------------------------------------
+
+
+def load_image(image) -> tuple[torch.Tensor, bool]:
+    """Any supported input -> ``(float32 (3, H, W) tensor of 0..255 RGB values, came-from-8-bit flag)``."""
+    name = _describe(image)
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise ImageError(f"{name}: no such image file")
+        try:
+            with Image.open(path) as img:
+                return _from_pil(img, name)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise ImageError(f"{name}: cannot read this image ({e})") from e
+    if isinstance(image, Image.Image):
+        return _from_pil(image, name)
+    if isinstance(image, np.ndarray):
+        return _from_array(image, name)
+    if isinstance(image, torch.Tensor):
+        return _from_tensor(image, name)
+    raise ImageError(f"{name}: expected a path, PIL image, numpy array or tensor, got {type(image).__name__}")
+
+
+def _from_pil(img: Image.Image, name: str) -> tuple[torch.Tensor, bool]:
+    if getattr(img, "n_frames", 1) > 1:
+        logger.info("%s has %d frames; segmenting the first", name, img.n_frames)
+        img.seek(0)
+    img.load()
+    img = ImageOps.exif_transpose(img)  # as a viewer shows it
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float32)
+        if img.mode != "I" or arr.max(initial=0) > 255:
+            arr = arr / 257.0  # 16-bit -> 8-bit range
+        return _from_array(np.clip(arr, 0, 255), name, from_uint8=False)
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        if np.isfinite(arr).all() and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        return _from_array(np.clip(arr, 0, 255), name, from_uint8=False)
+    if img.mode != "RGB":
+        img = img.convert("RGBA" if img.mode in ("P", "PA", "LA") else "RGB").convert("RGB")
+    return _from_array(np.asarray(img), name)
+
+
+def _from_array(arr: np.ndarray, name: str, from_uint8: bool | None = None) -> tuple[torch.Tensor, bool]:
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        arr = arr[..., :3]
+    elif arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 1):
+        arr = np.repeat(arr.reshape(arr.shape[0], arr.shape[1], 1), 3, axis=2)
+    else:
+        raise ImageError(f"{name}: expected an (H, W, 3) or (H, W) array, got shape {arr.shape}")
+    if from_uint8 is None:
+        if arr.dtype != np.uint8:
+            raise ImageError(f"{name}: expected a uint8 array, got {arr.dtype}; convert it with .astype(np.uint8)")
+        from_uint8 = True
+    if not np.isfinite(arr).all():
+        raise ImageError(f"{name}: the image contains NaN or infinite values")
+    _check_size(arr.shape[0], arr.shape[1], name)
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1), from_uint8
+
+
+def _from_tensor(t: torch.Tensor, name: str) -> tuple[torch.Tensor, bool]:
+    if t.ndim != 3 or t.shape[0] not in (1, 3):
+        raise ImageError(f"{name}: expected a (3, H, W) or (1, H, W) tensor, got shape {tuple(t.shape)}")
+    t = t.detach().to("cpu")
+    if t.dtype == torch.uint8:
+        x, from_uint8 = t.float(), True
+    elif t.is_floating_point():
+        if not torch.isfinite(t).all():
+            raise ImageError(f"{name}: the tensor contains NaN or infinite values")
+        if t.numel() and (t.min() < 0 or t.max() > 1):
+            raise ImageError(f"{name}: float tensors must hold values in [0, 1] (torchvision's convention)")
+        x, from_uint8 = t.float() * 255.0, False
+    else:
+        raise ImageError(f"{name}: expected a float or uint8 tensor, got {t.dtype}")
+    _check_size(x.shape[1], x.shape[2], name)
+    return x.expand(3, -1, -1).contiguous(), from_uint8
+
+
+def _check_size(h: int, w: int, name: str) -> None:
+    if h < 1 or w < 1:
+        raise ImageError(f"{name}: the image is empty ({w}x{h})")
+
+
+def _describe(image) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image)
+    if isinstance(image, Image.Image):
+        return getattr(image, "filename", "") or f"PIL image {image.mode} {image.size[0]}x{image.size[1]}"
+    shape = getattr(image, "shape", None)
+    return f"{type(image).__name__} of shape {tuple(shape)}" if shape is not None else type(image).__name__
+
+
+def _rgb_uint8(x: torch.Tensor) -> np.ndarray:
+    return x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+# --- the protocol --------------------------------------------------------------------------------
+
+
+def eval_resize_shape(height: int, width: int, eval_size: Sequence[int]) -> tuple[int, int]:
+    """The reference's keep-ratio resize: the ``(h, w)`` an image is evaluated at."""
+    scale = min(max(eval_size) / max(height, width), min(eval_size) / min(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def _preprocess(model, x: torch.Tensor, from_uint8: bool, device: torch.device) -> torch.Tensor:
+    """``(3, H, W)`` 0..255 -> normalised ``(1, 3, h, w)`` at the evaluation size, channels_last."""
+    x = x.to(device).unsqueeze(0)
+    size = eval_resize_shape(x.shape[-2], x.shape[-1], model.eval_size)
+    if size != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        if from_uint8:  # the reference resizes 8-bit images and keeps them 8-bit
+            x = x.round_().clamp_(0, 255)
+    mean = torch.tensor(model.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(model.std, device=device).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def _logits(model, inputs: list[torch.Tensor], tta: TTA | None, mode, window, stride, batch_size) -> list[torch.Tensor]:
+    """Per image, the logits ``(1, C, h', w')`` to be upsampled to its original size.
+
+    With TTA, a list of such tensors (one per scale and flip) whose upsampled mean is the answer.
+    """
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        if mode == "slide":
+            return _slide(model, batch, window or model.crop_size, stride, batch_size)
+        return model.forward_features(batch)
+
+    def run_tta(batch: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for scale in tta.scales:
+            x = batch if scale == 1 else F.interpolate(batch, scale_factor=scale, mode="bilinear", align_corners=False)
+            outs.append(run(x))
+            if tta.flip:
+                outs.append(run(x.flip(-1)).flip(-1))
+        return outs
+
+    results: list = [None] * len(inputs)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, x in enumerate(inputs):
+        by_shape.setdefault(tuple(x.shape), []).append(i)
+    for indices in by_shape.values():  # images of equal evaluation size share a forward pass
+        batch = torch.cat([inputs[i] for i in indices])
+        outs = run_tta(batch) if tta else [run(batch)]
+        for j, i in enumerate(indices):
+            results[i] = [o[j:j + 1].float() for o in outs]
+    return results
+
+
+def _slide(model, x: torch.Tensor, window: Sequence[int], stride: Sequence[int] | None, batch_size: int) -> torch.Tensor:
+    """Sliding-window logits ``(N, C, h, w)``: windows batched, overlaps averaged."""
+    n, _, h, w = x.shape
+    wh, ww = min(window[0], h), min(window[1], w)
+    sh, sw = stride or (max(1, math.ceil(window[0] * 2 / 3)), max(1, math.ceil(window[1] * 2 / 3)))
+    ys = list(range(0, max(h - wh, 0) + 1, sh))
+    xs = list(range(0, max(w - ww, 0) + 1, sw))
+    if ys[-1] + wh < h:
+        ys.append(h - wh)
+    if xs[-1] + ww < w:
+        xs.append(w - ww)
+    boxes = [(y, xx) for y in ys for xx in xs]
+    total = count = None
+    for start in range(0, len(boxes), max(1, batch_size // n)):
+        part = boxes[start:start + max(1, batch_size // n)]
+        crops = torch.cat([x[:, :, y:y + wh, xx:xx + ww] for y, xx in part])
+        out = model(crops).float()
+        if total is None:
+            total = x.new_zeros((n, out.shape[1], h, w), dtype=torch.float32)
+            count = x.new_zeros((1, 1, h, w), dtype=torch.float32)
+        for k, (y, xx) in enumerate(part):
+            total[:, :, y:y + wh, xx:xx + ww] += out[k * n:(k + 1) * n]
+            count[:, :, y:y + wh, xx:xx + ww] += 1
+    return total / count
+
+
+def _upsample_argmax(logits: list[torch.Tensor], size) -> np.ndarray:
+    total = None
+    for lg in logits:
+        up = F.interpolate(lg, size=tuple(size), mode="bilinear", align_corners=False)
+        total = up if total is None else total.add_(up)
+    labels = total[0].argmax(0)
+    dtype = torch.uint8 if total.shape[1] <= 256 else torch.int32
+    return labels.to(dtype).cpu().numpy()
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    dtypes = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision not in dtypes:
+        raise ValueError(f"precision must be 'fp32', 'fp16' or 'bf16', got {precision!r}")
+    if dtypes[precision] is not None and device.type == "cpu":
+        raise ValueError(f"precision={precision!r} is for GPUs; on CPU use 'fp32' (half precision is slower there)")
+    return dtypes[precision]
+
+
+def _atomic_save(img: Image.Image, path: Path, **kwargs) -> Path:
+    """Save via a temporary file in the same folder, so that a failure never leaves a partial file."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        img.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"), **kwargs)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
