@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 
 from .errors import ImageError
 
-__all__ = ["predict", "Segmentation", "TTA", "load_image", "eval_resize_shape"]
+__all__ = ["predict", "Segmentation", "TTA", "load_image", "eval_resize_shape", "save_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class Segmentation:
         path = Path(path)
         if path.suffix.lower() != ".png":
             raise ValueError(f"{path}: labels are saved as PNG so that they survive exactly; use a .png name")
-        return _atomic_save(self.colorize(), path)
+        return save_image(self.colorize(), path)
 
 
 def predict(
@@ -340,8 +340,9 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return dtypes[precision]
 
 
-def _atomic_save(img: Image.Image, path: Path, **kwargs) -> Path:
-    """Save via a temporary file in the same folder, so that a failure never leaves a partial file."""
+def save_image(img: Image.Image, path: str | os.PathLike, **kwargs) -> Path:
+    """Save ``img`` to ``path`` (format from the suffix) via a temporary file in the same folder, so that a failure never leaves a partial file."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
     try:
         img.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"), **kwargs)

@@ -1,0 +1,157 @@
+"""The ``fcn-zoo`` command: list, info, download, predict.
+
+Errors are one line on stderr and a non-zero exit; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from . import list_models, zoo
+from .errors import FCNZooError
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("fcn-zoo: interrupted", file=sys.stderr)
+        return 130
+    except (FCNZooError, OSError, ValueError, RuntimeError) as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"fcn-zoo: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fcn-zoo", description="FCN semantic segmentation checkpoints.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", help="the zoo's models, their reference mIoU and whether they are cached")
+    p.add_argument("--dataset", choices=sorted(zoo.DATASETS), help="only models trained on this dataset")
+    p.add_argument("--cache-dir", help="fcn_zoo cache folder (default ~/.cache/fcn_zoo)")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("info", help="everything known about one model")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("download", help="fetch and convert weights so that later loads work offline")
+    p.add_argument("names", nargs="+", metavar="NAME", help="zoo names, Hub repo ids, or 'all'")
+    p.add_argument("--cache-dir", help="where to keep the weights")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("predict", help="segment images, writing one palette PNG mask per image")
+    p.add_argument("name", help="zoo name, Hub repo id, save_pretrained folder or reference .pth")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--overlay", action="store_true", help="also write <image>_overlay.jpg")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours")
+    p.add_argument("--tta", action="store_true", help="flip + multi-scale test-time augmentation")
+    p.add_argument("--slide", action="store_true", help="sliding-window inference instead of whole image")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N ... (default cpu)")
+    p.add_argument("--cache-dir", help="where weights are kept")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def cmd_list(args) -> int:
+    from .hub import is_cached
+
+    rows = [("name", "dataset", "classes", "mIoU", "cached")]
+    for name in list_models(args.dataset):
+        c = zoo.CHECKPOINTS[name]
+        rows.append((name, c.dataset, str(c.num_classes), f"{c.miou:.2f}", "yes" if is_cached(name, args.cache_dir) else "no"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .hub import reference_download_url
+
+    c = zoo.get_checkpoint(args.name)
+    d = c.data
+    fields = [
+        ("name", c.name),
+        ("model", c.title),
+        ("backbone", f"{c.backbone} (timm), output stride {c.output_stride}"),
+        ("dataset", f"{d.title} ({d.train_split}/{d.val_split}), {d.num_classes} classes"),
+        ("crop size", f"{c.crop_size[0]}x{c.crop_size[1]}"),
+        ("recipe", f"SGD lr {c.lr}, poly, batch {c.batch_size}, {c.epochs} epochs"),
+        ("evaluation", f"whole image, single scale, resize keeping ratio to {d.eval_size[0]}x{d.eval_size[1]}"),
+        ("mIoU", f"{c.miou:.2f} (reference, {d.val_split})"),
+        ("hub repo", f"{c.hub_repo_id}" + (f" @ {c.hub_revision}" if c.hub_revision else " (not published; reference weights are used)")),
+        ("reference", reference_download_url(c)),
+        ("classes", ", ".join(d.classes)),
+    ]
+    width = max(len(k) for k, _ in fields)
+    for k, v in fields:
+        print(f"{k.ljust(width)}  {v}")
+    return 0
+
+
+def cmd_download(args) -> int:
+    from .hub import resolve
+
+    names = list(zoo.CHECKPOINTS) if args.names == ["all"] else args.names
+    failed = 0
+    for name in names:
+        try:
+            folder = resolve(name, cache_dir=args.cache_dir)
+        except (FCNZooError, OSError, ValueError) as e:
+            failed += 1
+            print(f"fcn-zoo: error: {e}", file=sys.stderr)
+            continue
+        print(f"{name}: {folder}")
+    return EXIT_FAILED if failed else 0
+
+
+def cmd_predict(args) -> int:
+    from .hub import from_pretrained
+    from .predict import save_image
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FCNZooError(f"--out {out}: exists and is not a folder; pass a folder for the masks")
+    model = from_pretrained(args.name, device=args.device, cache_dir=args.cache_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for image in args.images:
+        try:
+            seg = model.predict(image, tta=args.tta or None, mode="slide" if args.slide else "whole")
+            stem = Path(image).stem
+            seg.save(out / f"{stem}.png")
+            written = [out / f"{stem}.png"]
+            if args.overlay:
+                from .predict import _atomic_save
+
+                written.append(_atomic_save(seg.overlay(alpha=args.alpha), out / f"{stem}_overlay.jpg", quality=90))
+        except (FCNZooError, OSError, ValueError) as e:
+            failed += 1
+            if args.debug:
+                traceback.print_exc()
+            print(f"fcn-zoo: error: {e}", file=sys.stderr)
+            continue
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in list(seg.class_shares().items())[:3])
+        print(f"{image} -> {', '.join(map(str, written))} ({shares})")
+    if failed:
+        print(f"fcn-zoo: {failed} of {len(args.images)} images failed", file=sys.stderr)
+    return EXIT_FAILED if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""torch.hub entry points: one per checkpoint of the zoo.
+
+    model = torch.hub.load("<owner>/fcn-zoo", "fcn_resnet50os8_voc")
+    model = torch.hub.load("path/to/fcn-zoo", "fcn_resnet50os8_voc", source="local")
+"""
+
+import fcn_zoo as _fcn_zoo
+
+dependencies = ["torch", "torchvision", "timm", "huggingface_hub", "safetensors", "PIL", "numpy"]
+
+
+def _entry_point(name):
+    checkpoint = _fcn_zoo.CHECKPOINTS[name]
+
+    def load(pretrained=True, num_classes=None, **kwargs):
+        if pretrained:
+            return _fcn_zoo.from_pretrained(name, num_classes=num_classes, **kwargs)
+        config = checkpoint.model_config()
+        if num_classes is not None and num_classes != config["num_classes"]:
+            config.update(num_classes=num_classes, dataset=None)
+        return _fcn_zoo.FCN(**config, **kwargs)
+
+    load.__name__ = load.__qualname__ = name
+    load.__doc__ = (
+        f"{checkpoint.title}: {checkpoint.num_classes} classes, reference mIoU {checkpoint.miou:.2f} on "
+        f"{checkpoint.data.title} {checkpoint.data.val_split}.\n\n"
+        "Args:\n"
+        "    pretrained: load the published weights (default); False gives random weights.\n"
+        "    num_classes: a different number of classes freshly initialises the classifiers (fine-tuning).\n"
+        "    **kwargs: passed to fcn_zoo.from_pretrained (revision, device, cache_dir, local_files_only)\n"
+        "        or, without weights, to fcn_zoo.FCN.\n"
+    )
+    return load
+
+
+globals().update({_name: _entry_point(_name) for _name in _fcn_zoo.CHECKPOINTS})
