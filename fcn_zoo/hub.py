@@ -14,6 +14,7 @@ a :class:`NotCachedError` that says what to download.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 from .errors import FCNZooError, NotCachedError, UnknownModelError, WeightsError
 from .zoo import CHECKPOINTS, Checkpoint
 
-__all__ = ["from_pretrained", "resolve", "cache_root", "is_cached", "reference_download_url"]
+__all__ = ["from_pretrained", "resolve", "cache_root", "is_cached", "reference_download_url", "download"]
 
 logger = logging.getLogger(__name__)
 
@@ -205,25 +206,53 @@ def _download_hub(repo_id: str, revision: str | None, cache_dir, offline: bool) 
 
 
 def _download_reference(checkpoint: Checkpoint, url: str, folder: Path) -> Path:
-    from torch.hub import download_url_to_file
-
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{checkpoint.name}-") as tmp:
         pth = Path(tmp) / f"{checkpoint.name}.pth"
         logger.info("downloading %s", url)
         try:
-            download_url_to_file(url, str(pth), progress=True)
-        except Exception as e:  # urllib raises URLError, HTTPError, IncompleteRead, timeouts, ...
+            sha256 = download(url, pth)
+        except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, HTTPError are OSErrors
             raise FCNZooError(
                 f"{checkpoint.name}: downloading {url} failed ({e}); check the network, "
                 "or set FCN_ZOO_REFERENCE_URL to a mirror that holds the reference .pth files"
             ) from e
-        sha256 = _sha256(pth)
         if checkpoint.sha256 and sha256 != checkpoint.sha256:
             raise WeightsError(
                 f"{url}: sha256 {sha256} differs from the published {checkpoint.sha256}; the file was not used"
             )
         return _convert(pth, folder, checkpoint.model_config(), {"source_url": url, "source_sha256": sha256})
+
+
+def download(url: str, path: Path, timeout: float = 60.0) -> str:
+    """Download ``url`` to ``path`` with a progress bar; return its sha256.
+
+    Unlike ``torch.hub.download_url_to_file`` this checks the received size against Content-Length (a
+    connection cut mid-file is an error, not a short file) and does not wait forever on a silent server.
+    The file appears at ``path`` only when complete.
+    """
+    from urllib.request import Request, urlopen
+
+    from tqdm.auto import tqdm
+
+    digest = hashlib.sha256()
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with urlopen(Request(url, headers={"User-Agent": "fcn-zoo"}), timeout=timeout) as response, open(tmp, "wb") as f:
+            expected = int(response.headers.get("Content-Length") or 0) or None
+            received = 0
+            with tqdm(total=expected, unit="B", unit_scale=True, unit_divisor=1024, desc=path.name) as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+        if expected is not None and received != expected:
+            raise OSError(f"the connection closed after {received} of {expected} bytes")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return digest.hexdigest()
 
 
 def _convert_local_pth(path: Path, cache_dir) -> Path:

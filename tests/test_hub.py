@@ -1,0 +1,201 @@
+"""Each route from a name to weights, offline: Hub cache, reference URL, local folder, local .pth."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import http.server
+import json
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import fcn_zoo
+from conftest import QuietHandler, serve_folder, tiny_fcn
+from fcn_zoo import hub, zoo
+from reference import build_reference_fcn, reference_logits, save_reference_checkpoint
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def build_hub_cache(cache: Path, repo_id: str, commit: str, folder: Path) -> None:
+    """Lay out a Hugging Face cache entry by hand: blobs, a snapshot of symlinks, refs/main."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for f in folder.iterdir():
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copy(f, repo / "blobs" / digest)
+        (repo / "snapshots" / commit / f.name).symlink_to(Path("../..") / "blobs" / digest)
+
+
+@pytest.fixture(scope="session")
+def reference_mirror(tmp_path_factory):
+    """A folder laid out like the reference's release page, holding fcn_resnet50os16_voc.pth."""
+    folder = tmp_path_factory.mktemp("mirror")
+    model = build_reference_fcn(50, 16, num_classes=21, seed=11)
+    save_reference_checkpoint(model, folder / "fcn_resnet50os16_voc.pth")
+    return folder, model
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_zoo_name_resolves_from_the_pinned_hub_revision_offline(isolated_caches, tiny_folder, monkeypatch):
+    row = dataclasses.replace(zoo.CHECKPOINTS["fcn_resnet50os8_voc"], hub_revision=COMMIT)
+    monkeypatch.setitem(zoo.CHECKPOINTS, row.name, row)
+    build_hub_cache(isolated_caches / "hf_cache", row.hub_repo_id, COMMIT, tiny_folder)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    model = fcn_zoo.from_pretrained("fcn_resnet50os8_voc")
+
+    assert _same_weights(model, fcn_zoo.from_pretrained(tiny_folder))
+    assert not model.training
+    assert hub.is_cached("fcn_resnet50os8_voc")
+
+
+def test_hub_repo_id_with_revision_resolves_from_the_cache(isolated_caches, tiny_folder):
+    build_hub_cache(isolated_caches / "hf_cache", "someone/tiny-fcn", COMMIT, tiny_folder)
+
+    by_suffix = fcn_zoo.from_pretrained(f"someone/tiny-fcn@{COMMIT}", local_files_only=True)
+    by_argument = fcn_zoo.from_pretrained("someone/tiny-fcn", revision=COMMIT, local_files_only=True)
+
+    assert _same_weights(by_suffix, by_argument)
+    assert by_suffix.class_names[15] == "person"
+
+
+def test_zoo_name_downloads_converts_and_caches_the_reference_pth(reference_mirror, monkeypatch):
+    folder, reference = reference_mirror
+    QuietHandler.requests.clear()
+    with serve_folder(folder) as url:
+        monkeypatch.setenv("FCN_ZOO_REFERENCE_URL", url)
+        model = fcn_zoo.from_pretrained("fcn_resnet50os16_voc")
+    assert QuietHandler.requests == ["/fcn_resnet50os16_voc.pth"]
+
+    x = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        assert (model(x) - reference_logits(reference, x)).abs().max() < 1e-4
+    assert model.class_names == list(fcn_zoo.DATASETS["voc"].classes)
+
+    cached = hub.cache_root() / "reference" / "fcn_resnet50os16_voc"
+    provenance = json.loads((cached / "provenance.json").read_text())
+    assert provenance["source_sha256"] == hashlib.sha256((folder / "fcn_resnet50os16_voc.pth").read_bytes()).hexdigest()
+    assert not list(cached.parent.glob(".*")), "temporary files were left in the cache"
+
+    # the server is gone and downloads are off: the second load comes from the cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    again = fcn_zoo.from_pretrained("fcn_resnet50os16_voc")
+    assert _same_weights(model, again)
+
+
+def test_a_download_with_the_wrong_sha256_is_refused(reference_mirror, monkeypatch):
+    folder, _ = reference_mirror
+    row = dataclasses.replace(zoo.CHECKPOINTS["fcn_resnet50os16_voc"], sha256="0" * 64)
+    monkeypatch.setitem(zoo.CHECKPOINTS, row.name, row)
+    with serve_folder(folder) as url:
+        monkeypatch.setenv("FCN_ZOO_REFERENCE_URL", url)
+        with pytest.raises(fcn_zoo.WeightsError, match="sha256"):
+            fcn_zoo.from_pretrained("fcn_resnet50os16_voc")
+    assert not hub.is_cached("fcn_resnet50os16_voc")
+
+
+class TruncatingHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "1000000")
+        self.end_headers()
+        self.wfile.write(b"PK" + b"\0" * 1000)  # then hang up
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_truncated_download_is_refused_and_leaves_nothing(monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TruncatingHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("FCN_ZOO_REFERENCE_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(fcn_zoo.FCNZooError, match="downloading"):
+            fcn_zoo.from_pretrained("fcn_resnet50os8_voc")
+    finally:
+        server.shutdown()
+        server.server_close()
+    leftovers = [p for p in hub.cache_root().rglob("*") if p.is_file()]
+    assert leftovers == []
+
+
+@pytest.mark.parametrize("how", ["env", "argument"])
+def test_offline_with_an_empty_cache_fails_fast_and_says_what_to_do(monkeypatch, how):
+    kwargs = {}
+    if how == "env":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        kwargs["local_files_only"] = True
+    start = time.perf_counter()
+    with pytest.raises(fcn_zoo.NotCachedError) as e:
+        fcn_zoo.from_pretrained("fcn_resnet101os8_cityscapes", **kwargs)
+    assert time.perf_counter() - start < 1.0
+    assert "fcn-zoo download fcn_resnet101os8_cityscapes" in str(e.value)
+    assert ("HF_HUB_OFFLINE" if how == "env" else "local_files_only") in str(e.value)
+
+
+def test_unknown_name_suggests_the_closest(tiny_folder):
+    with pytest.raises(fcn_zoo.UnknownModelError) as e:
+        fcn_zoo.from_pretrained("fcn_resnet50os8_vco")
+    assert "fcn_resnet50os8_voc" in str(e.value)
+    with pytest.raises(FileNotFoundError):
+        fcn_zoo.from_pretrained("missing/folder/weights.pth")
+
+
+def test_num_classes_reinitialises_only_the_classifiers(tiny_folder, caplog):
+    original = fcn_zoo.from_pretrained(tiny_folder)
+    with caplog.at_level(logging.WARNING, logger="fcn_zoo"):
+        model = fcn_zoo.from_pretrained(tiny_folder, num_classes=5)
+    assert "freshly initialised" in caplog.text and "21 classes" in caplog.text
+    assert model.num_classes == 5 and model.class_names == [f"class_{i}" for i in range(5)]
+    assert model.decode_head.classifier.weight.shape == (5, 32, 1, 1)
+    assert model.auxiliary_head.classifier.weight.shape == (5, 16, 1, 1)
+    ours, theirs = model.state_dict(), original.state_dict()
+    kept = [k for k in ours if ours[k].shape == theirs[k].shape]
+    assert len(kept) == len(ours) - 4
+    assert all(torch.equal(ours[k], theirs[k]) for k in kept)
+    with pytest.raises(ValueError, match="num_classes"):
+        fcn_zoo.from_pretrained(tiny_folder, num_classes=0)
+
+
+def test_loading_is_strict_and_names_the_keys(tiny_folder, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_folder, broken)
+    state = load_file(broken / "model.safetensors")
+    state["decode_head.99.weight"] = torch.zeros(1)
+    del state["backbone.layer1.0.conv1.weight"]
+    save_file(state, broken / "model.safetensors")
+    with pytest.raises(fcn_zoo.WeightsError) as e:
+        fcn_zoo.from_pretrained(broken)
+    assert "backbone.layer1.0.conv1.weight" in str(e.value) and "decode_head.99.weight" in str(e.value)
+
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(fcn_zoo.WeightsError, match="model.safetensors"):
+        fcn_zoo.from_pretrained(broken)
+
+
+def test_save_pretrained_round_trip_keeps_config_and_logits(tmp_path):
+    model = tiny_fcn(num_classes=19, dataset="cityscapes")
+    model.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["num_classes"] == 19 and config["backbone"] == "resnet18d" and config["dataset"] == "cityscapes"
+    loaded = fcn_zoo.from_pretrained(tmp_path / "saved")
+    x = torch.randn(1, 3, 40, 56)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert loaded.eval_size == (2048, 1024)

@@ -1,0 +1,172 @@
+"""predict(): every kind of input, the Segmentation API, TTA and sliding windows."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fcn_zoo
+from conftest import PHOTOS
+from fcn_zoo.predict import TTA, eval_resize_shape, load_image
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return np.asarray(Image.open(PHOTOS[0]).convert("RGB"))
+
+
+def test_eval_resize_matches_the_reference_rule():
+    # a VOC image: 500x375 -> short side to 512, long side follows
+    assert eval_resize_shape(375, 500, (2048, 512)) == (512, 683)
+    # a Cityscapes frame is evaluated at full resolution
+    assert eval_resize_shape(1024, 2048, (2048, 1024)) == (1024, 2048)
+    # a very wide panorama is limited by the long side
+    assert eval_resize_shape(100, 4000, (2048, 512)) == (51, 2048)
+
+
+@pytest.mark.parametrize("path", PHOTOS, ids=lambda p: p.name)
+def test_real_photographs_give_labels_at_their_own_size(tiny_model, path):
+    seg = tiny_model.predict(path)
+    with Image.open(path) as img:
+        width, height = img.size
+    assert seg.labels.shape == (height, width) and seg.labels.dtype == np.uint8
+    assert seg.labels.max() < 21
+    assert seg.class_names == list(fcn_zoo.DATASETS["voc"].classes)
+    shares = seg.class_shares()
+    assert abs(sum(shares.values()) - 1) < 1e-9 and list(shares.values()) == sorted(shares.values(), reverse=True)
+
+
+def test_segmentation_colorize_overlay_and_save(tiny_model, photo, tmp_path):
+    seg = tiny_model.predict(photo)
+    mask = seg.colorize()
+    assert mask.mode == "P" and mask.size == (photo.shape[1], photo.shape[0])
+    assert mask.getpalette()[3 * 15:3 * 16] == list(fcn_zoo.DATASETS["voc"].palette[15])
+
+    saved = seg.save(tmp_path / "mask.png")
+    assert np.array_equal(np.asarray(Image.open(saved)), seg.labels)
+    with pytest.raises(ValueError, match="png"):
+        seg.save(tmp_path / "mask.jpg")
+
+    blended = np.asarray(seg.overlay(alpha=0.25), dtype=np.float64)
+    colours = np.asarray(seg.palette, dtype=np.float64)[seg.labels]
+    assert np.abs(blended - (0.75 * photo + 0.25 * colours)).max() <= 0.5 + 1e-9
+    assert np.array_equal(np.asarray(seg.overlay(alpha=0.0)), photo)
+
+
+def test_every_input_type_gives_the_same_labels(tiny_model, photo, tmp_path):
+    png = tmp_path / "photo.png"
+    Image.fromarray(photo).save(png)
+    as_array = tiny_model.predict(photo).labels
+    for image in (png, str(png), Image.fromarray(photo), torch.from_numpy(photo.copy()).permute(2, 0, 1)):
+        assert np.array_equal(tiny_model.predict(image).labels, as_array), type(image)
+    as_float = tiny_model.predict(torch.from_numpy(photo.copy()).permute(2, 0, 1).float() / 255).labels
+    assert (as_float == as_array).mean() > 0.999  # float inputs are not rounded to 8 bits after the resize
+
+
+def test_a_list_of_images_of_different_sizes(tiny_model, photo):
+    small = photo[:100, :150]
+    results = tiny_model.predict([photo, small, photo], batch_size=2)
+    assert [r.labels.shape for r in results] == [photo.shape[:2], small.shape[:2], photo.shape[:2]]
+    assert np.array_equal(results[0].labels, results[2].labels)
+    assert np.array_equal(results[1].labels, tiny_model.predict(small).labels)
+
+
+def _encode(img: Image.Image, fmt: str, **kwargs) -> Image.Image:
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, **kwargs)
+    buffer.seek(0)
+    return Image.open(buffer)
+
+
+def test_odd_image_modes_are_converted_as_a_user_expects(tiny_model, photo):
+    rgb = Image.fromarray(photo)
+    grey = np.asarray(rgb.convert("L"))
+    expected_grey = tiny_model.predict(np.stack([grey] * 3, axis=-1)).labels
+
+    assert np.array_equal(tiny_model.predict(rgb.convert("L")).labels, expected_grey)
+    assert np.array_equal(tiny_model.predict(_encode(rgb.convert("LA"), "PNG")).labels, expected_grey)
+    # 16-bit greyscale: 0..65535 scaled to 0..255, kept at full precision like a float image
+    grey16 = Image.fromarray(grey.astype(np.uint16) * 257)
+    as_float = tiny_model.predict(torch.from_numpy(grey.copy()).float().div(255).expand(3, -1, -1)).labels
+    assert (tiny_model.predict(_encode(grey16, "PNG")).labels == as_float).mean() > 0.999
+    # alpha is dropped, not blended
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(0)
+    assert np.array_equal(tiny_model.predict(rgba).labels, tiny_model.predict(rgb).labels)
+    # palette images are expanded to their colours
+    palette = rgb.quantize(64)
+    assert np.array_equal(tiny_model.predict(palette).labels, tiny_model.predict(palette.convert("RGB")).labels)
+    # CMYK becomes RGB the way Pillow converts it
+    cmyk = rgb.convert("CMYK")
+    assert np.array_equal(tiny_model.predict(cmyk).labels, tiny_model.predict(cmyk.convert("RGB")).labels)
+
+
+def test_exif_rotated_photos_are_segmented_as_a_viewer_shows_them(tiny_model, photo, tmp_path):
+    rgb = Image.fromarray(photo)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.jpg"
+    rgb.save(path, exif=exif.tobytes(), quality=95)
+    shown = np.asarray(Image.open(path).transpose(Image.Transpose.ROTATE_270))
+
+    seg = tiny_model.predict(path)
+
+    assert seg.labels.shape == (photo.shape[1], photo.shape[0])
+    assert np.array_equal(seg.labels, tiny_model.predict(shown).labels)
+
+
+def test_bad_inputs_raise_image_errors_naming_the_input(tiny_model, tmp_path):
+    (tmp_path / "notes.jpg").write_text("not an image")
+    with pytest.raises(fcn_zoo.ImageError, match="notes.jpg"):
+        tiny_model.predict(tmp_path / "notes.jpg")
+    with pytest.raises(fcn_zoo.ImageError, match="missing.png"):
+        tiny_model.predict(tmp_path / "missing.png")
+    with pytest.raises(fcn_zoo.ImageError, match=r"\[0, 1\]"):
+        tiny_model.predict(torch.full((3, 8, 8), 200.0))
+    with pytest.raises(fcn_zoo.ImageError, match="NaN"):
+        tiny_model.predict(torch.full((3, 8, 8), float("nan")))
+    with pytest.raises(fcn_zoo.ImageError, match="shape"):
+        tiny_model.predict(torch.zeros(8, 8))
+    with pytest.raises(fcn_zoo.ImageError, match="uint8"):
+        tiny_model.predict(np.zeros((8, 8, 3), dtype=np.float64))
+    with pytest.raises(fcn_zoo.ImageError, match="no images"):
+        tiny_model.predict([])
+    with pytest.raises(ValueError, match="GPU"):
+        tiny_model.predict(np.zeros((8, 8, 3), dtype=np.uint8), precision="bf16")
+
+
+def test_flip_tta_is_mirror_symmetric(tiny_model, photo):
+    flipped = np.ascontiguousarray(photo[:, ::-1])
+    tta = TTA(scales=(1.0,), flip=True)
+    a = tiny_model.predict(photo, tta=tta).labels
+    b = tiny_model.predict(flipped, tta=tta).labels
+    assert (a[:, ::-1] == b).mean() > 0.999
+
+
+def test_tta_with_one_scale_and_no_flip_is_plain_prediction(tiny_model, photo):
+    plain = tiny_model.predict(photo).labels
+    assert np.array_equal(tiny_model.predict(photo, tta=TTA(scales=(1.0,), flip=False)).labels, plain)
+    multi = tiny_model.predict(photo, tta=True).labels
+    assert multi.shape == plain.shape
+
+
+def test_sliding_windows_batched_equal_one_at_a_time(tiny_model, photo):
+    window, stride = (160, 160), (100, 100)
+    image = torch.from_numpy(photo.copy()).permute(2, 0, 1)
+    x, _ = load_image(image)
+    from fcn_zoo.predict import _preprocess, _slide
+
+    with torch.inference_mode():
+        inputs = _preprocess(tiny_model, x, True, torch.device("cpu"))
+        batched = _slide(tiny_model, inputs, window, stride, batch_size=16)
+        one_by_one = _slide(tiny_model, inputs, window, stride, batch_size=1)
+    assert batched.shape[-2:] == inputs.shape[-2:]
+    assert (batched - one_by_one).abs().max() < 1e-5
+
+    seg = tiny_model.predict(image, mode="slide", window=window, stride=stride)
+    assert seg.labels.shape == photo.shape[:2]
+    assert (seg.labels == tiny_model.predict(image).labels).mean() > 0.5  # same model, mostly the same answer
