@@ -131,17 +131,17 @@ def cmd_predict(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     failed = 0
     for image in args.images:
+        written: list[Path] = []
         try:
             seg = model.predict(image, tta=args.tta or None, mode="slide" if args.slide else "whole")
             stem = Path(image).stem
-            seg.save(out / f"{stem}.png")
-            written = [out / f"{stem}.png"]
+            written.append(seg.save(out / f"{stem}.png"))
             if args.overlay:
-                from .predict import _atomic_save
-
-                written.append(_atomic_save(seg.overlay(alpha=args.alpha), out / f"{stem}_overlay.jpg", quality=90))
+                written.append(save_image(seg.overlay(alpha=args.alpha), out / f"{stem}_overlay.jpg", quality=90))
         except (FCNZooError, OSError, ValueError) as e:
             failed += 1
+            for path in written:  # no mask without its overlay
+                path.unlink(missing_ok=True)
             if args.debug:
                 traceback.print_exc()
             print(f"fcn-zoo: error: {e}", file=sys.stderr)

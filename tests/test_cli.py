@@ -1,0 +1,106 @@
+"""The fcn-zoo command: tables, errors as one line, masks written whole or not at all."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import fcn_zoo
+from conftest import PHOTOS
+from fcn_zoo import hub
+from fcn_zoo.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list_shows_the_twelve_rows_and_what_is_cached(capsys, tiny_folder):
+    cached = hub.cache_root() / "reference" / "fcn_resnet101os16_ade20k"
+    shutil.copytree(tiny_folder, cached)
+    code, out, err = run(capsys, "list")
+    assert code == 0 and err == ""
+    lines = out.strip().splitlines()
+    assert lines[0].split() == ["name", "dataset", "classes", "mIoU", "cached"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert set(rows) == set(fcn_zoo.list_models())
+    assert rows["fcn_resnet101os8_cityscapes"][1:] == ["cityscapes", "19", "76.31", "no"]
+    assert rows["fcn_resnet101os16_ade20k"][-1] == "yes"
+
+    code, out, _ = run(capsys, "list", "--dataset", "voc")
+    assert len(out.strip().splitlines()) == 1 + 4
+
+
+def test_info_describes_a_row(capsys):
+    code, out, _ = run(capsys, "info", "fcn_resnet50os16_cityscapes")
+    assert code == 0
+    assert "73.94" in out and "512x1024" in out and "resnet50c" in out and "batch 8, 220 epochs" in out
+    assert "nothing-listens-here/fcn_resnet50os16_cityscapes.pth" in out  # FCN_ZOO_REFERENCE_URL applies
+
+
+def test_unknown_name_is_one_line_with_suggestions(capsys):
+    code, out, err = run(capsys, "info", "fcn_resnet50_voc")
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and "fcn_resnet50os8_voc" in err and "Traceback" not in err
+
+
+def test_predict_writes_masks_and_overlays(capsys, tiny_folder, tmp_path):
+    out_dir = tmp_path / "masks"
+    code, out, err = run(capsys, "predict", str(tiny_folder), *map(str, PHOTOS[:2]), "--out", str(out_dir), "--overlay")
+    assert code == 0, err
+    for photo in PHOTOS[:2]:
+        mask = Image.open(out_dir / f"{photo.stem}.png")
+        overlay = Image.open(out_dir / f"{photo.stem}_overlay.jpg")
+        assert mask.mode == "P" and mask.size == overlay.size == Image.open(photo).size
+        assert np.asarray(mask).max() < 21
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+        [f"{p.stem}.png" for p in PHOTOS[:2]] + [f"{p.stem}_overlay.jpg" for p in PHOTOS[:2]]
+    )
+
+
+def test_one_bad_image_fails_alone_and_leaves_nothing_half_written(capsys, tiny_folder, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(PHOTOS[0].read_bytes()[:200])  # a truncated JPEG
+    out_dir = tmp_path / "masks"
+    code, out, err = run(capsys, "predict", str(tiny_folder), str(bad), str(PHOTOS[1]), "--out", str(out_dir))
+    assert code == 1
+    assert "broken.jpg" in err and "1 of 2 images failed" in err and "Traceback" not in err
+    assert sorted(p.name for p in out_dir.iterdir()) == [f"{PHOTOS[1].stem}.png"]
+
+
+def test_out_pointing_at_a_file_is_refused(capsys, tiny_folder, tmp_path):
+    target = tmp_path / "file.txt"
+    target.write_text("keep me")
+    code, _, err = run(capsys, "predict", str(tiny_folder), str(PHOTOS[0]), "--out", str(target))
+    assert code == 1 and "--out" in err and target.read_text() == "keep me"
+
+
+def test_download_offline_fails_with_a_clear_line(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run(capsys, "download", "fcn_resnet50os8_voc")
+    assert code == 1 and "fcn-zoo download fcn_resnet50os8_voc" in err
+
+
+def test_download_reports_a_failed_fetch(capsys):
+    code, _, err = run(capsys, "download", "fcn_resnet50os8_voc")  # the reference URL points nowhere
+    assert code == 1 and "FCN_ZOO_REFERENCE_URL" in err and "Traceback" not in err
+
+
+def test_console_script_is_installed_and_debug_shows_the_traceback(tmp_path):
+    exe = Path(sys.executable).with_name("fcn-zoo")
+    env = {**os.environ, "FCN_ZOO_CACHE": str(tmp_path)}
+    plain = subprocess.run([str(exe), "info", "nope"], capture_output=True, text=True, env=env)
+    assert plain.returncode == 1 and "Traceback" not in plain.stderr and "unknown model 'nope'" in plain.stderr
+    debug = subprocess.run([str(exe), "--debug", "info", "nope"], capture_output=True, text=True, env=env)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+    usage = subprocess.run([str(exe), "predict"], capture_output=True, text=True, env=env)
+    assert usage.returncode == 2 and "usage" in usage.stderr

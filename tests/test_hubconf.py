@@ -1,0 +1,54 @@
+"""torch.hub: the twelve entry points of hubconf.py, loaded from a local checkout."""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import fcn_zoo
+from fcn_zoo import hub
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _entrypoints() -> list[str]:
+    # what torch.hub.list does once it has the repository
+    module = torch.hub._import_module("hubconf", str(REPO / "hubconf.py"))
+    return sorted(f for f in dir(module) if callable(getattr(module, f)) and not f.startswith("_")), module
+
+
+def test_hubconf_lists_exactly_the_twelve_models_with_documented_signatures():
+    names, module = _entrypoints()
+    assert names == sorted(fcn_zoo.list_models())
+    for name in names:
+        fn = getattr(module, name)
+        params = inspect.signature(fn).parameters
+        assert params["pretrained"].default is True and params["num_classes"].default is None
+        row = fcn_zoo.CHECKPOINTS[name]
+        assert f"{row.miou:.2f}" in fn.__doc__ and row.data.title in fn.__doc__ and str(row.num_classes) in fn.__doc__
+    for dependency in module.dependencies:
+        __import__(dependency)
+
+
+@pytest.mark.parametrize("name", fcn_zoo.list_models())
+def test_torch_hub_load_local_builds_each_architecture(name):
+    model = torch.hub.load(str(REPO), name, source="local", pretrained=False)
+    row = fcn_zoo.CHECKPOINTS[name]
+    assert isinstance(model, fcn_zoo.FCN)
+    assert model.num_classes == row.num_classes and model.output_stride == row.output_stride
+    assert len(model.backbone.layer3) == (23 if row.depth == 101 else 6)
+    assert model.decode_head.classifier.out_channels == row.num_classes
+
+
+def test_torch_hub_load_local_with_cached_weights(tiny_folder):
+    shutil.copytree(tiny_folder, hub.cache_root() / "reference" / "fcn_resnet50os8_voc")
+    model = torch.hub.load(str(REPO), "fcn_resnet50os8_voc", source="local", local_files_only=True)
+    assert not model.training
+    reference = fcn_zoo.from_pretrained(tiny_folder)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    model = torch.hub.load(str(REPO), "fcn_resnet50os8_voc", source="local", num_classes=3, local_files_only=True)
+    assert model.num_classes == 3

@@ -1,0 +1,32 @@
+"""The package stays lean, and the table of twelve rows is consistent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import fcn_zoo
+
+
+def test_import_is_lean():
+    code = "import sys, fcn_zoo; fcn_zoo.list_models(); print(__import__('json').dumps(sorted(sys.modules)))"
+    modules = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    heavy = [m for m in modules if m.split(".")[0] in ("torch", "timm", "huggingface_hub", "training", "PIL", "numpy")]
+    assert heavy == []
+
+
+def test_the_table_has_twelve_consistent_rows():
+    rows = list(fcn_zoo.CHECKPOINTS.values())
+    assert len(rows) == 12 and len({r.name for r in rows}) == 12
+    for r in rows:
+        assert r.name == f"fcn_resnet{r.depth}os{r.output_stride}_{r.dataset}"
+        assert r.backbone == f"resnet{r.depth}c"
+        assert r.reference_url.endswith(f"/ssseg_fcn/{r.name}.pth")
+        assert r.hub_repo_id.endswith(f"/{r.name}")
+        assert r.hub_revision == "" or len(r.hub_revision) == 40  # empty until published, then a pinned commit
+        assert (r.batch_size, r.epochs) == {"voc": (16, 60), "ade20k": (16, 130), "cityscapes": (8, 220)}[r.dataset]
+        assert 30 < r.miou < 80
+    assert {d: fcn_zoo.DATASETS[d].num_classes for d in fcn_zoo.DATASETS} == {"voc": 21, "ade20k": 150, "cityscapes": 19}
+    for d in fcn_zoo.DATASETS.values():
+        assert len(d.palette) == d.num_classes and len(set(d.classes)) == d.num_classes
