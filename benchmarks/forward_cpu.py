@@ -2,8 +2,9 @@
 
     python benchmarks/forward_cpu.py [--model fcn_resnet50os8_voc] [--size 512 683] [--runs 5]
 
-Prints, for one input of the given size: the median time of ``model(x)`` for fcn_zoo (NCHW, and
-channels_last as ``predict`` runs it) and for the reference model (its forward plus the same bilinear
+Prints, for one input of the given size: the median time of ``model(x)`` for fcn_zoo (NCHW,
+channels_last as ``predict`` runs it, and channels_last after ``model.fuse()`` as ``fcn-zoo predict``
+runs it) and for the reference model (its forward plus the same bilinear
 upsampling), the FLOPs counted by ``torch.utils.flop_counter``, the GFLOP/s reached, and that rate as a
 fraction of a 4096x4096 fp32 matmul measured in the same run. Runs are interleaved so that drift in the
 machine's speed hits every contender alike. Needs the test extra (``pip install -e ".[test]"``).
@@ -59,6 +60,7 @@ def main() -> None:
     pth = save_reference_checkpoint(reference, workdir / f"{row.name}.pth")
     model = fcn_zoo.from_pretrained(pth, cache_dir=workdir / "cache")
     model_cl = fcn_zoo.from_pretrained(pth, cache_dir=workdir / "cache").to(memory_format=torch.channels_last)
+    model_fused = fcn_zoo.from_pretrained(pth, cache_dir=workdir / "cache").fuse().to(memory_format=torch.channels_last)
 
     from ssseg.modules.utils import SSSegInputStructure
 
@@ -72,6 +74,7 @@ def main() -> None:
     contenders = {
         "fcn_zoo model(x), NCHW": lambda: model(x),
         "fcn_zoo model(x), channels_last": lambda: model_cl(x_cl),
+        "fcn_zoo model.fuse()(x), ch_last": lambda: model_fused(x_cl),
         "reference (sssegmentation)": run_reference,
     }
     with torch.inference_mode():

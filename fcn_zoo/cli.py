@@ -127,7 +127,7 @@ def cmd_predict(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise FCNZooError(f"--out {out}: exists and is not a folder; pass a folder for the masks")
-    model = from_pretrained(args.name, device=args.device, cache_dir=args.cache_dir)
+    model = from_pretrained(args.name, device=args.device, cache_dir=args.cache_dir).fuse()
     out.mkdir(parents=True, exist_ok=True)
     failed = 0
     for image in args.images:

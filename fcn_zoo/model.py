@@ -160,6 +160,45 @@ class FCN(
         """Logits at the backbone's resolution ``(N, C, H / output_stride, W / output_stride)``, no auxiliary head."""
         return self.decode_head(self.backbone(x)[-1])
 
+    def fuse(self) -> "FCN":
+        """Fold every BatchNorm into the convolution before it, in place, for inference.
+
+        BatchNorm in eval mode is an affine map that costs a full pass over memory; folded into the
+        convolution's weights and bias it costs nothing (about 8% of an R-50 OS8 forward on CPU). Outputs
+        change by float rounding only. A fused model is for inference: it cannot be trained or saved, so
+        save it first. Returns ``self``.
+        """
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        self.eval()
+        for parent in list(self.modules()):
+            children = dict(parent.named_children())
+            if isinstance(parent, nn.Sequential):
+                pairs = [(a, b) for a, b in zip(children, list(children)[1:])]
+            else:  # timm's ResNet blocks and stem: convN followed by bnN
+                pairs = [(f"conv{n[2:]}", n) for n in children if n.startswith("bn") and f"conv{n[2:]}" in children]
+            for conv_name, bn_name in pairs:
+                conv, bn = children[conv_name], children[bn_name]
+                if isinstance(conv, nn.Sequential) and len(conv):  # a deep stem: its last layer feeds bn1
+                    conv_name, parent_of_conv, conv = str(len(conv) - 1), conv, conv[-1]
+                else:
+                    parent_of_conv = parent
+                if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and bn.track_running_stats:
+                    setattr(parent_of_conv, conv_name, fuse_conv_bn_eval(conv, bn))
+                    setattr(parent, bn_name, nn.Identity())
+        self._fused = True
+        return self
+
+    def train(self, mode: bool = True) -> "FCN":
+        if mode and getattr(self, "_fused", False):
+            raise RuntimeError("this FCN was fuse()d for inference and cannot be trained; load it again to train")
+        return super().train(mode)
+
+    def save_pretrained(self, *args: Any, **kwargs: Any):
+        if getattr(self, "_fused", False):
+            raise RuntimeError("this FCN was fuse()d for inference and cannot be saved; save it before fuse()")
+        return super().save_pretrained(*args, **kwargs)
+
     def predict(self, images, **kwargs):
         """Segment one image or a list of them; see :func:`fcn_zoo.predict.predict` for the options."""
         from .predict import predict
