@@ -1,7 +1,17 @@
-"""Turn the reference implementation's ``.pth`` checkpoints into :class:`fcn_zoo.FCN` state dicts.
+"""Other implementations' FCN checkpoints -> :class:`fcn_zoo.FCN` state dicts and configs.
 
-A reference file is ``{'model': state_dict}`` of plain tensors, read with ``torch.load(weights_only=True)``
-so that no code in the pickle can run. Its keys differ from ours by prefixes only.
+Three layouts are understood:
+
+- ``reference``: sssegmentation's ``{'model': state_dict}`` (``backbone_net.stem.*``, ``decoder.*``,
+  ``auxiliary_decoder.*``), the twelve published rows;
+- ``torchvision``: ``torchvision.models.segmentation.fcn_resnet50/101`` (plain 7x7 stem, one-conv head,
+  256-channel auxiliary head);
+- ``mmseg``: mmsegmentation's ``{'state_dict': ...}`` (``backbone.stem.*``, ``decode_head.convs.N.{conv,bn}``,
+  ``decode_head.conv_cat``, ``decode_head.conv_seg``, ``auxiliary_head.*``).
+
+Each is the same :class:`fcn_zoo.FCN` with another configuration; conversion renames keys and reads the
+configuration from the tensors' shapes. Files are read with ``torch.load(weights_only=True)``, so no code
+in a pickle can run.
 """
 
 from __future__ import annotations
@@ -11,26 +21,43 @@ from pathlib import Path
 
 import torch
 
+from ._files import sha256_file
 from .errors import WeightsError
 from .zoo import DATASETS
 
-__all__ = ["read_checkpoint", "convert_reference", "reference_config"]
+__all__ = ["FORMATS", "read_checkpoint", "convert_state_dict", "detect_format"]
 
-# (reference prefix, fcn_zoo prefix), first match wins
-_REFERENCE_PREFIXES = (
-    ("backbone_net.stem.7.", "backbone.bn1."),
-    ("backbone_net.stem.", "backbone.conv1."),
-    ("backbone_net.", "backbone."),
-    ("decoder.", "decode_head."),
-    ("auxiliary_decoder.", "auxiliary_head."),
-)
+FORMATS = ("reference", "torchvision", "mmseg")
+
+# (old prefix, new prefix), first match wins
+_PREFIXES = {
+    "reference": (
+        ("backbone_net.stem.7.", "backbone.bn1."),
+        ("backbone_net.stem.", "backbone.conv1."),
+        ("backbone_net.", "backbone."),
+        ("decoder.", "decode_head."),
+        ("auxiliary_decoder.", "auxiliary_head."),
+    ),
+    "torchvision": (
+        ("backbone.", "backbone."),
+        ("classifier.", "decode_head."),
+        ("aux_classifier.", "auxiliary_head."),
+    ),
+    "mmseg": (
+        ("backbone.stem.7.", "backbone.bn1."),
+        ("backbone.stem.", "backbone.conv1."),
+        ("backbone.", "backbone."),
+        ("decode_head.", "decode_head."),
+        ("auxiliary_head.", "auxiliary_head."),
+    ),
+}
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a ``.pth`` of tensors safely; unwrap ``{'model': ...}`` / ``{'state_dict': ...}``.
 
     Raises:
-        WeightsError: the file is missing, not a torch file, or holds more than tensors.
+        WeightsError: the file is missing, not a torch file, or holds more than tensors and plain data.
     """
     path = Path(path)
     if not path.is_file():
@@ -38,7 +65,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise WeightsError(
             f"{path}: not a checkpoint of plain tensors ({first_line}); it was not loaded, and no code in it ran"
         ) from e
@@ -51,52 +78,215 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def convert_reference(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename the keys of a reference (sssegmentation) FCN state dict to :class:`fcn_zoo.FCN`'s."""
-    out = {}
-    unknown = []
+def detect_format(state_dict: dict[str, torch.Tensor]) -> str:
+    """Which of :data:`FORMATS` a state dict is in, from its key names."""
+    keys = [k.removeprefix("module.") for k in state_dict]
+    if any(k.startswith("backbone_net.") for k in keys):
+        return "reference"
+    if any(k.startswith("decode_head.conv_seg.") for k in keys):
+        return "mmseg"
+    if any(k.startswith("classifier.") for k in keys):
+        return "torchvision"
+    raise WeightsError("not an FCN checkpoint of a known layout (reference, torchvision or mmseg)")
+
+
+def convert_state_dict(
+    state_dict: dict[str, torch.Tensor], source: str, *, name: str = "", output_stride: int | None = None
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Convert a ``source``-layout state dict; returns ``(FCN config, FCN state dict)``.
+
+    Args:
+        source: one of :data:`FORMATS`.
+        name: the checkpoint's file name; an ``os8``/``os16`` (reference) or ``d8``/``d16`` (mmseg) in it
+            gives the output stride, which weights do not record (it is a dilation), and a ``_voc`` /
+            ``_ade20k`` / ``_cityscapes`` suffix gives the dataset.
+        output_stride: overrides what the name says.
+
+    Raises:
+        WeightsError: a key this layout does not have, or shapes that fit no FCN.
+    """
+    if source not in FORMATS:
+        raise ValueError(f"unknown checkpoint layout {source!r}; use one of {', '.join(FORMATS)}")
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}  # saved from a DDP wrapper
+    renamed, unknown = {}, []
     for key, value in state_dict.items():
-        key = key.removeprefix("module.")  # saved from a DistributedDataParallel wrapper
-        for old, new in _REFERENCE_PREFIXES:
+        for old, new in _PREFIXES[source]:
             if key.startswith(old):
-                out[new + key[len(old):]] = value
+                renamed[new + key[len(old):]] = value
                 break
         else:
             unknown.append(key)
     if unknown:
-        raise WeightsError(f"not a reference FCN state dict: unknown keys {', '.join(sorted(unknown)[:8])}")
-    return out
+        raise WeightsError(f"{name or 'checkpoint'}: not a {source} FCN state dict: unknown keys {', '.join(sorted(unknown)[:8])}")
+    concat_input = False
+    if source == "mmseg":
+        renamed, concat_input = _mmseg_heads(renamed)
+    config = _infer_config(renamed, source, name, output_stride, concat_input)
+    return config, renamed
 
 
-def reference_config(state_dict: dict[str, torch.Tensor], output_stride: int | None, name: str = "") -> dict:
-    """The :class:`fcn_zoo.FCN` arguments of a converted reference state dict.
+def _mmseg_heads(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+    """mmseg's ``convs.N.{conv,bn}`` / ``conv_cat`` / ``conv_seg`` -> FCNHead's Sequential indices."""
+    out = {k: v for k, v in sd.items() if not k.startswith(("decode_head.", "auxiliary_head."))}
+    concat_input = any(k.startswith("decode_head.conv_cat.") for k in sd)
+    for head in ("decode_head", "auxiliary_head"):
+        keys = [k for k in sd if k.startswith(head + ".")]
+        num_convs = len({m.group(1) for k in keys if (m := re.match(rf"{head}\.convs\.(\d+)\.", k))})
+        cat = 3 * num_convs if head == "decode_head" and concat_input else None
+        classifier = 3 * num_convs + (3 if cat is not None else 0) + 1
+        for key in keys:
+            rest = key[len(head) + 1:]
+            if m := re.match(r"convs\.(\d+)\.(conv|bn)\.(.+)", rest):
+                index = 3 * int(m.group(1)) + (m.group(2) == "bn")
+                out[f"{head}.{index}.{m.group(3)}"] = sd[key]
+            elif (m := re.match(r"conv_cat\.(conv|bn)\.(.+)", rest)) and cat is not None:
+                out[f"{head}.{cat + (m.group(1) == 'bn')}.{m.group(2)}"] = sd[key]
+            elif m := re.match(r"conv_seg\.(.+)", rest):
+                out[f"{head}.{classifier}.{m.group(1)}"] = sd[key]
+            else:
+                raise WeightsError(f"not an mmseg FCN head key: {key}")
+    return out, concat_input
 
-    Classes and depth are read from the weights; the output stride is not in the weights (it is a
-    dilation), so it comes from ``output_stride`` or from an ``os8``/``os16`` in ``name``.
-    """
-    if "decode_head.7.weight" not in state_dict:
-        raise WeightsError(f"{name or 'checkpoint'}: no decode_head.7.weight; not a two-conv reference FCN head")
-    blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"backbone\.layer3\.(\d+)\.", k))}
+
+def _infer_config(sd: dict[str, torch.Tensor], source: str, name: str, output_stride: int | None, concat_input: bool) -> dict:
+    what = name or "checkpoint"
+    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"backbone\.layer3\.(\d+)\.", k))}
     depth = {6: 50, 23: 101, 36: 152}.get(len(blocks))
     if depth is None:
-        raise WeightsError(f"{name or 'checkpoint'}: layer3 has {len(blocks)} blocks, not a ResNet-50/101/152")
+        raise WeightsError(f"{what}: layer3 has {len(blocks)} blocks, not a ResNet-50/101/152")
+    deep_stem = "backbone.conv1.0.weight" in sd
     if output_stride is None:
-        m = re.search(r"os(8|16|32)(?!\d)", Path(name).stem)
-        if m is None:
-            raise WeightsError(
-                f"{name or 'checkpoint'}: the output stride is not stored in reference weights; "
-                "name the file like the reference does (e.g. fcn_resnet50os8_voc.pth) or pass output_stride"
-            )
-        output_stride = int(m.group(1))
+        output_stride = _output_stride_from_name(source, name)
+    head = _head_layout(sd, "decode_head", what)
+    aux = _head_layout(sd, "auxiliary_head", what) if any(k.startswith("auxiliary_head.") for k in sd) else None
+    if aux is not None and aux["num_convs"] != 1:
+        raise WeightsError(f"{what}: the auxiliary head has {aux['num_convs']} convs; FCN's has one")
     config = {
-        "num_classes": int(state_dict["decode_head.7.weight"].shape[0]),
-        "backbone": f"resnet{depth}c",
+        "num_classes": head["num_classes"],
+        "backbone": f"resnet{depth}{'c' if deep_stem else ''}",
         "output_stride": output_stride,
-        "head_channels": int(state_dict["decode_head.0.weight"].shape[0]),
-        "num_convs": 2,
-        "aux_channels": int(state_dict["auxiliary_head.0.weight"].shape[0]) if "auxiliary_head.0.weight" in state_dict else None,
+        "head_channels": head["channels"],
+        "num_convs": head["num_convs"] - concat_input,
+        "concat_input": concat_input,
+        "aux_channels": aux["channels"] if aux else None,
     }
-    dataset = next((d for d in ("voc", "ade20k", "cityscapes") if Path(name).stem.endswith(f"_{d}")), None)
+    dataset = next((d for d in DATASETS if Path(name).stem.endswith(f"_{d}")), None)
+    if dataset is None and source == "torchvision" and config["num_classes"] == 21:
+        dataset = "voc"  # torchvision's weights predict the VOC classes
     if dataset is not None and DATASETS[dataset].num_classes == config["num_classes"]:
         config["dataset"] = dataset
     return config
+
+
+def _head_layout(sd: dict[str, torch.Tensor], head: str, what: str) -> dict:
+    convs = sorted(int(m.group(1)) for k, v in sd.items() if (m := re.fullmatch(rf"{head}\.(\d+)\.weight", k)) and v.ndim == 4)
+    if not convs:
+        raise WeightsError(f"{what}: no {head} convolutions found")
+    classifier = sd[f"{head}.{convs[-1]}.weight"]
+    if classifier.shape[-2:] != (1, 1):
+        raise WeightsError(f"{what}: {head}'s last convolution is not the 1x1 classifier")
+    return {
+        "num_classes": int(classifier.shape[0]),
+        "num_convs": len(convs) - 1,
+        "channels": int(sd[f"{head}.0.weight"].shape[0]) if len(convs) > 1 else int(classifier.shape[1]),
+    }
+
+
+def _output_stride_from_name(source: str, name: str) -> int:
+    if source == "torchvision":
+        return 8  # torchvision dilates the last two stages
+    pattern = r"os(8|16|32)(?!\d)" if source == "reference" else r"d(8|16|32)(?!\d)"
+    if m := re.search(pattern, Path(name).stem):
+        return int(m.group(1))
+    example = "fcn_resnet50os8_voc.pth" if source == "reference" else "fcn_r50-d8_512x512_20k_voc12aug.pth"
+    raise WeightsError(
+        f"{name or 'checkpoint'}: the output stride is not stored in the weights; "
+        f"name the file as its source does (e.g. {example}) or pass --output-stride"
+    )
+
+
+def convert_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    source: str = "reference",
+    *,
+    checkpoint=None,
+    output_stride: int | None = None,
+    parity: bool = False,
+    provenance: dict | None = None,
+) -> dict:
+    """Convert the ``source``-layout file ``src`` into the ``save_pretrained`` folder ``out``.
+
+    Every key is mapped and every shape checked against the :class:`fcn_zoo.FCN` the weights describe.
+    With ``parity``, the source implementation (if importable) runs on the same input as the converted
+    model and the figures go into ``provenance.json``. With ``checkpoint`` (a zoo row), the weights must be
+    that row's architecture and the folder gets the row's model card. ``out`` appears complete or not at all.
+
+    Returns:
+        the provenance written to ``out/provenance.json``.
+    """
+    from . import __version__
+    from .model import FCN, load_state_dict
+    from .parity import measure_parity, source_model
+
+    src = Path(src)
+    original = read_checkpoint(src)
+    name = f"{checkpoint.name}.pth" if checkpoint is not None else src.name
+    if checkpoint is not None and output_stride is None:
+        output_stride = checkpoint.output_stride
+    config, state_dict = convert_state_dict(original, source, name=name, output_stride=output_stride)
+    if checkpoint is not None:
+        expected = checkpoint.model_config()
+        if (config["backbone"], config["num_classes"]) != (expected["backbone"], expected["num_classes"]):
+            raise WeightsError(
+                f"{src}: holds {config['backbone']} with {config['num_classes']} classes, but {checkpoint.name} "
+                f"is {expected['backbone']} with {expected['num_classes']}; the file is not this checkpoint"
+            )
+    model = FCN(**config)
+    load_state_dict(model, state_dict, source=str(src))  # strict: every key, every shape
+    record = {"source_format": source, "source_sha256": sha256_file(src), **(provenance or {}), "converted_with": f"fcn-zoo {__version__}"}
+    if parity:
+        found = source_model(source, config, original)
+        if found is not None:
+            run, implementation = found
+            record["parity"] = {"implementation": implementation, **measure_parity(model, run)}
+        else:
+            record["parity"] = None
+    card = None
+    if checkpoint is not None:
+        from .cards import model_card
+
+        card = lambda prov: str(model_card(checkpoint, provenance=prov))  # noqa: E731
+    return write_folder(model, Path(out), record, card=card)
+
+
+def write_folder(model, folder: Path, provenance: dict, card=None) -> dict:
+    """``save_pretrained`` into a temporary folder beside ``folder``, add provenance (and a card), rename.
+
+    ``card`` is called with the final provenance (which includes the sha256 of ``model.safetensors``).
+    A concurrent writer that finished first wins; ``folder`` is never seen half-written.
+    """
+    import json
+    import os
+    import shutil
+    import tempfile
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        os.chmod(tmp, 0o755)
+        model.save_pretrained(tmp)
+        provenance = {**provenance, "weights_sha256": sha256_file(tmp / "model.safetensors")}
+        (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        if card is not None:
+            (tmp / "README.md").write_text(card(provenance), encoding="utf-8")
+        else:
+            (tmp / "README.md").unlink(missing_ok=True)  # the mixin's generic card would say nothing true here
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return provenance

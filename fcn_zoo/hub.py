@@ -19,10 +19,10 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
+from ._files import sha256_file
 from .errors import FCNZooError, NotCachedError, UnknownModelError, WeightsError
 from .zoo import CHECKPOINTS, Checkpoint
 
@@ -32,7 +32,6 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-PROVENANCE_NAME = "provenance.json"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -221,7 +220,10 @@ def _download_reference(checkpoint: Checkpoint, url: str, folder: Path) -> Path:
             raise WeightsError(
                 f"{url}: sha256 {sha256} differs from the published {checkpoint.sha256}; the file was not used"
             )
-        return _convert(pth, folder, checkpoint.model_config(), {"source_url": url, "source_sha256": sha256})
+        from .convert import convert_checkpoint
+
+        convert_checkpoint(pth, folder, "reference", checkpoint=checkpoint, provenance={"source_url": url})
+        return folder
 
 
 def download(url: str, path: Path, timeout: float = 60.0) -> str:
@@ -256,37 +258,12 @@ def download(url: str, path: Path, timeout: float = 60.0) -> str:
 
 
 def _convert_local_pth(path: Path, cache_dir) -> Path:
-    sha256 = _sha256(path)
+    from .convert import convert_checkpoint
+
+    sha256 = sha256_file(path)
     folder = cache_root(cache_dir) / "local" / f"{path.stem}-{sha256[:16]}"
-    if _is_complete(folder):
-        return folder
-    config = CHECKPOINTS[path.stem].model_config() if path.stem in CHECKPOINTS else None
-    return _convert(path, folder, config, {"source_file": str(path.resolve()), "source_sha256": sha256})
-
-
-def _convert(pth: Path, folder: Path, config: dict | None, provenance: dict) -> Path:
-    """Reference ``.pth`` -> checked ``save_pretrained`` folder, written beside ``folder`` then renamed."""
-    from .convert import convert_reference, read_checkpoint, reference_config
-    from .model import FCN, load_state_dict
-
-    state_dict = convert_reference(read_checkpoint(pth))
-    if config is None:
-        config = reference_config(state_dict, output_stride=None, name=pth.name)
-    model = FCN(**config)
-    load_state_dict(model, state_dict, source=str(pth))  # strict: every key and shape
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
-        model.save_pretrained(tmp)
-        (tmp / "README.md").unlink(missing_ok=True)  # the generic mixin card says nothing true about these weights
-        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not _is_complete(folder):  # not a concurrent conversion that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not _is_complete(folder):
+        convert_checkpoint(path, folder, "reference", checkpoint=CHECKPOINTS.get(path.stem), provenance={"source_file": str(path.resolve())})
     return folder
 
 
@@ -318,11 +295,3 @@ def _read_config(folder: Path) -> dict:
     if not isinstance(config, dict):
         raise WeightsError(f"{folder / CONFIG_NAME}: expected a JSON object")
     return config
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -1,8 +1,8 @@
 """FCN: a timm ResNet backbone, an FCN head on its last stage and an auxiliary head on the stage before.
 
 The module layout follows the reference implementation (sssegmentation) so that its checkpoints map onto
-this model by renaming keys alone; torchvision's FCN is the same model with ``backbone="resnet50"``,
-``num_convs=1`` and ``aux_channels=256``.
+this model by renaming keys alone. torchvision's FCN is the same model with ``backbone="resnet50"``,
+``num_convs=1`` and ``aux_channels=256``; mmsegmentation's with ``concat_input=True`` and ``aux_channels=256``.
 """
 
 from __future__ import annotations
@@ -29,23 +29,45 @@ class FCNHead(nn.Sequential):
 
     With ``num_convs=2`` the layer indices are those of the reference's ``decoder`` (0, 1, 3, 4, 7);
     with ``num_convs=1`` those of torchvision's ``FCNHead`` and of the auxiliary heads (0, 1, 4).
+    ``concat_input=True`` (mmsegmentation's head) adds a conv3x3 -> BN -> ReLU over the concatenation of
+    the head's input and the convs' output, before the dropout.
     """
 
-    def __init__(self, in_channels: int, channels: int, num_classes: int, num_convs: int = 2, dropout: float = 0.1):
+    def __init__(
+        self, in_channels: int, channels: int, num_classes: int, num_convs: int = 2, dropout: float = 0.1,
+        concat_input: bool = False,
+    ):
         layers: list[nn.Module] = []
         for i in range(num_convs):
-            layers += [
-                nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1, bias=False),
-                nn.BatchNorm2d(channels),
-                nn.ReLU(inplace=True),
-            ]
+            layers += _conv_bn_relu(in_channels if i == 0 else channels, channels)
+        if concat_input:
+            layers += _conv_bn_relu(in_channels + channels, channels)
         layers += [nn.Dropout2d(dropout), nn.Conv2d(channels if num_convs else in_channels, num_classes, 1)]
         super().__init__(*layers)
+        self.num_convs = num_convs
+        self.concat_input = concat_input and num_convs > 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.concat_input:
+            return super().forward(x)
+        layers = list(self)
+        n = 3 * self.num_convs
+        y = x
+        for layer in layers[:n]:
+            y = layer(y)
+        y = torch.cat([x, y], dim=1)
+        for layer in layers[n:]:
+            y = layer(y)
+        return y
 
     @property
     def classifier(self) -> nn.Conv2d:
         """The final 1x1 convolution, the only layer whose shape depends on the number of classes."""
         return self[-1]
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
+    return [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
 
 
 class FCN(
@@ -65,6 +87,7 @@ class FCN(
         output_stride: 8 or 16; the last stages are dilated instead of strided.
         head_channels: width of the FCN head's convolutions.
         num_convs: number of conv3x3-BN-ReLU blocks in the head.
+        concat_input: mmsegmentation's variant: one more conv3x3-BN-ReLU over [input, convs output].
         aux_channels: width of the auxiliary head on the second-to-last stage; ``None`` for no auxiliary head.
         dropout: Dropout2d probability before each classifier.
         dataset: the dataset the weights were trained on (a key of ``fcn_zoo.zoo.DATASETS``), if any;
@@ -82,6 +105,7 @@ class FCN(
         output_stride: int = 8,
         head_channels: int = 512,
         num_convs: int = 2,
+        concat_input: bool = False,
         aux_channels: int | None = 512,
         dropout: float = 0.1,
         dataset: str | None = None,
@@ -108,7 +132,7 @@ class FCN(
             backbone, pretrained=False, features_only=True, output_stride=output_stride, out_indices=(3, 4)
         )
         aux_in, in_channels = self.backbone.feature_info.channels()
-        self.decode_head = FCNHead(in_channels, head_channels, num_classes, num_convs, dropout)
+        self.decode_head = FCNHead(in_channels, head_channels, num_classes, num_convs, dropout, concat_input)
         self.auxiliary_head = (
             FCNHead(aux_in, aux_channels, num_classes, 1, dropout) if aux_channels is not None else None
         )

@@ -8,26 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from conftest import randomize_batchnorm
+from fcn_zoo.parity import build_reference_segmentor
 
 
 def build_reference_fcn(depth: int, output_stride: int, num_classes: int, seed: int = 0) -> torch.nn.Module:
     """The reference's FCN (the config of ``ssseg/configs/fcn/fcn_resnet{depth}os{os}_*.py``), random weights,
     non-trivial BatchNorm statistics, eval mode, BatchNorm2d instead of SyncBatchNorm (one process)."""
-    from ssseg.modules.models.segmentors import BuildSegmentor
-
     torch.manual_seed(seed)
-    cfg = {
-        "type": "FCN", "num_classes": num_classes, "benchmark": True, "align_corners": False,
-        "norm_cfg": {"type": "BatchNorm2d"}, "act_cfg": {"type": "ReLU", "inplace": True},
-        "backbone": {
-            "type": "ResNet", "depth": depth, "structure_type": f"resnet{depth}conv3x3stem", "pretrained": False,
-            "outstride": output_stride, "use_conv3x3_stem": True, "selected_indices": (2, 3),
-        },
-        "head": {"in_channels": 2048, "feats_channels": 512, "dropout": 0.1},
-        "auxiliary": {"in_channels": 1024, "out_channels": 512, "dropout": 0.1},
-        "losses": {},
-    }
-    model = BuildSegmentor(cfg, mode="TEST")
+    model = build_reference_segmentor(
+        {"num_classes": num_classes, "backbone": f"resnet{depth}c", "output_stride": output_stride}
+    )
     return randomize_batchnorm(model, seed).eval()
 
 
