@@ -1,4 +1,4 @@
-"""The ``fcn-zoo`` command: list, info, download, predict.
+"""The ``fcn-zoo`` command: list, info, download, predict, convert, publish.
 
 Errors are one line on stderr and a non-zero exit; ``--debug`` shows the traceback instead.
 """
@@ -12,6 +12,7 @@ import traceback
 from pathlib import Path
 
 from . import list_models, zoo
+from .convert import FORMATS
 from .errors import FCNZooError
 
 EXIT_FAILED = 1
@@ -64,6 +65,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N ... (default cpu)")
     p.add_argument("--cache-dir", help="where weights are kept")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("convert", help="turn a reference, torchvision or mmsegmentation .pth into a save_pretrained folder")
+    p.add_argument("src", help="the .pth file")
+    p.add_argument("--from", dest="source", required=True, choices=FORMATS, help="the layout of the file")
+    p.add_argument("--out", required=True, help="the folder to create (must not exist yet)")
+    p.add_argument("--output-stride", type=int, choices=(8, 16, 32), help="if the file name does not say")
+    p.add_argument("--no-parity", action="store_true", help="skip the comparison with the source implementation")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("publish", help="convert, verify and upload zoo rows to the Hugging Face Hub")
+    p.add_argument("name", help="a zoo name, or 'all'")
+    p.add_argument("--repo-id", help="OWNER/REPO for one name (default: the table's hub_repo_id)")
+    p.add_argument("--namespace", help="with 'all': upload to NAMESPACE/<name>")
+    p.add_argument("--out", default="publish", help="work folder; reruns resume from it (default ./publish)")
+    p.add_argument("--dry-run", action="store_true", help="stop after writing and verifying the folders")
+    p.add_argument("--token", help="Hub token (default: `hf auth login` or HF_TOKEN)")
+    p.set_defaults(func=cmd_publish)
     return parser
 
 
@@ -150,6 +168,50 @@ def cmd_predict(args) -> int:
         print(f"{image} -> {', '.join(map(str, written))} ({shares})")
     if failed:
         print(f"fcn-zoo: {failed} of {len(args.images)} images failed", file=sys.stderr)
+    return EXIT_FAILED if failed else 0
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert_checkpoint
+
+    out = Path(args.out)
+    if out.exists():
+        raise FCNZooError(f"--out {out}: already exists; pass a new folder so that nothing is overwritten")
+    checkpoint = zoo.CHECKPOINTS.get(Path(args.src).stem) if args.source == "reference" else None
+    provenance = convert_checkpoint(
+        args.src, out, args.source, checkpoint=checkpoint, output_stride=args.output_stride,
+        parity=not args.no_parity, provenance={"source_file": Path(args.src).name},
+    )
+    parity = provenance.get("parity")
+    if parity:
+        figures = f"max abs logit difference {parity['max_abs_diff']:.2e}, label agreement {parity['label_agreement']:.4f} vs {parity['implementation']}"
+    else:
+        figures = "parity not measured" + (" (source implementation not importable)" if "parity" in provenance else "")
+    print(f"{out}: converted ({figures})")
+    return 0
+
+
+def cmd_publish(args) -> int:
+    from .publish import publish
+
+    if args.name == "all":
+        if args.repo_id:
+            raise FCNZooError("--repo-id names one repo; with 'all' use --namespace")
+        names = list(zoo.CHECKPOINTS)
+    else:
+        names = [zoo.get_checkpoint(args.name).name]
+    failed = 0
+    for name in names:
+        repo_id = args.repo_id or (f"{args.namespace}/{name}" if args.namespace else None)
+        try:
+            publish(name, args.out, repo_id=repo_id, dry_run=args.dry_run, token=args.token)
+        except (FCNZooError, OSError, ValueError, RuntimeError) as e:
+            failed += 1
+            if args.debug:
+                traceback.print_exc()
+            print(f"fcn-zoo: error: {e}", file=sys.stderr)
+    if failed:
+        print(f"fcn-zoo: {failed} of {len(names)} failed; rerun the same command to resume", file=sys.stderr)
     return EXIT_FAILED if failed else 0
 
 

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ._files import sha256_file
 from .errors import WeightsError
 from .zoo import DATASETS
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["FORMATS", "read_checkpoint", "convert_state_dict", "detect_format"]
 
@@ -59,6 +61,8 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     Raises:
         WeightsError: the file is missing, not a torch file, or holds more than tensors and plain data.
     """
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such checkpoint file")

@@ -26,7 +26,7 @@ from ._files import sha256_file
 from .errors import FCNZooError, NotCachedError, UnknownModelError, WeightsError
 from .zoo import CHECKPOINTS, Checkpoint
 
-__all__ = ["from_pretrained", "resolve", "cache_root", "is_cached", "reference_download_url", "download"]
+__all__ = ["from_pretrained", "resolve", "cache_root", "is_cached", "reference_download_url", "download_reference", "download"]
 
 logger = logging.getLogger(__name__)
 
@@ -157,15 +157,20 @@ def _resolve_zoo(checkpoint: Checkpoint, revision: str | None, cache_dir, offlin
     converted = cache_root(cache_dir) / "reference" / checkpoint.name
     if _is_complete(converted):
         return converted
-    url = reference_download_url(checkpoint)
     if offline:
         raise NotCachedError(
             f"{checkpoint.name} is not cached and downloads are disabled "
             f"({'local_files_only=True' if not _hub_offline() else 'HF_HUB_OFFLINE=1'}). "
             f"On a machine with network run `fcn-zoo download {checkpoint.name}` and copy {converted}, "
-            f"or place {url.rsplit('/', 1)[-1]} behind FCN_ZOO_REFERENCE_URL and allow downloads."
+            f"or place {checkpoint.name}.pth behind FCN_ZOO_REFERENCE_URL and allow downloads."
         )
-    return _download_reference(checkpoint, url, converted)
+    from .convert import convert_checkpoint
+
+    converted.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=converted.parent, prefix=f".{checkpoint.name}-") as tmp:
+        pth, url, _ = download_reference(checkpoint, Path(tmp))
+        convert_checkpoint(pth, converted, "reference", checkpoint=checkpoint, provenance={"source_url": url})
+    return converted
 
 
 def _download_hub(repo_id: str, revision: str | None, cache_dir, offline: bool) -> Path:
@@ -204,26 +209,56 @@ def _download_hub(repo_id: str, revision: str | None, cache_dir, offline: bool) 
     return files[0].parent
 
 
-def _download_reference(checkpoint: Checkpoint, url: str, folder: Path) -> Path:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{checkpoint.name}-") as tmp:
-        pth = Path(tmp) / f"{checkpoint.name}.pth"
-        logger.info("downloading %s", url)
-        try:
-            sha256 = download(url, pth)
-        except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, HTTPError are OSErrors
-            raise FCNZooError(
-                f"{checkpoint.name}: downloading {url} failed ({e}); check the network, "
-                "or set FCN_ZOO_REFERENCE_URL to a mirror that holds the reference .pth files"
-            ) from e
-        if checkpoint.sha256 and sha256 != checkpoint.sha256:
-            raise WeightsError(
-                f"{url}: sha256 {sha256} differs from the published {checkpoint.sha256}; the file was not used"
-            )
-        from .convert import convert_checkpoint
+def download_reference(checkpoint: Checkpoint, directory: Path) -> tuple[Path, str, str]:
+    """Download a row's reference ``.pth`` into ``directory``; returns ``(path, url, sha256)``.
 
-        convert_checkpoint(pth, folder, "reference", checkpoint=checkpoint, provenance={"source_url": url})
-        return folder
+    The sha256 must equal the table's, or, where the table has none yet, the one recorded in the cache
+    by the first download (``known_hashes.json``); a file that differs is deleted and refused.
+    """
+    url = reference_download_url(checkpoint)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{checkpoint.name}.pth"
+    logger.info("downloading %s", url)
+    try:
+        sha256 = download(url, path)
+    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, HTTPError are OSErrors
+        raise FCNZooError(
+            f"{checkpoint.name}: downloading {url} failed ({e}); check the network, "
+            "or set FCN_ZOO_REFERENCE_URL to a mirror that holds the reference .pth files"
+        ) from e
+    known = _known_hashes()
+    expected = checkpoint.sha256 or known.get(checkpoint.name)
+    if expected and sha256 != expected:
+        path.unlink(missing_ok=True)
+        origin = "published in the table" if checkpoint.sha256 else f"recorded at the first download in {_known_hashes_path()}"
+        raise WeightsError(
+            f"{url}: sha256 {sha256} differs from {expected}, {origin}; the file was not used"
+        )
+    if not expected:
+        _record_hash(checkpoint.name, sha256)
+    return path, url, sha256
+
+
+def _known_hashes_path() -> Path:
+    return cache_root() / "known_hashes.json"
+
+
+def _known_hashes() -> dict[str, str]:
+    try:
+        return json.loads(_known_hashes_path().read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as e:
+        raise WeightsError(f"{_known_hashes_path()}: not valid JSON ({e}); delete it to record hashes anew") from e
+
+
+def _record_hash(name: str, sha256: str) -> None:
+    path = _known_hashes_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hashes = {**_known_hashes(), name: sha256}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp.write_text(json.dumps(hashes, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def download(url: str, path: Path, timeout: float = 60.0) -> str:

@@ -1,0 +1,137 @@
+"""Maintainers' path from a reference ``.pth`` to a pinned Hugging Face Hub repo.
+
+``publish(name)``: download the reference file (``FCN_ZOO_REFERENCE_URL`` applies, hashes are checked),
+convert it, measure parity with the reference implementation, reload the folder and compare, write the
+model card, and upload the folder in one commit. The commit hash is what the table pins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ._files import sha256_file
+from .errors import FCNZooError, WeightsError
+from .zoo import CHECKPOINTS, Checkpoint
+
+__all__ = ["publish", "PARITY_MAX_ABS_DIFF", "PARITY_MIN_LABEL_AGREEMENT"]
+
+#: Conversions that differ more from the reference than this are not published.
+PARITY_MAX_ABS_DIFF = 1e-3
+PARITY_MIN_LABEL_AGREEMENT = 0.999
+STATE_NAME = "published.json"
+
+
+def publish(
+    name: str,
+    out: str | Path,
+    *,
+    repo_id: str | None = None,
+    dry_run: bool = False,
+    token: str | None = None,
+    log=print,
+) -> dict:
+    """Convert, verify and (unless ``dry_run``) upload one zoo row; returns its entry in ``out/published.json``.
+
+    The work folder ``out/<name>`` holds exactly what is uploaded: ``config.json``, ``model.safetensors``,
+    ``provenance.json`` and ``README.md``. A row already done (uploaded, or built for a dry run) is skipped,
+    so ``publish all`` resumes where it stopped.
+    """
+    from .convert import convert_checkpoint
+    from .hub import download_reference
+
+    checkpoint = CHECKPOINTS[name]
+    repo_id = repo_id or checkpoint.hub_repo_id
+    out = Path(out)
+    folder = out / name
+    state = _read_state(out)
+    done = state.get(name, {})
+    if done.get("commit") and done.get("repo_id") == repo_id:
+        log(f"{name}: already published as {repo_id}@{done['commit']}")
+        return done
+    if not (folder / "README.md").is_file():
+        pth, url, _ = download_reference(checkpoint, out / ".downloads")
+        try:
+            provenance = convert_checkpoint(
+                pth, folder, "reference", checkpoint=checkpoint, parity=True, provenance={"source_url": url}
+            )
+            _check_parity(checkpoint, provenance)
+            _check_reload(folder, pth, provenance)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)  # never leave a folder that looks verified
+            raise
+        finally:
+            pth.unlink(missing_ok=True)
+    provenance = json.loads((folder / "provenance.json").read_text())
+    if sha256_file(folder / "model.safetensors") != provenance["weights_sha256"]:
+        raise WeightsError(f"{folder}: model.safetensors changed since it was verified; delete the folder and rerun")
+    entry = {
+        "repo_id": repo_id,
+        "source_sha256": provenance["source_sha256"],
+        "weights_sha256": provenance["weights_sha256"],
+        "parity": provenance["parity"],
+    }
+    files = sorted(p.name for p in folder.iterdir())
+    if dry_run:
+        log(f"{name}: dry run, would upload to {repo_id}:")
+        for f in files:
+            log(f"  {f} ({(folder / f).stat().st_size:,} bytes)")
+    else:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(
+            folder_path=folder, repo_id=repo_id, allow_patterns=files,
+            commit_message=f"{checkpoint.title}, converted from {checkpoint.reference_url.rsplit('/', 1)[-1]}",
+        )
+        entry["commit"] = commit.oid
+        log(f"{name}: published {repo_id}@{commit.oid}; pin it in fcn_zoo/zoo.py: hub_revision=\"{commit.oid}\"")
+    state[name] = entry
+    _write_state(out, state)
+    return entry
+
+
+def _check_parity(checkpoint: Checkpoint, provenance: dict) -> None:
+    parity = provenance.get("parity")
+    if parity is None:
+        raise FCNZooError(
+            f"{checkpoint.name}: parity with the reference implementation could not be measured because "
+            "sssegmentation is not importable; install the test extra (pip install -e '.[test]') and retry"
+        )
+    if parity["max_abs_diff"] > PARITY_MAX_ABS_DIFF or parity["label_agreement"] < PARITY_MIN_LABEL_AGREEMENT:
+        raise WeightsError(
+            f"{checkpoint.name}: the converted model differs from the reference (max abs logit difference "
+            f"{parity['max_abs_diff']:.2e}, label agreement {parity['label_agreement']:.4f}); not published"
+        )
+
+
+def _check_reload(folder: Path, pth: Path, provenance: dict) -> None:
+    """The folder, loaded the way users load it, matches the reference exactly as the converted model did."""
+    from .convert import read_checkpoint
+    from .hub import from_pretrained
+    from .parity import measure_parity, source_model
+
+    model = from_pretrained(folder)
+    run, _ = source_model("reference", json.loads((folder / "config.json").read_text()), read_checkpoint(pth))
+    recorded = provenance["parity"]
+    again = measure_parity(model, run, size=tuple(recorded["input_shape"][-2:]))
+    if again["max_abs_diff"] != recorded["max_abs_diff"] or again["label_agreement"] != recorded["label_agreement"]:
+        raise WeightsError(f"{folder}: the saved weights do not reproduce the verified logits; not published")
+
+
+def _read_state(out: Path) -> dict:
+    path = out / STATE_NAME
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError as e:
+        raise FCNZooError(f"{path}: not valid JSON ({e}); fix or delete it") from e
+
+
+def _write_state(out: Path, state: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{STATE_NAME}.partial"
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out / STATE_NAME)
