@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 
 from .errors import ImageError
 
-__all__ = ["predict", "Segmentation", "TTA", "load_image", "eval_resize_shape", "save_image"]
+__all__ = ["predict", "predict_labels", "Segmentation", "TTA", "load_image", "eval_resize_shape", "save_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,15 +133,39 @@ def predict(
     autocast_dtype = _autocast_dtype(precision, device)
     model = model.to(device=device, memory_format=torch.channels_last).eval()
     results = []
+    dtype = torch.uint8 if model.num_classes <= 256 else torch.int32
     with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         for start in range(0, len(items), batch_size):
             chunk = [load_image(item) for item in items[start:start + batch_size]]
-            inputs = [_preprocess(model, x, from_uint8, device) for x, from_uint8 in chunk]
-            logits = _logits(model, inputs, tta, mode, window, stride, batch_size)
-            for (x, _), lg in zip(chunk, logits):
-                labels = _upsample_argmax(lg, x.shape[-2:])
-                results.append(Segmentation(labels, model.class_names, model.palette, _rgb_uint8(x)))
+            labels = predict_labels(
+                model, [x for x, _ in chunk], from_uint8=[f for _, f in chunk], tta=tta, mode=mode,
+                window=window, stride=stride, batch_size=batch_size,
+            )
+            for (x, _), lab in zip(chunk, labels):
+                results.append(Segmentation(lab.to(dtype).cpu().numpy(), model.class_names, model.palette, _rgb_uint8(x)))
     return results[0] if single else results
+
+
+def predict_labels(
+    model,
+    images: list[torch.Tensor],
+    *,
+    from_uint8: bool | list[bool] = True,
+    tta: TTA | None = None,
+    mode: str = "whole",
+    window: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
+    batch_size: int = 8,
+) -> list[torch.Tensor]:
+    """The protocol on already-loaded images: ``(3, H, W)`` float tensors of 0..255 RGB values -> ``(H, W)``
+    int64 label tensors on the model's device. ``from_uint8``: the images hold 8-bit values (per image or
+    for all), which the reference keeps 8-bit through the resize. Call under ``torch.inference_mode()`` with the model in eval
+    mode; :func:`predict` wraps it with input handling, and training's evaluation uses it directly."""
+    device = next(model.parameters()).device
+    flags = from_uint8 if isinstance(from_uint8, list) else [from_uint8] * len(images)
+    inputs = [_preprocess(model, x, flag, device) for x, flag in zip(images, flags)]
+    logits = _logits(model, inputs, tta, mode, window, stride, batch_size)
+    return [_upsample_argmax(lg, x.shape[-2:]) for x, lg in zip(images, logits)]
 
 
 # --- input ---------------------------------------------------------------------------------------
@@ -321,14 +345,12 @@ def _slide(model, x: torch.Tensor, window: Sequence[int], stride: Sequence[int] 
     return total / count
 
 
-def _upsample_argmax(logits: list[torch.Tensor], size) -> np.ndarray:
+def _upsample_argmax(logits: list[torch.Tensor], size) -> torch.Tensor:
     total = None
     for lg in logits:
         up = F.interpolate(lg, size=tuple(size), mode="bilinear", align_corners=False)
         total = up if total is None else total.add_(up)
-    labels = total[0].argmax(0)
-    dtype = torch.uint8 if total.shape[1] <= 256 else torch.int32
-    return labels.to(dtype).cpu().numpy()
+    return total[0].argmax(0)
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

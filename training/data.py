@@ -1,0 +1,166 @@
+"""The three datasets in their real on-disk layouts.
+
+``--data-root`` is the folder that holds the dataset's own top folder:
+
+- VOC: ``VOCdevkit/VOC2012/{JPEGImages, SegmentationClass, ImageSets/Segmentation/{trainaug,val}.txt}``
+  (the reference layout, SBD labels converted into ``SegmentationClass`` by ``python -m training.prepare sbd``),
+  or mmsegmentation's: ``SegmentationClassAug`` + ``ImageSets/Segmentation/{train,aug,val}.txt``;
+- ADE20K: ``ADEChallengeData2016/{images,annotations}/{training,validation}``; label 0 is "other" and is
+  ignored, label i becomes class i - 1 (reduce zero label);
+- Cityscapes: ``leftImg8bit/{train,val}/<city>/*_leftImg8bit.png`` and
+  ``gtFine/{train,val}/<city>/*_gtFine_labelIds.png``; label ids map to the 19 train ids, the rest is ignored.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IGNORE_INDEX = 255
+
+# Cityscapes label id -> train id (the 19 evaluated classes); every other id is ignored
+CITYSCAPES_TRAIN_IDS = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
+    27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}
+
+LAYOUTS = {
+    "voc": "VOCdevkit/VOC2012/{JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/<split>.txt} "
+    "(or mmsegmentation's SegmentationClassAug with train.txt + aug.txt)",
+    "ade20k": "ADEChallengeData2016/{images,annotations}/{training,validation}/<id>.{jpg,png}",
+    "cityscapes": "leftImg8bit/<split>/<city>/<id>_leftImg8bit.png and gtFine/<split>/<city>/<id>_gtFine_labelIds.png",
+}
+
+
+class DatasetLayoutError(FileNotFoundError):
+    """A file the dataset layout needs is missing or unreadable."""
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Pairs of (image, label map) files, a lookup table from stored label values to train ids, and transforms.
+
+    ``transforms(image, label, generator)`` receives a uint8 ``(3, H, W)`` tensor, an int64 ``(H, W)``
+    tensor and a ``torch.Generator`` seeded from (seed, epoch, index): the augmentation of a sample is the
+    same whichever worker loads it and whether or not training was resumed.
+    """
+
+    def __init__(self, name: str, samples: list[tuple[Path, Path]], lookup: np.ndarray, transforms=None, seed: int = 0):
+        from fcn_zoo.zoo import DATASETS
+
+        self.name = name
+        self.num_classes = DATASETS[name].num_classes
+        self.samples = samples
+        self.lookup = lookup
+        self.transforms = transforms
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        image_path, label_path = self.samples[index]
+        image = torch.from_numpy(np.array(_open(image_path, "RGB", self.name))).permute(2, 0, 1).contiguous()
+        raw = np.array(_open(label_path, None, self.name))
+        if raw.ndim != 2:
+            raise DatasetLayoutError(f"{label_path}: a label map must have one channel, got shape {raw.shape}")
+        if raw.size and (raw.min() < 0 or raw.max() > 255):
+            raise DatasetLayoutError(f"{label_path}: label values must be 0..255, found {raw.min()}..{raw.max()}")
+        label = torch.from_numpy(self.lookup[raw.astype(np.int64)].astype(np.int64))
+        bad = torch.unique(label[(label != IGNORE_INDEX) & (label >= self.num_classes)])
+        if len(bad):
+            raise DatasetLayoutError(
+                f"{label_path}: label values {bad.tolist()[:5]} are outside the {self.num_classes} classes "
+                f"(0..{self.num_classes - 1}, {IGNORE_INDEX} = ignore)"
+            )
+        if label.shape != image.shape[1:]:
+            raise DatasetLayoutError(f"{label_path}: label is {tuple(label.shape)}, image is {tuple(image.shape[1:])}")
+        if self.transforms is not None:
+            generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{self.epoch}/{index}".encode()))
+            image, label = self.transforms(image, label, generator)
+        return image, label
+
+    def fingerprint(self) -> str:
+        """sha256 of the list of (image, label) file names: which files an evaluation used."""
+        import hashlib
+
+        text = "\n".join(f"{i.name} {label.name}" for i, label in self.samples)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def build_dataset(dataset: str, root: str | Path, split: str, transforms=None, seed: int = 0) -> SegmentationDataset:
+    """``dataset`` in voc / ade20k / cityscapes; ``split`` train or val (VOC's train is trainaug)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    builders = {"voc": _voc, "ade20k": _ade20k, "cityscapes": _cityscapes}
+    if dataset not in builders:
+        raise ValueError(f"unknown dataset {dataset!r}; use one of {', '.join(builders)}")
+    samples, lookup = builders[dataset](Path(root), split)
+    if not samples:
+        raise DatasetLayoutError(f"{root}: no {dataset} {split} samples found; expected {LAYOUTS[dataset]}")
+    missing = [p for pair in samples for p in pair if not p.is_file()]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise DatasetLayoutError(f"{missing[0]}: missing{more}; expected {LAYOUTS[dataset]}")
+    return SegmentationDataset(dataset, samples, lookup, transforms, seed)
+
+
+def _voc(root: Path, split: str):
+    base = root / "VOCdevkit" / "VOC2012"
+    sets = base / "ImageSets" / "Segmentation"
+    lookup = np.arange(256, dtype=np.uint8)  # VOC PNGs store class ids, 255 = ignore
+
+    def pairs(ids_file: Path, label_dir: str):
+        ids = _read_ids(ids_file, "voc")
+        return [(base / "JPEGImages" / f"{i}.jpg", base / label_dir / f"{i}.png") for i in ids]
+
+    if split == "val":
+        return pairs(sets / "val.txt", "SegmentationClass"), lookup
+    if (sets / "trainaug.txt").is_file():  # the reference layout
+        return pairs(sets / "trainaug.txt", "SegmentationClass"), lookup
+    if (base / "SegmentationClassAug").is_dir() and (sets / "aug.txt").is_file():  # mmsegmentation's layout
+        return pairs(sets / "train.txt", "SegmentationClass") + pairs(sets / "aug.txt", "SegmentationClassAug"), lookup
+    raise DatasetLayoutError(f"{sets / 'trainaug.txt'}: missing (nor aug.txt + SegmentationClassAug); expected {LAYOUTS['voc']}")
+
+
+def _ade20k(root: Path, split: str):
+    base = root / "ADEChallengeData2016"
+    folder = {"train": "training", "val": "validation"}[split]
+    images = sorted((base / "images" / folder).glob("*.jpg"))
+    lookup = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    lookup[1:151] = np.arange(150)  # reduce zero label
+    return [(p, base / "annotations" / folder / f"{p.stem}.png") for p in images], lookup
+
+
+def _cityscapes(root: Path, split: str):
+    images = sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))
+    lookup = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():
+        lookup[label_id] = train_id
+    samples = [
+        (p, root / "gtFine" / split / p.parent.name / p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png"))
+        for p in images
+    ]
+    return samples, lookup
+
+
+def _read_ids(path: Path, dataset: str) -> list[str]:
+    if not path.is_file():
+        raise DatasetLayoutError(f"{path}: missing; expected {LAYOUTS[dataset]}")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _open(path: Path, mode: str | None, dataset: str) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert(mode) if mode and img.mode != mode else img
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetLayoutError(f"{path}: unreadable ({e}); expected {LAYOUTS[dataset]}") from e
