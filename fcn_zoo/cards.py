@@ -26,9 +26,14 @@ TEMPLATE = """---
 FCN semantic segmentation (Long et al., [arXiv:1411.4038](https://arxiv.org/abs/1411.4038)) trained on
 {{ d.title }}: a ResNet-{{ c.depth }} "V1c" backbone (timm `{{ c.backbone }}`, deep 3x3 stem) dilated to output
 stride {{ c.output_stride }}, a two-conv FCN head on the last stage and an auxiliary head on the stage before
-(training only). The weights are those the reference implementation,
+(training only).
+{%- if provenance.get("run") %} The weights were trained with [fcn-zoo]({{ repo_url }})'s `training/`, which
+reproduces the recipe of the reference implementation,
+[sssegmentation](https://github.com/SegmentationBLWX/sssegmentation).
+{%- else %} The weights are those the reference implementation,
 [sssegmentation](https://github.com/SegmentationBLWX/sssegmentation), published as `{{ c.name }}.pth`,
 converted to safetensors by [fcn-zoo]({{ repo_url }}).
+{%- endif %}
 
 ## Usage
 
@@ -82,7 +87,13 @@ matrix. `model.predict(image)` does exactly this.
 {% for name in d.classes %}{{ loop.index0 }}: {{ name }}{% if not loop.last %}; {% endif %}{% endfor %}
 
 ## Provenance
-
+{% if provenance.get("run") %}
+- Trained by `training/` at commit {{ provenance.run.commit }}: {{ provenance.run.world_size }} process(es), total
+  batch {{ provenance.run.total_batch }}, crop {{ provenance.run.crop_size | join("x") }}, {{ provenance.run.max_iters }} iterations, {{ provenance.run.precision }}, backbone
+  initialised from {{ provenance.run.backbone_weights }}
+- Evaluated on {{ provenance.run.val_samples_sha256 }} (sha256 of the val file list)
+- `model.safetensors` sha256: {{ provenance.get("weights_sha256") }}
+{%- else %}
 - Source: {{ c.reference_url }}
 - Source sha256: {{ provenance.get("source_sha256") or "recorded when the weights are converted" }}
 - `model.safetensors` sha256: {{ provenance.get("weights_sha256") or "recorded when the weights are converted" }}
@@ -91,6 +102,7 @@ matrix. `model.predict(image)` does exactly this.
   {{ "%.2e" % provenance.parity.max_abs_diff }}, label agreement {{ "%.4f" % provenance.parity.label_agreement }}
 {%- else %}
 - Parity with the reference implementation: measured when the weights are converted
+{%- endif %}
 {%- endif %}
 
 ## Citation

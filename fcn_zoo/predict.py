@@ -156,14 +156,16 @@ def predict_labels(
     window: tuple[int, int] | None = None,
     stride: tuple[int, int] | None = None,
     batch_size: int = 8,
+    eval_size: tuple[int, int] | None = None,
 ) -> list[torch.Tensor]:
     """The protocol on already-loaded images: ``(3, H, W)`` float tensors of 0..255 RGB values -> ``(H, W)``
     int64 label tensors on the model's device. ``from_uint8``: the images hold 8-bit values (per image or
     for all), which the reference keeps 8-bit through the resize. Call under ``torch.inference_mode()`` with the model in eval
-    mode; :func:`predict` wraps it with input handling, and training's evaluation uses it directly."""
+    mode; :func:`predict` wraps it with input handling, and training's evaluation uses it directly.
+    ``eval_size`` replaces the model's evaluation resize bound (for models trained at another scale)."""
     device = next(model.parameters()).device
     flags = from_uint8 if isinstance(from_uint8, list) else [from_uint8] * len(images)
-    inputs = [_preprocess(model, x, flag, device) for x, flag in zip(images, flags)]
+    inputs = [_preprocess(model, x, flag, device, eval_size or model.eval_size) for x, flag in zip(images, flags)]
     logits = _logits(model, inputs, tta, mode, window, stride, batch_size)
     return [_upsample_argmax(lg, x.shape[-2:]) for x, lg in zip(images, logits)]
 
@@ -275,10 +277,10 @@ def eval_resize_shape(height: int, width: int, eval_size: Sequence[int]) -> tupl
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-def _preprocess(model, x: torch.Tensor, from_uint8: bool, device: torch.device) -> torch.Tensor:
+def _preprocess(model, x: torch.Tensor, from_uint8: bool, device: torch.device, eval_size: Sequence[int]) -> torch.Tensor:
     """``(3, H, W)`` 0..255 -> normalised ``(1, 3, h, w)`` at the evaluation size, channels_last."""
     x = x.to(device).unsqueeze(0)
-    size = eval_resize_shape(x.shape[-2], x.shape[-1], model.eval_size)
+    size = eval_resize_shape(x.shape[-2], x.shape[-1], eval_size)
     if size != tuple(x.shape[-2:]):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         if from_uint8:  # the reference resizes 8-bit images and keeps them 8-bit

@@ -161,7 +161,7 @@ def test_sliding_windows_batched_equal_one_at_a_time(tiny_model, photo):
     from fcn_zoo.predict import _preprocess, _slide
 
     with torch.inference_mode():
-        inputs = _preprocess(tiny_model, x, True, torch.device("cpu"))
+        inputs = _preprocess(tiny_model, x, True, torch.device("cpu"), tiny_model.eval_size)
         batched = _slide(tiny_model, inputs, window, stride, batch_size=16)
         one_by_one = _slide(tiny_model, inputs, window, stride, batch_size=1)
     assert batched.shape[-2:] == inputs.shape[-2:]

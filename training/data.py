@@ -53,6 +53,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
         self.name = name
         self.num_classes = DATASETS[name].num_classes
+        self.eval_size = DATASETS[name].eval_size
         self.samples = samples
         self.lookup = lookup
         self.transforms = transforms

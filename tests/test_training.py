@@ -1,0 +1,151 @@
+"""training/: short CPU runs of every recipe family, resume after a kill, evaluation, export, learning."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fcn_zoo
+from datasets import make_ade20k, make_cityscapes, make_voc
+from training import train as train_module
+from training.data import build_dataset
+from training.evaluate import ConfusionMatrix, evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ["--device", "cpu", "--backbone-weights", "none", "--backbone", "resnet10t", "--num-workers", "0",
+         "--crop-size", "48", "--scale", "256", "64", "--no-progress", "--log-interval", "1"]
+
+
+def run_train(*args: str) -> None:
+    assert train_module.main(list(args)) == 0
+
+
+@pytest.mark.parametrize("recipe,make", [
+    ("fcn_resnet50os8_voc", lambda root: make_voc(root)),
+    ("fcn_resnet50os16_voc", lambda root: make_voc(root, layout="mmseg")),
+    ("fcn_resnet101os8_ade20k", make_ade20k),
+    ("fcn_resnet50os16_cityscapes", make_cityscapes),
+], ids=["voc", "voc-aug", "ade20k", "cityscapes"])
+def test_two_iterations_per_recipe_family_then_resume(tmp_path, recipe, make):
+    make(tmp_path / "data")
+    out = tmp_path / "run"
+    run_train("--recipe", recipe, "--data-root", str(tmp_path / "data"), "--output-dir", str(out),
+              "--max-iters", "2", "--batch-size", "2", "--checkpoint-interval", "1", *QUICK)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert [r["iter"] for r in steps] == [1, 2]
+    assert all(r["loss"] > 0 and r["images_per_s"] > 0 and r["memory_mb"] > 0 for r in steps)
+    assert steps[1]["lr"] < steps[0]["lr"]  # poly decay per iteration
+    assert sorted(p.name for p in out.glob("ckpt-*.pt")) == ["ckpt-00000001.pt", "ckpt-00000002.pt"]
+    assert (out / "curves.png").stat().st_size > 0
+    best = fcn_zoo.from_pretrained(out / "best")
+    assert best.num_classes == fcn_zoo.CHECKPOINTS[recipe].num_classes
+    assert "mIoU" in log[-1]
+
+    run_train("--recipe", recipe, "--data-root", str(tmp_path / "data"), "--output-dir", str(out),
+              "--max-iters", "3", "--batch-size", "2", "--checkpoint-interval", "1", "--resume", *QUICK)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in log if "loss" in r] == [1, 2, 3]  # resumed at 3, not from scratch
+
+
+def test_the_total_batch_is_split_over_devices_and_accumulation(tmp_path):
+    make_voc(tmp_path / "data")
+    out = tmp_path / "run"
+    run_train("--recipe", "fcn_resnet50os8_voc", "--data-root", str(tmp_path / "data"),
+              "--output-dir", str(out), "--max-iters", "1", "--batch-size", "4", "--per-device-batch", "1", *QUICK)
+    run = json.loads((out / "run.json").read_text())
+    assert (run["total_batch"], run["per_device_batch"], run["accumulation"], run["world_size"]) == (4, 1, 4, 1)
+    with pytest.raises(SystemExit, match="not a multiple"):
+        train_module.main(["--recipe", "fcn_resnet50os8_voc", "--data-root", str(tmp_path / "data"), "--output-dir",
+                           str(tmp_path / "bad"), "--max-iters", "1", "--batch-size", "3", "--per-device-batch", "2", *QUICK])
+
+
+def _train_command(data: Path, out: Path, max_iters: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "training.train", "--recipe", "fcn_resnet50os8_voc", "--data-root", str(data),
+            "--output-dir", str(out), "--max-iters", str(max_iters), "--batch-size", "2", "--checkpoint-interval", "1",
+            "--seed", "7", *QUICK, *extra]
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
+    make_voc(tmp_path / "data")
+    data = tmp_path / "data"
+    subprocess.run(_train_command(data, tmp_path / "straight", 6), check=True, cwd=REPO, capture_output=True)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_train_command(data, killed, 6), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "ckpt-00000003.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "ckpt-00000006.pt").exists(), "the run finished before it could be killed"
+    subprocess.run(_train_command(data, killed, 6, "--resume"), check=True, cwd=REPO, capture_output=True)
+
+    a = torch.load(tmp_path / "straight" / "ckpt-00000006.pt", weights_only=True)["model"]
+    b = torch.load(killed / "ckpt-00000006.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_on_resume(tmp_path, capsys):
+    make_voc(tmp_path / "data")
+    out = tmp_path / "run"
+    args = ["--recipe", "fcn_resnet50os8_voc", "--data-root", str(tmp_path / "data"), "--output-dir", str(out),
+            "--batch-size", "2", "--checkpoint-interval", "1", *QUICK]
+    run_train(*args, "--max-iters", "2")
+    (out / "ckpt-00000002.pt").write_bytes((out / "ckpt-00000002.pt").read_bytes()[:1000])
+    run_train(*args, "--max-iters", "3", "--resume")
+    err = capsys.readouterr().err
+    assert "skipping" in err and "ckpt-00000002.pt" in err and "resumed from" in err and "iteration 1" in err
+
+
+def test_confusion_matrix_agrees_with_torchmetrics():
+    from torchmetrics.classification import MulticlassJaccardIndex
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 5, (4, 30, 40), generator=g)
+    target[:, :3] = 255
+    prediction = torch.where(torch.rand(target.shape, generator=g) < 0.7, target.clamp(max=4), torch.randint(0, 5, target.shape, generator=g))
+    matrix = ConfusionMatrix(5)
+    for p, t in zip(prediction, target):
+        matrix.update(p, t)
+    ours = matrix.compute()
+    metric = MulticlassJaccardIndex(num_classes=5, ignore_index=255, average=None)
+    theirs = metric(prediction, target)
+    assert torch.allclose(torch.tensor(ours["IoU"], dtype=torch.float32), theirs, atol=1e-6)
+    assert abs(ours["mIoU"] - float(theirs.mean())) < 1e-6
+
+
+def test_evaluate_command_writes_the_report(tmp_path, tiny_folder):
+    make_voc(tmp_path / "data")
+    from training.evaluate import main
+
+    assert main([str(tiny_folder), "--dataset", "voc", "--data-root", str(tmp_path / "data"), "--output-dir", str(tmp_path / "eval"), "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert len(report["IoU"]) == 21 and 0 <= report["mIoU"] <= 1 and report["pixels"] == 4 * 63 * 80
+    assert (tmp_path / "eval" / "eval_iou.png").stat().st_size > 0
+    assert report["samples_sha256"] == build_dataset("voc", tmp_path / "data", "val").fingerprint()
+
+
+def test_the_pipeline_learns(tmp_path):
+    """Shapes on textured backgrounds: a short CPU run from scratch must segment its own val split well."""
+    make_voc(tmp_path / "data", n_train=32, n_val=8)
+    out = tmp_path / "run"
+    run_train("--recipe", "fcn_resnet50os8_voc", "--data-root", str(tmp_path / "data"), "--output-dir", str(out),
+              "--max-iters", "300", "--batch-size", "8", "--lr", "0.1", "--checkpoint-interval", "1000",
+              "--device", "cpu", "--backbone-weights", "none", "--backbone", "resnet10t", "--head-channels", "128",
+              "--num-workers", "0", "--crop-size", "80", "--scale", "320", "80", "--no-progress", "--log-interval", "50")
+    model = fcn_zoo.from_pretrained(out / "best")
+    val = build_dataset("voc", tmp_path / "data", "val")
+    results = evaluate(model, val, eval_size=(320, 80), progress=False)
+    assert results["mIoU"] >= 0.8, results
+    card = (out / "best" / "README.md").read_text()
+    assert f"{100 * results['mIoU']:.2f} (measured" in card

@@ -1,0 +1,118 @@
+"""training/: the datasets in their real layouts and the reference train pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datasets import make_ade20k, make_cityscapes, make_voc
+from training.data import DatasetLayoutError, build_dataset
+from training.transforms import PadToSize, RandomCrop, RandomResize, train_transforms
+
+
+@pytest.mark.parametrize("layout", ["reference", "mmseg"])
+def test_voc_layouts_read_the_same_labels(tmp_path, layout):
+    make_voc(tmp_path, layout=layout)
+    train = build_dataset("voc", tmp_path, "train")
+    val = build_dataset("voc", tmp_path, "val")
+    assert (len(train), len(val)) == (8, 4)
+    image, label = train[1]
+    assert image.dtype == torch.uint8 and image.shape == (3, 64, 80) and label.shape == (64, 80)
+    assert set(label.unique().tolist()) <= {0, 1, 2, 3, 255} and (label[0] == 255).all()
+    if layout == "mmseg":
+        assert "SegmentationClassAug" in str(train.samples[-1][1]) and "SegmentationClassAug" not in str(train.samples[0][1])
+
+
+def test_ade20k_reduces_the_zero_label(tmp_path):
+    make_ade20k(tmp_path)
+    dataset = build_dataset("ade20k", tmp_path, "train")
+    raw = np.asarray(Image.open(dataset.samples[0][1]))
+    _, label = dataset[0]
+    assert (label[raw == 0] == 255).all()
+    assert (label[raw == 2] == 1).all()  # ADE20K's 2 (building) is class 1
+
+
+def test_cityscapes_maps_label_ids_to_train_ids(tmp_path):
+    make_cityscapes(tmp_path)
+    dataset = build_dataset("cityscapes", tmp_path, "val")
+    raw = np.asarray(Image.open(dataset.samples[0][1]))
+    _, label = dataset[0]
+    assert (label[raw == 7] == 0).all() and (label[raw == 26] == 13).all() and (label[raw == 1] == 255).all()
+
+
+def test_missing_files_name_the_file_and_the_layout(tmp_path):
+    make_voc(tmp_path)
+    (tmp_path / "VOCdevkit/VOC2012/JPEGImages/2007_000003.jpg").unlink()
+    with pytest.raises(DatasetLayoutError, match=r"2007_000003.jpg: missing.*ImageSets/Segmentation"):
+        build_dataset("voc", tmp_path, "train")
+    with pytest.raises(DatasetLayoutError, match="ADEChallengeData2016"):
+        build_dataset("ade20k", tmp_path, "train")
+
+
+def test_labels_outside_the_classes_are_an_error_naming_the_file(tmp_path):
+    make_voc(tmp_path)
+    dataset = build_dataset("voc", tmp_path, "val")
+    Image.fromarray(np.full((64, 80), 77, dtype=np.uint8)).save(dataset.samples[0][1])
+    with pytest.raises(DatasetLayoutError, match=r"2007_000008.png: label values \[77\]"):
+        dataset[0]
+
+
+def test_the_train_pipeline_is_reproducible_per_sample_and_epoch(tmp_path):
+    make_voc(tmp_path)
+    transforms = train_transforms((256, 64), (48, 48), (123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
+    dataset = build_dataset("voc", tmp_path, "train", transforms, seed=3)
+    a_img, a_lab = dataset[2]
+    b_img, b_lab = dataset[2]
+    assert a_img.shape == (3, 48, 48) and a_lab.shape == (48, 48) and a_img.dtype == torch.float32
+    assert torch.equal(a_img, b_img) and torch.equal(a_lab, b_lab)
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[2][0], a_img)
+
+
+def test_resize_crop_and_pad_keep_image_and_label_aligned():
+    g = torch.Generator().manual_seed(0)
+    image = torch.arange(60 * 90, dtype=torch.float32).view(1, 60, 90).expand(3, -1, -1).round().to(torch.uint8)
+    label = torch.zeros(60, 90, dtype=torch.int64)
+    label[:, 45:] = 1
+    image[:, :, 45:] = 255
+    image[:, :, :45] = 0
+    big_image, big_label = RandomResize((400, 100), (1.0, 1.0))(image, label, g)
+    assert big_label.shape == (100, 150) and big_image.shape[1:] == (100, 150)
+    # where the label says 1 the image is bright, except at the bilinear seam
+    assert (big_image[0][big_label == 1] > 128).float().mean() > 0.98
+    crop_image, crop_label = RandomCrop((80, 80))(big_image, big_label, g)
+    assert crop_label.shape == (80, 80) and len(crop_label.unique()) == 2  # one class never fills >= 75%
+    padded_image, padded_label = PadToSize((96, 96))(crop_image.float(), crop_label, g)
+    assert padded_image.shape[1:] == (96, 96) and (padded_label[80:] == 255).all() and (padded_image[:, 80:] == 0).all()
+
+
+def test_prepare_sbd_writes_labels_and_trainaug(tmp_path):
+    from scipy.io import savemat
+
+    from training.prepare import main
+
+    make_voc(tmp_path, n_train=4, n_val=2)
+    sets = tmp_path / "VOCdevkit/VOC2012/ImageSets/Segmentation"
+    (sets / "train.txt").write_text("2007_000000\n2007_000001\n")
+    (sets / "trainaug.txt").unlink()
+    sbd = tmp_path / "benchmark_RELEASE" / "dataset"
+    (sbd / "cls").mkdir(parents=True)
+    segmentation = np.zeros((64, 80), dtype=np.uint8)
+    segmentation[10:30, 10:40] = 12  # dog
+    for image_id in ("2007_000002", "2007_000003", "2007_000004"):  # 2007_000004 is in VOC val: left out
+        savemat(sbd / "cls" / f"{image_id}.mat", {"GTcls": {"Segmentation": segmentation, "Boundaries": np.zeros(1)}})
+    (sbd / "train.txt").write_text("2007_000002\n2007_000003\n")
+    (sbd / "val.txt").write_text("2007_000004\n")
+    labels = tmp_path / "VOCdevkit/VOC2012/SegmentationClass"
+    (labels / "2007_000002.png").unlink()
+    (labels / "2007_000003.png").unlink()
+
+    assert main(["sbd", "--sbd", str(tmp_path / "benchmark_RELEASE"), "--data-root", str(tmp_path)]) == 0
+
+    assert (sets / "trainaug.txt").read_text().split() == ["2007_000000", "2007_000001", "2007_000002", "2007_000003"]
+    written = Image.open(labels / "2007_000002.png")
+    assert written.mode == "P" and np.array_equal(np.asarray(written), segmentation)
+    train = build_dataset("voc", tmp_path, "train")
+    assert len(train) == 4 and (train[2][1][10:30, 10:40] == 12).all()

@@ -1,0 +1,141 @@
+"""Evaluate any checkpoint with the reference protocol: mIoU, pixel accuracy, per-class IoU.
+
+    python -m training.evaluate fcn_resnet50os8_voc --dataset voc --data-root /data
+    torchrun --nproc-per-node 8 -m training.evaluate runs/voc/best --dataset voc --data-root /data --tta
+
+The confusion matrix is accumulated on the device and summed across processes. Writes ``eval.json`` and a
+per-class IoU bar chart ``eval_iou.png`` to ``--output-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from fcn_zoo.predict import TTA, predict_labels
+
+from .data import IGNORE_INDEX, build_dataset
+from .distributed import DistributedContext, init_distributed
+
+
+class ConfusionMatrix:
+    """``(num_classes, num_classes)`` counts, rows = ground truth, columns = prediction, on ``device``."""
+
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu"):
+        self.num_classes = num_classes
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    def update(self, prediction: torch.Tensor, target: torch.Tensor) -> None:
+        keep = target != IGNORE_INDEX
+        index = target[keep] * self.num_classes + prediction[keep]
+        self.matrix += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, self.num_classes)
+
+    def all_reduce(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.matrix)
+
+    def compute(self) -> dict:
+        """mIoU over the classes that occur (in ground truth or prediction), pixel accuracy, per-class IoU/accuracy."""
+        m = self.matrix.double()
+        tp, gt, pred = m.diag(), m.sum(1), m.sum(0)
+        union = gt + pred - tp
+        iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+        acc = torch.where(gt > 0, tp / gt.clamp(min=1), torch.full_like(tp, float("nan")))
+        return {
+            "mIoU": float(iou.nanmean()),
+            "aAcc": float(tp.sum() / m.sum().clamp(min=1)),
+            "mAcc": float(acc.nanmean()),
+            "IoU": iou.tolist(),
+            "Acc": acc.tolist(),
+            "pixels": int(m.sum()),
+        }
+
+
+def evaluate(model, dataset, *, tta: TTA | None = None, mode: str = "whole", ctx: DistributedContext | None = None,
+             max_samples: int | None = None, progress: bool = True, eval_size: tuple[int, int] | None = None) -> dict:
+    """Run the protocol over ``dataset`` (no transforms: raw uint8 images) and return :meth:`ConfusionMatrix.compute`.
+
+    ``eval_size`` replaces the resize bound of the protocol (the dataset's by default)."""
+    from tqdm.auto import tqdm
+
+    ctx = ctx or DistributedContext()
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    matrix = ConfusionMatrix(model.num_classes, device)
+    count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    indices = range(ctx.rank, count, ctx.world_size)
+    with torch.inference_mode():
+        for i in tqdm(indices, desc="eval", disable=not progress or not ctx.is_main, leave=False):
+            image, label = dataset[i]
+            prediction = predict_labels(model, [image.float()], tta=tta, mode=mode, eval_size=eval_size or dataset.eval_size)[0]
+            matrix.update(prediction, label.to(device))
+    matrix.all_reduce()
+    model.train(was_training)
+    return matrix.compute()
+
+
+def write_report(results: dict, class_names: list[str], out_dir: Path, extra: dict | None = None) -> None:
+    """``eval.json`` and ``eval_iou.png`` (per-class IoU bars) in ``out_dir``, and a table on stdout."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {**(extra or {}), **results, "classes": class_names}
+    (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    width = max(len(n) for n in class_names)
+    print(f"{'class'.ljust(width)}  {'IoU':>6}  {'Acc':>6}")
+    for name, iou, acc in zip(class_names, results["IoU"], results["Acc"]):
+        print(f"{name.ljust(width)}  {100 * iou:6.2f}  {100 * acc:6.2f}")
+    print(f"mIoU {100 * results['mIoU']:.2f}  aAcc {100 * results['aAcc']:.2f}  mAcc {100 * results['mAcc']:.2f}")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(class_names)), 4))
+    ax.bar(range(len(class_names)), [0 if v != v else 100 * v for v in results["IoU"]])
+    ax.set_xticks(range(len(class_names)), [n.split(",")[0] for n in class_names], rotation=90, fontsize=6)
+    ax.set_ylabel("IoU (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"mIoU {100 * results['mIoU']:.2f}")
+    fig.tight_layout()
+    fig.savefig(out_dir / "eval_iou.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import fcn_zoo
+
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("model", help="zoo name, Hub repo id, save_pretrained folder or reference .pth")
+    parser.add_argument("--dataset", required=True, choices=sorted(fcn_zoo.DATASETS))
+    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--split", default="val", choices=("train", "val"))
+    parser.add_argument("--mode", default="whole", choices=("whole", "slide"))
+    parser.add_argument("--tta", action="store_true", help="flip + scales 0.5-1.75")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--max-samples", type=int, default=None, help="evaluate the first N samples only")
+    parser.add_argument("--output-dir", default="eval")
+    args = parser.parse_args(argv)
+
+    ctx = init_distributed(args.device)
+    model = fcn_zoo.from_pretrained(args.model, device=str(ctx.device))
+    dataset = build_dataset(args.dataset, args.data_root, args.split)
+    if model.num_classes != dataset.num_classes:
+        raise SystemExit(f"{args.model} predicts {model.num_classes} classes; {args.dataset} has {dataset.num_classes}")
+    results = evaluate(model, dataset, tta=TTA() if args.tta else None, mode=args.mode, ctx=ctx, max_samples=args.max_samples)
+    if ctx.is_main:
+        write_report(results, model.class_names, Path(args.output_dir), {
+            "model": args.model, "dataset": args.dataset, "split": args.split, "mode": args.mode,
+            "tta": args.tta, "samples_sha256": dataset.fingerprint(),
+        })
+    ctx.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

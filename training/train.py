@@ -1,0 +1,371 @@
+"""Reproduce a row of the zoo with the reference recipe.
+
+    torchrun --nproc-per-node 8 -m training.train --recipe fcn_resnet50os8_voc --data-root /data --output-dir runs/r50os8_voc
+    python -m training.train --recipe fcn_resnet50os8_voc --data-root /data --output-dir /tmp/run \\
+        --device cpu --max-iters 2 --batch-size 2 --crop-size 64 --backbone-weights none
+
+SGD (lr 0.01, momentum 0.9, weight decay 5e-4), poly decay (power 0.9, min lr 1e-4) per iteration,
+cross-entropy + 0.4 x auxiliary cross-entropy, SyncBatchNorm and DDP over the processes, total batch 16
+(Cityscapes 8) split over them with gradient accumulation when fewer devices hold it. bf16 autocast and
+channels_last on GPUs unless ``--fp32``. Checkpoints (model, optimizer, scheduler, iteration, RNG) are
+written atomically every ``--checkpoint-interval`` iterations; ``--resume`` continues from the newest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+import fcn_zoo
+from fcn_zoo.convert import write_folder
+
+from .data import IGNORE_INDEX, build_dataset
+from .distributed import DistributedContext, init_distributed
+from .evaluate import evaluate
+from .transforms import train_transforms
+
+MIN_LR = 1e-4
+POLY_POWER = 0.9
+AUX_WEIGHT = 0.4
+REFERENCE_GPUS = 8  # the reference trains on 8 GPUs: its per-GPU batch is the total / 8
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n")[0])
+    p.add_argument("--recipe", required=True, choices=fcn_zoo.list_models(), help="the zoo row to reproduce")
+    p.add_argument("--data-root", required=True, help="the folder holding VOCdevkit, ADEChallengeData2016 or leftImg8bit + gtFine")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--backbone-weights", default="timm", help="'timm' (ImageNet V1c from timm), 'none', or a file")
+    p.add_argument("--backbone", help="another timm backbone than the recipe's (e.g. resnet18d for quick runs)")
+    p.add_argument("--head-channels", type=int, help="narrower heads than the recipe's 512 (for quick runs)")
+    p.add_argument("--device", help="cpu, cuda (default: this process's GPU if any)")
+    p.add_argument("--batch-size", type=int, help="total batch over all processes (default: the recipe's)")
+    p.add_argument("--per-device-batch", type=int, help="images per device per step (default: the reference's, batch / 8)")
+    p.add_argument("--crop-size", type=int, nargs="+", help="crop H [W] (default: the recipe's)")
+    p.add_argument("--scale", type=int, nargs=2, metavar=("LONG", "SHORT"),
+                   help="resize bound of training (times 0.5-2.0) and evaluation (default: the dataset's, e.g. 2048 512)")
+    p.add_argument("--max-iters", type=int, help="default: the recipe's epochs x iterations per epoch")
+    p.add_argument("--lr", type=float, help="default: the recipe's (0.01)")
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast, no channels_last on GPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--checkpoint-interval", type=int, default=1000)
+    p.add_argument("--eval-interval", type=int, default=0, help="also evaluate every N iterations (0: only at the end)")
+    p.add_argument("--eval-max-samples", type=int, help="evaluate on the first N val samples only")
+    p.add_argument("--log-interval", type=int, default=50)
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --output-dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on GPU)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ctx = init_distributed(args.device)
+    try:
+        train(args, ctx)
+    finally:
+        ctx.close()
+    return 0
+
+
+def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
+    from tqdm.auto import tqdm
+
+    row = fcn_zoo.get_checkpoint(args.recipe)
+    data = row.data
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    on_gpu = ctx.device.type == "cuda"
+    fast = on_gpu and not args.fp32
+
+    total_batch = args.batch_size or row.batch_size
+    per_device = args.per_device_batch or max(1, total_batch // REFERENCE_GPUS)
+    if total_batch % (ctx.world_size * per_device):
+        raise SystemExit(f"--batch-size {total_batch} is not a multiple of {ctx.world_size} processes x {per_device} per device")
+    accumulation = total_batch // (ctx.world_size * per_device)
+    crop = tuple(args.crop_size) * (2 // len(args.crop_size)) if args.crop_size else row.crop_size
+    scale = tuple(args.scale) if args.scale else data.eval_size
+
+    train_set = build_dataset(row.dataset, args.data_root, "train", train_transforms(scale, crop, data.mean, data.std), args.seed)
+    val_set = build_dataset(row.dataset, args.data_root, "val")
+    iters_per_epoch = len(train_set) // total_batch
+    if iters_per_epoch == 0:
+        raise SystemExit(f"the training set has {len(train_set)} samples, fewer than one batch of {total_batch}")
+    max_iters = args.max_iters or row.epochs * iters_per_epoch
+
+    model = build_model(args, row)
+    model.to(ctx.device)
+    if fast:
+        model.to(memory_format=torch.channels_last)
+    if ctx.distributed and on_gpu:  # SyncBatchNorm runs on GPUs only
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    net = DistributedDataParallel(model, device_ids=[ctx.device] if on_gpu else None) if ctx.distributed else model
+    if args.compile:
+        net = torch.compile(net)
+    base_lr = args.lr or row.lr
+    optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=0.9, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: ((base_lr - MIN_LR) * (1 - min(it, max_iters) / max_iters) ** POLY_POWER + MIN_LR) / base_lr
+    )
+
+    state = {"iteration": 0, "best_miou": -1.0, "history": {"loss": [], "miou": []}}
+    if args.resume:
+        state = resume(out, model, optimizer, scheduler, ctx) or state
+    meta = {
+        "recipe": row.name, "world_size": ctx.world_size, "total_batch": total_batch, "per_device_batch": per_device,
+        "accumulation": accumulation, "crop_size": list(crop), "scale": list(scale), "max_iters": max_iters, "precision": "bf16" if fast else "fp32",
+        "backbone_weights": args.backbone_weights, "commit": _git_commit(),
+    }
+    if ctx.is_main:
+        (out / "run.json").write_text(json.dumps({**meta, "args": vars(args)}, indent=2) + "\n")
+    log_file = open(out / "log.jsonl", "a") if ctx.is_main else None
+    sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed, drop_last=True)
+
+    it = state["iteration"]
+    bar = tqdm(total=max_iters, initial=it, desc=row.name, disable=args.no_progress or not ctx.is_main)
+    window_start, window_images = time.perf_counter(), 0
+    net.train()
+    while it < max_iters:
+        epoch, step_in_epoch = divmod(it, iters_per_epoch)
+        sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        indices = list(sampler)[step_in_epoch * per_device * accumulation:iters_per_epoch * per_device * accumulation]
+        loader = DataLoader(
+            Subset(train_set, indices), batch_size=per_device, shuffle=False, drop_last=True,
+            num_workers=args.num_workers, pin_memory=on_gpu, persistent_workers=False,
+            # its own generator: creating the loader must not draw from the global RNG (dropout's), or a
+            # resumed run would diverge from an uninterrupted one
+            generator=torch.Generator().manual_seed(args.seed * 100003 + epoch),
+        )
+        batches = iter(loader)
+        while it < max_iters and it // iters_per_epoch == epoch:
+            optimizer.zero_grad(set_to_none=True)
+            losses = torch.zeros(2, device=ctx.device)
+            for micro in range(accumulation):
+                images, labels = next(batches)
+                images = images.to(ctx.device, non_blocking=True)
+                labels = labels.to(ctx.device, non_blocking=True)
+                if fast:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                sync = micro == accumulation - 1 or not ctx.distributed
+                with net.no_sync() if not sync and hasattr(net, "no_sync") else contextlib.nullcontext():
+                    with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=fast):
+                        logits, aux = net(images)
+                        main_loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+                        aux_loss = F.cross_entropy(aux.float(), labels, ignore_index=IGNORE_INDEX)
+                    ((main_loss + AUX_WEIGHT * aux_loss) / accumulation).backward()
+                losses += torch.stack([main_loss.detach(), aux_loss.detach()]) / accumulation
+                window_images += images.shape[0] * ctx.world_size
+            optimizer.step()
+            scheduler.step()
+            it += 1
+            bar.update(1)
+            if it % args.log_interval == 0 or it == max_iters:
+                if ctx.distributed:
+                    dist.all_reduce(losses)
+                    losses /= ctx.world_size
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "iter": it, "epoch": epoch, "loss": float(losses[0] + AUX_WEIGHT * losses[1]),
+                    "loss_main": float(losses[0]), "loss_aux": float(losses[1]),
+                    "lr": optimizer.param_groups[0]["lr"], "images_per_s": window_images / max(elapsed, 1e-9),
+                    "memory_mb": _memory_mb(ctx.device),
+                }
+                state["history"]["loss"].append([it, record["loss"]])
+                if log_file:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
+                window_start, window_images = time.perf_counter(), 0
+            final = it == max_iters
+            if final or (args.eval_interval and it % args.eval_interval == 0):
+                results = evaluate(
+                    model, val_set, ctx=ctx, max_samples=args.eval_max_samples, progress=not args.no_progress, eval_size=scale
+                )
+                net.train()
+                state["history"]["miou"].append([it, results["mIoU"]])
+                if log_file:
+                    log_file.write(json.dumps({"iter": it, "mIoU": results["mIoU"], "aAcc": results["aAcc"]}) + "\n")
+                    log_file.flush()
+                if results["mIoU"] > state["best_miou"]:
+                    state["best_miou"] = results["mIoU"]
+                    if ctx.is_main:
+                        export_best(model, row, results, val_set, meta, out / "best")
+            state["iteration"] = it
+            if it % args.checkpoint_interval == 0 or final:
+                save_checkpoint(out, model, optimizer, scheduler, state, ctx)
+    bar.close()
+    if log_file:
+        log_file.close()
+    if ctx.is_main:
+        plot_curves(state["history"], out / "curves.png")
+    return state
+
+
+def build_model(args: argparse.Namespace, row) -> fcn_zoo.FCN:
+    """The recipe's FCN with its backbone initialised from timm's ImageNet weights, a file, or not at all."""
+    config = row.model_config()
+    if args.backbone:
+        config["backbone"] = args.backbone
+    if args.head_channels:
+        config.update(head_channels=args.head_channels, aux_channels=args.head_channels)
+    model = fcn_zoo.FCN(**config)
+    if args.backbone_weights == "none":
+        return model
+    if args.backbone_weights == "timm":
+        import timm
+
+        # resnet50c / resnet101c: timm's V1c ImageNet weights (gluon_in1k), downloaded from the Hub once
+        pretrained = timm.create_model(
+            config["backbone"], pretrained=True, features_only=True, out_indices=(3, 4),
+            output_stride=config["output_stride"],
+        )
+        model.backbone.load_state_dict(pretrained.state_dict())
+        return model
+    load_backbone_file(model, Path(args.backbone_weights))
+    return model
+
+
+def load_backbone_file(model: fcn_zoo.FCN, path: Path) -> None:
+    """ImageNet weights from a file: timm's (safetensors or .pth) or openmmlab's V1c (``stem.*`` keys)."""
+    from fcn_zoo.convert import read_checkpoint
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = read_checkpoint(path)
+    renamed = {}
+    for key, value in state.items():
+        key = key.removeprefix("backbone.")
+        if key.startswith(("fc.", "head.")):
+            continue  # the ImageNet classifier
+        key = key.replace("stem.7.", "bn1.", 1) if key.startswith("stem.7.") else key.replace("stem.", "conv1.", 1) if key.startswith("stem.") else key
+        renamed[key] = value
+    missing, unexpected = model.backbone.load_state_dict(renamed, strict=False)
+    if missing or unexpected:
+        raise SystemExit(f"{path}: does not fit the backbone: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict, ctx: DistributedContext, keep: int = 2) -> None:
+    """``ckpt-<iteration>.pt`` written to a temporary file and renamed; the ``keep`` newest are kept."""
+    if not ctx.is_main:
+        return
+    rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_version": random.getstate()[0]}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    payload = {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "state": state, "rng": rng,
+    }
+    path = out / f"ckpt-{state['iteration']:08d}.pt"
+    tmp = out / f".{path.name}.partial"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    for old in sorted(out.glob("ckpt-*.pt"))[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def resume(out: Path, model, optimizer, scheduler, ctx: DistributedContext) -> dict | None:
+    """Load the newest checkpoint that reads; a damaged one is skipped (it can only be a copy made by hand)."""
+    for path in sorted(out.glob("ckpt-*.pt"), reverse=True):
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated or foreign file
+            print(f"skipping {path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})", file=sys.stderr)
+            continue
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        torch.set_rng_state(payload["rng"]["torch"])
+        random.setstate((payload["rng"]["python_version"], tuple(payload["rng"]["python"]), None))
+        if "cuda" in payload["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+        if ctx.is_main:
+            print(f"resumed from {path} at iteration {payload['state']['iteration']}", file=sys.stderr)
+        return payload["state"]
+    return None
+
+
+def export_best(model, row, results: dict, val_set, meta: dict, folder: Path) -> None:
+    """The best model so far as a ``save_pretrained`` folder whose card carries the measured mIoU and the run."""
+    import shutil
+
+    from fcn_zoo.cards import model_card
+
+    provenance = {
+        "run": {**meta, "val_samples_sha256": val_set.fingerprint()},
+        "measured_miou": round(100 * results["mIoU"], 2),
+    }
+    fresh = folder.with_name(f"{folder.name}.new")
+    shutil.rmtree(fresh, ignore_errors=True)
+    write_folder(
+        model, fresh, provenance,
+        card=lambda prov: str(model_card(row, provenance=prov, measured_miou=prov["measured_miou"])),
+    )
+    old = folder.with_name(f"{folder.name}.old")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(fresh, folder)  # between the two renames best.old holds the previous best
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def plot_curves(history: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    if history["loss"]:
+        a.plot(*zip(*history["loss"]))
+    a.set_xlabel("iteration")
+    a.set_ylabel("loss")
+    if history["miou"]:
+        b.plot(*zip(*[(i, 100 * m) for i, m in history["miou"]]), marker="o")
+    b.set_xlabel("iteration")
+    b.set_ylabel("val mIoU (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
