@@ -149,3 +149,27 @@ def test_the_pipeline_learns(tmp_path):
     assert results["mIoU"] >= 0.8, results
     card = (out / "best" / "README.md").read_text()
     assert f"{100 * results['mIoU']:.2f} (measured" in card
+
+
+def test_torchrun_with_two_processes(tmp_path):
+    """DDP over two CPU processes (Gloo): losses and the confusion matrix are reduced, rank 0 writes."""
+    make_voc(tmp_path / "data")
+    out = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "--master-port", "29517", "-m", "training.train",
+         "--recipe", "fcn_resnet50os8_voc", "--data-root", str(tmp_path / "data"), "--output-dir", str(out),
+         "--max-iters", "2", "--batch-size", "4", *QUICK],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert (run["world_size"], run["per_device_batch"], run["accumulation"]) == (2, 1, 2)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in log if "loss" in r] == [1, 2]
+    report = [r for r in log if "mIoU" in r]
+    assert len(report) == 1  # written once, by rank 0
+    # each rank evaluated half of the val set; the summed matrix equals a one-process evaluation
+    single = evaluate(fcn_zoo.from_pretrained(out / "best"), build_dataset("voc", tmp_path / "data", "val"),
+                      eval_size=(256, 64), progress=False)
+    assert abs(report[0]["mIoU"] - single["mIoU"]) < 1e-9

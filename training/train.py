@@ -200,6 +200,9 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
                 window_start, window_images = time.perf_counter(), 0
             final = it == max_iters
             if final or (args.eval_interval and it % args.eval_interval == 0):
+                if ctx.distributed:  # BatchNorm statistics are per process without SyncBatchNorm: use rank 0's
+                    for buffer in model.buffers():
+                        dist.broadcast(buffer, 0)
                 results = evaluate(
                     model, val_set, ctx=ctx, max_samples=args.eval_max_samples, progress=not args.no_progress, eval_size=scale
                 )
