@@ -1,0 +1,50 @@
+"""Training cost of each zoo row, counted, not measured: FLOPs of one training step x steps, over a GPU rate.
+
+    python benchmarks/training_cost.py [--tflops 300]
+
+For each row: forward + backward FLOPs of one crop (``torch.utils.flop_counter`` on the meta device, so
+nothing is computed), times the images the recipe sees (epochs x training-set size, drop_last), divided by
+a sustained rate. The default, 150 TFLOP/s, is about 15% of an H100's dense bf16 peak: an assumption for
+dilated-convolution training with BatchNorm and a data pipeline, not a measurement; pass your own rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import fcn_zoo
+
+TRAIN_IMAGES = {"voc": 10582, "ade20k": 20210, "cityscapes": 2975}
+
+
+def step_flops(row) -> int:
+    with torch.device("meta"):
+        model = fcn_zoo.FCN(**row.model_config())
+        x = torch.empty(1, 3, *row.crop_size)
+        target = torch.zeros(1, *row.crop_size, dtype=torch.long)
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        logits, aux = model(x)
+        (F.cross_entropy(logits, target) + 0.4 * F.cross_entropy(aux, target)).backward()
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tflops", type=float, default=150.0, help="sustained training rate of one GPU, TFLOP/s")
+    args = parser.parse_args()
+    print(f"| name | iterations | TFLOP per image | GPU-hours at {args.tflops:g} TFLOP/s |")
+    print("|---|---:|---:|---:|")
+    for row in fcn_zoo.CHECKPOINTS.values():
+        iterations = row.epochs * (TRAIN_IMAGES[row.dataset] // row.batch_size)
+        per_image = step_flops(row)
+        hours = per_image * iterations * row.batch_size / (args.tflops * 1e12) / 3600
+        print(f"| `{row.name}` | {iterations:,} | {per_image / 1e12:.2f} | {hours:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
