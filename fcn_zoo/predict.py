@@ -347,12 +347,42 @@ def _slide(model, x: torch.Tensor, window: Sequence[int], stride: Sequence[int] 
     return total / count
 
 
-def _upsample_argmax(logits: list[torch.Tensor], size) -> torch.Tensor:
-    total = None
-    for lg in logits:
-        up = F.interpolate(lg, size=tuple(size), mode="bilinear", align_corners=False)
-        total = up if total is None else total.add_(up)
-    return total[0].argmax(0)
+def _upsample_argmax(logits: list[torch.Tensor], size, budget_bytes: int = 64 << 20) -> torch.Tensor:
+    """argmax over classes of the sum of ``logits`` (each ``(1, C, h, w)``) upsampled bilinearly to ``size``.
+
+    Bilinear interpolation is separable: the width is upsampled for all ``h`` rows at once (small), the
+    height a band of output rows at a time, as a matrix product with the interpolation weights. Only one
+    band of full-size scores exists at a time (``budget_bytes``), so a 19-class 1024x2048 frame needs
+    ~20 MB instead of 160 MB, and a TTA sum no more. Equal to ``F.interpolate`` up to float rounding.
+    """
+    height, width = int(size[0]), int(size[1])
+    classes, rows = logits[0].shape[1], logits[0].shape[2]
+    device = logits[0].device
+    wide = [F.interpolate(lg.float(), size=(lg.shape[2], width), mode="bilinear", align_corners=False)[0] for lg in logits]
+    band = max(1, budget_bytes // (4 * classes * width * (1 + len(logits))))
+    labels = torch.empty(height, width, dtype=torch.int64, device=device)
+    for top in range(0, height, band):
+        bottom = min(height, top + band)
+        total = None
+        for lg, w in zip(logits, wide):
+            weights = _row_weights(lg.shape[2], height, top, bottom, device)  # (band, h)
+            scores = torch.einsum("yh,chw->cyw", weights, w)
+            total = scores if total is None else total.add_(scores)
+        labels[top:bottom] = total.argmax(0)
+    return labels
+
+
+def _row_weights(rows_in: int, rows_out: int, top: int, bottom: int, device) -> torch.Tensor:
+    """The ``(bottom - top, rows_in)`` matrix of bilinear weights, align_corners=False, as PyTorch computes them."""
+    y = torch.arange(top, bottom, device=device, dtype=torch.float64)
+    src = ((y + 0.5) * (rows_in / rows_out) - 0.5).clamp(min=0)
+    lower = src.floor().long().clamp(max=rows_in - 1)
+    upper = (lower + 1).clamp(max=rows_in - 1)
+    frac = (src - lower).float()
+    weights = torch.zeros(bottom - top, rows_in, device=device)
+    weights.scatter_add_(1, lower[:, None], (1 - frac)[:, None])
+    weights.scatter_add_(1, upper[:, None], frac[:, None])
+    return weights
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -170,3 +170,16 @@ def test_sliding_windows_batched_equal_one_at_a_time(tiny_model, photo):
     seg = tiny_model.predict(image, mode="slide", window=window, stride=stride)
     assert seg.labels.shape == photo.shape[:2]
     assert (seg.labels == tiny_model.predict(image).labels).mean() > 0.5  # same model, mostly the same answer
+
+
+@pytest.mark.parametrize("shape", [(9, 12, 67, 93), (64, 86, 512, 683), (10, 10, 7, 13)])
+def test_banded_upsample_argmax_equals_full_interpolation(shape):
+    from fcn_zoo.predict import _upsample_argmax
+
+    h, w, height, width = shape
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(1, 19, h, w, generator=g) * 5, torch.randn(1, 19, h, w, generator=g)]
+    full = sum(torch.nn.functional.interpolate(lg, size=(height, width), mode="bilinear", align_corners=False) for lg in logits)
+    banded = _upsample_argmax(logits, (height, width), budget_bytes=1 << 16)  # many small bands
+    assert banded.shape == (height, width)
+    assert (banded == full[0].argmax(0)).float().mean() > 0.9999

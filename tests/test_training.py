@@ -173,3 +173,29 @@ def test_torchrun_with_two_processes(tmp_path):
     single = evaluate(fcn_zoo.from_pretrained(out / "best"), build_dataset("voc", tmp_path / "data", "val"),
                       eval_size=(256, 64), progress=False)
     assert abs(report[0]["mIoU"] - single["mIoU"]) < 1e-9
+
+
+def test_backbone_weights_from_timm_and_openmmlab_files(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from training.train import load_backbone_file
+
+    source = timm.create_model("resnet18d")  # an ImageNet classifier as timm saves it, fc included
+    for p in source.parameters():
+        p.data.normal_()
+    save_file(source.state_dict(), tmp_path / "timm.safetensors")
+    # openmmlab's V1c files name the deep stem stem.0-7 and wrap the weights in state_dict
+    renamed = {(k.replace("conv1.", "stem.", 1) if k.startswith("conv1.") else k.replace("bn1.", "stem.7.", 1) if k.startswith("bn1.") else k): v
+               for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    torch.save({"state_dict": renamed}, tmp_path / "openmmlab.pth")
+
+    for name in ("timm.safetensors", "openmmlab.pth"):
+        model = fcn_zoo.FCN(backbone="resnet18d", head_channels=16, aux_channels=16)
+        load_backbone_file(model, tmp_path / name)
+        ours = model.backbone.state_dict()
+        assert all(torch.equal(ours[k], source.state_dict()[k]) for k in ours), name
+
+    torch.save({"state_dict": {"layer1.0.conv1.weight": torch.zeros(1)}}, tmp_path / "wrong.pth")
+    with pytest.raises(SystemExit, match="does not fit the backbone"):
+        load_backbone_file(fcn_zoo.FCN(backbone="resnet18d"), tmp_path / "wrong.pth")
