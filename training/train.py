@@ -267,7 +267,10 @@ def load_backbone_file(model: fcn_zoo.FCN, path: Path) -> None:
             continue  # the ImageNet classifier
         key = key.replace("stem.7.", "bn1.", 1) if key.startswith("stem.7.") else key.replace("stem.", "conv1.", 1) if key.startswith("stem.") else key
         renamed[key] = value
-    missing, unexpected = model.backbone.load_state_dict(renamed, strict=False)
+    try:
+        missing, unexpected = model.backbone.load_state_dict(renamed, strict=False)
+    except RuntimeError as e:  # shapes that do not fit
+        raise SystemExit(f"{path}: does not fit the backbone: {str(e).splitlines()[1].strip()}") from e
     if missing or unexpected:
         raise SystemExit(f"{path}: does not fit the backbone: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
