@@ -1,4 +1,4 @@
-"""The ``fcn-zoo`` command: list, info, download, predict, convert, publish.
+"""The ``fcn-zoo`` command: list, info, download, predict, convert, export, publish.
 
 Errors are one line on stderr and a non-zero exit; ``--debug`` shows the traceback instead.
 """
@@ -73,6 +73,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output-stride", type=int, choices=(8, 16, 32), help="if the file name does not say")
     p.add_argument("--no-parity", action="store_true", help="skip the comparison with the source implementation")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="write a model as ONNX")
+    p.add_argument("name", help="zoo name, Hub repo id, save_pretrained folder or reference .pth")
+    p.add_argument("--format", dest="fmt", default="onnx", choices=("onnx",))
+    p.add_argument("--out", help="the file to write (default: <name>.onnx)")
+    p.add_argument("--cache-dir", help="where weights are kept")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("publish", help="convert, verify and upload zoo rows to the Hugging Face Hub")
     p.add_argument("name", help="a zoo name, or 'all'")
@@ -188,6 +195,21 @@ def cmd_convert(args) -> int:
     else:
         figures = "parity not measured" + (" (source implementation not importable)" if "parity" in provenance else "")
     print(f"{out}: converted ({figures})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import FORMATS, export, max_abs_difference
+    from .hub import from_pretrained
+
+    out = Path(args.out or f"{Path(args.name).name.removesuffix('.pth')}{FORMATS[args.fmt]}")
+    if out.is_dir():
+        raise FCNZooError(f"--out {out}: is a folder; pass a file name")
+    model = from_pretrained(args.name, cache_dir=args.cache_dir)
+    export(model, out, args.fmt)
+    diff = max_abs_difference(model, out, args.fmt)
+    check = "not checked (install onnxruntime)" if diff is None else f"max abs logit difference {diff:.2e} vs PyTorch"
+    print(f"{out}: written ({check})")
     return 0
 
 

@@ -1,0 +1,35 @@
+"""fcn-zoo export: ONNX checked with onnxruntime; dynamic batch and size."""
+
+from __future__ import annotations
+
+import onnxruntime
+import pytest
+import torch
+
+import fcn_zoo
+from fcn_zoo.cli import main
+
+
+def test_onnx_export_matches_pytorch_at_other_sizes(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(tiny_folder), "--format", "onnx", "--out", str(out)]) == 0
+    assert "max abs logit difference" in capsys.readouterr().out
+    model = fcn_zoo.from_pretrained(tiny_folder)
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for shape in [(1, 3, 96, 128), (2, 3, 77, 131)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            expected = model(x)
+        got = torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+        assert got.shape == expected.shape
+        assert (got - expected).abs().max() < 1e-4
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_export_refuses_a_folder_and_an_unknown_format(tiny_folder, tmp_path, capsys):
+    assert main(["export", str(tiny_folder), "--out", str(tmp_path)]) == 1
+    assert "is a folder" in capsys.readouterr().err
+    from fcn_zoo.export import export
+
+    with pytest.raises(ValueError, match="format"):
+        export(fcn_zoo.from_pretrained(tiny_folder), tmp_path / "m.tflite", "tflite")
