@@ -1,20 +1,29 @@
-"""CPU forward-pass benchmark: fcn_zoo vs the reference implementation (sssegmentation), same weights.
+"""CPU forward-pass benchmark: fcn_zoo vs the reference implementation (sssegmentation) and torchvision.
 
-    python benchmarks/forward_cpu.py [--model fcn_resnet50os8_voc] [--size 512 683] [--runs 5]
+    python benchmarks/forward_cpu.py [--models fcn_resnet50os8_voc ...] [--size 512 683] [--runs 5] [--onnx]
 
-Prints, for one input of the given size: the median time of ``model(x)`` for fcn_zoo (NCHW,
-channels_last as ``predict`` runs it, and channels_last after ``model.fuse()`` as ``fcn-zoo predict``
-runs it) and for the reference model (its forward plus the same bilinear
-upsampling), the FLOPs counted by ``torch.utils.flop_counter``, the GFLOP/s reached, and that rate as a
-fraction of a 4096x4096 fp32 matmul measured in the same run. Runs are interleaved so that drift in the
-machine's speed hits every contender alike. Needs the test extra (``pip install -e ".[test]"``).
+For each model, one input of the given size, the median time of a forward pass that returns logits at the
+input's size, for:
+
+- fcn_zoo ``model(x)`` NCHW, channels_last (as ``predict`` runs it), and channels_last after ``model.fuse()``
+  (as ``fcn-zoo predict`` runs it), on the reference's weights;
+- the reference model on the same weights (its forward plus the same bilinear upsampling);
+- for OS8 models, torchvision's ``fcn_resnet50/101`` and fcn_zoo on the same torchvision weights (the
+  7x7-stem, one-conv-head architecture: a different model from the reference rows, compared with itself);
+- with ``--onnx``, onnxruntime on fcn_zoo's ONNX export.
+
+FLOPs are counted by ``torch.utils.flop_counter`` and the GFLOP/s is also given as a fraction of a 4096x4096
+fp32 matmul measured in the same run. Runs are interleaved so that drift in the machine's speed hits every
+contender alike. Needs the test extra (``pip install -e ".[test]"``).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,10 +34,13 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import fcn_zoo  # noqa: E402
+from conftest import randomize_batchnorm  # noqa: E402
+from fcn_zoo.convert import convert_state_dict  # noqa: E402
+from fcn_zoo.model import load_state_dict  # noqa: E402
 from reference import build_reference_fcn, save_reference_checkpoint  # noqa: E402
 
 
-def matmul_gflops(n: int = 4096, runs: int = 5) -> float:
+def matmul_gflops(n: int = 4096, runs: int = 3) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
     times = []
@@ -39,64 +51,91 @@ def matmul_gflops(n: int = 4096, runs: int = 5) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+def count_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="fcn_resnet50os8_voc", choices=fcn_zoo.list_models())
-    parser.add_argument("--size", type=int, nargs=2, default=(512, 683), metavar=("H", "W"))
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--workdir", default="/tmp/fcn_zoo_bench")
-    args = parser.parse_args()
-
-    row = fcn_zoo.CHECKPOINTS[args.model]
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    reference = build_reference_fcn(row.depth, row.output_stride, row.num_classes)
-    pth = save_reference_checkpoint(reference, workdir / f"{row.name}.pth")
-    model = fcn_zoo.from_pretrained(pth, cache_dir=workdir / "cache")
-    model_cl = fcn_zoo.from_pretrained(pth, cache_dir=workdir / "cache").to(memory_format=torch.channels_last)
-    model_fused = fcn_zoo.from_pretrained(pth, cache_dir=workdir / "cache").fuse().to(memory_format=torch.channels_last)
-
+def contenders_for(name: str, x: torch.Tensor, workdir: Path, onnx: bool) -> dict:
+    """name -> (callable, FLOPs); every callable returns logits at x's size."""
     from ssseg.modules.utils import SSSegInputStructure
 
-    x = torch.randn(1, 3, *args.size)
+    row = fcn_zoo.CHECKPOINTS[name]
+    reference = build_reference_fcn(row.depth, row.output_stride, row.num_classes)
+    pth = save_reference_checkpoint(reference, workdir / f"{row.name}.pth")
+    plain = fcn_zoo.from_pretrained(pth, cache_dir=workdir / "cache")
+    channels_last = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    fused = copy.deepcopy(plain).fuse().to(memory_format=torch.channels_last)
     x_cl = x.contiguous(memory_format=torch.channels_last)
 
     def run_reference():
         low = reference(SSSegInputStructure(images=x, mode="TEST")).seg_logits
         return F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
-    contenders = {
-        "fcn_zoo model(x), NCHW": lambda: model(x),
-        "fcn_zoo model(x), channels_last": lambda: model_cl(x_cl),
-        "fcn_zoo model.fuse()(x), ch_last": lambda: model_fused(x_cl),
-        "reference (sssegmentation)": run_reference,
+    flops = count_flops(lambda: plain(x))
+    out = {
+        "fcn_zoo model(x), NCHW": (lambda: plain(x), flops),
+        "fcn_zoo model(x), channels_last": (lambda: channels_last(x_cl), flops),
+        "fcn_zoo model.fuse()(x), ch_last": (lambda: fused(x_cl), flops),
+        "reference (sssegmentation)": (run_reference, flops),
     }
-    with torch.inference_mode():
-        with FlopCounterMode(display=False) as counter:
-            model(x)
-        flops = counter.get_total_flops()
-        for fn in contenders.values():  # warm-up
-            fn()
-        times = {name: [] for name in contenders}
-        peaks = []
-        for _ in range(args.runs):
-            peaks.append(matmul_gflops(runs=3))
-            for name, fn in contenders.items():
-                times[name].append(timed(fn))
+    if row.output_stride == 8:
+        import torchvision
 
-    peak = statistics.median(peaks)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, input 1x3x{args.size[0]}x{args.size[1]}, {row.name}")
-    print(f"forward FLOPs: {flops / 1e9:.1f} GFLOP; 4096^2 fp32 matmul: {peak:.1f} GFLOP/s (median of {args.runs})")
-    print(f"{'':34s} {'median s':>9s} {'GFLOP/s':>8s} {'of matmul':>9s}")
-    for name, ts in times.items():
-        t = statistics.median(ts)
-        print(f"{name:34s} {t:9.3f} {flops / t / 1e9:8.1f} {flops / t / 1e9 / peak:9.1%}")
+        tv = getattr(torchvision.models.segmentation, f"fcn_resnet{row.depth}")(
+            weights=None, weights_backbone=None, num_classes=row.num_classes, aux_loss=True
+        )
+        randomize_batchnorm(tv).eval()
+        config, state_dict = convert_state_dict(tv.state_dict(), "torchvision")
+        ours = fcn_zoo.FCN(**config)
+        load_state_dict(ours, state_dict, source="torchvision")
+        ours = ours.eval().fuse().to(memory_format=torch.channels_last)
+        tv_flops = count_flops(lambda: tv(x))
+        out["torchvision fcn_resnet (its weights)"] = (lambda: tv(x)["out"], tv_flops)
+        out["fcn_zoo fused, same tv weights"] = (lambda: ours(x_cl), tv_flops)
+    if onnx:
+        import onnxruntime
+
+        from fcn_zoo.export import export
+
+        path = export(plain, workdir / f"{row.name}.onnx")
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feed = {"image": x.numpy()}
+        out["onnxruntime (fcn_zoo export)"] = (lambda: session.run(None, feed), flops)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["fcn_resnet50os8_voc"], choices=fcn_zoo.list_models())
+    parser.add_argument("--size", type=int, nargs=2, default=(512, 683), metavar=("H", "W"))
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--onnx", action="store_true", help="also time onnxruntime (needs the export extra)")
+    args = parser.parse_args()
+
+    x = torch.randn(1, 3, *args.size)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, input 1x3x{args.size[0]}x{args.size[1]}")
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        for name in args.models:
+            contenders = contenders_for(name, x, Path(tmp), args.onnx)
+            for fn, _ in contenders.values():  # warm-up
+                fn()
+            times = {k: [] for k in contenders}
+            peaks = []
+            for _ in range(args.runs):
+                peaks.append(matmul_gflops())
+                for k, (fn, _) in contenders.items():
+                    t = time.perf_counter()
+                    fn()
+                    times[k].append(time.perf_counter() - t)
+            peak = statistics.median(peaks)
+            print(f"\n{name}: {contenders['reference (sssegmentation)'][1] / 1e9:.1f} GFLOP; "
+                  f"4096^2 fp32 matmul {peak:.1f} GFLOP/s (median of {args.runs})")
+            print(f"{'':38s} {'median s':>9s} {'img/s':>6s} {'GFLOP/s':>8s} {'of matmul':>9s}")
+            for k, ts in times.items():
+                t, flops = statistics.median(ts), contenders[k][1]
+                print(f"{k:38s} {t:9.3f} {1 / t:6.2f} {flops / t / 1e9:8.1f} {flops / t / 1e9 / peak:9.1%}")
 
 
 if __name__ == "__main__":

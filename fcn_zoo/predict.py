@@ -100,7 +100,7 @@ def predict(
     mode: str = "whole",
     window: tuple[int, int] | None = None,
     stride: tuple[int, int] | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     device: str | torch.device | None = None,
     precision: str = "fp32",
 ) -> Segmentation | list[Segmentation]:
@@ -113,7 +113,8 @@ def predict(
         tta: ``True`` for flip + scales 0.5-1.75, or a :class:`TTA`; default none (the reference protocol).
         mode: ``"whole"`` (the reference protocol) or ``"slide"``: overlapping windows, all in batches.
         window, stride: the sliding window and its step, ``(h, w)``; default the training crop and 2/3 of it.
-        batch_size: images (or windows) per forward pass.
+        batch_size: images (or windows) per forward pass; default 8 on GPUs, 1 on CPUs (where batching
+            does not raise throughput and costs memory: benchmarks/RESULTS.md).
         device: run on this device (the model is moved there); default the model's.
         precision: ``"fp32"``, or on GPU ``"fp16"`` / ``"bf16"`` autocast.
 
@@ -122,14 +123,16 @@ def predict(
     """
     if mode not in ("whole", "slide"):
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     tta = TTA() if tta is True else (tta or None)
     single = not isinstance(images, (list, tuple))
     items = [images] if single else list(images)
     if not items:
         raise ImageError("no images given: pass an image or a non-empty list of images")
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if batch_size is None:
+        batch_size = 1 if device.type == "cpu" else 8
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     autocast_dtype = _autocast_dtype(precision, device)
     model = model.to(device=device, memory_format=torch.channels_last).eval()
     results = []
