@@ -71,10 +71,11 @@ def from_pretrained(
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
     folder = resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-    overrides = {} if num_classes is None else {"num_classes": num_classes}
-    if num_classes is not None:
-        saved = _read_config(folder)
-        if saved.get("num_classes") != num_classes and saved.get("dataset") is not None:
+    saved = _read_config(folder)
+    overrides = {}
+    if num_classes is not None and saved.get("num_classes") != num_classes:
+        overrides = {"num_classes": num_classes, "new_classes": True, "class_names": None}
+        if saved.get("dataset") is not None:
             overrides["dataset"] = None  # the dataset's class names no longer apply
     model = FCN.from_pretrained(folder, **overrides)
     return model.to(device).eval()
@@ -166,7 +167,7 @@ def _resolve_zoo(checkpoint: Checkpoint, revision: str | None, cache_dir, offlin
         )
     from .convert import convert_checkpoint
 
-    converted.parent.mkdir(parents=True, exist_ok=True)
+    _writable(converted.parent)
     with tempfile.TemporaryDirectory(dir=converted.parent, prefix=f".{checkpoint.name}-") as tmp:
         pth, url, _ = download_reference(checkpoint, Path(tmp))
         convert_checkpoint(pth, converted, "reference", checkpoint=checkpoint, provenance={"source_url": url})
@@ -261,8 +262,10 @@ def _record_hash(name: str, sha256: str) -> None:
     os.replace(tmp, path)
 
 
-def download(url: str, path: Path, timeout: float = 60.0) -> str:
+def download(url: str, path: Path, timeout: float | None = None) -> str:
     """Download ``url`` to ``path`` with a progress bar; return its sha256.
+
+    ``timeout`` (seconds without data, default ``$FCN_ZOO_DOWNLOAD_TIMEOUT`` or 60) ends a stalled download.
 
     Unlike ``torch.hub.download_url_to_file`` this checks the received size against Content-Length (a
     connection cut mid-file is an error, not a short file) and does not wait forever on a silent server.
@@ -272,6 +275,8 @@ def download(url: str, path: Path, timeout: float = 60.0) -> str:
 
     from tqdm.auto import tqdm
 
+    if timeout is None:
+        timeout = float(os.environ.get("FCN_ZOO_DOWNLOAD_TIMEOUT", 60))
     digest = hashlib.sha256()
     tmp = path.with_name(f".{path.name}.partial")
     try:
@@ -298,6 +303,7 @@ def _convert_local_pth(path: Path, cache_dir) -> Path:
     sha256 = sha256_file(path)
     folder = cache_root(cache_dir) / "local" / f"{path.stem}-{sha256[:16]}"
     if not _is_complete(folder):
+        _writable(folder.parent)
         convert_checkpoint(path, folder, "reference", checkpoint=CHECKPOINTS.get(path.stem), provenance={"source_file": str(path.resolve())})
     return folder
 
@@ -309,6 +315,19 @@ def _hub_offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _writable(folder: Path) -> None:
+    """Create ``folder`` and check that files can be made in it, or say which setting to change."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise FCNZooError(
+            f"{folder}: the fcn_zoo cache cannot be written ({e.strerror or e}); set FCN_ZOO_CACHE or pass "
+            "cache_dir= a writable folder"
+        ) from e
 
 
 def _is_complete(folder: Path) -> bool:
@@ -328,5 +347,5 @@ def _read_config(folder: Path) -> dict:
     except (OSError, ValueError) as e:
         raise WeightsError(f"{folder / CONFIG_NAME}: not valid JSON ({e})") from e
     if not isinstance(config, dict):
-        raise WeightsError(f"{folder / CONFIG_NAME}: expected a JSON object")
+        raise WeightsError(f"{folder / CONFIG_NAME}: expected a JSON object, got {type(config).__name__}")
     return config

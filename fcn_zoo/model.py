@@ -243,6 +243,7 @@ class FCN(
         token: str | bool | None,
         map_location: str = "cpu",
         strict: bool = True,
+        new_classes: bool = False,
         **model_kwargs: Any,
     ) -> "FCN":
         if Path(model_id).is_dir():
@@ -261,16 +262,18 @@ class FCN(
             model = cls(**model_kwargs)
         except (ValueError, TypeError, RuntimeError) as e:
             raise WeightsError(f"{model_id}: config.json does not describe a valid FCN: {e}") from e
-        load_weights(model, model_file, strict=strict, map_location=map_location)
+        load_weights(model, model_file, strict=strict, map_location=map_location, new_classes=new_classes)
         return model.eval()
 
 
-def load_weights(model: FCN, path: str | Path, *, strict: bool = True, map_location: str = "cpu") -> FCN:
+def load_weights(
+    model: FCN, path: str | Path, *, strict: bool = True, map_location: str = "cpu", new_classes: bool = False
+) -> FCN:
     """Load a ``model.safetensors`` into ``model``.
 
-    Every key must match in name and shape, except that when the model has a different number of
-    classes than the file, the two classifier convolutions keep their fresh initialisation (fine-tuning).
-    Anything else that does not match raises :class:`WeightsError` naming the keys.
+    Every key must match in name, shape and kind of dtype, except that with ``new_classes`` the two
+    classifier convolutions keep their fresh initialisation when the file has another number of classes
+    (fine-tuning). Anything else that does not match raises :class:`WeightsError` naming the keys.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -282,15 +285,19 @@ def load_weights(model: FCN, path: str | Path, *, strict: bool = True, map_locat
         state_dict = load_file(path, device=str(map_location))
     except (SafetensorError, OSError, RuntimeError) as e:
         raise WeightsError(f"{path}: not a readable safetensors file ({e}); delete it and download it again") from e
-    load_state_dict(model, state_dict, source=str(path), strict=strict)
+    load_state_dict(model, state_dict, source=str(path), strict=strict, new_classes=new_classes)
     return model
 
 
-def load_state_dict(model: FCN, state_dict: dict[str, torch.Tensor], *, source: str, strict: bool = True) -> None:
+def load_state_dict(
+    model: FCN, state_dict: dict[str, torch.Tensor], *, source: str, strict: bool = True, new_classes: bool = False
+) -> None:
     """``model.load_state_dict`` with errors that name the keys, and classifier re-initialisation.
 
-    The classifiers are skipped (and logged) when their shapes differ from ``state_dict``'s only in the
-    number of classes, which is what asking for a different ``num_classes`` means.
+    With ``new_classes`` (the caller asked for another ``num_classes``), the classifiers are skipped and
+    logged when their shapes differ from ``state_dict``'s only in the number of classes; otherwise that is
+    an error like any other shape. Floating-point tensors may be stored in any float precision (they are
+    cast); a float parameter stored as integers, or the reverse, is an error.
     """
     expected = model.state_dict()
     classifier_keys = {
@@ -301,7 +308,7 @@ def load_state_dict(model: FCN, state_dict: dict[str, torch.Tensor], *, source: 
     }
     reinit = sorted(
         k for k in classifier_keys
-        if k in state_dict and state_dict[k].shape[0] != expected[k].shape[0] and state_dict[k].shape[1:] == expected[k].shape[1:]
+        if new_classes and k in state_dict and state_dict[k].shape[0] != expected[k].shape[0] and state_dict[k].shape[1:] == expected[k].shape[1:]
     )
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -310,6 +317,11 @@ def load_state_dict(model: FCN, state_dict: dict[str, torch.Tensor], *, source: 
         for k in sorted(set(expected) & set(state_dict))
         if k not in reinit and state_dict[k].shape != expected[k].shape
     ]
+    wrong_dtype = [
+        f"{k}: {state_dict[k].dtype} for {expected[k].dtype}"
+        for k in sorted(set(expected) & set(state_dict))
+        if state_dict[k].is_floating_point() != expected[k].is_floating_point() or state_dict[k].is_complex()
+    ]
     problems = []
     if strict and missing:
         problems.append(f"missing keys {_short(missing)}")
@@ -317,6 +329,8 @@ def load_state_dict(model: FCN, state_dict: dict[str, torch.Tensor], *, source: 
         problems.append(f"unexpected keys {_short(unexpected)}")
     if mismatched:
         problems.append(f"wrong shapes {_short(mismatched)}")
+    if wrong_dtype:
+        problems.append(f"wrong dtypes {_short(wrong_dtype)}")
     if problems:
         raise WeightsError(f"{source}: does not fit FCN({_describe(model)}): " + "; ".join(problems))
     if reinit:

@@ -140,10 +140,20 @@ def predict(
     with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         for start in range(0, len(items), batch_size):
             chunk = [load_image(item) for item in items[start:start + batch_size]]
-            labels = predict_labels(
-                model, [x for x, _ in chunk], from_uint8=[f for _, f in chunk], tta=tta, mode=mode,
-                window=window, stride=stride, batch_size=batch_size,
-            )
+            try:
+                labels = predict_labels(
+                    model, [x for x, _ in chunk], from_uint8=[f for _, f in chunk], tta=tta, mode=mode,
+                    window=window, stride=stride, batch_size=batch_size,
+                )
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not isinstance(e, torch.OutOfMemoryError) and "memory" not in str(e).lower():
+                    raise
+                names = ", ".join(_describe(item) for item in items[start:start + batch_size])
+                hint = "use mode='slide'" if mode == "whole" else "use a smaller window"
+                raise ImageError(
+                    f"{names}: not enough {device.type.upper()} memory to segment it at its evaluation size; "
+                    f"{hint}{', a batch_size of 1' if batch_size > 1 else ''} or a larger device"
+                ) from e
             for (x, _), lab in zip(chunk, labels):
                 results.append(Segmentation(lab.to(dtype).cpu().numpy(), model.class_names, model.palette, _rgb_uint8(x)))
     return results[0] if single else results

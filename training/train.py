@@ -288,8 +288,16 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict, ctx: Di
     }
     path = out / f"ckpt-{state['iteration']:08d}.pt"
     tmp = out / f".{path.name}.partial"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk surfaces as either
+        tmp.unlink(missing_ok=True)
+        kept = sorted(p.name for p in out.glob("ckpt-*.pt"))
+        raise SystemExit(
+            f"{path}: could not be written ({e}); nothing partial was left and the earlier checkpoints "
+            f"({', '.join(kept) or 'none'}) are intact: free space and rerun with --resume"
+        ) from e
     for old in sorted(out.glob("ckpt-*.pt"))[:-keep]:
         old.unlink(missing_ok=True)
 
