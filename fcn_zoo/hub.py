@@ -177,10 +177,10 @@ def _resolve_zoo(checkpoint: Checkpoint, revision: str | None, cache_dir, offlin
 def _download_hub(repo_id: str, revision: str | None, cache_dir, offline: bool) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
-        EntryNotFoundError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -191,22 +191,22 @@ def _download_hub(repo_id: str, revision: str | None, cache_dir, offline: bool) 
             Path(hf_hub_download(repo_id, f, revision=revision, cache_dir=cache_dir, local_files_only=offline))
             for f in (CONFIG_NAME, WEIGHTS_NAME)
         ]
-    except RevisionNotFoundError as e:
-        raise WeightsError(f"{where}: the Hub repo has no such revision; use a branch, tag or commit it has") from e
-    except RepositoryNotFoundError as e:
-        raise UnknownModelError(repo_id, sorted(CHECKPOINTS), kind="model or Hub repo") from e
-    except EntryNotFoundError as e:
-        raise WeightsError(f"{where}: the Hub repo has no {CONFIG_NAME} + {WEIGHTS_NAME}; not an fcn_zoo model") from e
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:  # before the HTTP errors: not an answer
         if offline:
             raise NotCachedError(
                 f"{where} is not in the Hugging Face cache and downloads are disabled; "
                 f"on a machine with network run `hf download {repo_id}"
                 f"{' --revision ' + revision if revision else ''}` and copy the cache here"
             ) from e
-        raise FCNZooError(f"{where}: the Hugging Face Hub cannot be reached ({e})") from e
+        raise FCNZooError(f"{where}: the Hugging Face Hub cannot be reached ({_first_line(e)})") from e
+    except RevisionNotFoundError as e:
+        raise WeightsError(f"{where}: the Hub repo has no such revision; use a branch, tag or commit it has") from e
+    except RepositoryNotFoundError as e:
+        raise UnknownModelError(repo_id, sorted(CHECKPOINTS), kind="model or Hub repo") from e
+    except RemoteEntryNotFoundError as e:
+        raise WeightsError(f"{where}: the Hub repo has no {CONFIG_NAME} + {WEIGHTS_NAME}; not an fcn_zoo model") from e
     except HfHubHTTPError as e:
-        raise FCNZooError(f"{where}: the Hugging Face Hub answered {e}") from e
+        raise FCNZooError(f"{where}: the Hugging Face Hub answered {_first_line(e)}") from e
     return files[0].parent
 
 
@@ -309,6 +309,10 @@ def _convert_local_pth(path: Path, cache_dir) -> Path:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _hub_offline() -> bool:
