@@ -2,13 +2,15 @@
 
 Resolution order for a zoo name (e.g. ``fcn_resnet50os8_voc``):
 
-1. its Hugging Face Hub repo at the pinned revision, when the row has one (or ``revision`` is given);
-2. a converted copy of the reference ``.pth`` in the fcn_zoo cache;
-3. the reference ``.pth`` itself, downloaded (``FCN_ZOO_REFERENCE_URL`` replaces the base URL), read with
+1. its Hugging Face Hub repo at the pinned revision (or ``revision``), if that is in the Hugging Face cache;
+2. a converted copy of the reference ``.pth`` in the fcn_zoo cache (not when ``revision`` is given);
+3. the Hub repo at that revision, downloaded;
+4. the reference ``.pth`` itself, downloaded (``FCN_ZOO_REFERENCE_URL`` replaces the base URL), read with
    ``torch.load(weights_only=True)``, converted, shape-checked and stored as safetensors in the cache.
 
-With ``HF_HUB_OFFLINE=1`` or ``local_files_only=True`` only steps 1-2 run, from the cache, and a miss is
-a :class:`NotCachedError` that says what to download.
+Nothing touches the network while something usable is cached. With ``HF_HUB_OFFLINE=1`` or
+``local_files_only=True`` only steps 1-2 run, and a miss is a :class:`NotCachedError` that says what to
+download.
 """
 
 from __future__ import annotations
@@ -148,16 +150,24 @@ def is_cached(name: str, cache_dir: str | os.PathLike | None = None) -> bool:
 
 def _resolve_zoo(checkpoint: Checkpoint, revision: str | None, cache_dir, offline: bool) -> Path:
     hub_revision = revision or checkpoint.hub_revision
+    converted = cache_root(cache_dir) / "reference" / checkpoint.name
+    # whatever is already on this machine first: an unreachable Hub costs huggingface_hub ~20 s of retries
     if hub_revision:
         try:
-            return _download_hub(checkpoint.hub_repo_id, hub_revision, cache_dir, offline)
+            return _download_hub(checkpoint.hub_repo_id, hub_revision, cache_dir, offline=True)
+        except NotCachedError:
+            pass
+    if not revision and _is_complete(converted):
+        return converted
+    if hub_revision and not offline:
+        try:
+            return _download_hub(checkpoint.hub_repo_id, hub_revision, cache_dir, offline=False)
         except FCNZooError as e:
             if revision:  # an explicitly requested Hub revision has no fallback
                 raise
             logger.info("%s; using the reference weights instead", e)
-    converted = cache_root(cache_dir) / "reference" / checkpoint.name
-    if _is_complete(converted):
-        return converted
+    if revision:
+        raise NotCachedError(f"{checkpoint.hub_repo_id}@{revision} is not cached and downloads are disabled")
     if offline:
         raise NotCachedError(
             f"{checkpoint.name} is not cached and downloads are disabled "

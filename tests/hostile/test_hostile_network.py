@@ -143,3 +143,14 @@ def test_a_repo_revision_that_is_not_cached_offline(tiny_folder, isolated_caches
     build_hub_cache(isolated_caches / "hf_cache", "someone/tiny", COMMIT, tiny_folder)
     with pytest.raises(fcn_zoo.NotCachedError, match="someone/tiny@v9.9 is not in the Hugging Face cache.*--revision v9.9"):
         fcn_zoo.from_pretrained("someone/tiny@v9.9", local_files_only=True)
+
+
+def test_a_cached_conversion_is_used_without_asking_an_unreachable_hub(hub_endpoint, tiny_folder, monkeypatch):
+    import shutil
+
+    hub_endpoint(None)  # a Hub that never answers: asking it would cost huggingface_hub's retries
+    monkeypatch.setitem(zoo.CHECKPOINTS, NAME, dataclasses.replace(zoo.CHECKPOINTS[NAME], hub_revision=COMMIT))
+    shutil.copytree(tiny_folder, hub.cache_root() / "reference" / NAME)
+    start = time.perf_counter()
+    model = fcn_zoo.from_pretrained(NAME)
+    assert time.perf_counter() - start < 3 and model.num_classes == 21
