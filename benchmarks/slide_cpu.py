@@ -31,11 +31,11 @@ def main() -> None:
     times = {"one window per forward": [], "all windows in one batch": []}
     with torch.inference_mode():
         x = _preprocess(model, frame, True, torch.device("cpu"), row.data.eval_size)
-        _slide(model, x, row.crop_size, None, batch_size=16)  # warm-up
+        _slide(model.forward_features, x, row.crop_size, None, batch_size=16)  # warm-up
         for _ in range(args.runs):
             for name, batch in (("one window per forward", 1), ("all windows in one batch", 16)):
                 t = time.perf_counter()
-                _slide(model, x, row.crop_size, None, batch_size=batch)
+                _slide(model.forward_features, x, row.crop_size, None, batch_size=batch)
                 times[name].append(time.perf_counter() - t)
     print(f"{row.name}, {args.size[0]}x{args.size[1]} frame, windows {row.crop_size[0]}x{row.crop_size[1]}, "
           f"{torch.get_num_threads()} threads, median of {args.runs}")

@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="flip + multi-scale test-time augmentation")
     p.add_argument("--slide", action="store_true", help="sliding-window inference instead of whole image")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N ... (default cpu)")
+    p.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"),
+                   help="onnxruntime: CPU only, ~15%% faster, exported once and cached (needs the export extra)")
     p.add_argument("--cache-dir", help="where weights are kept")
     p.set_defaults(func=cmd_predict)
 
@@ -158,7 +160,7 @@ def cmd_predict(args) -> int:
     for image in args.images:
         written: list[Path] = []
         try:
-            seg = model.predict(image, tta=args.tta or None, mode="slide" if args.slide else "whole")
+            seg = model.predict(image, tta=args.tta or None, mode="slide" if args.slide else "whole", engine=args.engine)
             stem = Path(image).stem
             written.append(seg.save(out / f"{stem}.png"))
             if args.overlay:

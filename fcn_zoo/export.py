@@ -12,27 +12,42 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["export", "FORMATS"]
+__all__ = ["export", "onnx_session", "FORMATS"]
 
 FORMATS = {"onnx": ".onnx"}
 
 
-def export(model, path: str | os.PathLike, fmt: str = "onnx", *, example_size: tuple[int, int] = (512, 512)) -> Path:
+class _Features(torch.nn.Module):
+    """``model.forward_features`` as a module's forward, for export."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.forward_features(x)
+
+
+def export(
+    model, path: str | os.PathLike, fmt: str = "onnx", *, example_size: tuple[int, int] = (512, 512), features: bool = False
+) -> Path:
     """Write ``model`` to ``path`` in ``fmt`` (``onnx``); the file appears only when complete.
 
+    ``features=True`` exports ``forward_features`` (logits at the backbone's resolution) instead.
     A ``torch.export`` program is not offered: its serialiser cannot yet store the symbolic ``ceil`` that
     the backbone's shapes need (torch 2.14)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     path = Path(path)
     model = model.eval()
+    module = _Features(model) if features else model
     x = torch.randn(2, 3, *example_size)  # batch 2: a batch of 1 would be specialised to a constant
     auto = torch.export.Dim.AUTO  # let export find the ranges (the dilated convolutions add guards)
     dims = {0: auto, 2: auto, 3: auto}
     tmp = path.with_name(f".{path.name}.partial")
     try:
         torch.onnx.export(
-            model, (x,), str(tmp), dynamo=True, input_names=["image"], output_names=["logits"],
+            module, (x,), str(tmp), dynamo=True, input_names=["image"], output_names=["logits"],
             dynamic_shapes={"x": dims}, verbose=False,
         )
         os.replace(tmp, path)
@@ -53,3 +68,37 @@ def max_abs_difference(model, path: Path, fmt: str, size: tuple[int, int] = (256
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
     return float((got - expected).abs().max())
+
+
+def onnx_session(model):
+    """An onnxruntime session running ``model.forward_features`` on the CPU.
+
+    The graph is exported once per set of weights and kept in the fcn_zoo cache (``onnx/<sha256>.onnx``);
+    the session is kept on the model until its weights change.
+    """
+    import hashlib
+    import json
+
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ImportError("engine='onnxruntime' needs onnxruntime: pip install 'fcn-zoo[export]'") from e
+    from .hub import _writable, cache_root
+
+    state = model.state_dict()
+    version = sum(t._version for t in state.values())
+    cached = getattr(model, "_onnx_session", None)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    digest = hashlib.sha256(json.dumps(getattr(model, "_hub_mixin_config", None) or {}, sort_keys=True).encode())
+    digest.update(b"fused" if getattr(model, "_fused", False) else b"plain")
+    for key, tensor in state.items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    path = cache_root() / "onnx" / f"{digest.hexdigest()[:32]}.onnx"
+    if not path.is_file():
+        _writable(path.parent)
+        export(model.to("cpu"), path, features=True)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    model._onnx_session = (version, session)
+    return session

@@ -33,3 +33,26 @@ def test_export_refuses_a_folder_and_an_unknown_format(tiny_folder, tmp_path, ca
 
     with pytest.raises(ValueError, match="format"):
         export(fcn_zoo.from_pretrained(tiny_folder), tmp_path / "m.tflite", "tflite")
+
+
+def test_predict_with_onnxruntime_gives_the_same_labels_and_exports_once(tiny_folder, monkeypatch):
+    import fcn_zoo.export as export_module
+    from conftest import PHOTOS
+
+    calls = []
+    real_export = export_module.export
+    monkeypatch.setattr(export_module, "export", lambda *a, **k: calls.append(a[1]) or real_export(*a, **k))
+    model = fcn_zoo.from_pretrained(tiny_folder)
+    for mode in ("whole", "slide"):
+        expected = model.predict(PHOTOS[0], mode=mode, window=(160, 160)).labels
+        got = model.predict(PHOTOS[0], mode=mode, window=(160, 160), engine="onnxruntime").labels
+        assert (got == expected).mean() > 0.999, mode
+    again = fcn_zoo.from_pretrained(tiny_folder)  # same weights: the cached graph is reused
+    again.predict(PHOTOS[1], engine="onnxruntime")
+    assert len(calls) == 1 and calls[0].is_file()
+    with torch.no_grad():
+        again.decode_head.classifier.bias.add_(1.0)  # new weights: a new graph
+    again.predict(PHOTOS[1], engine="onnxruntime")
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="engine"):
+        model.predict(PHOTOS[0], engine="tensorrt")

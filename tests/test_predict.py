@@ -162,8 +162,8 @@ def test_sliding_windows_batched_equal_one_at_a_time(tiny_model, photo):
 
     with torch.inference_mode():
         inputs = _preprocess(tiny_model, x, True, torch.device("cpu"), tiny_model.eval_size)
-        batched = _slide(tiny_model, inputs, window, stride, batch_size=16)
-        one_by_one = _slide(tiny_model, inputs, window, stride, batch_size=1)
+        batched = _slide(tiny_model.forward_features, inputs, window, stride, batch_size=16)
+        one_by_one = _slide(tiny_model.forward_features, inputs, window, stride, batch_size=1)
     assert batched.shape[-2:] == inputs.shape[-2:]
     assert (batched - one_by_one).abs().max() < 1e-5
 
