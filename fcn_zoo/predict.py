@@ -381,11 +381,11 @@ def _upsample_argmax(logits: list[torch.Tensor], size, budget_bytes: int = 64 <<
 
     Bilinear interpolation is separable: the width is upsampled for all ``h`` rows at once (small), the
     height a band of output rows at a time, as a matrix product with the interpolation weights. Only one
-    band of full-size scores exists at a time (``budget_bytes``), so a 19-class 1024x2048 frame needs
-    ~20 MB instead of 160 MB, and a TTA sum no more. Equal to ``F.interpolate`` up to float rounding.
+    band of full-size scores exists at a time (``budget_bytes``), so a 19-class 1024x2048 frame needs the
+    20 MB of width-upsampled logits and one band instead of a 160 MB score map, and a TTA sum no more. Equal to ``F.interpolate`` up to float rounding.
     """
     height, width = int(size[0]), int(size[1])
-    classes, rows = logits[0].shape[1], logits[0].shape[2]
+    classes = logits[0].shape[1]
     device = logits[0].device
     wide = [F.interpolate(lg.float(), size=(lg.shape[2], width), mode="bilinear", align_corners=False)[0] for lg in logits]
     band = max(1, budget_bytes // (4 * classes * width * (1 + len(logits))))

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import fcn_zoo
 from datasets import make_ade20k, make_cityscapes, make_voc
