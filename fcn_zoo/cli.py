@@ -135,16 +135,7 @@ def cmd_download(args) -> int:
     from .hub import resolve
 
     names = list(zoo.CHECKPOINTS) if args.names == ["all"] else args.names
-    failed = 0
-    for name in names:
-        try:
-            folder = resolve(name, cache_dir=args.cache_dir)
-        except (FCNZooError, OSError, ValueError) as e:
-            failed += 1
-            print(f"fcn-zoo: error: {e}", file=sys.stderr)
-            continue
-        print(f"{name}: {folder}")
-    return EXIT_FAILED if failed else 0
+    return _for_each(names, lambda name: print(f"{name}: {resolve(name, cache_dir=args.cache_dir)}"), args, "downloads")
 
 
 def cmd_predict(args) -> int:
@@ -156,28 +147,21 @@ def cmd_predict(args) -> int:
         raise FCNZooError(f"--out {out}: exists and is not a folder; pass a folder for the masks")
     model = from_pretrained(args.name, device=args.device, cache_dir=args.cache_dir).fuse()
     out.mkdir(parents=True, exist_ok=True)
-    failed = 0
-    for image in args.images:
-        written: list[Path] = []
-        try:
-            seg = model.predict(image, tta=args.tta or None, mode="slide" if args.slide else "whole", engine=args.engine)
-            stem = Path(image).stem
-            written.append(seg.save(out / f"{stem}.png"))
-            if args.overlay:
+
+    def segment(image: str) -> None:
+        seg = model.predict(image, tta=args.tta or None, mode="slide" if args.slide else "whole", engine=args.engine)
+        stem = Path(image).stem
+        written = [seg.save(out / f"{stem}.png")]
+        if args.overlay:
+            try:
                 written.append(save_image(seg.overlay(alpha=args.alpha), out / f"{stem}_overlay.jpg", quality=90))
-        except (FCNZooError, OSError, ValueError) as e:
-            failed += 1
-            for path in written:  # no mask without its overlay
-                path.unlink(missing_ok=True)
-            if args.debug:
-                traceback.print_exc()
-            print(f"fcn-zoo: error: {e}", file=sys.stderr)
-            continue
+            except BaseException:
+                written[0].unlink(missing_ok=True)  # no mask without its overlay
+                raise
         shares = ", ".join(f"{k} {v:.0%}" for k, v in list(seg.class_shares().items())[:3])
         print(f"{image} -> {', '.join(map(str, written))} ({shares})")
-    if failed:
-        print(f"fcn-zoo: {failed} of {len(args.images)} images failed", file=sys.stderr)
-    return EXIT_FAILED if failed else 0
+
+    return _for_each(args.images, segment, args, "images")
 
 
 def cmd_convert(args) -> int:
@@ -224,18 +208,26 @@ def cmd_publish(args) -> int:
         names = list(zoo.CHECKPOINTS)
     else:
         names = [zoo.get_checkpoint(args.name).name]
-    failed = 0
-    for name in names:
+    def publish_one(name: str) -> None:
         repo_id = args.repo_id or (f"{args.namespace}/{name}" if args.namespace else None)
+        publish(name, args.out, repo_id=repo_id, dry_run=args.dry_run, token=args.token)
+
+    return _for_each(names, publish_one, args, "rows", "; rerun the same command to resume")
+
+
+def _for_each(items: list[str], action, args, what: str, hint: str = "") -> int:
+    """Run ``action`` on every item; a failure is one line on stderr and does not stop the others."""
+    failed = 0
+    for item in items:
         try:
-            publish(name, args.out, repo_id=repo_id, dry_run=args.dry_run, token=args.token)
+            action(item)
         except (FCNZooError, OSError, ValueError, RuntimeError) as e:
             failed += 1
             if args.debug:
                 traceback.print_exc()
             print(f"fcn-zoo: error: {e}", file=sys.stderr)
     if failed:
-        print(f"fcn-zoo: {failed} of {len(names)} failed; rerun the same command to resume", file=sys.stderr)
+        print(f"fcn-zoo: {failed} of {len(items)} {what} failed{hint}", file=sys.stderr)
     return EXIT_FAILED if failed else 0
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ._files import atomic_path
+
 __all__ = ["export", "onnx_session", "FORMATS"]
 
 FORMATS = {"onnx": ".onnx"}
@@ -44,15 +46,11 @@ def export(
     x = torch.randn(2, 3, *example_size)  # batch 2: a batch of 1 would be specialised to a constant
     auto = torch.export.Dim.AUTO  # let export find the ranges (the dilated convolutions add guards)
     dims = {0: auto, 2: auto, 3: auto}
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+    with atomic_path(path) as tmp:
         torch.onnx.export(
             module, (x,), str(tmp), dynamo=True, input_names=["image"], output_names=["logits"],
             dynamic_shapes={"x": dims}, verbose=False,
         )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -24,7 +24,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from ._files import sha256_file
+from ._files import atomic_path, sha256_file, write_json
 from .errors import FCNZooError, NotCachedError, UnknownModelError, WeightsError
 from .zoo import CHECKPOINTS, Checkpoint
 
@@ -266,10 +266,7 @@ def _known_hashes() -> dict[str, str]:
 def _record_hash(name: str, sha256: str) -> None:
     path = _known_hashes_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    hashes = {**_known_hashes(), name: sha256}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps(hashes, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json(path, {**_known_hashes(), name: sha256})
 
 
 def download(url: str, path: Path, timeout: float | None = None) -> str:
@@ -288,8 +285,7 @@ def download(url: str, path: Path, timeout: float | None = None) -> str:
     if timeout is None:
         timeout = float(os.environ.get("FCN_ZOO_DOWNLOAD_TIMEOUT", 60))
     digest = hashlib.sha256()
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+    with atomic_path(path) as tmp:
         with urlopen(Request(url, headers={"User-Agent": "fcn-zoo"}), timeout=timeout) as response, open(tmp, "wb") as f:
             expected = int(response.headers.get("Content-Length") or 0) or None
             received = 0
@@ -301,9 +297,6 @@ def download(url: str, path: Path, timeout: float | None = None) -> str:
                     bar.update(len(chunk))
         if expected is not None and received != expected:
             raise OSError(f"the connection closed after {received} of {expected} bytes")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return digest.hexdigest()
 
 

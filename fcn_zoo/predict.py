@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from ._files import atomic_path
 from .errors import ImageError
 
 __all__ = ["predict", "predict_labels", "Segmentation", "TTA", "load_image", "eval_resize_shape", "save_image"]
@@ -426,10 +427,6 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def save_image(img: Image.Image, path: str | os.PathLike, **kwargs) -> Path:
     """Save ``img`` to ``path`` (format from the suffix) via a temporary file in the same folder, so that a failure never leaves a partial file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+    with atomic_path(path) as tmp:
         img.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"), **kwargs)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

@@ -8,11 +8,10 @@ model card, and upload the folder in one commit. The commit hash is what the tab
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
-from ._files import sha256_file
+from ._files import sha256_file, write_json
 from .errors import FCNZooError, WeightsError
 from .zoo import CHECKPOINTS, Checkpoint
 
@@ -132,6 +131,4 @@ def _read_state(out: Path) -> dict:
 
 def _write_state(out: Path, state: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{STATE_NAME}.partial"
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out / STATE_NAME)
+    write_json(out / STATE_NAME, state)

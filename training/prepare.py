@@ -12,13 +12,13 @@ are mapped to train ids while loading).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from fcn_zoo._files import atomic_path
 from fcn_zoo.zoo import DATASETS
 
 from .data import DatasetLayoutError
@@ -54,15 +54,13 @@ def prepare_sbd(sbd: Path, data_root: Path) -> int:
             raise DatasetLayoutError(f"{source}: not an SBD label file with GTcls.Segmentation ({e})") from e
         img = Image.fromarray(segmentation, mode="P")
         img.putpalette(palette)
-        tmp = target.with_name(f".{target.name}.partial")
-        img.save(tmp, format="PNG")
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            img.save(tmp, format="PNG")
     missing = [i for i in trainaug if not (labels / f"{i}.png").exists()]
     if missing:
         raise DatasetLayoutError(f"{labels / (missing[0] + '.png')}: no label from VOC or SBD for {len(missing)} trainaug images")
-    tmp = sets / ".trainaug.txt.partial"
-    tmp.write_text("\n".join(trainaug) + "\n")
-    os.replace(tmp, sets / "trainaug.txt")
+    with atomic_path(sets / "trainaug.txt") as tmp:
+        tmp.write_text("\n".join(trainaug) + "\n")
     return len(trainaug)
 
 

@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import fcn_zoo
+from fcn_zoo._files import atomic_path
 from fcn_zoo.convert import write_folder
 
 from .data import IGNORE_INDEX, build_dataset
@@ -287,12 +288,10 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict, ctx: Di
         "state": state, "rng": rng,
     }
     path = out / f"ckpt-{state['iteration']:08d}.pt"
-    tmp = out / f".{path.name}.partial"
     try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
     except (OSError, RuntimeError) as e:  # a full disk surfaces as either
-        tmp.unlink(missing_ok=True)
         kept = sorted(p.name for p in out.glob("ckpt-*.pt"))
         raise SystemExit(
             f"{path}: could not be written ({e}); nothing partial was left and the earlier checkpoints "
