@@ -5,16 +5,18 @@
 For each model, one input of the given size, the median time of a forward pass that returns logits at the
 input's size, for:
 
-- fcn_zoo ``model(x)`` NCHW, channels_last (as ``predict`` runs it), and channels_last after ``model.fuse()``
-  (as ``fcn-zoo predict`` runs it), on the reference's weights;
+- fcn_zoo ``model(x)`` NCHW, channels_last (as ``predict`` runs it), channels_last with BatchNorm folded
+  only, and channels_last after ``model.fuse()`` (BatchNorm folded, ReLU and residual additions fused into
+  the convolutions; as ``fcn-zoo predict`` runs it), on the reference's weights;
 - the reference model on the same weights (its forward plus the same bilinear upsampling);
 - for OS8 models, torchvision's ``fcn_resnet50/101`` and fcn_zoo on the same torchvision weights (the
   7x7-stem, one-conv-head architecture: a different model from the reference rows, compared with itself);
 - with ``--onnx``, onnxruntime on fcn_zoo's ONNX export.
 
 FLOPs are counted by ``torch.utils.flop_counter`` and the GFLOP/s is also given as a fraction of a 4096x4096
-fp32 matmul measured in the same run. Runs are interleaved so that drift in the machine's speed hits every
-contender alike. Needs the test extra (``pip install -e ".[test]"``).
+fp32 matmul measured in the same run: in each round the matmul is timed and then every contender once, the
+fraction is taken within the round (so drift in the machine's speed cancels), and the median over rounds is
+printed with its range. Needs the test extra (``pip install -e ".[test]"``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import fcn_zoo  # noqa: E402
 from conftest import randomize_batchnorm  # noqa: E402
+from fcn_zoo._fusion import fold_batchnorm  # noqa: E402
 from fcn_zoo.convert import convert_state_dict  # noqa: E402
 from fcn_zoo.model import load_state_dict  # noqa: E402
 from reference import build_reference_fcn, save_reference_checkpoint  # noqa: E402
@@ -66,6 +69,8 @@ def contenders_for(name: str, x: torch.Tensor, workdir: Path, onnx: bool) -> dic
     pth = save_reference_checkpoint(reference, workdir / f"{row.name}.pth")
     plain = fcn_zoo.from_pretrained(pth, cache_dir=workdir / "cache")
     channels_last = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    folded = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    fold_batchnorm(folded)
     fused = copy.deepcopy(plain).fuse().to(memory_format=torch.channels_last)
     x_cl = x.contiguous(memory_format=torch.channels_last)
 
@@ -77,6 +82,7 @@ def contenders_for(name: str, x: torch.Tensor, workdir: Path, onnx: bool) -> dic
     out = {
         "fcn_zoo model(x), NCHW": (lambda: plain(x), flops),
         "fcn_zoo model(x), channels_last": (lambda: channels_last(x_cl), flops),
+        "fcn_zoo BN folded only, ch_last": (lambda: folded(x_cl), flops),
         "fcn_zoo model.fuse()(x), ch_last": (lambda: fused(x_cl), flops),
         "reference (sssegmentation)": (run_reference, flops),
     }
@@ -90,10 +96,12 @@ def contenders_for(name: str, x: torch.Tensor, workdir: Path, onnx: bool) -> dic
         config, state_dict = convert_state_dict(tv.state_dict(), "torchvision")
         ours = fcn_zoo.FCN(**config)
         load_state_dict(ours, state_dict, source="torchvision")
-        ours = ours.eval().fuse().to(memory_format=torch.channels_last)
-        tv_flops = count_flops(lambda: tv(x))
-        out["torchvision fcn_resnet (its weights)"] = (lambda: tv(x)["out"], tv_flops)
-        out["fcn_zoo fused, same tv weights"] = (lambda: ours(x_cl), tv_flops)
+        ours = ours.eval()
+        ours_flops = count_flops(lambda: ours(x))  # before fuse(): the counter cannot see oneDNN's fused kernels
+        ours = ours.fuse().to(memory_format=torch.channels_last)
+        # torchvision runs its auxiliary head in eval mode too; fcn_zoo does not: each is credited its own work
+        out["torchvision fcn_resnet (its weights)"] = (lambda: tv(x)["out"], count_flops(lambda: tv(x)))
+        out["fcn_zoo fused, same tv weights"] = (lambda: ours(x_cl), ours_flops)
     if onnx:
         import onnxruntime
 
@@ -122,21 +130,23 @@ def main() -> None:
             for fn, _ in contenders.values():  # warm-up
                 fn()
             times = {k: [] for k in contenders}
+            shares = {k: [] for k in contenders}
             peaks = []
             for _ in range(args.runs):
                 peaks.append(matmul_gflops())
-                for k, (fn, _) in contenders.items():
+                for k, (fn, flops) in contenders.items():
                     t = time.perf_counter()
                     fn()
                     times[k].append(time.perf_counter() - t)
+                    shares[k].append(flops / times[k][-1] / 1e9 / peaks[-1])
             peak = statistics.median(peaks)
             print(f"\n{name}: {contenders['reference (sssegmentation)'][1] / 1e9:.1f} GFLOP; "
-                  f"4096^2 fp32 matmul {peak:.1f} GFLOP/s (median of {args.runs})")
-            print(f"{'':38s} {'median s':>9s} {'img/s':>6s} {'GFLOP/s':>8s} {'of matmul':>9s}")
+                  f"4096^2 fp32 matmul {peak:.1f} GFLOP/s (median of {args.runs}, range {min(peaks):.0f}-{max(peaks):.0f})")
+            print(f"{'':38s} {'median s':>9s} {'img/s':>6s} {'GFLOP/s':>8s} {'of matmul':>9s} {'(range)':>13s}")
             for k, ts in times.items():
-                t, flops = statistics.median(ts), contenders[k][1]
-                print(f"{k:38s} {t:9.3f} {1 / t:6.2f} {flops / t / 1e9:8.1f} {flops / t / 1e9 / peak:9.1%}")
-
+                t, flops, share = statistics.median(ts), contenders[k][1], shares[k]
+                print(f"{k:38s} {t:9.3f} {1 / t:6.2f} {flops / t / 1e9:8.1f} {statistics.median(share):9.1%} "
+                      f"({min(share):.0%}-{max(share):.0%})")
 
 if __name__ == "__main__":
     main()

@@ -185,31 +185,23 @@ class FCN(
         return self.decode_head(self.backbone(x)[-1])
 
     def fuse(self) -> "FCN":
-        """Fold every BatchNorm into the convolution before it, in place, for inference.
+        """Prepare this model for fast inference, in place: fold every BatchNorm into the convolution before
+        it, and (on CPU) run each convolution with its ReLU and residual addition as one oneDNN kernel.
 
         BatchNorm in eval mode is an affine map that costs a full pass over memory; folded into the
-        convolution's weights and bias it costs nothing (about 8% of an R-50 OS8 forward on CPU). Outputs
-        change by float rounding only. A fused model is for inference: it cannot be trained or saved, so
-        save it first. Returns ``self``.
+        convolution's weights and bias it costs nothing. The ReLUs and residual additions then become
+        post-ops of the convolutions (see ``fcn_zoo._fusion``); on other devices, and under autograd or
+        autocast, those layers run as plain ``conv2d`` + ``relu``. Together about 10-15% of an R-50 OS8
+        forward on CPU (benchmarks/RESULTS.md); outputs change by float rounding only. A fused model is for
+        inference: its parameters no longer require gradients, and it cannot be trained or saved, so save
+        it first. Returns ``self``.
         """
-        from torch.nn.utils.fusion import fuse_conv_bn_eval
+        from ._fusion import fold_batchnorm, fuse_activations
 
         self.eval()
-        for parent in list(self.modules()):
-            children = dict(parent.named_children())
-            if isinstance(parent, nn.Sequential):
-                pairs = [(a, b) for a, b in zip(children, list(children)[1:])]
-            else:  # timm's ResNet blocks and stem: convN followed by bnN
-                pairs = [(f"conv{n[2:]}", n) for n in children if n.startswith("bn") and f"conv{n[2:]}" in children]
-            for conv_name, bn_name in pairs:
-                conv, bn = children[conv_name], children[bn_name]
-                if isinstance(conv, nn.Sequential) and len(conv):  # a deep stem: its last layer feeds bn1
-                    conv_name, parent_of_conv, conv = str(len(conv) - 1), conv, conv[-1]
-                else:
-                    parent_of_conv = parent
-                if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and bn.track_running_stats:
-                    setattr(parent_of_conv, conv_name, fuse_conv_bn_eval(conv, bn))
-                    setattr(parent, bn_name, nn.Identity())
+        fold_batchnorm(self)
+        fuse_activations(self)
+        self.requires_grad_(False)
         self._fused = True
         return self
 

@@ -9,6 +9,7 @@ bilinear upsampling of the logits straight to the original size, argmax.
 from __future__ import annotations
 
 import logging
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -105,6 +106,7 @@ def predict(
     device: str | torch.device | None = None,
     precision: str = "fp32",
     engine: str = "torch",
+    compile: bool = False,
 ) -> Segmentation | list[Segmentation]:
     """Segment images with ``model`` (an :class:`fcn_zoo.FCN`).
 
@@ -118,9 +120,14 @@ def predict(
         batch_size: images (or windows) per forward pass; default 8 on GPUs, 1 on CPUs (where batching
             does not raise throughput and costs memory: benchmarks/RESULTS.md).
         device: run on this device (the model is moved there); default the model's.
-        precision: ``"fp32"``, or on GPU ``"fp16"`` / ``"bf16"`` autocast.
+        precision: ``"fp32"``, or ``"bf16"`` / on GPUs ``"fp16"``: the network under autocast (resizing
+            and argmax stay fp32). On CPUs with AMX (Intel Xeon 4th generation on), bf16 is ~3.5x faster
+            than fp32 (benchmarks/RESULTS.md); without bf16 instructions it is slower, and a warning says so.
         engine: ``"torch"``, or on CPU ``"onnxruntime"``: the model exported once to ONNX (cached) and run
             by onnxruntime, which fuses what eager PyTorch cannot (~15% faster: benchmarks/RESULTS.md).
+        compile: run the network through ``torch.compile`` (made once per model and device and kept, so
+            only the first call pays the compilation: tens of seconds); for serving many images, mostly
+            on GPUs. Each new evaluation shape after the first compiles once more, with dynamic shapes.
 
     Returns:
         a :class:`Segmentation` for one image, a list of them for a list.
@@ -129,6 +136,8 @@ def predict(
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
     if engine not in ("torch", "onnxruntime"):
         raise ValueError(f"engine must be 'torch' or 'onnxruntime', got {engine!r}")
+    if compile and engine != "torch":
+        raise ValueError("compile=True applies to engine='torch'; onnxruntime compiles its graph itself")
     tta = TTA() if tta is True else (tta or None)
     single = not isinstance(images, (list, tuple))
     items = [images] if single else list(images)
@@ -149,9 +158,12 @@ def predict(
 
         session = onnx_session(model)
         features = lambda x: torch.from_numpy(session.run(None, {"image": x.contiguous().numpy()})[0])  # noqa: E731
+    elif compile:
+        features = compiled_features(model)
     results = []
     dtype = torch.uint8 if model.num_classes <= 256 else torch.int32
-    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    features = _autocast(features or model.forward_features, device, autocast_dtype)
+    with torch.inference_mode():
         for start in range(0, len(items), batch_size):
             chunk = [load_image(item) for item in items[start:start + batch_size]]
             try:
@@ -367,7 +379,7 @@ def _slide(features, x: torch.Tensor, window: Sequence[int], stride: Sequence[in
     for start in range(0, len(boxes), max(1, batch_size // n)):
         part = boxes[start:start + max(1, batch_size // n)]
         crops = torch.cat([x[:, :, y:y + wh, xx:xx + ww] for y, xx in part])
-        out = F.interpolate(features(crops), size=(wh, ww), mode="bilinear", align_corners=False).float()
+        out = F.interpolate(features(crops).float(), size=(wh, ww), mode="bilinear", align_corners=False)
         if total is None:
             total = x.new_zeros((n, out.shape[1], h, w), dtype=torch.float32)
             count = x.new_zeros((1, 1, h, w), dtype=torch.float32)
@@ -415,13 +427,51 @@ def _row_weights(rows_in: int, rows_out: int, top: int, bottom: int, device) -> 
     return weights
 
 
+_compiled_forward = None
+
+
+def _forward_features(model, x: torch.Tensor) -> torch.Tensor:
+    return model.forward_features(x)
+
+
+def compiled_features(model):
+    """``model.forward_features`` through ``torch.compile``. One compiled function serves every model (its
+    guards tell models apart), so a model compiles once per input shape family and the compiled code holds
+    no reference that would keep a model alive. Weights are read at each call, not frozen in."""
+    global _compiled_forward
+    if _compiled_forward is None:
+        _compiled_forward = torch.compile(_forward_features)
+    return functools.partial(_compiled_forward, model)
+
+
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     dtypes = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
     if precision not in dtypes:
         raise ValueError(f"precision must be 'fp32', 'fp16' or 'bf16', got {precision!r}")
-    if dtypes[precision] is not None and device.type == "cpu":
-        raise ValueError(f"precision={precision!r} is for GPUs; on CPU use 'fp32' (half precision is slower there)")
+    if device.type == "cpu" and precision == "fp16":
+        raise ValueError("precision='fp16' is for GPUs; on CPU use 'bf16' (CPUs with AMX or AVX512-BF16) or 'fp32'")
+    if device.type == "cpu" and precision == "bf16" and not _cpu_has_bf16():
+        logger.warning("this CPU has no bf16 instructions (AMX, AVX512-BF16): precision='bf16' will be slower than fp32")
     return dtypes[precision]
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _autocast(features, device: torch.device, dtype: torch.dtype | None):
+    """``features`` run under autocast to ``dtype`` (the network only: resizing and argmax stay in fp32)."""
+    if dtype is None:
+        return features
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype):
+            return features(x)
+
+    return run
 
 
 def save_image(img: Image.Image, path: str | os.PathLike, **kwargs) -> Path:

@@ -66,6 +66,18 @@ def test_predict_writes_masks_and_overlays(capsys, tiny_folder, tmp_path):
     )
 
 
+def test_predict_passes_precision_and_compile_through(capsys, tiny_folder, tmp_path, monkeypatch):
+    seen = []
+    real = fcn_zoo.FCN.predict
+    monkeypatch.setattr(fcn_zoo.FCN, "predict", lambda self, image, **kw: seen.append(kw) or real(self, image, **kw))
+    code, _, err = run(capsys, "predict", str(tiny_folder), str(PHOTOS[0]), "--out", str(tmp_path / "m"), "--precision", "bf16")
+    assert code == 0, err
+    assert seen[-1]["precision"] == "bf16" and seen[-1]["compile"] is False
+    code, _, err = run(capsys, "predict", str(tiny_folder), str(PHOTOS[0]), "--out", str(tmp_path / "m"), "--precision", "fp16")
+    assert code == 1 and "fp16" in err and "Traceback" not in err  # fp16 is for GPUs: one clear line
+    assert not list((tmp_path / "m").glob("*.partial*"))
+
+
 def test_one_bad_image_fails_alone_and_leaves_nothing_half_written(capsys, tiny_folder, tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(PHOTOS[0].read_bytes()[:200])  # a truncated JPEG

@@ -26,6 +26,21 @@ def test_onnx_export_matches_pytorch_at_other_sizes(tiny_folder, tmp_path, capsy
     assert not list(tmp_path.glob(".*partial"))
 
 
+def test_a_fused_model_exports_as_plain_onnx_operators(tiny_folder, tmp_path):
+    import onnx
+
+    from fcn_zoo.export import export
+
+    model = fcn_zoo.from_pretrained(tiny_folder)
+    path = export(fcn_zoo.from_pretrained(tiny_folder).fuse(), tmp_path / "fused.onnx")
+    assert {n.op_type for n in onnx.load(str(path)).graph.node} >= {"Conv", "Relu", "Add"}  # not oneDNN calls
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(1, 3, 80, 112)
+    with torch.no_grad():
+        expected = model(x)
+    assert (torch.from_numpy(session.run(None, {"image": x.numpy()})[0]) - expected).abs().max() < 1e-4
+
+
 def test_export_refuses_a_folder_and_an_unknown_format(tiny_folder, tmp_path, capsys):
     assert main(["export", str(tiny_folder), "--out", str(tmp_path)]) == 1
     assert "is a folder" in capsys.readouterr().err

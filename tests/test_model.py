@@ -55,3 +55,81 @@ def test_fuse_folds_every_batchnorm_and_keeps_the_outputs(tmp_path):
     with pytest.raises(RuntimeError, match="fuse"):
         fused.save_pretrained(tmp_path / "fused")
     assert not (tmp_path / "fused").exists()
+
+
+def _bottleneck_fcn() -> fcn_zoo.FCN:
+    from conftest import randomize_batchnorm
+
+    torch.manual_seed(0)
+    model = fcn_zoo.FCN(num_classes=5, backbone="resnet50c", output_stride=8, head_channels=16, aux_channels=8)
+    return randomize_batchnorm(model).eval()
+
+
+@pytest.mark.parametrize("make", [tiny_fcn, _bottleneck_fcn], ids=["basicblock", "bottleneck"])
+def test_fuse_runs_relu_and_residual_inside_the_convolutions(make):
+    from fcn_zoo._fusion import ConvAct, FusedBottleneck, onednn_available
+
+    model = make()
+    fused = copy.deepcopy(model).fuse()
+    on_path = [m for name, m in fused.named_modules() if not name.startswith("auxiliary_head")]
+    assert not any(type(m) is torch.nn.ReLU for m in on_path)  # every ReLU became a post-op
+    assert not any(type(m).__module__.startswith("timm.") and type(m).__name__ in ("Bottleneck", "BasicBlock") for m in on_path)
+    assert sum(isinstance(m, FusedBottleneck) for m in on_path) == (8 if make is tiny_fcn else 16)
+    assert sum(isinstance(m, ConvAct) and m.residual for m in on_path) == sum(isinstance(m, FusedBottleneck) for m in on_path)
+
+    x = torch.randn(2, 3, 70, 90)
+    with torch.no_grad():
+        expected = model(x)
+    tol = 1e-5 * expected.abs().max() + 1e-6
+    with torch.inference_mode():  # oneDNN's fused kernels, NCHW and channels_last
+        assert (fused(x) - expected).abs().max() <= tol
+        assert (fused(x.contiguous(memory_format=torch.channels_last)) - expected).abs().max() <= tol
+    # with autograd on the input the same layers run as conv2d + relu; gradients reach the input
+    x_grad = x.clone().requires_grad_(True)
+    out = fused(x_grad)
+    assert (out.detach() - expected).abs().max() <= tol
+    out.square().mean().backward()
+    assert x_grad.grad is not None and x_grad.grad.abs().sum() > 0
+    assert onednn_available()  # the CPU wheel this project tests with has them; without, the fallback runs
+
+
+def test_fused_weights_edited_in_place_or_moved_are_not_served_stale():
+    from fcn_zoo._fusion import ConvAct
+
+    model = tiny_fcn()
+    fused = copy.deepcopy(model).fuse()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        fused(x)  # packs the weights for oneDNN
+        for m in fused.modules():
+            if isinstance(m, ConvAct):
+                m.weight.mul_(0.5)
+        packed = fused(x)
+        reference = fused(x.clone().requires_grad_(True))  # the unpacked conv2d path on the edited weights
+    assert (packed - reference).abs().max() <= 1e-5 * reference.abs().max() + 1e-6
+
+    fused = copy.deepcopy(model).fuse()
+    with torch.no_grad():
+        fused(x)
+        expected = model.double()(x.double())
+        assert (fused.double()(x.double()) - expected).abs().max() <= 1e-6 * expected.abs().max()  # folded in float32
+        again = fused.float()(x)  # back to float32: packed afresh from the new tensors
+        assert (again - expected.float()).abs().max() <= 1e-5 * expected.abs().max()
+        assert torch.equal(copy.deepcopy(fused)(x), again)  # a copy after use runs too
+
+
+def test_a_convolution_with_weights_beyond_the_caches_runs_split_with_the_same_result():
+    from fcn_zoo._fusion import ConvAct, input_splits
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(2048, 512, 3, padding=2, dilation=2)  # FCN's head, 38 MB of weights
+    assert input_splits(conv.weight) == 4
+    layer = ConvAct(conv, relu=True)
+    x = torch.randn(2, 2048, 9, 13)
+    with torch.no_grad():
+        expected = torch.relu(conv(x))
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            assert (layer(inp) - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert len(layer._packed[1]) == 4  # the split path ran
+    with pytest.raises(RuntimeError):
+        layer(torch.randn(1, 1024, 9, 13))  # a wrong channel count is refused, not sliced

@@ -136,7 +136,7 @@ def test_bad_inputs_raise_image_errors_naming_the_input(tiny_model, tmp_path):
     with pytest.raises(fcn_zoo.ImageError, match="no images"):
         tiny_model.predict([])
     with pytest.raises(ValueError, match="GPU"):
-        tiny_model.predict(np.zeros((8, 8, 3), dtype=np.uint8), precision="bf16")
+        tiny_model.predict(np.zeros((8, 8, 3), dtype=np.uint8), precision="fp16")
 
 
 def test_flip_tta_is_mirror_symmetric(tiny_model, photo):
@@ -183,3 +183,33 @@ def test_banded_upsample_argmax_equals_full_interpolation(shape):
     banded = _upsample_argmax(logits, (height, width), budget_bytes=1 << 16)  # many small bands
     assert banded.shape == (height, width)
     assert (banded == full[0].argmax(0)).float().mean() > 0.9999
+
+
+def test_bf16_on_cpu_runs_the_network_in_bf16_and_keeps_the_labels(tiny_model, photo, monkeypatch):
+    seen = []
+    forward = tiny_model.forward_features
+
+    def spy(x):
+        out = forward(x)
+        seen.append((x.dtype, out.dtype))
+        return out
+
+    expected = tiny_model.predict(photo).labels
+    monkeypatch.setattr(tiny_model, "forward_features", spy)
+    got = tiny_model.predict(photo, precision="bf16").labels
+    assert seen == [(torch.float32, torch.bfloat16)]  # fp32 image in, the network under bf16 autocast
+    assert got.shape == expected.shape and (got == expected).mean() >= 0.99
+
+
+def test_compile_gives_the_eager_labels_and_compiles_once_per_model(tiny_model, photo):
+    from torch._dynamo.utils import counters
+
+    small = photo[::4, ::4]
+    expected = tiny_model.predict(small).labels
+    assert np.array_equal(tiny_model.predict(small, compile=True).labels, expected)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    assert np.array_equal(tiny_model.predict(small, compile=True).labels, expected)
+    assert counters["stats"]["unique_graphs"] == graphs  # the second call reused the compiled code
+    with pytest.raises(ValueError, match="compile"):
+        tiny_model.predict(small, compile=True, engine="onnxruntime")

@@ -1,0 +1,228 @@
+"""Inference-time fusion for ``FCN.fuse()``: BatchNorm folded into convolutions, then on CPU each convolution,
+its ReLU and its residual addition run as one oneDNN kernel.
+
+Eager PyTorch runs a ResNet block's ReLUs and residual addition as separate passes over memory; with
+BatchNorm folded these are the only work outside the convolutions (about 4% of an R-50 OS8 forward on a
+CPU). oneDNN applies them as post-ops of the convolution that produces the tensor, while it is still in
+cache, through the same operators that ``torch.compile`` emits for CPU (``torch.ops.mkldnn``), with the
+weights reordered once into oneDNN's blocked layout. Wherever that kernel does not apply (other devices,
+autocast, autograd, tracing for export or compilation) the layer runs as ``conv2d`` followed by ``relu``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+__all__ = ["ConvAct", "fold_batchnorm", "fuse_activations", "input_splits", "onednn_available"]
+
+
+def onednn_available() -> bool:
+    """Whether this PyTorch build has the oneDNN fused convolution operators."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+SPLIT_BYTES = 12 << 20
+
+
+def input_splits(weight: torch.Tensor) -> int:
+    """Into how many input-channel slices a convolution is split so that each slice's weights are at most
+    ``SPLIT_BYTES``: oneDNN runs a convolution whose weights far exceed the caches (FCN's head, 2048 -> 512
+    channels 3x3, 38 MB) at ~90% of the matmul rate, and its four 512-channel slices, summed by post-ops,
+    at ~100% (benchmarks/RESULTS.md). Only splits into equal slices of a multiple of 64 channels."""
+    c_out, c_in = weight.shape[:2]
+    nbytes = weight.numel() * weight.element_size()
+    for splits in range(max(1, -(-nbytes // SPLIT_BYTES)), c_in // 64 + 1):
+        if c_in % splits == 0 and (c_in // splits) % 64 == 0:
+            return splits
+    return 1
+
+
+class ConvAct(nn.Module):
+    """``relu(conv(x) + residual)``, ``relu(conv(x))`` or ``conv(x)``: a 2-D convolution and what follows it."""
+
+    def __init__(self, conv: nn.Conv2d, relu: bool, residual: bool = False):
+        super().__init__()
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("ConvAct supports zero padding given as numbers only")
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.relu = relu
+        self.residual = residual
+        self._packed: tuple[tuple, list[torch.Tensor]] | None = None
+
+    def extra_repr(self) -> str:
+        c_out, c_in, kh, kw = self.weight.shape
+        ops = ["conv"] + (["+ residual"] if self.residual else []) + (["relu"] if self.relu else [])
+        return (f"{c_in * self.groups}, {c_out}, kernel_size=({kh}, {kw}), stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}: {' '.join(ops)}")
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if (residual is None) == self.residual:
+            raise TypeError("this layer " + ("needs" if self.residual else "takes no") + " residual input")
+        if self._use_onednn(x, residual):
+            geometry = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+            unary = "relu" if self.relu else "none"
+            weights = self._packed_weights(x)
+            if residual is not None:
+                return torch.ops.mkldnn._convolution_pointwise.binary(
+                    x, residual, weights[0], self.bias, *geometry, "add", 1.0, unary, [], ""
+                )
+            if len(weights) == 1:
+                return torch.ops.mkldnn._convolution_pointwise(x, weights[0], self.bias, *geometry, unary, [], "")
+            # split over input channels: each slice's convolution adds onto the sum so far (a fused post-op)
+            width = x.shape[1] // len(weights)
+            parts = [x[:, i * width:(i + 1) * width].contiguous(memory_format=torch.channels_last) for i in range(len(weights))]
+            y = torch.ops.mkldnn._convolution_pointwise(parts[0], weights[0], self.bias, *geometry, "none", [], "")
+            for i in range(1, len(weights)):
+                last = i == len(weights) - 1
+                y = torch.ops.mkldnn._convolution_pointwise.binary(
+                    parts[i], y, weights[i], None, *geometry, "add", 1.0, unary if last else None, [], ""
+                )
+            return y
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if residual is not None:
+            y += residual
+        return F.relu(y, inplace=True) if self.relu else y
+
+    def _use_onednn(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        return (
+            x.device.type == "cpu"
+            and x.dtype == self.weight.dtype == torch.float32
+            and x.dim() == 4
+            and x.shape[1] == self.weight.shape[1] * self.groups  # else conv2d raises its own error
+            and (residual is None or (residual.dtype == x.dtype and residual.layout == torch.strided))
+            and x.layout == torch.strided
+            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()
+            and onednn_available()
+        )
+
+    def _packed_weights(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The weight in oneDNN's blocked layout, made once per set of weights (after ``.to()``, again);
+        split over input channels into slices of at most ``SPLIT_BYTES`` (see :func:`input_splits`)."""
+        w = self.weight
+        key = (w.data_ptr(), w.device, None if w.is_inference() else w._version)  # in-place edits re-pack
+        if self._packed is None or self._packed[0] != key:
+            splits = input_splits(w) if not self.residual and self.groups == 1 else 1
+            width = w.shape[1] // splits
+            packed = [
+                torch.ops.mkldnn._reorder_convolution_weight(
+                    w.detach()[:, i * width:(i + 1) * width].contiguous(), list(self.padding), list(self.stride),
+                    list(self.dilation), self.groups, [x.shape[0], width, *x.shape[2:]],
+                )
+                for i in range(splits)
+            ]
+            self._packed = (key, packed)
+        return self._packed[1]
+
+    def _apply(self, fn, recurse=True):
+        self._packed = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._packed = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self):  # deepcopy and pickle: the packed weight is a cache, rebuilt on first use
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_packed": None}
+
+
+class FusedBottleneck(nn.Module):
+    """timm's ``Bottleneck`` (or ``BasicBlock``, with two convolutions) with BatchNorm folded: the ReLUs and
+    the residual addition are post-ops of the convolutions."""
+
+    def __init__(self, convs: list[nn.Conv2d], downsample: nn.Module | None):
+        super().__init__()
+        self.convs = nn.Sequential(*[ConvAct(c, relu=True) for c in convs[:-1]])
+        self.last = ConvAct(convs[-1], relu=True, residual=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.last(self.convs(x), shortcut)
+
+
+def fold_batchnorm(model: nn.Module) -> None:
+    """Replace each eval-mode (conv, BatchNorm) pair by the conv with the BatchNorm folded in, in place."""
+    for parent in list(model.modules()):
+        children = dict(parent.named_children())
+        if isinstance(parent, nn.Sequential):
+            pairs = [(a, b) for a, b in zip(children, list(children)[1:])]
+        else:  # timm's ResNet blocks and stem: convN followed by bnN
+            pairs = [(f"conv{n[2:]}", n) for n in children if n.startswith("bn") and f"conv{n[2:]}" in children]
+        for conv_name, bn_name in pairs:
+            conv, bn = children[conv_name], children[bn_name]
+            if isinstance(conv, nn.Sequential) and len(conv):  # a deep stem: its last layer feeds bn1
+                conv_name, parent_of_conv, conv = str(len(conv) - 1), conv, conv[-1]
+            else:
+                parent_of_conv = parent
+            if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and bn.track_running_stats:
+                setattr(parent_of_conv, conv_name, fuse_conv_bn_eval(conv, bn))
+                setattr(parent, bn_name, nn.Identity())
+
+
+def fuse_activations(model: nn.Module) -> int:
+    """After :func:`fold_batchnorm`: make each ReLU, and each ResNet block's residual addition, a post-op of
+    the convolution before it. Returns the number of ReLUs absorbed."""
+    absorbed = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            block = _as_fused_block(child)
+            if block is not None:
+                setattr(parent, name, block)
+                absorbed += len(block.convs) + 1
+        if _runs_children_in_order(parent):
+            absorbed += _fuse_sequence(parent)
+    return absorbed
+
+
+def _as_fused_block(block: nn.Module) -> FusedBottleneck | None:
+    """A timm ResNet ``Bottleneck``/``BasicBlock`` whose BatchNorms are folded and that has nothing but
+    convolutions and ReLUs on its main path."""
+    names = {"Bottleneck": ("conv1", "conv2", "conv3"), "BasicBlock": ("conv1", "conv2")}.get(type(block).__name__)
+    if names is None or not type(block).__module__.startswith("timm."):
+        return None
+    convs = [getattr(block, n, None) for n in names]
+    acts = [getattr(block, f"act{i}", None) for i in range(1, len(names) + 1)]
+    passive = [getattr(block, n, None) for n in ("bn1", "bn2", "bn3", "drop_block", "aa", "se", "drop_path")]
+    if (
+        all(type(c) is nn.Conv2d and c.padding_mode == "zeros" for c in convs)
+        and all(type(a) is nn.ReLU for a in acts)
+        and all(p is None or type(p) is nn.Identity for p in passive)
+    ):
+        return FusedBottleneck(convs, block.downsample)
+    return None
+
+
+def _runs_children_in_order(module: nn.Module) -> bool:
+    # nn.Sequential, and timm's feature extractors (a ModuleDict whose forward runs its entries in order)
+    return isinstance(module, nn.Sequential) or type(module).__name__ in ("FeatureListNet", "FeatureDictNet")
+
+
+def _fuse_sequence(parent: nn.Module) -> int:
+    """In a module that runs its children in order: conv, [Identity...], ReLU -> ConvAct(relu), Identity.
+    A child that is a Sequential ending in a conv (timm's deep stem) counts as that conv."""
+    children = list(parent.named_children())
+    absorbed = 0
+    for i, (name, child) in enumerate(children):
+        owner, conv_name, conv = parent, name, child
+        if isinstance(child, nn.Sequential) and len(child) and type(child[-1]) is nn.Conv2d:
+            owner, conv_name, conv = child, str(len(child) - 1), child[-1]
+        if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            continue
+        j = i + 1
+        while j < len(children) and type(children[j][1]) is nn.Identity:
+            j += 1
+        if j < len(children) and type(children[j][1]) is nn.ReLU:
+            setattr(owner, conv_name, ConvAct(conv, relu=True))
+            setattr(parent, children[j][0], nn.Identity())
+            absorbed += 1
+        else:
+            setattr(owner, conv_name, ConvAct(conv, relu=False))
+    return absorbed
