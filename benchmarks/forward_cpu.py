@@ -1,6 +1,6 @@
 """CPU forward-pass benchmark: fcn_zoo vs the reference implementation (sssegmentation) and torchvision.
 
-    python benchmarks/forward_cpu.py [--models fcn_resnet50os8_voc ...] [--size 512 683] [--runs 5] [--onnx]
+    python benchmarks/forward_cpu.py [--models fcn_resnet50os8_voc ...] [--size 512 683] [--runs 5] [--onnx] [--bf16]
 
 For each model, one input of the given size, the median time of a forward pass that returns logits at the
 input's size, for:
@@ -11,7 +11,9 @@ input's size, for:
 - the reference model on the same weights (its forward plus the same bilinear upsampling);
 - for OS8 models, torchvision's ``fcn_resnet50/101`` and fcn_zoo on the same torchvision weights (the
   7x7-stem, one-conv-head architecture: a different model from the reference rows, compared with itself);
-- with ``--onnx``, onnxruntime on fcn_zoo's ONNX export.
+- with ``--onnx``, onnxruntime on fcn_zoo's ONNX export;
+- with ``--bf16``, fcn_zoo under bf16 autocast (what ``predict(precision="bf16")`` runs), its share taken of a
+  bf16 matmul.
 
 FLOPs are counted by ``torch.utils.flop_counter`` and the GFLOP/s is also given as a fraction of a 4096x4096
 fp32 matmul measured in the same run: in each round the matmul is timed and then every contender once, the
@@ -43,8 +45,8 @@ from fcn_zoo.model import load_state_dict  # noqa: E402
 from reference import build_reference_fcn, save_reference_checkpoint  # noqa: E402
 
 
-def matmul_gflops(n: int = 4096, runs: int = 3) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 4096, runs: int = 3, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     times = []
     for _ in range(runs):
@@ -60,7 +62,7 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def contenders_for(name: str, x: torch.Tensor, workdir: Path, onnx: bool) -> dict:
+def contenders_for(name: str, x: torch.Tensor, workdir: Path, onnx: bool, bf16: bool) -> dict:
     """name -> (callable, FLOPs); every callable returns logits at x's size."""
     from ssseg.modules.utils import SSSegInputStructure
 
@@ -111,7 +113,16 @@ def contenders_for(name: str, x: torch.Tensor, workdir: Path, onnx: bool) -> dic
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         feed = {"image": x.numpy()}
         out["onnxruntime (fcn_zoo export)"] = (lambda: session.run(None, feed), flops)
+    if bf16:
+        def run_bf16():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return channels_last(x_cl)
+
+        out[BF16] = (run_bf16, flops)
     return out
+
+
+BF16 = "fcn_zoo bf16 autocast, ch_last *"
 
 
 def main() -> None:
@@ -120,25 +131,29 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=(512, 683), metavar=("H", "W"))
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--onnx", action="store_true", help="also time onnxruntime (needs the export extra)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time bf16 autocast (CPUs with AMX), its share taken of a bf16 matmul")
     args = parser.parse_args()
 
     x = torch.randn(1, 3, *args.size)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, input 1x3x{args.size[0]}x{args.size[1]}")
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         for name in args.models:
-            contenders = contenders_for(name, x, Path(tmp), args.onnx)
+            contenders = contenders_for(name, x, Path(tmp), args.onnx, args.bf16)
             for fn, _ in contenders.values():  # warm-up
                 fn()
             times = {k: [] for k in contenders}
             shares = {k: [] for k in contenders}
-            peaks = []
+            peaks, bf16_peaks = [], []
             for _ in range(args.runs):
                 peaks.append(matmul_gflops())
+                if args.bf16:
+                    bf16_peaks.append(matmul_gflops(dtype=torch.bfloat16))
                 for k, (fn, flops) in contenders.items():
                     t = time.perf_counter()
                     fn()
                     times[k].append(time.perf_counter() - t)
-                    shares[k].append(flops / times[k][-1] / 1e9 / peaks[-1])
+                    shares[k].append(flops / times[k][-1] / 1e9 / (bf16_peaks if k == BF16 else peaks)[-1])
             peak = statistics.median(peaks)
             print(f"\n{name}: {contenders['reference (sssegmentation)'][1] / 1e9:.1f} GFLOP; "
                   f"4096^2 fp32 matmul {peak:.1f} GFLOP/s (median of {args.runs}, range {min(peaks):.0f}-{max(peaks):.0f})")
@@ -147,6 +162,8 @@ def main() -> None:
                 t, flops, share = statistics.median(ts), contenders[k][1], shares[k]
                 print(f"{k:38s} {t:9.3f} {1 / t:6.2f} {flops / t / 1e9:8.1f} {statistics.median(share):9.1%} "
                       f"({min(share):.0%}-{max(share):.0%})")
+            if args.bf16:
+                print(f"* of a 4096^2 bf16 matmul: {statistics.median(bf16_peaks):.1f} GFLOP/s")
 
 if __name__ == "__main__":
     main()
