@@ -389,16 +389,18 @@ def _slide(features, x: torch.Tensor, window: Sequence[int], stride: Sequence[in
     return total / count
 
 
-def _upsample_argmax(logits: list[torch.Tensor], size, budget_bytes: int = 64 << 20) -> torch.Tensor:
+def _upsample_argmax(logits: list[torch.Tensor], size, budget_bytes: int = 64 << 20, prune: bool = True) -> torch.Tensor:
     """argmax over classes of the sum of ``logits`` (each ``(1, C, h, w)``) upsampled bilinearly to ``size``.
 
     Bilinear interpolation is separable: the width is upsampled for all ``h`` rows at once (small), the
     height a band of output rows at a time, as a matrix product with the interpolation weights. Only one
     band of full-size scores exists at a time (``budget_bytes``), so a 19-class 1024x2048 frame needs the
-    20 MB of width-upsampled logits and one band instead of a 160 MB score map, and a TTA sum no more. Equal to ``F.interpolate`` up to float rounding.
+    20 MB of width-upsampled logits and one band instead of a 160 MB score map, and a TTA sum no more.
+    For one set of logits (no TTA), ``prune`` first tries :func:`_upsample_argmax_candidates`, which
+    scores only the classes that can win at each pixel. Equal to ``F.interpolate`` up to float rounding.
     """
     height, width = int(size[0]), int(size[1])
-    if len(logits) == 1:
+    if prune and len(logits) == 1:
         labels = _upsample_argmax_candidates(logits[0][0].float(), height, width, budget_bytes)
         if labels is not None:
             return labels
