@@ -148,6 +148,8 @@ def cmd_predict(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise FCNZooError(f"--out {out}: exists and is not a folder; pass a folder for the masks")
+    if args.compile and args.engine != "torch":
+        raise FCNZooError("--compile applies to --engine torch; onnxruntime compiles its graph itself")
     model = from_pretrained(args.name, device=args.device, cache_dir=args.cache_dir).fuse()
     out.mkdir(parents=True, exist_ok=True)
 

@@ -76,6 +76,9 @@ def test_predict_passes_precision_and_compile_through(capsys, tiny_folder, tmp_p
     code, _, err = run(capsys, "predict", str(tiny_folder), str(PHOTOS[0]), "--out", str(tmp_path / "m"), "--precision", "fp16")
     assert code == 1 and "fp16" in err and "Traceback" not in err  # fp16 is for GPUs: one clear line
     assert not list((tmp_path / "m").glob("*.partial*"))
+    code, _, err = run(capsys, "predict", str(tiny_folder), str(PHOTOS[0]), "--out", str(tmp_path / "c"),
+                       "--compile", "--engine", "onnxruntime")
+    assert code == 1 and err.count("\n") == 1 and "--compile" in err and not (tmp_path / "c").exists()
 
 
 def test_one_bad_image_fails_alone_and_leaves_nothing_half_written(capsys, tiny_folder, tmp_path):

@@ -244,6 +244,16 @@ def test_bf16_on_cpu_runs_the_network_in_bf16_and_keeps_the_labels(tiny_model, p
     assert got.shape == expected.shape and (got == expected).mean() >= 0.99
 
 
+def test_bf16_on_a_cpu_without_bf16_instructions_warns_that_it_is_slower(tiny_model, photo, monkeypatch, caplog):
+    from fcn_zoo import predict as predict_module
+
+    monkeypatch.setattr(predict_module, "_cpu_has_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="fcn_zoo.predict"):
+        seg = tiny_model.predict(photo[::4, ::4], precision="bf16")
+    assert seg.labels.shape == photo[::4, ::4].shape[:2]
+    assert any("slower than fp32" in r.getMessage() for r in caplog.records)
+
+
 def test_compile_gives_the_eager_labels_and_compiles_once_per_model(tiny_model, photo):
     from torch._dynamo.utils import counters
 
