@@ -16,7 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["ConvAct", "fold_batchnorm", "fuse_activations", "input_splits", "onednn_available"]
+__all__ = ["ConvAct", "fold_batchnorm", "fuse_activations", "input_splits", "onednn_available", "version_of"]
+
+
+def version_of(t: torch.Tensor) -> int:
+    """The tensor's in-place edit counter; 0 for tensors made under inference mode, which have none (and
+    cannot be edited in place outside it)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return 0
 
 
 def onednn_available() -> bool:
@@ -106,13 +115,14 @@ class ConvAct(nn.Module):
         """The weight in oneDNN's blocked layout, made once per set of weights (after ``.to()``, again);
         split over input channels into slices of at most ``SPLIT_BYTES`` (see :func:`input_splits`)."""
         w = self.weight
-        key = (w.data_ptr(), w.device, None if w.is_inference() else w._version)  # in-place edits re-pack
+        key = (w.data_ptr(), w.device, version_of(w))  # in-place edits re-pack
         if self._packed is None or self._packed[0] != key:
             splits = input_splits(w) if not self.residual and self.groups == 1 else 1
             width = w.shape[1] // splits
             packed = [
                 torch.ops.mkldnn._reorder_convolution_weight(
-                    w.detach()[:, i * width:(i + 1) * width].contiguous(), list(self.padding), list(self.stride),
+                    w.detach() if splits == 1 else w.detach().index_select(1, torch.arange(i * width, (i + 1) * width)),
+                    list(self.padding), list(self.stride),
                     list(self.dilation), self.groups, [x.shape[0], width, *x.shape[2:]],
                 )
                 for i in range(splits)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ._files import atomic_path
+from ._fusion import version_of
 
 __all__ = ["export", "onnx_session", "FORMATS"]
 
@@ -42,7 +43,7 @@ def export(
         raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     path = Path(path)
     model = model.eval()
-    module = _Features(model) if features else model
+    module = _Features(model).eval() if features else model
     x = torch.randn(2, 3, *example_size)  # batch 2: a batch of 1 would be specialised to a constant
     auto = torch.export.Dim.AUTO  # let export find the ranges (the dilated convolutions add guards)
     dims = {0: auto, 2: auto, 3: auto}
@@ -84,7 +85,7 @@ def onnx_session(model):
     from .hub import _writable, cache_root
 
     state = model.state_dict()
-    version = sum(t._version for t in state.values())
+    version = sum(version_of(t) for t in state.values())
     cached = getattr(model, "_onnx_session", None)
     if cached is not None and cached[0] == version:
         return cached[1]

@@ -199,8 +199,9 @@ class FCN(
         from ._fusion import fold_batchnorm, fuse_activations
 
         self.eval()
-        fold_batchnorm(self)
-        fuse_activations(self)
+        with torch.inference_mode(False), torch.no_grad():  # the new weights are ordinary tensors even when
+            fold_batchnorm(self)  # fuse() is called under inference mode
+            fuse_activations(self)
         self.requires_grad_(False)
         self._fused = True
         return self

@@ -133,3 +133,22 @@ def test_a_convolution_with_weights_beyond_the_caches_runs_split_with_the_same_r
     assert len(layer._packed[1]) == 4  # the split path ran
     with pytest.raises(RuntimeError):
         layer(torch.randn(1, 1024, 9, 13))  # a wrong channel count is refused, not sliced
+
+
+def test_a_model_made_and_fused_under_inference_mode_runs_and_exports(tmp_path):
+    from fcn_zoo._fusion import ConvAct
+    from fcn_zoo.export import onnx_session
+
+    expected_model = tiny_fcn()
+    with torch.inference_mode():
+        model = tiny_fcn().fuse()  # every tensor an inference tensor: no version counters, no views
+        head = ConvAct(torch.nn.Conv2d(2048, 512, 3, padding=1), relu=True)  # split into slices
+        y = torch.randn(1, 2048, 6, 6)
+        assert (head(y) - torch.relu(torch.nn.functional.conv2d(y, head.weight, head.bias, padding=1))).abs().max() < 1e-4
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = expected_model(x)
+        assert (model(x) - expected).abs().max() <= 1e-5 * expected.abs().max() + 1e-6
+    session = onnx_session(model)  # reads the weights' edit counters
+    logits = session.run(None, {"image": x.numpy()})[0]
+    assert logits.shape[1] == 21
