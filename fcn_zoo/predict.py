@@ -393,7 +393,7 @@ def _upsample_argmax(logits: list[torch.Tensor], size, budget_bytes: int = 64 <<
     """argmax over classes of the sum of ``logits`` (each ``(1, C, h, w)``) upsampled bilinearly to ``size``.
 
     Bilinear interpolation is separable: the width is upsampled for all ``h`` rows at once (small), the
-    height a band of output rows at a time, as a matrix product with the interpolation weights. Only one
+    height a band of output rows at a time, each row a blend of its two nearest input rows. Only one
     band of full-size scores exists at a time (``budget_bytes``), so a 19-class 1024x2048 frame needs the
     20 MB of width-upsampled logits and one band instead of a 160 MB score map, and a TTA sum no more.
     For one set of logits (no TTA), ``prune`` first tries :func:`_upsample_argmax_candidates`, which
@@ -407,14 +407,14 @@ def _upsample_argmax(logits: list[torch.Tensor], size, budget_bytes: int = 64 <<
     classes = logits[0].shape[1]
     device = logits[0].device
     wide = [F.interpolate(lg.float(), size=(lg.shape[2], width), mode="bilinear", align_corners=False)[0] for lg in logits]
-    band = max(1, budget_bytes // (4 * classes * width * (1 + len(logits))))
+    taps = [_taps(lg.shape[2], height, device) for lg in logits]
+    band = max(1, budget_bytes // (4 * classes * width * 4))  # two gathered rows, their blend, the sum
     labels = torch.empty(height, width, dtype=torch.int64, device=device)
     for top in range(0, height, band):
         bottom = min(height, top + band)
         total = None
-        for lg, w in zip(logits, wide):
-            weights = _row_weights(lg.shape[2], height, top, bottom, device)  # (band, h)
-            scores = torch.einsum("yh,chw->cyw", weights, w)
+        for w, (lower, upper, frac) in zip(wide, taps):
+            scores = torch.lerp(w[:, lower[top:bottom]], w[:, upper[top:bottom]], frac[top:bottom].view(1, -1, 1))
             total = scores if total is None else total.add_(scores)
         labels[top:bottom] = total.argmax(0)
     return labels
@@ -469,23 +469,14 @@ def _upsample_argmax_candidates(logits: torch.Tensor, height: int, width: int, b
     return labels
 
 
-def _taps(n_in: int, n_out: int, device, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, ...]:
+def _taps(n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bilinear resampling of ``n_in`` samples to ``n_out`` (align_corners=False) as PyTorch does it: per output
-    index in ``[start, stop)``, the lower and upper input index and the weight of the upper one."""
-    y = torch.arange(start, n_out if stop is None else stop, device=device, dtype=torch.float64)
+    index, the lower and upper input index and the weight of the upper one."""
+    y = torch.arange(n_out, device=device, dtype=torch.float64)
     src = ((y + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
     lower = src.floor().long().clamp(max=n_in - 1)
     upper = (lower + 1).clamp(max=n_in - 1)
     return lower, upper, (src - lower).float()
-
-
-def _row_weights(rows_in: int, rows_out: int, top: int, bottom: int, device) -> torch.Tensor:
-    """The ``(bottom - top, rows_in)`` matrix of bilinear weights, align_corners=False, as PyTorch computes them."""
-    lower, upper, frac = _taps(rows_in, rows_out, device, top, bottom)
-    weights = torch.zeros(bottom - top, rows_in, device=device)
-    weights.scatter_add_(1, lower[:, None], (1 - frac)[:, None])
-    weights.scatter_add_(1, upper[:, None], frac[:, None])
-    return weights
 
 
 _compiled_forward = None
