@@ -12,8 +12,8 @@ input's size, for:
 - for OS8 models, torchvision's ``fcn_resnet50/101`` and fcn_zoo on the same torchvision weights (the
   7x7-stem, one-conv-head architecture: a different model from the reference rows, compared with itself);
 - with ``--onnx``, onnxruntime on fcn_zoo's ONNX export;
-- with ``--bf16``, fcn_zoo under bf16 autocast (what ``predict(precision="bf16")`` runs), its share taken of a
-  bf16 matmul.
+- with ``--bf16``, fcn_zoo under bf16 autocast (what ``predict(precision="bf16")`` runs), unfused and fused,
+  its share taken of a bf16 matmul.
 
 FLOPs are counted by ``torch.utils.flop_counter`` and the GFLOP/s is also given as a fraction of a 4096x4096
 fp32 matmul measured in the same run: in each round the matmul is timed and then every contender once, the
@@ -114,15 +114,16 @@ def contenders_for(name: str, x: torch.Tensor, workdir: Path, onnx: bool, bf16: 
         feed = {"image": x.numpy()}
         out["onnxruntime (fcn_zoo export)"] = (lambda: session.run(None, feed), flops)
     if bf16:
-        def run_bf16():
+        def run_bf16(model):
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                return channels_last(x_cl)
+                return model(x_cl)
 
-        out[BF16] = (run_bf16, flops)
+        out[BF16[0]] = (lambda: run_bf16(channels_last), flops)
+        out[BF16[1]] = (lambda: run_bf16(fused), flops)
     return out
 
 
-BF16 = "fcn_zoo bf16 autocast, ch_last *"
+BF16 = ("fcn_zoo bf16 autocast, ch_last *", "fcn_zoo bf16 autocast, fused *")
 
 
 def main() -> None:
@@ -153,7 +154,7 @@ def main() -> None:
                     t = time.perf_counter()
                     fn()
                     times[k].append(time.perf_counter() - t)
-                    shares[k].append(flops / times[k][-1] / 1e9 / (bf16_peaks if k == BF16 else peaks)[-1])
+                    shares[k].append(flops / times[k][-1] / 1e9 / (bf16_peaks if k in BF16 else peaks)[-1])
             peak = statistics.median(peaks)
             print(f"\n{name}: {contenders['reference (sssegmentation)'][1] / 1e9:.1f} GFLOP; "
                   f"4096^2 fp32 matmul {peak:.1f} GFLOP/s (median of {args.runs}, range {min(peaks):.0f}-{max(peaks):.0f})")

@@ -5,7 +5,8 @@ Eager PyTorch runs a ResNet block's ReLUs and residual addition as separate pass
 BatchNorm folded these are the only work outside the convolutions (about 4% of an R-50 OS8 forward on a
 CPU). oneDNN applies them as post-ops of the convolution that produces the tensor, while it is still in
 cache, through the same operators that ``torch.compile`` emits for CPU (``torch.ops.mkldnn``), with the
-weights reordered once into oneDNN's blocked layout. Wherever that kernel does not apply (other devices,
+weights reordered once into oneDNN's blocked layout. Under CPU bf16 autocast the same kernels run in
+bf16, with the weights kept packed in bf16. Wherever the kernels do not apply (other devices, other
 autocast, autograd, tracing for export or compilation) the layer runs as ``conv2d`` followed by ``relu``.
 """
 
@@ -61,7 +62,7 @@ class ConvAct(nn.Module):
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.relu = relu
         self.residual = residual
-        self._packed: tuple[tuple, list[torch.Tensor]] | None = None
+        self._packed: dict[torch.dtype, tuple[tuple, tuple[list[torch.Tensor], torch.Tensor | None]]] = {}
 
     def extra_repr(self) -> str:
         c_out, c_in, kh, kw = self.weight.shape
@@ -72,20 +73,22 @@ class ConvAct(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if (residual is None) == self.residual:
             raise TypeError("this layer " + ("needs" if self.residual else "takes no") + " residual input")
-        if self._use_onednn(x, residual):
+        dtype = self._onednn_dtype(x, residual)
+        if dtype is not None:
             geometry = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
             unary = "relu" if self.relu else "none"
-            weights = self._packed_weights(x)
+            weights, bias = self._packed_weights(x, dtype)
+            x = x.to(dtype)  # under bf16 autocast: as autocast would cast it
             if residual is not None:
                 return torch.ops.mkldnn._convolution_pointwise.binary(
-                    x, residual, weights[0], self.bias, *geometry, "add", 1.0, unary, [], ""
+                    x, residual.to(dtype), weights[0], bias, *geometry, "add", 1.0, unary, [], ""
                 )
             if len(weights) == 1:
-                return torch.ops.mkldnn._convolution_pointwise(x, weights[0], self.bias, *geometry, unary, [], "")
+                return torch.ops.mkldnn._convolution_pointwise(x, weights[0], bias, *geometry, unary, [], "")
             # split over input channels: each slice's convolution adds onto the sum so far (a fused post-op)
             width = x.shape[1] // len(weights)
             parts = [x[:, i * width:(i + 1) * width].contiguous(memory_format=torch.channels_last) for i in range(len(weights))]
-            y = torch.ops.mkldnn._convolution_pointwise(parts[0], weights[0], self.bias, *geometry, "none", [], "")
+            y = torch.ops.mkldnn._convolution_pointwise(parts[0], weights[0], bias, *geometry, "none", [], "")
             for i in range(1, len(weights)):
                 last = i == len(weights) - 1
                 y = torch.ops.mkldnn._convolution_pointwise.binary(
@@ -97,50 +100,65 @@ class ConvAct(nn.Module):
             y += residual
         return F.relu(y, inplace=True) if self.relu else y
 
-    def _use_onednn(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-        return (
+    def _onednn_dtype(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype | None:
+        """The dtype of oneDNN's fused kernel for this call: float32, bfloat16 under CPU bf16 autocast (the
+        weights then kept in bf16 too, not cast at each call), or ``None`` for plain conv2d + relu."""
+        if not (
             x.device.type == "cpu"
-            and x.dtype == self.weight.dtype == torch.float32
+            and self.weight.dtype == torch.float32
             and x.dim() == 4
             and x.shape[1] == self.weight.shape[1] * self.groups  # else conv2d raises its own error
             and (residual is None or (residual.dtype == x.dtype and residual.layout == torch.strided))
             and x.layout == torch.strided
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-            and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling()
             and onednn_available()
-        )
+        ):
+            return None
+        if not torch.is_autocast_enabled("cpu"):
+            return torch.float32 if x.dtype == torch.float32 else None
+        if _autocast_dtype_cpu() == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16):
+            return torch.bfloat16
+        return None
 
-    def _packed_weights(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The weight in oneDNN's blocked layout, made once per set of weights (after ``.to()``, again);
-        split over input channels into slices of at most ``SPLIT_BYTES`` (see :func:`input_splits`)."""
+    def _packed_weights(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The weight in oneDNN's blocked layout and ``dtype``, and the bias in ``dtype``, made once per set
+        of weights and dtype (after ``.to()`` or an in-place edit, again); the weight split over input
+        channels into slices of at most ``SPLIT_BYTES`` (see :func:`input_splits`)."""
         w = self.weight
-        key = (w.data_ptr(), w.device, version_of(w))  # in-place edits re-pack
-        if self._packed is None or self._packed[0] != key:
+        key = (w.data_ptr(), w.device, version_of(w))
+        cached = self._packed.get(dtype)
+        if cached is None or cached[0] != key:
             splits = input_splits(w) if not self.residual and self.groups == 1 else 1
             width = w.shape[1] // splits
             packed = [
                 torch.ops.mkldnn._reorder_convolution_weight(
-                    w.detach() if splits == 1 else w.detach().index_select(1, torch.arange(i * width, (i + 1) * width)),
+                    (w.detach() if splits == 1 else w.detach().index_select(1, torch.arange(i * width, (i + 1) * width))).to(dtype),
                     list(self.padding), list(self.stride),
                     list(self.dilation), self.groups, [x.shape[0], width, *x.shape[2:]],
                 )
                 for i in range(splits)
             ]
-            self._packed = (key, packed)
-        return self._packed[1]
+            bias = None if self.bias is None else self.bias.detach().to(dtype)
+            cached = self._packed[dtype] = (key, (packed, bias))
+        return cached[1]
 
     def _apply(self, fn, recurse=True):
-        self._packed = None
+        self._packed = {}
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._packed = None
+        self._packed = {}
         return super()._load_from_state_dict(*args, **kwargs)
 
     def __getstate__(self):  # deepcopy and pickle: the packed weight is a cache, rebuilt on first use
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {**state, "_packed": None}
+        return {**state, "_packed": {}}
+
+
+def _autocast_dtype_cpu() -> torch.dtype:
+    get = getattr(torch, "get_autocast_dtype", None)  # torch >= 2.4; before, the CPU-specific getter
+    return get("cpu") if get is not None else torch.get_autocast_cpu_dtype()
 
 
 class FusedBottleneck(nn.Module):

@@ -130,7 +130,7 @@ def test_a_convolution_with_weights_beyond_the_caches_runs_split_with_the_same_r
         expected = torch.relu(conv(x))
         for inp in (x, x.contiguous(memory_format=torch.channels_last)):
             assert (layer(inp) - expected).abs().max() <= 1e-5 * expected.abs().max()
-    assert len(layer._packed[1]) == 4  # the split path ran
+    assert len(layer._packed[torch.float32][1][0]) == 4  # the split path ran
     with pytest.raises(RuntimeError):
         layer(torch.randn(1, 1024, 9, 13))  # a wrong channel count is refused, not sliced
 
@@ -152,3 +152,25 @@ def test_a_model_made_and_fused_under_inference_mode_runs_and_exports(tmp_path):
     session = onnx_session(model)  # reads the weights' edit counters
     logits = session.run(None, {"image": x.numpy()})[0]
     assert logits.shape[1] == 21
+
+
+def test_fused_model_under_cpu_bf16_autocast_runs_bf16_kernels_and_keeps_fp32_ones_apart():
+    from fcn_zoo._fusion import ConvAct
+
+    model = _bottleneck_fcn()
+    fused = copy.deepcopy(model).fuse()
+    x = torch.randn(1, 3, 96, 128).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = model(x)
+        fp32 = fused(x)
+        head = fused.decode_head[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = fused(x)
+        assert isinstance(head, ConvAct) and head._packed[torch.bfloat16][1][0][0].dtype == torch.bfloat16
+        again = fused(x)  # fp32 after bf16: its own packed weights, not the bf16 ones, both kept
+    assert head._packed[torch.float32][1][0][0].dtype == torch.float32 and len(head._packed) == 2
+    assert half.dtype == torch.bfloat16  # as autocast's own convolutions would give
+    assert torch.equal(fp32, again)
+    err = (half.float() - expected).abs().max()
+    assert 0 < err <= 0.05 * expected.abs().max()  # bf16 rounding: not fp32, not garbage
+    assert (half.float().argmax(1) == expected.argmax(1)).float().mean() > 0.98
