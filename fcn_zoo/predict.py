@@ -121,8 +121,9 @@ def predict(
             does not raise throughput and costs memory: benchmarks/RESULTS.md).
         device: run on this device (the model is moved there); default the model's.
         precision: ``"fp32"``, or ``"bf16"`` / on GPUs ``"fp16"``: the network under autocast (resizing
-            and argmax stay fp32). On CPUs with AMX (Intel Xeon 4th generation on), bf16 is ~3.5x faster
-            than fp32 (benchmarks/RESULTS.md); without bf16 instructions it is slower, and a warning says so.
+            and argmax stay fp32). On CPUs with AMX (Intel Xeon 4th generation on), bf16 is 3.4x faster
+            than fp32, 5.4x on a ``fuse()``d model (benchmarks/RESULTS.md); without bf16 instructions it
+            is slower, and a warning says so.
         engine: ``"torch"``, or on CPU ``"onnxruntime"``: the model exported once to ONNX (cached) and run
             by onnxruntime, which fuses what eager PyTorch cannot (~15% faster: benchmarks/RESULTS.md).
         compile: run the network through ``torch.compile`` (made once per model and device and kept, so
