@@ -192,7 +192,7 @@ class FCN(
         convolution's weights and bias it costs nothing. The ReLUs and residual additions then become
         post-ops of the convolutions (see ``fcn_zoo._fusion``), in bf16 under CPU bf16 autocast; on other
         devices, and under autograd, those layers run as plain ``conv2d`` + ``relu``. On CPU an R-50 OS8
-        forward gets 7-14% faster in fp32 and 1.7x in bf16 (benchmarks/RESULTS.md); outputs change by
+        forward gets 7-15% faster in fp32 and 1.7x in bf16 (benchmarks/RESULTS.md); outputs change by
         float rounding only. A fused model is for inference: its parameters no longer require gradients,
         and it cannot be trained or saved, so save it first. Returns ``self``.
         """
