@@ -12,12 +12,16 @@ autocast, autograd, tracing for export or compilation) the layer runs as ``conv2
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 __all__ = ["ConvAct", "fold_batchnorm", "fuse_activations", "input_splits", "onednn_available", "version_of"]
+
+logger = logging.getLogger(__name__)
 
 
 def version_of(t: torch.Tensor) -> int:
@@ -29,9 +33,17 @@ def version_of(t: torch.Tensor) -> int:
         return 0
 
 
-def onednn_available() -> bool:
-    """Whether this PyTorch build has the oneDNN fused convolution operators."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+_refused: set[torch.dtype] = set()  # dtypes whose fused kernels failed on this machine: not tried again
+
+
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this PyTorch build has the oneDNN fused convolution operators (and they have not failed here
+    for ``dtype``)."""
+    return (
+        dtype not in _refused
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    )
 
 
 SPLIT_BYTES = 12 << 20
@@ -75,30 +87,39 @@ class ConvAct(nn.Module):
             raise TypeError("this layer " + ("needs" if self.residual else "takes no") + " residual input")
         dtype = self._onednn_dtype(x, residual)
         if dtype is not None:
-            geometry = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
-            unary = "relu" if self.relu else "none"
-            weights, bias = self._packed_weights(x, dtype)
-            x = x.to(dtype)  # under bf16 autocast: as autocast would cast it
-            if residual is not None:
-                return torch.ops.mkldnn._convolution_pointwise.binary(
-                    x, residual.to(dtype), weights[0], bias, *geometry, "add", 1.0, unary, [], ""
-                )
-            if len(weights) == 1:
-                return torch.ops.mkldnn._convolution_pointwise(x, weights[0], bias, *geometry, unary, [], "")
-            # split over input channels: each slice's convolution adds onto the sum so far (a fused post-op)
-            width = x.shape[1] // len(weights)
-            parts = [x[:, i * width:(i + 1) * width].contiguous(memory_format=torch.channels_last) for i in range(len(weights))]
-            y = torch.ops.mkldnn._convolution_pointwise(parts[0], weights[0], bias, *geometry, "none", [], "")
-            for i in range(1, len(weights)):
-                last = i == len(weights) - 1
-                y = torch.ops.mkldnn._convolution_pointwise.binary(
-                    parts[i], y, weights[i], None, *geometry, "add", 1.0, unary if last else None, [], ""
-                )
-            return y
+            try:
+                return self._onednn_forward(x, residual, dtype)
+            except RuntimeError as e:  # these operators are internal to PyTorch: if one fails on this CPU
+                if isinstance(e, torch.OutOfMemoryError) or "memory" in str(e).lower():
+                    raise  # not the kernel's fault: the caller decides (predict suggests mode='slide')
+                _refused.add(dtype)  # or build, say so once and run the plain path from then on
+                logger.warning("oneDNN fused convolution failed (%s); running conv2d + relu instead", e)
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         if residual is not None:
             y += residual
         return F.relu(y, inplace=True) if self.relu else y
+
+    def _onednn_forward(self, x: torch.Tensor, residual: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        geometry = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+        unary = "relu" if self.relu else "none"
+        weights, bias = self._packed_weights(x, dtype)
+        x = x.to(dtype)  # under bf16 autocast: as autocast would cast it
+        if residual is not None:
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                x, residual.to(dtype), weights[0], bias, *geometry, "add", 1.0, unary, [], ""
+            )
+        if len(weights) == 1:
+            return torch.ops.mkldnn._convolution_pointwise(x, weights[0], bias, *geometry, unary, [], "")
+        # split over input channels: each slice's convolution adds onto the sum so far (a fused post-op)
+        width = x.shape[1] // len(weights)
+        parts = [x[:, i * width:(i + 1) * width].contiguous(memory_format=torch.channels_last) for i in range(len(weights))]
+        y = torch.ops.mkldnn._convolution_pointwise(parts[0], weights[0], bias, *geometry, "none", [], "")
+        for i in range(1, len(weights)):
+            last = i == len(weights) - 1
+            y = torch.ops.mkldnn._convolution_pointwise.binary(
+                parts[i], y, weights[i], None, *geometry, "add", 1.0, unary if last else None, [], ""
+            )
+        return y
 
     def _onednn_dtype(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype | None:
         """The dtype of oneDNN's fused kernel for this call: float32, bfloat16 under CPU bf16 autocast (the
@@ -112,14 +133,15 @@ class ConvAct(nn.Module):
             and x.layout == torch.strided
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
             and not torch.compiler.is_compiling()
-            and onednn_available()
         ):
             return None
         if not torch.is_autocast_enabled("cpu"):
-            return torch.float32 if x.dtype == torch.float32 else None
-        if _autocast_dtype_cpu() == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16):
-            return torch.bfloat16
-        return None
+            dtype = torch.float32 if x.dtype == torch.float32 else None
+        elif _autocast_dtype_cpu() == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16):
+            dtype = torch.bfloat16
+        else:
+            dtype = None
+        return dtype if dtype is not None and onednn_available(dtype) else None
 
     def _packed_weights(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """The weight in oneDNN's blocked layout and ``dtype``, and the bias in ``dtype``, made once per set

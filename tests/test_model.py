@@ -174,3 +174,26 @@ def test_fused_model_under_cpu_bf16_autocast_runs_bf16_kernels_and_keeps_fp32_on
     err = (half.float() - expected).abs().max()
     assert 0 < err <= 0.05 * expected.abs().max()  # bf16 rounding: not fp32, not garbage
     assert (half.float().argmax(1) == expected.argmax(1)).float().mean() > 0.98
+
+
+def test_if_the_fused_kernels_fail_on_a_machine_the_plain_path_answers_once_warned(monkeypatch, caplog):
+    from fcn_zoo import _fusion
+
+    model = tiny_fcn()
+    fused = copy.deepcopy(model).fuse()
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("could not create a primitive")
+
+    monkeypatch.setattr(_fusion.ConvAct, "_onednn_forward", lambda self, *a: broken())
+    monkeypatch.setattr(_fusion, "_refused", set())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), caplog.at_level("WARNING", logger="fcn_zoo._fusion"):
+        expected = model(x)
+        got = fused(x)
+        fused(x)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max() + 1e-6
+    assert len(calls) == 1  # tried once, then the plain path for every layer and call
+    assert sum("oneDNN fused convolution failed" in r.getMessage() for r in caplog.records) == 1
