@@ -12,12 +12,15 @@ autocast, autograd, tracing for export or compilation) the layer runs as ``conv2
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from .errors import is_out_of_memory
 
 __all__ = ["ConvAct", "fold_batchnorm", "fuse_activations", "input_splits", "onednn_available", "version_of"]
 
@@ -39,11 +42,12 @@ _refused: set[torch.dtype] = set()  # dtypes whose fused kernels failed on this 
 def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether this PyTorch build has the oneDNN fused convolution operators (and they have not failed here
     for ``dtype``)."""
-    return (
-        dtype not in _refused
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-    )
+    return dtype not in _refused and _build_has_onednn_ops()
+
+
+@functools.cache
+def _build_has_onednn_ops() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
 SPLIT_BYTES = 12 << 20
@@ -90,7 +94,7 @@ class ConvAct(nn.Module):
             try:
                 return self._onednn_forward(x, residual, dtype)
             except RuntimeError as e:  # these operators are internal to PyTorch: if one fails on this CPU
-                if isinstance(e, torch.OutOfMemoryError) or "memory" in str(e).lower():
+                if is_out_of_memory(e):
                     raise  # not the kernel's fault: the caller decides (predict suggests mode='slide')
                 _refused.add(dtype)  # or build, say so once and run the plain path from then on
                 logger.warning("oneDNN fused convolution failed (%s); running conv2d + relu instead", e)
@@ -137,7 +141,7 @@ class ConvAct(nn.Module):
             return None
         if not torch.is_autocast_enabled("cpu"):
             dtype = torch.float32 if x.dtype == torch.float32 else None
-        elif _autocast_dtype_cpu() == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16):
+        elif torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16):
             dtype = torch.bfloat16
         else:
             dtype = None
@@ -178,11 +182,6 @@ class ConvAct(nn.Module):
         return {**state, "_packed": {}}
 
 
-def _autocast_dtype_cpu() -> torch.dtype:
-    get = getattr(torch, "get_autocast_dtype", None)  # torch >= 2.4; before, the CPU-specific getter
-    return get("cpu") if get is not None else torch.get_autocast_cpu_dtype()
-
-
 class FusedBottleneck(nn.Module):
     """timm's ``Bottleneck`` (or ``BasicBlock``, with two convolutions) with BatchNorm folded: the ReLUs and
     the residual addition are post-ops of the convolutions."""
@@ -217,19 +216,16 @@ def fold_batchnorm(model: nn.Module) -> None:
                 setattr(parent, bn_name, nn.Identity())
 
 
-def fuse_activations(model: nn.Module) -> int:
+def fuse_activations(model: nn.Module) -> None:
     """After :func:`fold_batchnorm`: make each ReLU, and each ResNet block's residual addition, a post-op of
-    the convolution before it. Returns the number of ReLUs absorbed."""
-    absorbed = 0
+    the convolution before it, in place."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             block = _as_fused_block(child)
             if block is not None:
                 setattr(parent, name, block)
-                absorbed += len(block.convs) + 1
         if _runs_children_in_order(parent):
-            absorbed += _fuse_sequence(parent)
-    return absorbed
+            _fuse_sequence(parent)
 
 
 def _as_fused_block(block: nn.Module) -> FusedBottleneck | None:
@@ -255,11 +251,10 @@ def _runs_children_in_order(module: nn.Module) -> bool:
     return isinstance(module, nn.Sequential) or type(module).__name__ in ("FeatureListNet", "FeatureDictNet")
 
 
-def _fuse_sequence(parent: nn.Module) -> int:
+def _fuse_sequence(parent: nn.Module) -> None:
     """In a module that runs its children in order: conv, [Identity...], ReLU -> ConvAct(relu), Identity.
     A child that is a Sequential ending in a conv (timm's deep stem) counts as that conv."""
     children = list(parent.named_children())
-    absorbed = 0
     for i, (name, child) in enumerate(children):
         owner, conv_name, conv = parent, name, child
         if isinstance(child, nn.Sequential) and len(child) and type(child[-1]) is nn.Conv2d:
@@ -272,7 +267,5 @@ def _fuse_sequence(parent: nn.Module) -> int:
         if j < len(children) and type(children[j][1]) is nn.ReLU:
             setattr(owner, conv_name, ConvAct(conv, relu=True))
             setattr(parent, children[j][0], nn.Identity())
-            absorbed += 1
         else:
             setattr(owner, conv_name, ConvAct(conv, relu=False))
-    return absorbed

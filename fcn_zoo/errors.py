@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 
-__all__ = ["FCNZooError", "UnknownModelError", "WeightsError", "ImageError", "NotCachedError"]
+__all__ = ["FCNZooError", "UnknownModelError", "WeightsError", "ImageError", "NotCachedError", "is_out_of_memory"]
 
 
 class FCNZooError(Exception):
@@ -34,3 +34,9 @@ class ImageError(FCNZooError, ValueError):
 
 class NotCachedError(FCNZooError, FileNotFoundError):
     """Weights that are not on this machine while downloads are disabled."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says a device ran out of memory: ``torch.OutOfMemoryError`` (GPUs) or the plain
+    ``RuntimeError`` the CPU allocator raises."""
+    return isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and "memory" in str(error).lower())

@@ -8,8 +8,8 @@ bilinear upsampling of the logits straight to the original size, argmax.
 
 from __future__ import annotations
 
-import logging
 import functools
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from ._files import atomic_path
-from .errors import ImageError
+from .errors import ImageError, is_out_of_memory
 
 __all__ = ["predict", "predict_labels", "Segmentation", "TTA", "load_image", "eval_resize_shape", "save_image"]
 
@@ -172,8 +172,8 @@ def predict(
                     model, [x for x, _ in chunk], from_uint8=[f for _, f in chunk], tta=tta, mode=mode,
                     window=window, stride=stride, batch_size=batch_size, features=features,
                 )
-            except (torch.OutOfMemoryError, RuntimeError) as e:
-                if not isinstance(e, torch.OutOfMemoryError) and "memory" not in str(e).lower():
+            except RuntimeError as e:
+                if not is_out_of_memory(e):
                     raise
                 names = ", ".join(_describe(item) for item in items[start:start + batch_size])
                 hint = "use mode='slide'" if mode == "whole" else "use a smaller window"
