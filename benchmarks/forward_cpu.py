@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -42,7 +41,7 @@ from conftest import randomize_batchnorm  # noqa: E402
 from fcn_zoo._fusion import fold_batchnorm  # noqa: E402
 from fcn_zoo.convert import convert_state_dict  # noqa: E402
 from fcn_zoo.model import load_state_dict  # noqa: E402
-from reference import build_reference_fcn, save_reference_checkpoint  # noqa: E402
+from reference import build_reference_fcn, reference_logits, save_reference_checkpoint  # noqa: E402
 
 
 def matmul_gflops(n: int = 4096, runs: int = 3, dtype: torch.dtype = torch.float32) -> float:
@@ -64,8 +63,6 @@ def count_flops(fn) -> int:
 
 def contenders_for(name: str, x: torch.Tensor, workdir: Path, onnx: bool, bf16: bool) -> dict:
     """name -> (callable, FLOPs); every callable returns logits at x's size."""
-    from ssseg.modules.utils import SSSegInputStructure
-
     row = fcn_zoo.CHECKPOINTS[name]
     reference = build_reference_fcn(row.depth, row.output_stride, row.num_classes)
     pth = save_reference_checkpoint(reference, workdir / f"{row.name}.pth")
@@ -76,17 +73,13 @@ def contenders_for(name: str, x: torch.Tensor, workdir: Path, onnx: bool, bf16: 
     fused = copy.deepcopy(plain).fuse().to(memory_format=torch.channels_last)
     x_cl = x.contiguous(memory_format=torch.channels_last)
 
-    def run_reference():
-        low = reference(SSSegInputStructure(images=x, mode="TEST")).seg_logits
-        return F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False)
-
     flops = count_flops(lambda: plain(x))
     out = {
         "fcn_zoo model(x), NCHW": (lambda: plain(x), flops),
         "fcn_zoo model(x), channels_last": (lambda: channels_last(x_cl), flops),
         "fcn_zoo BN folded only, ch_last": (lambda: folded(x_cl), flops),
         "fcn_zoo model.fuse()(x), ch_last": (lambda: fused(x_cl), flops),
-        "reference (sssegmentation)": (run_reference, flops),
+        "reference (sssegmentation)": (lambda: reference_logits(reference, x), flops),
     }
     if row.output_stride == 8:
         import torchvision

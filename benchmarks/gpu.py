@@ -27,13 +27,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import fcn_zoo  # noqa: E402
-from reference import build_reference_fcn  # noqa: E402
+from reference import build_reference_fcn, reference_logits  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -80,8 +79,6 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = DTYPES[args.precision]
     row = fcn_zoo.CHECKPOINTS[args.model]
-    from ssseg.modules.utils import SSSegInputStructure
-
     reference = build_reference_fcn(row.depth, row.output_stride, row.num_classes).to(device)
     model = fcn_zoo.FCN(**row.model_config())
     from fcn_zoo.convert import convert_state_dict
@@ -101,17 +98,13 @@ def main() -> None:
             model(x1)
         flops = counter.get_total_flops()
 
-        def run_reference():
-            low = reference(SSSegInputStructure(images=x1, mode="TEST")).seg_logits
-            return F.interpolate(low, size=x1.shape[-2:], mode="bilinear", align_corners=False)
-
         def run_fast():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 return fast(xb)
 
         rows = []
         for name, fn, images in (
-            ("reference fp32, batch 1", run_reference, 1),
+            ("reference fp32, batch 1", lambda: reference_logits(reference, x1), 1),
             ("fcn_zoo fp32, batch 1", lambda: model(x1), 1),
             (f"fcn_zoo {args.precision} ch_last{' compiled' if args.compile else ''}, batch {args.batch}", run_fast, args.batch),
         ):

@@ -48,7 +48,6 @@ def worker(contender: str, weights: str, name: str, size: tuple[int, int]) -> di
     frame = torch.randint(0, 256, (3, *size), dtype=torch.uint8)
     row = fcn_zoo.CHECKPOINTS[name]
     if contender == "reference":
-        sys.path.insert(0, str(HERE.parents[1] / "tests"))
         from ssseg.modules.utils import SSSegInputStructure
 
         from fcn_zoo.parity import build_reference_segmentor

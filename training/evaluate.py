@@ -10,13 +10,13 @@ per-class IoU bar chart ``eval_iou.png`` to ``--output-dir``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from fcn_zoo._files import write_json
 from fcn_zoo.predict import TTA, predict_labels
 
 from .data import IGNORE_INDEX, build_dataset
@@ -84,7 +84,7 @@ def write_report(results: dict, class_names: list[str], out_dir: Path, extra: di
     """``eval.json`` and ``eval_iou.png`` (per-class IoU bars) in ``out_dir``, and a table on stdout."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {**(extra or {}), **results, "classes": class_names}
-    (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out_dir / "eval.json", report)
     width = max(len(n) for n in class_names)
     print(f"{'class'.ljust(width)}  {'IoU':>6}  {'Acc':>6}")
     for name, iou, acc in zip(class_names, results["IoU"], results["Acc"]):

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import json
 import os
-import random
 import resource
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import fcn_zoo
-from fcn_zoo._files import atomic_path
+from fcn_zoo._files import atomic_path, write_json
 from fcn_zoo.convert import write_folder
 
 from .data import IGNORE_INDEX, build_dataset
@@ -93,7 +92,6 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    random.seed(args.seed)
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
@@ -105,6 +103,8 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
     if total_batch % (ctx.world_size * per_device):
         raise SystemExit(f"--batch-size {total_batch} is not a multiple of {ctx.world_size} processes x {per_device} per device")
     accumulation = total_batch // (ctx.world_size * per_device)
+    if args.crop_size and len(args.crop_size) > 2:
+        raise SystemExit(f"--crop-size takes H or H W, got {len(args.crop_size)} numbers")
     crop = tuple(args.crop_size) * (2 // len(args.crop_size)) if args.crop_size else row.crop_size
     scale = tuple(args.scale) if args.scale else data.eval_size
 
@@ -139,7 +139,7 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
         "backbone_weights": args.backbone_weights, "commit": _git_commit(),
     }
     if ctx.is_main:
-        (out / "run.json").write_text(json.dumps({**meta, "args": vars(args)}, indent=2) + "\n")
+        write_json(out / "run.json", {**meta, "args": vars(args)})
     log_file = open(out / "log.jsonl", "a") if ctx.is_main else None
     sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed, drop_last=True)
 
@@ -280,7 +280,7 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict, ctx: Di
     """``ckpt-<iteration>.pt`` written to a temporary file and renamed; the ``keep`` newest are kept."""
     if not ctx.is_main:
         return
-    rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_version": random.getstate()[0]}
+    rng = {"torch": torch.get_rng_state()}  # the transforms and the DataLoader have generators of their own
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     payload = {
@@ -313,7 +313,6 @@ def resume(out: Path, model, optimizer, scheduler, ctx: DistributedContext) -> d
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         torch.set_rng_state(payload["rng"]["torch"])
-        random.setstate((payload["rng"]["python_version"], tuple(payload["rng"]["python"]), None))
         if "cuda" in payload["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
         if ctx.is_main:

@@ -71,3 +71,12 @@ def test_a_kill_during_a_checkpoint_write_leaves_only_a_partial_file_that_is_nev
     train_module.main([*args, "--max-iters", "3", "--resume"])
     assert "resumed from" in capsys.readouterr().err and (out / "ckpt-00000003.pt").exists()
     torch.load(out / "ckpt-00000003.pt", weights_only=True)
+
+
+def test_a_crop_size_of_three_numbers_is_refused_before_training(tmp_path):
+    make_voc(tmp_path / "data")
+    args = [a if a != "48" else "48 48 48" for a in QUICK]
+    args = [x for a in args for x in a.split()]
+    with pytest.raises(SystemExit, match="--crop-size takes H or H W, got 3 numbers"):
+        train_module.main([*args, "--data-root", str(tmp_path / "data"), "--output-dir", str(tmp_path / "run"), "--max-iters", "1"])
+    assert not list((tmp_path / "run").glob("ckpt-*"))
