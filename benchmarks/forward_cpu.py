@@ -32,33 +32,16 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import fcn_zoo  # noqa: E402
+from _common import count_flops, matmul_rate  # noqa: E402
 from conftest import randomize_batchnorm  # noqa: E402
 from fcn_zoo._fusion import fold_batchnorm  # noqa: E402
 from fcn_zoo.convert import convert_state_dict  # noqa: E402
 from fcn_zoo.model import load_state_dict  # noqa: E402
 from reference import build_reference_fcn, reference_logits, save_reference_checkpoint  # noqa: E402
-
-
-def matmul_gflops(n: int = 4096, runs: int = 3, dtype: torch.dtype = torch.float32) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times) / 1e9
-
-
-def count_flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def contenders_for(name: str, x: torch.Tensor, workdir: Path, onnx: bool, bf16: bool) -> dict:
@@ -140,9 +123,9 @@ def main() -> None:
             shares = {k: [] for k in contenders}
             peaks, bf16_peaks = [], []
             for _ in range(args.runs):
-                peaks.append(matmul_gflops())
+                peaks.append(matmul_rate() / 1e9)
                 if args.bf16:
-                    bf16_peaks.append(matmul_gflops(dtype=torch.bfloat16))
+                    bf16_peaks.append(matmul_rate(dtype=torch.bfloat16) / 1e9)
                 for k, (fn, flops) in contenders.items():
                     t = time.perf_counter()
                     fn()

@@ -21,44 +21,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import fcn_zoo  # noqa: E402
+from _common import count_flops, matmul_rate, timed  # noqa: E402
 from reference import build_reference_fcn, reference_logits  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device, runs: int) -> float:
-    fn()
-    sync(device)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192) -> float:
-    if device.type == "cpu":
-        n = 4096
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / timed(lambda: a @ b, device, 5) / 1e12
 
 
 def main() -> None:
@@ -94,9 +68,7 @@ def main() -> None:
     x1 = torch.randn(1, 3, *args.size, device=device)
     xb = torch.randn(args.batch, 3, *args.size, device=device).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        with FlopCounterMode(display=False) as counter:
-            model(x1)
-        flops = counter.get_total_flops()
+        flops = count_flops(lambda: model(x1))
 
         def run_fast():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -113,7 +85,7 @@ def main() -> None:
             t = timed(fn, device, args.runs)
             memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
             rows.append((name, images / t, flops * images / t / 1e12, memory))
-        peak = matmul_tflops(device, dtype)
+        peak = matmul_rate(4096 if device.type == "cpu" else 8192, dtype, device, runs=5) / 1e12
 
         agree = []
         for i in range(0 if args.weights else args.agreement_images):

@@ -11,12 +11,17 @@ dilated-convolution training with BatchNorm and a data pipeline, not a measureme
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
-import fcn_zoo
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import fcn_zoo  # noqa: E402
+from benchmarks._common import count_flops  # noqa: E402
+from training.train import AUX_WEIGHT  # noqa: E402
 
 TRAIN_IMAGES = {"voc": 10582, "ade20k": 20210, "cityscapes": 2975}
 
@@ -27,10 +32,12 @@ def step_flops(row) -> int:
         x = torch.empty(1, 3, *row.crop_size)
         target = torch.zeros(1, *row.crop_size, dtype=torch.long)
     model.train()
-    with FlopCounterMode(display=False) as counter:
+
+    def step():
         logits, aux = model(x)
-        (F.cross_entropy(logits, target) + 0.4 * F.cross_entropy(aux, target)).backward()
-    return counter.get_total_flops()
+        (F.cross_entropy(logits, target) + AUX_WEIGHT * F.cross_entropy(aux, target)).backward()
+
+    return count_flops(step)
 
 
 def main() -> None:
