@@ -56,6 +56,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.eval_size = DATASETS[name].eval_size
         self.samples = samples
         self.lookup = lookup
+        # stored values that map to no class and are not ignored (only an identity lookup, VOC's, has any)
+        self.invalid = (lookup >= self.num_classes) & (lookup != IGNORE_INDEX)
         self.transforms = transforms
         self.seed = seed
         self.epoch = 0
@@ -72,15 +74,18 @@ class SegmentationDataset(torch.utils.data.Dataset):
         raw = np.array(_open(label_path, None, self.name))
         if raw.ndim != 2:
             raise DatasetLayoutError(f"{label_path}: a label map must have one channel, got shape {raw.shape}")
-        if raw.size and (raw.min() < 0 or raw.max() > 255):
-            raise DatasetLayoutError(f"{label_path}: label values must be 0..255, found {raw.min()}..{raw.max()}")
-        label = torch.from_numpy(self.lookup[raw.astype(np.int64)].astype(np.int64))
-        bad = torch.unique(label[(label != IGNORE_INDEX) & (label >= self.num_classes)])
-        if len(bad):
+        if raw.dtype != np.uint8:  # 16-bit or 32-bit PNGs: the values must still be 0..255
+            if raw.size and (raw.min() < 0 or raw.max() > 255):
+                raise DatasetLayoutError(f"{label_path}: label values must be 0..255, found {raw.min()}..{raw.max()}")
+            raw = raw.astype(np.uint8)
+        invalid = self.invalid[raw]
+        if invalid.any():
+            bad = np.unique(self.lookup[raw][invalid])
             raise DatasetLayoutError(
                 f"{label_path}: label values {bad.tolist()[:5]} are outside the {self.num_classes} classes "
                 f"(0..{self.num_classes - 1}, {IGNORE_INDEX} = ignore)"
             )
+        label = torch.from_numpy(self.lookup[raw].astype(np.int64))
         if label.shape != image.shape[1:]:
             raise DatasetLayoutError(f"{label_path}: label is {tuple(label.shape)}, image is {tuple(image.shape[1:])}")
         if self.transforms is not None:
