@@ -59,6 +59,18 @@ def test_labels_outside_the_classes_are_an_error_naming_the_file(tmp_path):
         dataset[0]
 
 
+def test_16_bit_label_pngs_are_read_like_8_bit_ones_within_0_to_255(tmp_path):
+    make_voc(tmp_path)
+    dataset = build_dataset("voc", tmp_path, "val")
+    path = dataset.samples[0][1]
+    expected = dataset[0][1]
+    Image.fromarray(np.asarray(Image.open(path)).astype(np.uint16)).save(path)  # same values, 16-bit PNG
+    assert Image.open(path).mode.startswith("I") and torch.equal(dataset[0][1], expected)
+    Image.fromarray(np.full((64, 80), 300, dtype=np.uint16)).save(path)
+    with pytest.raises(DatasetLayoutError, match=r"2007_000008.png: label values must be 0..255, found 300..300"):
+        dataset[0]
+
+
 def test_the_train_pipeline_is_reproducible_per_sample_and_epoch(tmp_path):
     make_voc(tmp_path)
     transforms = train_transforms((256, 64), (48, 48), (123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
