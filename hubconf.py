@@ -1,7 +1,8 @@
-"""torch.hub entry points: one per checkpoint of the zoo.
+"""torch.hub entry points: one per checkpoint of the zoo, and ``from_pretrained`` for any other FCN.
 
     model = torch.hub.load("<owner>/fcn-zoo", "fcn_resnet50os8_voc")
     model = torch.hub.load("path/to/fcn-zoo", "fcn_resnet50os8_voc", source="local")
+    model = torch.hub.load("<owner>/fcn-zoo", "from_pretrained", "me/my-fcn")   # a Hub repo, folder or .pth
 """
 
 import fcn_zoo as _fcn_zoo
@@ -22,7 +23,7 @@ def _entry_point(name):
 
     load.__name__ = load.__qualname__ = name
     load.__doc__ = (
-        f"{checkpoint.title}: {checkpoint.num_classes} classes, reference mIoU {checkpoint.miou:.2f} on "
+        f"{checkpoint.title}: {checkpoint.num_classes} classes, reference mIoU {checkpoint.reference_miou:.2f} on "
         f"{checkpoint.data.title} {checkpoint.data.val_split}.\n\n"
         "Args:\n"
         "    pretrained: load the published weights (default); False gives random weights.\n"
@@ -34,3 +35,10 @@ def _entry_point(name):
 
 
 globals().update({_name: _entry_point(_name) for _name in _fcn_zoo.CHECKPOINTS})
+
+
+def from_pretrained(name_or_path, **kwargs):
+    """Any FCN fcn_zoo loads: a zoo name, a Hub repo id (``owner/name[@revision]``), a ``save_pretrained``
+    folder or a reference ``.pth``; ``**kwargs`` as ``fcn_zoo.from_pretrained`` (revision, num_classes,
+    device, cache_dir, local_files_only)."""
+    return _fcn_zoo.from_pretrained(name_or_path, **kwargs)

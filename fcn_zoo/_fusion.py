@@ -41,8 +41,18 @@ _refused: set[torch.dtype] = set()  # dtypes whose fused kernels failed on this 
 
 def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether this PyTorch build has the oneDNN fused convolution operators (and they have not failed here
-    for ``dtype``)."""
-    return dtype not in _refused and _build_has_onednn_ops()
+    for ``dtype``); for bf16, whether this CPU also has bf16 instructions (AMX, AVX512-BF16), without which
+    oneDNN refuses bf16 convolutions."""
+    return dtype not in _refused and _build_has_onednn_ops() and (dtype != torch.bfloat16 or cpu_has_bf16())
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 natively (AMX or AVX512-BF16), as oneDNN sees it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 @functools.cache

@@ -1,8 +1,9 @@
-"""Model cards for the zoo's checkpoints, generated from the table (``python -m fcn_zoo.cards --out model_cards``).
+"""Model cards: one template for any FCN, filled from its ``config.json`` (and its zoo row, if it is one).
 
-A card is huggingface_hub's ``ModelCard``: YAML front matter (licence, library, pipeline tag, datasets and a
-``model-index`` with the reference mIoU) followed by a body with usage, classes, recipe, evaluation protocol
-and provenance. Provenance figures (hashes, parity) are filled in when a card is written for converted weights.
+``python -m fcn_zoo.cards --out model_cards`` writes the twelve rows' cards. A card is huggingface_hub's
+``ModelCard``: YAML front matter (licence, library, pipeline tag, datasets and, when an mIoU is known, a
+``model-index``) followed by usage (Python, torch.hub, CLI), the architecture and its figures, results,
+the recipe (zoo rows), the evaluation protocol, the classes and their colours, and provenance.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .zoo import CHECKPOINTS, Checkpoint
+from .zoo import CHECKPOINTS, DATASETS, Checkpoint
 
-__all__ = ["model_card", "write_cards"]
+__all__ = ["model_card", "row_card", "write_cards"]
 
 REPO_URL = "https://github.com/fcn-zoo/fcn-zoo"
 
@@ -21,18 +22,19 @@ TEMPLATE = """---
 {{ card_data }}
 ---
 
-# {{ c.title }} (`{{ c.name }}`)
+# {{ title }}
 
-FCN semantic segmentation (Long et al., [arXiv:1411.4038](https://arxiv.org/abs/1411.4038)) trained on
-{{ d.title }}: a ResNet-{{ c.depth }} "V1c" backbone (timm `{{ c.backbone }}`, deep 3x3 stem) dilated to output
-stride {{ c.output_stride }}, a two-conv FCN head on the last stage and an auxiliary head on the stage before
-(training only).
-{%- if provenance.get("run") %} The weights were trained with [fcn-zoo]({{ repo_url }})'s `training/`, which
-reproduces the recipe of the reference implementation,
-[sssegmentation](https://github.com/SegmentationBLWX/sssegmentation).
-{%- else %} The weights are those the reference implementation,
-[sssegmentation](https://github.com/SegmentationBLWX/sssegmentation), published as `{{ c.name }}.pth`,
+FCN semantic segmentation (Long et al., [arXiv:1411.4038](https://arxiv.org/abs/1411.4038)){% if d %} trained on
+{{ d.title }}{% endif %}: a timm `{{ cfg.backbone }}` backbone dilated to output stride {{ cfg.output_stride }}, an FCN head
+({{ cfg.num_convs }} conv3x3, {{ cfg.head_channels }} channels{% if cfg.concat_input %}, concat-input{% endif %}) on the last stage
+{%- if cfg.aux_channels %} and an auxiliary head on the stage before (training only){% endif %}, {{ cfg.num_classes }} classes.
+{%- if provenance.get("run") %} The weights were trained with [fcn-zoo]({{ repo_url }})'s `training/`
+{%- if row %}, which reproduces the recipe of the reference implementation,
+[sssegmentation](https://github.com/SegmentationBLWX/sssegmentation){% endif %}.
+{%- elif row %} The weights are those the reference implementation,
+[sssegmentation](https://github.com/SegmentationBLWX/sssegmentation), published as `{{ row.name }}.pth`,
 converted to safetensors by [fcn-zoo]({{ repo_url }}).
+{%- else %} It loads with [fcn-zoo]({{ repo_url }}).
 {%- endif %}
 
 ## Usage
@@ -40,52 +42,78 @@ converted to safetensors by [fcn-zoo]({{ repo_url }}).
 ```python
 import fcn_zoo
 
-model = fcn_zoo.from_pretrained("{{ c.name }}")
-seg = model.predict("image.jpg")      # labels at the image's own size
+model = fcn_zoo.from_pretrained("{{ model_id }}")
+seg = model.predict("image.jpg")      # a path, PIL image or RGB uint8 array; labels at the image's own size
+seg.class_shares()                    # {class name: share of pixels}
 seg.overlay().save("overlay.jpg")
 ```
 
 ```python
 import torch
 
-model = torch.hub.load("fcn-zoo/fcn-zoo", "{{ c.name }}")
+{% if row and model_id == row.name -%}
+model = torch.hub.load("fcn-zoo/fcn-zoo", "{{ row.name }}")
+{%- else -%}
+model = torch.hub.load("fcn-zoo/fcn-zoo", "from_pretrained", "{{ model_id }}")
+{%- endif %}
 ```
 
 ```bash
 pip install "fcn-zoo @ git+{{ repo_url }}"
-fcn-zoo predict {{ c.name }} image.jpg --out masks --overlay
+fcn-zoo predict {{ model_id }} image.jpg --out masks --overlay
 ```
+
+## Model
+
+| | |
+|---|---|
+| architecture | FCN, `{{ cfg.backbone }}` (timm), output stride {{ cfg.output_stride }} |
+| classes | {{ cfg.num_classes }} |
+{%- if num_params %}
+| parameters | {{ "%.2f" % (num_params / 1e6) }} M (inference; the auxiliary head is used in training only) |
+{%- endif %}
+{%- if row and same_architecture %}
+| compute | {{ "%.1f" % row.gflops }} GFLOPs per {{ row.data.typical_eval_shape[1] }}x{{ row.data.typical_eval_shape[0] }} image (a typical {{ d.title }} image at its evaluation size) |
+| weights | {{ "%.1f" % row.weights_mb }} MB (`model.safetensors`, fp32) |
+{%- endif %}
+| input | RGB, normalised with mean ({{ cfg.mean | join(", ") }}) and std ({{ cfg.std | join(", ") }}) on 0..255 values |
+| evaluation size | resize keeping the aspect ratio to fit {{ cfg.eval_size[0] }}x{{ cfg.eval_size[1] }} |
+{%- if results %}
 
 ## Results
 
 | dataset | split | protocol | mIoU |
 |---|---|---|---:|
-| {{ d.title }} | {{ d.val_split }} | single scale, whole image | {{ "%.2f" % c.miou }} (reference) |
-{%- if measured_miou is not none %}
-| {{ d.title }} | {{ d.val_split }} | single scale, whole image | {{ "%.2f" % measured_miou }} (measured with these weights) |
+{%- for r in results %}
+| {{ r.dataset }} | {{ r.split }} | {{ r.protocol }} | {{ "%.2f" % r.miou }} ({{ r.source }}) |
+{%- endfor %}
 {%- endif %}
+{%- if row %}
 
 ## Training
 
 - Data: {{ d.title }} `{{ d.train_split }}`, {{ d.num_classes }} classes, ignore index {{ d.ignore_index }}.
 - Pipeline: resize keeping ratio to {{ d.eval_size[0] }}x{{ d.eval_size[1] }} times a random scale in [0.5, 2.0]; random crop
-  {{ c.crop_size[0] }}x{{ c.crop_size[1] }} (no class over 75% of it, up to 10 tries); horizontal flip; photometric distortion;
+  {{ row.crop_size[0] }}x{{ row.crop_size[1] }} (no class over 75% of it, up to 10 tries); horizontal flip; photometric distortion;
   normalise with mean (123.675, 116.28, 103.53) and std (58.395, 57.12, 57.375) on RGB; pad with ignore.
-- Optimisation: SGD, lr {{ c.lr }}, momentum 0.9, weight decay 5e-4, poly decay (power 0.9, min lr 1e-4) per
-  iteration; batch {{ c.batch_size }} over 8 GPUs with SyncBatchNorm; {{ c.epochs }} epochs.
+- Optimisation: SGD, lr {{ row.lr }}, momentum 0.9, weight decay 5e-4, poly decay (power 0.9, min lr 1e-4) per
+  iteration; batch {{ row.batch_size }} over 8 GPUs with SyncBatchNorm; {{ row.epochs }} epochs.
 - Loss: cross-entropy, plus 0.4 x the auxiliary head's cross-entropy.
-- Initialisation: ImageNet ResNet-{{ c.depth }} V1c.
+- Initialisation: ImageNet ResNet-{{ row.depth }} V1c.
+{%- endif %}
 
 ## Evaluation protocol
 
-Resize keeping the aspect ratio so that the image fits {{ d.eval_size[0] }}x{{ d.eval_size[1] }}, normalise, one forward pass,
+Resize keeping the aspect ratio so that the image fits {{ cfg.eval_size[0] }}x{{ cfg.eval_size[1] }}, normalise, one forward pass,
 bilinear upsampling of the logits to the original size, argmax; mIoU from the dataset-level confusion
-matrix. `model.predict(image)` does exactly this.
+matrix. `model.predict(image)` does exactly this. Images are RGB: an OpenCV (BGR) array gives worse masks.
 
 ## Classes
 
-{% for name in d.classes %}{{ loop.index0 }}: {{ name }}{% if not loop.last %}; {% endif %}{% endfor %}
-
+| index | name | colour (RGB) |
+|---:|---|---|
+{% for name in cfg.class_names %}| {{ loop.index0 }} | {{ name }} | {{ cfg.palette[loop.index0] | join(", ") }} |
+{% endfor %}
 ## Provenance
 {% if provenance.get("run") %}
 - Trained by `training/` at commit {{ provenance.run.commit }}: {{ provenance.run.world_size }} process(es), total
@@ -93,8 +121,8 @@ matrix. `model.predict(image)` does exactly this.
   initialised from {{ provenance.run.backbone_weights }}
 - Evaluated on {{ provenance.run.val_samples_sha256 }} (sha256 of the val file list)
 - `model.safetensors` sha256: {{ provenance.get("weights_sha256") }}
-{%- else %}
-- Source: {{ c.reference_url }}
+{%- elif row %}
+- Source: {{ provenance.get("source_url") or row.reference_url }}
 - Source sha256: {{ provenance.get("source_sha256") or "recorded when the weights are converted" }}
 - `model.safetensors` sha256: {{ provenance.get("weights_sha256") or "recorded when the weights are converted" }}
 {%- if provenance.get("parity") %}
@@ -103,6 +131,17 @@ matrix. `model.predict(image)` does exactly this.
 {%- else %}
 - Parity with the reference implementation: measured when the weights are converted
 {%- endif %}
+{%- elif provenance %}
+{%- if provenance.get("source_file") or provenance.get("source_url") %}
+- Converted from {{ provenance.get("source_url") or provenance.get("source_file") }} ({{ provenance.get("source_format") }} layout), sha256 {{ provenance.get("source_sha256") }}
+{%- endif %}
+- `model.safetensors` sha256: {{ provenance.get("weights_sha256") }}
+{%- if provenance.get("parity") %}
+- Parity with {{ provenance.parity.implementation }} on the same input: max abs logit difference
+  {{ "%.2e" % provenance.parity.max_abs_diff }}, label agreement {{ "%.4f" % provenance.parity.label_agreement }}
+{%- endif %}
+{%- else %}
+- Saved with `save_pretrained` by fcn-zoo.
 {%- endif %}
 
 ## Citation
@@ -118,47 +157,107 @@ matrix. `model.predict(image)` does exactly this.
 ```
 """
 
+_ARCHITECTURE_DEFAULTS = {"head_channels": 512, "num_convs": 2, "concat_input": False, "aux_channels": 512}
 
-def model_card(checkpoint: Checkpoint, *, provenance: dict | None = None, measured_miou: float | None = None):
-    """The ``huggingface_hub.ModelCard`` of one row.
+
+def model_card(
+    config: dict,
+    *,
+    row: Checkpoint | None = None,
+    provenance: dict | None = None,
+    mean_iou: float | None = None,
+    eval_dataset: str | None = None,
+    eval_split: str = "val",
+    repo_id: str | None = None,
+    num_params: int | None = None,
+):
+    """The ``huggingface_hub.ModelCard`` of any FCN.
 
     Args:
-        provenance: ``source_sha256``, ``weights_sha256`` and ``parity`` (``max_abs_diff``,
-            ``label_agreement``) of converted weights, if known.
-        measured_miou: mIoU (%) measured with these weights on the val split, if any.
+        config: the model's ``config.json`` (``FCN.hub_config()``): architecture, class names, palette,
+            normalisation and evaluation size.
+        row: the zoo row these weights are (reference weights, or a reproduction of its recipe), if any.
+        provenance: what ``provenance.json`` records (source and its sha256, ``weights_sha256``, ``parity``,
+            a training ``run``).
+        mean_iou: an mIoU (%) measured with these weights on ``eval_dataset`` (a Hub dataset id or a name;
+            default the row's or the config's dataset) split ``eval_split``; it goes into the ``model-index``.
+        repo_id: the Hub repo the card is for, used in the usage examples.
+        num_params: parameters of the inference network.
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    data = checkpoint.data
+    cfg = {**_ARCHITECTURE_DEFAULTS, **config}
+    known = DATASETS.get(cfg.get("dataset") or "")
+    if known is not None and known.num_classes != cfg["num_classes"]:
+        known = None
+    data = row.data if row is not None else known
+    if mean_iou is not None and eval_dataset is None and data is None:
+        raise ValueError("mean_iou needs eval_dataset= (the Hub dataset id or name it was measured on)")
+    model_id = repo_id or (row.name if row is not None else "OWNER/REPO")
+    # the row's figures hold for its own architecture, not for a smaller backbone trained with its recipe
+    same_architecture = row is not None and all(cfg.get(k) == v for k, v in row.model_config().items() if k != "dataset") and all(
+        cfg.get(k) == v for k, v in _ARCHITECTURE_DEFAULTS.items()
+    )
+    if row is not None:
+        title = f"{row.title} (`{row.name}`)"
+    else:
+        title = f"FCN {cfg['backbone']} OS{cfg['output_stride']}" + (f" {data.title}" if data else f", {cfg['num_classes']} classes")
+        title += f" (`{repo_id}`)" if repo_id else ""
+
+    results = []
+    if row is not None:
+        protocol = "single scale, whole image"
+        results.append(_result(data.title, data.val_split, protocol, row.miou, "reference, seed table"))
+        if row.miou_newest is not None:
+            results.append(_result(data.title, data.val_split, protocol, row.miou_newest, "reference, newest"))
+    if mean_iou is not None:
+        results.append(_result(eval_dataset or data.title, eval_split, "single scale, whole image", mean_iou, "measured with these weights"))
+    index_miou = mean_iou if mean_iou is not None else (row.reference_miou if row is not None else None)
+    hub_dataset = eval_dataset if eval_dataset is not None else (data.hub_dataset if data else None)
     card_data = ModelCardData(
         license="apache-2.0",
         library_name="fcn-zoo",
         pipeline_tag="image-segmentation",
         tags=["semantic-segmentation", "fcn", "timm", "pytorch", "safetensors"],
-        datasets=[data.hub_dataset],
-        model_name=checkpoint.name,
-        eval_results=[
+        datasets=[hub_dataset] if hub_dataset else None,
+        model_name=row.name if row is not None else (repo_id or (model_id if index_miou is not None else None)),
+        eval_results=None if index_miou is None else [
             EvalResult(
                 task_type="image-segmentation",
                 task_name="Semantic Segmentation",
-                dataset_type=data.hub_dataset,
-                dataset_name=data.title,
-                dataset_split=data.val_split,
+                dataset_type=hub_dataset,
+                dataset_name=eval_dataset or data.title,
+                dataset_split=eval_split if mean_iou is not None else data.val_split,
                 metric_type="mean_iou",
                 metric_name="mIoU",
-                metric_value=round(measured_miou if measured_miou is not None else checkpoint.miou, 2),
+                metric_value=round(index_miou, 2),
             )
         ],
     )
     return ModelCard.from_template(
         card_data,
         template_str=TEMPLATE,
-        c=checkpoint,
+        title=title,
+        cfg=cfg,
+        row=row,
         d=data,
+        model_id=model_id,
         repo_url=REPO_URL,
         provenance=_AttrDict(provenance or {}),
-        measured_miou=measured_miou,
+        results=results,
+        same_architecture=same_architecture,
+        num_params=num_params if num_params is not None else (round(row.params_m * 1e6) if same_architecture else None),
     )
+
+
+def row_card(checkpoint: Checkpoint, *, provenance: dict | None = None, mean_iou: float | None = None):
+    """The card of a zoo row's weights (``mean_iou``: measured with them on the row's val split, if any)."""
+    config = {**checkpoint.model_config(), **checkpoint.data.metadata()}
+    return model_card(config, row=checkpoint, provenance=provenance, mean_iou=mean_iou)
+
+
+def _result(dataset: str, split: str, protocol: str, miou: float, source: str) -> dict:
+    return {"dataset": dataset, "split": split, "protocol": protocol, "miou": miou, "source": source}
 
 
 def write_cards(out: Path) -> list[Path]:
@@ -167,7 +266,7 @@ def write_cards(out: Path) -> list[Path]:
     paths = []
     for checkpoint in CHECKPOINTS.values():
         path = out / f"{checkpoint.name}.md"
-        path.write_text(str(model_card(checkpoint)), encoding="utf-8")
+        path.write_text(str(row_card(checkpoint)), encoding="utf-8")
         paths.append(path)
     return paths
 

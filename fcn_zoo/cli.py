@@ -1,12 +1,14 @@
 """The ``fcn-zoo`` command: list, info, download, predict, convert, export, publish.
 
-Errors are one line on stderr and a non-zero exit; ``--debug`` shows the traceback instead.
+Errors are one line on stderr and exit 1, whatever raised them; ``--debug`` shows the traceback and the
+debug logs of fcn_zoo and the libraries under it, which are otherwise kept quiet.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -22,17 +24,62 @@ EXIT_USAGE = 2
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
+    _configure_logging(args.debug)
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("fcn-zoo: interrupted", file=sys.stderr)
         return 130
-    except (FCNZooError, OSError, ValueError, RuntimeError) as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"fcn-zoo: error: {e}", file=sys.stderr)
+    except Exception as e:
+        _report(e, args.debug)
         return EXIT_FAILED
+
+
+def _configure_logging(debug: bool) -> None:
+    """fcn_zoo's own INFO lines (downloads) on stderr; other libraries' logs only with ``--debug``.
+
+    The root logger is left alone (at WARNING, without a handler of ours), so httpx's request lines and
+    onnxscript's INFO chatter never print, and huggingface_hub's warnings, which it prints through a handler
+    of its own, are not printed twice. huggingface_hub's retry warnings are silenced too: the errors that
+    follow them say what happened, in one line.
+    """
+    ours = logging.getLogger("fcn_zoo")
+    for old in [h for h in ours.handlers if isinstance(h, _StderrHandler)]:
+        ours.removeHandler(old)
+    level = "debug" if debug else "error"
+    os.environ["HF_HUB_VERBOSITY"] = level  # read when huggingface_hub is imported
+    if "huggingface_hub" in sys.modules:
+        logging.getLogger("huggingface_hub").setLevel(level.upper())
+    if debug:
+        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
+    else:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        ours.addHandler(handler)
+    ours.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record comes."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _report(error: BaseException, debug: bool) -> None:
+    """One line on stderr (the traceback too with ``--debug``)."""
+    if debug:
+        traceback.print_exception(error)
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = lines[0] if lines else type(error).__name__
+    if not isinstance(error, (FCNZooError, OSError, ValueError)):
+        message = f"{message} ({type(error).__name__}; --debug shows where)"
+    print(f"fcn-zoo: error: {message}", file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,8 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="fcn_zoo cache folder (default ~/.cache/fcn_zoo)")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("info", help="everything known about one model")
+    p = sub.add_parser("info", help="everything known about one model, and whether it is cached")
     p.add_argument("name")
+    p.add_argument("--cache-dir", help="fcn_zoo cache folder (default ~/.cache/fcn_zoo)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("download", help="fetch and convert weights so that later loads work offline")
@@ -111,10 +159,16 @@ def cmd_list(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .hub import reference_download_url
+    from .hub import cache_root, cached_folder, reference_download_urls
 
     c = zoo.get_checkpoint(args.name)
     d = c.data
+    h, w = d.typical_eval_shape
+    miou = f"{c.miou:.2f} (reference, {d.val_split})"
+    if c.miou_newest is not None:
+        miou = f"{c.miou_newest:.2f} (reference's newest, {d.val_split}); {c.miou:.2f} in the seed table"
+    cached = cached_folder(c.name, args.cache_dir)
+    urls = reference_download_urls(c)
     fields = [
         ("name", c.name),
         ("model", c.title),
@@ -123,10 +177,14 @@ def cmd_info(args) -> int:
         ("crop size", f"{c.crop_size[0]}x{c.crop_size[1]}"),
         ("recipe", f"SGD lr {c.lr}, poly, batch {c.batch_size}, {c.epochs} epochs"),
         ("evaluation", f"whole image, single scale, resize keeping ratio to {d.eval_size[0]}x{d.eval_size[1]}"),
-        ("mIoU", f"{c.miou:.2f} (reference, {d.val_split})"),
+        ("mIoU", miou),
+        ("parameters", f"{c.params_m:.2f} M (inference; the auxiliary head adds the rest of the file, training only)"),
+        ("compute", f"{c.gflops:.1f} GFLOPs per {w}x{h} image (a typical {d.title} image at its evaluation size)"),
+        ("weights", f"{c.weights_mb:.1f} MB safetensors; the reference .pth also holds the optimizer state (~2x)"),
+        ("cached", f"yes, {cached}" if cached else f"no (would be converted into {cache_root(args.cache_dir) / 'reference' / c.name})"),
         ("hub repo", f"{c.hub_repo_id}" + (f" @ {c.hub_revision}" if c.hub_revision else " (not published; reference weights are used)")),
-        ("reference", reference_download_url(c)),
-        ("classes", ", ".join(d.classes)),
+        ("reference", f"{urls[0]} (or {urls[1].rsplit('/', 1)[1]}, its older name)"),
+        ("classes", "; ".join(d.classes)),
     ]
     width = max(len(k) for k, _ in fields)
     for k, v in fields:
@@ -166,7 +224,8 @@ def cmd_predict(args) -> int:
             except BaseException:
                 written[0].unlink(missing_ok=True)  # no mask without its overlay
                 raise
-        shares = ", ".join(f"{k} {v:.0%}" for k, v in list(seg.class_shares().items())[:3])
+        # "; " because ADE20K's class names hold commas ("building, edifice")
+        shares = "; ".join(f"{k} {v:.0%}" for k, v in list(seg.class_shares().items())[:3])
         print(f"{image} -> {', '.join(map(str, written))} ({shares})")
 
     return _for_each(args.images, segment, args, "images")
@@ -178,7 +237,7 @@ def cmd_convert(args) -> int:
     out = Path(args.out)
     if out.exists():
         raise FCNZooError(f"--out {out}: already exists; pass a new folder so that nothing is overwritten")
-    checkpoint = zoo.CHECKPOINTS.get(Path(args.src).stem) if args.source == "reference" else None
+    checkpoint = zoo.checkpoint_for_file(args.src) if args.source == "reference" else None
     provenance = convert_checkpoint(
         args.src, out, args.source, checkpoint=checkpoint, output_stride=args.output_stride,
         parity=not args.no_parity, provenance={"source_file": Path(args.src).name},
@@ -229,11 +288,9 @@ def _for_each(items: list[str], action, args, what: str, hint: str = "") -> int:
     for item in items:
         try:
             action(item)
-        except (FCNZooError, OSError, ValueError, RuntimeError) as e:
+        except Exception as e:
             failed += 1
-            if args.debug:
-                traceback.print_exc()
-            print(f"fcn-zoo: error: {e}", file=sys.stderr)
+            _report(e, args.debug)
     if failed:
         print(f"fcn-zoo: {failed} of {len(items)} {what} failed{hint}", file=sys.stderr)
     return EXIT_FAILED if failed else 0

@@ -69,9 +69,8 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise WeightsError(
-            f"{path}: not a checkpoint of plain tensors ({first_line}); it was not loaded, and no code in it ran"
+            f"{path}: not a checkpoint of plain tensors ({_refusal(e)}); it was not loaded, and no code in it ran"
         ) from e
     for wrapper in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
@@ -80,6 +79,16 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path}: expected a state dict of tensors (optionally under 'model'), got {type(obj).__name__}")
     return obj
+
+
+def _refusal(error: Exception) -> str:
+    """The line of torch's error that says what was refused (``Unsupported global: GLOBAL os.system ...``), else
+    its first line: torch puts the type it refused several lines below its general advice."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    refused = next((line for line in lines if "Unsupported global" in line or "Unsupported operand" in line), None)
+    if refused is None:
+        return lines[0]
+    return refused.split("WeightsUnpickler error:", 1)[-1].strip().split(" was not an allowed global")[0]
 
 
 def detect_format(state_dict: dict[str, torch.Tensor]) -> str:
@@ -121,7 +130,16 @@ def convert_state_dict(
         else:
             unknown.append(key)
     if unknown:
-        raise WeightsError(f"{name or 'checkpoint'}: not a {source} FCN state dict: unknown keys {', '.join(sorted(unknown)[:8])}")
+        what = name or "checkpoint"
+        try:
+            layout = detect_format(state_dict)
+        except WeightsError:
+            layout = None
+        hint = (
+            f"; its keys look like the {layout} layout: convert it with `fcn-zoo convert {what} --from {layout} --out DIR`"
+            if layout not in (None, source) else ""
+        )
+        raise WeightsError(f"{what}: not a {source} FCN state dict: unknown keys {', '.join(sorted(unknown)[:8])}{hint}")
     concat_input = False
     if source == "mmseg":
         renamed, concat_input = _mmseg_heads(renamed)
@@ -224,7 +242,7 @@ def convert_checkpoint(
     Every key is mapped and every shape checked against the :class:`fcn_zoo.FCN` the weights describe.
     With ``parity``, the source implementation (if importable) runs on the same input as the converted
     model and the figures go into ``provenance.json``. With ``checkpoint`` (a zoo row), the weights must be
-    that row's architecture and the folder gets the row's model card. ``out`` appears complete or not at all.
+    that row's architecture and the card is the row's. ``out`` appears complete or not at all.
 
     Returns:
         the provenance written to ``out/provenance.json``.
@@ -256,18 +274,13 @@ def convert_checkpoint(
             record["parity"] = {"implementation": implementation, **measure_parity(model, run)}
         else:
             record["parity"] = None
-    card = None
-    if checkpoint is not None:
-        from .cards import model_card
-
-        card = lambda prov: str(model_card(checkpoint, provenance=prov))  # noqa: E731
-    return write_folder(model, Path(out), record, card=card)
+    return write_folder(model, Path(out), record, row=checkpoint)
 
 
-def write_folder(model, folder: Path, provenance: dict, card=None) -> dict:
-    """``save_pretrained`` into a temporary folder beside ``folder``, add provenance (and a card), rename.
+def write_folder(model, folder: Path, provenance: dict, *, row=None, mean_iou: float | None = None) -> dict:
+    """``save_pretrained`` into a temporary folder beside ``folder``, add ``provenance.json`` and the model card
+    (with the provenance, the zoo ``row`` these weights are and a measured ``mean_iou``, if any), rename.
 
-    ``card`` is called with the final provenance (which includes the sha256 of ``model.safetensors``).
     A concurrent writer that finished first wins; ``folder`` is never seen half-written.
     """
     import json
@@ -282,10 +295,8 @@ def write_folder(model, folder: Path, provenance: dict, card=None) -> dict:
         model.save_pretrained(tmp)
         provenance = {**provenance, "weights_sha256": sha256_file(tmp / "model.safetensors")}
         (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        if card is not None:
-            (tmp / "README.md").write_text(card(provenance), encoding="utf-8")
-        else:
-            (tmp / "README.md").unlink(missing_ok=True)  # the mixin's generic card would say nothing true here
+        card = model.generate_model_card(row=row, provenance=provenance, mean_iou=mean_iou)
+        (tmp / "README.md").write_text(str(card), encoding="utf-8")
         try:
             os.replace(tmp, folder)
         except OSError:

@@ -7,7 +7,10 @@ with batch, height and width dynamic. Resizing to the evaluation size and the ar
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,6 +21,10 @@ from ._fusion import version_of
 __all__ = ["export", "onnx_session", "FORMATS"]
 
 FORMATS = {"onnx": ".onnx"}
+logger = logging.getLogger(__name__)
+# The exporter's own loggers: torch's print to stderr through their own handlers, onnxscript's and onnx_ir's
+# log every optimisation pass at INFO through the root logger.
+_EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes", "onnxscript", "onnx_ir")
 
 
 class _Features(torch.nn.Module):
@@ -47,12 +54,34 @@ def export(
     x = torch.randn(2, 3, *example_size)  # batch 2: a batch of 1 would be specialised to a constant
     auto = torch.export.Dim.AUTO  # let export find the ranges (the dilated convolutions add guards)
     dims = {0: auto, 2: auto, 3: auto}
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, _quiet():
+        # external_data=False: one file that can be copied alone (the default writes the weights beside it,
+        # named after the temporary name)
         torch.onnx.export(
             module, (x,), str(tmp), dynamo=True, input_names=["image"], output_names=["logits"],
-            dynamic_shapes={"x": dims}, verbose=False,
+            dynamic_shapes={"x": dims}, verbose=False, external_data=False,
         )
     return path
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter narrates its passes and warns about internals a user cannot act on; only ``--debug``
+    (the ``fcn_zoo`` logger at DEBUG) shows that. Levels are restored afterwards."""
+    if logger.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in _EXPORTER_LOGGERS]
+    levels = [log.level for log in loggers]
+    try:
+        for log in loggers:
+            log.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
 
 
 def max_abs_difference(model, path: Path, fmt: str, size: tuple[int, int] = (256, 320)) -> float | None:
@@ -73,7 +102,8 @@ def onnx_session(model):
     """An onnxruntime session running ``model.forward_features`` on the CPU.
 
     The graph is exported once per set of weights and kept in the fcn_zoo cache (``onnx/<sha256>.onnx``);
-    the session is kept on the model until its weights change.
+    the session is kept on the model until its weights change. An entry onnxruntime cannot load (cut short,
+    or an older entry whose separate weights file is gone) is exported again rather than failing the predict.
     """
     import hashlib
     import json
@@ -82,7 +112,7 @@ def onnx_session(model):
         import onnxruntime
     except ImportError as e:
         raise ImportError("engine='onnxruntime' needs onnxruntime: pip install 'fcn-zoo[export]'") from e
-    from .hub import _writable, cache_root
+    from .hub import _first_line, _writable, cache_root
 
     state = model.state_dict()
     version = sum(version_of(t) for t in state.values())
@@ -95,9 +125,17 @@ def onnx_session(model):
         digest.update(key.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     path = cache_root() / "onnx" / f"{digest.hexdigest()[:32]}.onnx"
-    if not path.is_file():
+    session = None
+    if path.is_file():
+        try:
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's errors derive from Exception only
+            logger.info("%s cannot be loaded (%s); exporting it again", path, _first_line(e))
+            for stale in [path, *path.parent.glob(f".{path.name}.*.data")]:  # older entries kept weights beside
+                stale.unlink(missing_ok=True)
+    if session is None:
         _writable(path.parent)
         export(model.to("cpu"), path, features=True)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     model._onnx_session = (version, session)
     return session

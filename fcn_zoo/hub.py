@@ -5,7 +5,8 @@ Resolution order for a zoo name (e.g. ``fcn_resnet50os8_voc``):
 1. its Hugging Face Hub repo at the pinned revision (or ``revision``), if that is in the Hugging Face cache;
 2. a converted copy of the reference ``.pth`` in the fcn_zoo cache (not when ``revision`` is given);
 3. the Hub repo at that revision, downloaded;
-4. the reference ``.pth`` itself, downloaded (``FCN_ZOO_REFERENCE_URL`` replaces the base URL), read with
+4. the reference ``.pth`` itself, downloaded (``FCN_ZOO_REFERENCE_URL`` replaces the base URL) as
+   ``<name>.pth`` or, where the server has only the older name, ``<name>_train.pth``; read with
    ``torch.load(weights_only=True)``, converted, shape-checked and stored as safetensors in the cache.
 
 Nothing touches the network while something usable is cached. With ``HF_HUB_OFFLINE=1`` or
@@ -26,15 +27,20 @@ from pathlib import Path
 
 from ._files import atomic_path, sha256_file, write_json
 from .errors import FCNZooError, NotCachedError, UnknownModelError, WeightsError
-from .zoo import CHECKPOINTS, Checkpoint
+from .zoo import CHECKPOINTS, Checkpoint, checkpoint_for_file
 
-__all__ = ["from_pretrained", "resolve", "cache_root", "is_cached", "reference_download_url", "download_reference", "download"]
+__all__ = [
+    "from_pretrained", "resolve", "cache_root", "is_cached", "cached_folder", "reference_download_urls",
+    "download_reference", "download",
+]
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: Seconds to wait for the Hub before saying it cannot be reached (huggingface_hub would retry for ~24 s).
+HUB_CONNECT_TIMEOUT = 5.0
 
 
 def from_pretrained(
@@ -76,7 +82,7 @@ def from_pretrained(
     saved = _read_config(folder)
     overrides = {}
     if num_classes is not None and saved.get("num_classes") != num_classes:
-        overrides = {"num_classes": num_classes, "new_classes": True, "class_names": None}
+        overrides = {"num_classes": num_classes, "new_classes": True, "class_names": None, "palette": None}
         if saved.get("dataset") is not None:
             overrides["dataset"] = None  # the dataset's class names no longer apply
     model = FCN.from_pretrained(folder, **overrides)
@@ -124,25 +130,30 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "fcn_zoo"
 
 
-def reference_download_url(checkpoint: Checkpoint) -> str:
-    """The reference ``.pth`` URL of a row, with ``FCN_ZOO_REFERENCE_URL`` replacing the base if set."""
+def reference_download_urls(checkpoint: Checkpoint) -> list[str]:
+    """The URLs a row's reference ``.pth`` is tried at, in order: ``<name>.pth``, then the older
+    ``<name>_train.pth``; ``FCN_ZOO_REFERENCE_URL`` replaces the base if set."""
     base = os.environ.get("FCN_ZOO_REFERENCE_URL")
-    return f"{base.rstrip('/')}/{checkpoint.name}.pth" if base else checkpoint.reference_url
+    if not base:
+        return checkpoint.reference_urls
+    return [f"{base.rstrip('/')}/{url.rsplit('/', 1)[1]}" for url in checkpoint.reference_urls]
 
 
 def is_cached(name: str, cache_dir: str | os.PathLike | None = None) -> bool:
     """Whether zoo model ``name`` loads without the network."""
-    checkpoint = CHECKPOINTS[name]
-    if _is_complete(cache_root(cache_dir) / "reference" / name):
-        return True
-    if not checkpoint.hub_revision:
-        return False
-    from huggingface_hub import try_to_load_from_cache
+    return cached_folder(name, cache_dir) is not None
 
-    return all(
-        isinstance(try_to_load_from_cache(checkpoint.hub_repo_id, f, cache_dir=cache_dir, revision=checkpoint.hub_revision), str)
-        for f in (CONFIG_NAME, WEIGHTS_NAME)
-    )
+
+def cached_folder(name: str, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """The local folder zoo model ``name`` loads from without the network, or ``None``."""
+    checkpoint = CHECKPOINTS[name]
+    if checkpoint.hub_revision:
+        try:
+            return _download_hub(checkpoint.hub_repo_id, checkpoint.hub_revision, cache_dir, offline=True)
+        except NotCachedError:
+            pass
+    converted = cache_root(cache_dir) / "reference" / name
+    return converted if _is_complete(converted) else None
 
 
 # --- the routes ----------------------------------------------------------------------------------
@@ -152,13 +163,13 @@ def _resolve_zoo(checkpoint: Checkpoint, revision: str | None, cache_dir, offlin
     hub_revision = revision or checkpoint.hub_revision
     converted = cache_root(cache_dir) / "reference" / checkpoint.name
     # whatever is already on this machine first: an unreachable Hub costs huggingface_hub ~20 s of retries
-    if hub_revision:
+    if revision:
         try:
-            return _download_hub(checkpoint.hub_repo_id, hub_revision, cache_dir, offline=True)
+            return _download_hub(checkpoint.hub_repo_id, revision, cache_dir, offline=True)
         except NotCachedError:
             pass
-    if not revision and _is_complete(converted):
-        return converted
+    elif (cached := cached_folder(checkpoint.name, cache_dir)) is not None:
+        return cached
     if hub_revision and not offline:
         try:
             return _download_hub(checkpoint.hub_repo_id, hub_revision, cache_dir, offline=False)
@@ -196,6 +207,8 @@ def _download_hub(repo_id: str, revision: str | None, cache_dir, offline: bool) 
     )
 
     where = f"{repo_id}@{revision}" if revision else repo_id
+    if not offline:
+        _check_hub_reachable(repo_id, revision, cache_dir, where)
     try:
         files = [
             Path(hf_hub_download(repo_id, f, revision=revision, cache_dir=cache_dir, local_files_only=offline))
@@ -220,30 +233,80 @@ def _download_hub(repo_id: str, revision: str | None, cache_dir, offline: bool) 
     return files[0].parent
 
 
+def _check_hub_reachable(repo_id: str, revision: str | None, cache_dir, where: str) -> None:
+    """Fail at once with one line when the Hub cannot be reached and nothing of ``repo_id`` is cached.
+
+    huggingface_hub retries an unreachable Hub for ~24 s before giving up; one request without retries tells
+    the same. A repo that is cached is left to huggingface_hub, which serves the cache when the Hub is down.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(try_to_load_from_cache(repo_id, CONFIG_NAME, cache_dir=cache_dir, revision=revision), str):
+        return
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, CONFIG_NAME, revision=revision), timeout=HUB_CONNECT_TIMEOUT)
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status is not None and status >= 500:  # huggingface_hub would retry these for ~24 s as well
+            raise FCNZooError(f"{where}: the Hugging Face Hub answered {status}; try again later") from e
+    except Exception as e:  # httpx's connection and timeout errors: the Hub is not there
+        if not _is_connection_error(e):
+            raise
+        raise FCNZooError(
+            f"{where}: the Hugging Face Hub cannot be reached ({_first_line(e) or type(e).__name__}); "
+            "check the network, or set HF_HUB_OFFLINE=1 to use only what is cached"
+        ) from e
+
+
+def _is_connection_error(error: BaseException) -> bool:
+    import httpx
+
+    return isinstance(error, (httpx.TransportError, OSError))
+
+
 def download_reference(checkpoint: Checkpoint, directory: Path) -> tuple[Path, str, str]:
     """Download a row's reference ``.pth`` into ``directory``; returns ``(path, url, sha256)``.
 
-    The sha256 must equal the table's, or, where the table has none yet, the one recorded in the cache
-    by the first download (``known_hashes.json``); a file that differs is deleted and refused.
+    ``<name>.pth`` is tried first, then the reference's older name ``<name>_train.pth`` if the server
+    has no file of the first name (404). The sha256 must equal the table's, or, where the table has none
+    yet, the one recorded in the cache by the first download (``known_hashes.json``); a file that differs
+    is deleted and refused.
     """
-    url = reference_download_url(checkpoint)
+    from urllib.error import HTTPError
+
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{checkpoint.name}.pth"
-    logger.info("downloading %s", url)
-    try:
-        sha256 = download(url, path)
-    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, HTTPError are OSErrors
-        raise FCNZooError(
-            f"{checkpoint.name}: downloading {url} failed ({e}); check the network, "
-            "or set FCN_ZOO_REFERENCE_URL to a mirror that holds the reference .pth files"
-        ) from e
+    urls = reference_download_urls(checkpoint)
+    for i, url in enumerate(urls):
+        logger.info("downloading %s", url)
+        try:
+            sha256 = download(url, path)
+            break
+        except HTTPError as e:
+            if e.code == 404 and i + 1 < len(urls):
+                continue
+            raise FCNZooError(_download_failed(checkpoint, urls[: i + 1], e)) from e
+        except (OSError, ValueError, http.client.HTTPException) as e:  # URLError is an OSError
+            raise FCNZooError(_download_failed(checkpoint, [url], e)) from e
     known = _known_hashes()
     expected = checkpoint.sha256 or known.get(checkpoint.name)
     if expected and sha256 != expected:
         path.unlink(missing_ok=True)
-        origin = "published in the table" if checkpoint.sha256 else f"recorded at the first download in {_known_hashes_path()}"
+        if checkpoint.sha256:
+            how = (
+                "it is not the published file; to use it anyway, download it and load the local file "
+                f"(fcn_zoo.from_pretrained('{checkpoint.name}.pth'))"
+            )
+        else:
+            how = (
+                f"if the mirror's file was changed on purpose, delete the \"{checkpoint.name}\" entry of "
+                f"{_known_hashes_path()} and load again to accept it"
+            )
         raise WeightsError(
-            f"{url}: sha256 {sha256} differs from {expected}, {origin}; the file was not used"
+            f"{url}: sha256 {sha256} differs from {expected}, "
+            f"{'published in the table' if checkpoint.sha256 else 'recorded at the first download'}; "
+            f"the file was not used; {how}"
         )
     if not expected:
         _record_hash(checkpoint.name, sha256)
@@ -300,6 +363,14 @@ def download(url: str, path: Path, timeout: float | None = None) -> str:
     return digest.hexdigest()
 
 
+def _download_failed(checkpoint: Checkpoint, urls: list[str], error: BaseException) -> str:
+    tried = urls[0] if len(urls) == 1 else f"{' and '.join(urls)} (the reference's older name)"
+    return (
+        f"{checkpoint.name}: downloading {tried} failed ({error}); check the network, "
+        "or set FCN_ZOO_REFERENCE_URL to a mirror that holds the reference .pth files"
+    )
+
+
 def _convert_local_pth(path: Path, cache_dir) -> Path:
     from .convert import convert_checkpoint
 
@@ -307,7 +378,9 @@ def _convert_local_pth(path: Path, cache_dir) -> Path:
     folder = cache_root(cache_dir) / "local" / f"{path.stem}-{sha256[:16]}"
     if not _is_complete(folder):
         _writable(folder.parent)
-        convert_checkpoint(path, folder, "reference", checkpoint=CHECKPOINTS.get(path.stem), provenance={"source_file": str(path.resolve())})
+        convert_checkpoint(
+            path, folder, "reference", checkpoint=checkpoint_for_file(path), provenance={"source_file": str(path.resolve())}
+        )
     return folder
 
 
@@ -315,7 +388,7 @@ def _convert_local_pth(path: Path, cache_dir) -> Path:
 
 
 def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return (str(e).strip().splitlines() or [type(e).__name__])[0].strip()
 
 
 def _hub_offline() -> bool:

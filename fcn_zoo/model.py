@@ -8,6 +8,7 @@ this model by renaming keys alone. torchvision's FCN is the same model with ``ba
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +92,16 @@ class FCN(
         aux_channels: width of the auxiliary head on the second-to-last stage; ``None`` for no auxiliary head.
         dropout: Dropout2d probability before each classifier.
         dataset: the dataset the weights were trained on (a key of ``fcn_zoo.zoo.DATASETS``), if any;
-            it supplies class names, palette and the evaluation resize.
-        class_names: the class names, if not those of ``dataset``.
+            it supplies what the arguments below leave out.
+        class_names: one name per class.
+        palette: one ``(R, G, B)`` colour per class.
+        mean, std: the per-channel normalisation of RGB values in 0..255.
+        eval_size: the ``(long, short)`` bound of the evaluation resize (keeping the aspect ratio).
+        crop_size: the training crop ``(height, width)``, also the window of sliding-window inference.
+
+    Whatever neither these arguments nor ``dataset`` give has a generic default (``class_<i>`` names, the
+    VOC colour map, ImageNet normalisation, ``(2048, 512)``, ``(512, 512)``). ``save_pretrained`` writes
+    them all to ``config.json``, so a folder describes its model without the zoo's table.
 
     ``forward(x)`` takes a normalised float tensor ``(N, 3, H, W)`` and returns logits ``(N, C, H, W)``
     upsampled bilinearly (``align_corners=False``); in training mode it returns ``(logits, aux_logits)``.
@@ -110,6 +119,11 @@ class FCN(
         dropout: float = 0.1,
         dataset: str | None = None,
         class_names: list[str] | None = None,
+        palette: list[list[int]] | None = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        eval_size: list[int] | None = None,
+        crop_size: list[int] | None = None,
     ):
         super().__init__()
         import timm  # deferred: timm takes seconds to import and `import fcn_zoo` must stay fast
@@ -120,14 +134,23 @@ class FCN(
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
         if dataset is not None and dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)} (or None)")
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"class_names has {len(class_names)} names but num_classes is {num_classes}")
         if not timm.is_model(backbone):
             raise ValueError(f"unknown timm backbone {backbone!r}; use a timm ResNet such as 'resnet50c'")
         self.num_classes = num_classes
         self.output_stride = output_stride
         self.dataset = dataset
-        self._class_names = list(class_names) if class_names is not None else None
+        known = DATASETS[dataset] if dataset is not None else None
+        same_classes = known is not None and known.num_classes == num_classes
+        self.class_names = _names(class_names, num_classes) if class_names is not None else (
+            list(known.classes) if same_classes else [f"class_{i}" for i in range(num_classes)]
+        )
+        self.palette = _colours(palette, num_classes) if palette is not None else (
+            list(known.palette) if same_classes else [_bit_palette(i) for i in range(num_classes)]
+        )
+        self.mean = _floats(mean, "mean") if mean is not None else (known.mean if known else IMAGENET_MEAN)
+        self.std = _floats(std, "std") if std is not None else (known.std if known else IMAGENET_STD)
+        self.eval_size = _pair(eval_size, "eval_size") if eval_size is not None else (known.eval_size if known else (2048, 512))
+        self.crop_size = _pair(crop_size, "crop_size") if crop_size is not None else (known.crop_size if known else (512, 512))
         self.backbone = timm.create_model(
             backbone, pretrained=False, features_only=True, output_stride=output_stride, out_indices=(3, 4)
         )
@@ -137,39 +160,21 @@ class FCN(
             FCNHead(aux_in, aux_channels, num_classes, 1, dropout) if aux_channels is not None else None
         )
 
-    @property
-    def class_names(self) -> list[str]:
-        """One name per output channel."""
-        if self._class_names is not None:
-            return self._class_names
-        if self.dataset is not None and DATASETS[self.dataset].num_classes == self.num_classes:
-            return list(DATASETS[self.dataset].classes)
-        return [f"class_{i}" for i in range(self.num_classes)]
-
-    @property
-    def palette(self) -> list[tuple[int, int, int]]:
-        """One RGB colour per class: the dataset's own palette, else a VOC-style bit-interleaved one."""
-        if self.dataset is not None and DATASETS[self.dataset].num_classes == self.num_classes:
-            return list(DATASETS[self.dataset].palette)
-        return [_bit_palette(i) for i in range(self.num_classes)]
-
-    @property
-    def eval_size(self) -> tuple[int, int]:
-        """The (long, short) bound of the reference evaluation resize."""
-        return DATASETS[self.dataset].eval_size if self.dataset else (2048, 512)
-
-    @property
-    def crop_size(self) -> tuple[int, int]:
-        """The training crop (height, width); also the window of sliding-window inference."""
-        return DATASETS[self.dataset].crop_size if self.dataset else (512, 512)
-
-    @property
-    def mean(self) -> tuple[float, float, float]:
-        return DATASETS[self.dataset].mean if self.dataset else IMAGENET_MEAN
-
-    @property
-    def std(self) -> tuple[float, float, float]:
-        return DATASETS[self.dataset].std if self.dataset else IMAGENET_STD
+    def hub_config(self) -> dict:
+        """What ``save_pretrained`` writes to ``config.json``: the architecture, and the class names, palette,
+        normalisation and evaluation sizes, so that the folder is read the same way without the zoo's table."""
+        return {
+            **(self._hub_mixin_config or {}),
+            "num_classes": self.num_classes,
+            "output_stride": self.output_stride,
+            "dataset": self.dataset,
+            "class_names": list(self.class_names),
+            "palette": [list(c) for c in self.palette],
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "eval_size": list(self.eval_size),
+            "crop_size": list(self.crop_size),
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         size = x.shape[-2:]
@@ -211,10 +216,47 @@ class FCN(
             raise RuntimeError("this FCN was fuse()d for inference and cannot be trained; load it again to train")
         return super().train(mode)
 
-    def save_pretrained(self, *args: Any, **kwargs: Any):
+    def save_pretrained(
+        self, save_directory: str | Path, *, mean_iou: float | None = None, eval_dataset: str | None = None,
+        eval_split: str = "val", config: dict | None = None, model_card_kwargs: dict | None = None, **kwargs: Any,
+    ):
+        """Write ``config.json`` (architecture, class names, palette, normalisation, evaluation sizes),
+        ``model.safetensors`` and a model card (``README.md``) to ``save_directory``.
+
+        Args:
+            mean_iou: the mIoU (%) you measured with these weights; it goes into the card's ``model-index``.
+            eval_dataset: the dataset it was measured on (a Hub dataset id or a name), and ``eval_split`` its
+                split; default the model's own dataset, if it has one.
+            **kwargs: as ``huggingface_hub.ModelHubMixin.save_pretrained`` (``push_to_hub``, ``repo_id``, ...).
+        """
         if getattr(self, "_fused", False):
             raise RuntimeError("this FCN was fuse()d for inference and cannot be saved; save it before fuse()")
-        return super().save_pretrained(*args, **kwargs)
+        card = {"mean_iou": mean_iou, "eval_dataset": eval_dataset, "eval_split": eval_split, **(model_card_kwargs or {})}
+        if kwargs.get("repo_id"):
+            card.setdefault("repo_id", kwargs["repo_id"])
+        self.generate_model_card(**card)  # a bad argument fails here, before anything is written
+        return super().save_pretrained(save_directory, config=config or self.hub_config(), model_card_kwargs=card, **kwargs)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        super()._save_pretrained(save_directory)
+        # safetensors creates the file readable by its owner only; give it the mode of the config and card
+        os.chmod(Path(save_directory) / constants.SAFETENSORS_SINGLE_FILE, 0o666 & ~_umask())
+
+    def push_to_hub(
+        self, repo_id: str, *, mean_iou: float | None = None, eval_dataset: str | None = None, eval_split: str = "val",
+        model_card_kwargs: dict | None = None, **kwargs: Any,
+    ) -> str:
+        """Upload ``config.json``, ``model.safetensors`` and the model card to the Hub repo ``repo_id`` in one
+        commit; ``mean_iou``, ``eval_dataset`` and ``eval_split`` as in :meth:`save_pretrained`."""
+        card = {"mean_iou": mean_iou, "eval_dataset": eval_dataset, "eval_split": eval_split, "repo_id": repo_id,
+                **(model_card_kwargs or {})}
+        return super().push_to_hub(repo_id, model_card_kwargs=card, **kwargs)
+
+    def generate_model_card(self, *args: Any, **kwargs: Any):
+        """This model's card (:func:`fcn_zoo.cards.model_card`): usage, classes, architecture, results, provenance."""
+        from .cards import model_card
+
+        return model_card(self.hub_config(), num_params=_inference_params(self), **kwargs)
 
     def predict(self, images, **kwargs):
         """Segment one image or a list of them; see :func:`fcn_zoo.predict.predict` for the options."""
@@ -333,6 +375,49 @@ def load_state_dict(
             source, old, model.num_classes, ", ".join(reinit),
         )
     model.load_state_dict({k: v for k, v in state_dict.items() if k not in reinit}, strict=False)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _inference_params(model: FCN) -> int:
+    aux = sum(p.numel() for p in model.auxiliary_head.parameters()) if model.auxiliary_head is not None else 0
+    return sum(p.numel() for p in model.parameters()) - aux
+
+
+def _names(names, num_classes: int) -> list[str]:
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"class_names must be a list of strings, got {names!r:.80}")
+    if len(names) != num_classes:
+        raise ValueError(f"class_names has {len(names)} names but num_classes is {num_classes}")
+    return list(names)
+
+
+def _colours(palette, num_classes: int) -> list[tuple[int, int, int]]:
+    colours = [tuple(c) for c in palette]
+    if len(colours) != num_classes:
+        raise ValueError(f"palette has {len(colours)} colours but num_classes is {num_classes}")
+    for c in colours:
+        if len(c) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in c):
+            raise ValueError(f"palette colours must be three integers in 0..255, got {list(c)}")
+    return colours
+
+
+def _floats(values, what: str) -> tuple[float, float, float]:
+    if len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"{what} must be three numbers (R, G, B), got {values!r}")
+    if what == "std" and min(values) <= 0:
+        raise ValueError(f"std must be positive, got {values!r}")
+    return tuple(float(v) for v in values)
+
+
+def _pair(values, what: str) -> tuple[int, int]:
+    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise ValueError(f"{what} must be two positive integers, got {values!r}")
+    return int(values[0]), int(values[1])
 
 
 def _describe(model: FCN) -> str:

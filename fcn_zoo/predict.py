@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from ._files import atomic_path
+from ._fusion import cpu_has_bf16
 from .errors import ImageError, is_out_of_memory
+from .zoo import eval_resize_shape
 
 __all__ = ["predict", "predict_labels", "Segmentation", "TTA", "load_image", "eval_resize_shape", "save_image"]
 
@@ -81,10 +83,10 @@ class Segmentation:
         return Image.fromarray(np.rint(base * (1 - alpha) + colours * alpha).astype(np.uint8))
 
     def class_shares(self) -> dict[str, float]:
-        """Fraction of pixels of each class present, largest first."""
+        """Fraction of pixels of each class present, largest first, as plain Python floats."""
         counts = np.bincount(self.labels.ravel(), minlength=len(self.class_names))
         order = np.argsort(-counts, kind="stable")
-        return {self.class_names[i]: counts[i] / self.labels.size for i in order if counts[i]}
+        return {self.class_names[i]: float(counts[i] / self.labels.size) for i in order if counts[i]}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the labels as a palette PNG (pixel value = class index), atomically."""
@@ -112,7 +114,9 @@ def predict(
 
     Args:
         images: one image or a list. An image is a path, a PIL image, a uint8 ``(H, W, 3)`` (or ``(H, W)``)
-            array, or a ``(3, H, W)`` tensor (float in ``[0, 1]`` or uint8). EXIF rotation is applied;
+            array, or a ``(3, H, W)`` tensor (float in ``[0, 1]`` or uint8). Arrays and tensors are read as
+            **RGB**: an OpenCV ``cv2.imread`` array is BGR and silently gives worse masks; pass
+            ``img[..., ::-1]`` (or ``cv2.cvtColor(img, cv2.COLOR_BGR2RGB)``). EXIF rotation is applied;
             greyscale, palette, 16-bit and alpha images are converted to RGB (alpha is dropped).
         tta: ``True`` for flip + scales 0.5-1.75, or a :class:`TTA`; default none (the reference protocol).
         mode: ``"whole"`` (the reference protocol) or ``"slide"``: overlapping windows, all in batches.
@@ -216,7 +220,9 @@ def predict_labels(
 
 
 def load_image(image) -> tuple[torch.Tensor, bool]:
-    """Any supported input -> ``(float32 (3, H, W) tensor of 0..255 RGB values, came-from-8-bit flag)``."""
+    """Any supported input -> ``(float32 (3, H, W) tensor of 0..255 RGB values, came-from-8-bit flag)``.
+
+    Arrays and tensors are taken as RGB; a BGR array (OpenCV) is not detected and gives worse masks."""
     name = _describe(image)
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
@@ -311,12 +317,6 @@ def _rgb_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 # --- the protocol --------------------------------------------------------------------------------
-
-
-def eval_resize_shape(height: int, width: int, eval_size: Sequence[int]) -> tuple[int, int]:
-    """The reference's keep-ratio resize: the ``(h, w)`` an image is evaluated at."""
-    scale = min(max(eval_size) / max(height, width), min(eval_size) / min(height, width))
-    return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
 def _preprocess(model, x: torch.Tensor, from_uint8: bool, device: torch.device, eval_size: Sequence[int]) -> torch.Tensor:
@@ -503,16 +503,9 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         raise ValueError(f"precision must be 'fp32', 'fp16' or 'bf16', got {precision!r}")
     if device.type == "cpu" and precision == "fp16":
         raise ValueError("precision='fp16' is for GPUs; on CPU use 'bf16' (CPUs with AMX or AVX512-BF16) or 'fp32'")
-    if device.type == "cpu" and precision == "bf16" and not _cpu_has_bf16():
+    if device.type == "cpu" and precision == "bf16" and not cpu_has_bf16():
         logger.warning("this CPU has no bf16 instructions (AMX, AVX512-BF16): precision='bf16' will be slower than fp32")
     return dtypes[precision]
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def _autocast(features, device: torch.device, dtype: torch.dtype | None):

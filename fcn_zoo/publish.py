@@ -78,19 +78,31 @@ def publish(
         for f in files:
             log(f"  {f} ({(folder / f).stat().st_size:,} bytes)")
     else:
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        api.create_repo(repo_id, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(
-            folder_path=folder, repo_id=repo_id, allow_patterns=files,
-            commit_message=f"{checkpoint.title}, converted from {checkpoint.reference_url.rsplit('/', 1)[-1]}",
-        )
+        commit = _upload(folder, repo_id, files, token, f"{checkpoint.title}, converted from {provenance.get('source_url', checkpoint.reference_url).rsplit('/', 1)[-1]}")
         entry["commit"] = commit.oid
         log(f"{name}: published {repo_id}@{commit.oid}; pin it in fcn_zoo/zoo.py: hub_revision=\"{commit.oid}\"")
     state[name] = entry
     _write_state(out, state)
     return entry
+
+
+def _upload(folder: Path, repo_id: str, files: list[str], token: str | None, message: str):
+    """One commit of ``files`` to ``repo_id``; the Hub's errors and unreachable networks become one line."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .hub import _first_line, _is_connection_error
+
+    try:
+        api = HfApi(token=token)
+        api.create_repo(repo_id, exist_ok=True, repo_type="model")
+        return api.upload_folder(folder_path=folder, repo_id=repo_id, allow_patterns=files, commit_message=message)
+    except HfHubHTTPError as e:
+        raise FCNZooError(f"{repo_id}: the Hugging Face Hub refused the upload ({_first_line(e)}); check the token (hf auth login) and the repo id") from e
+    except Exception as e:
+        if not _is_connection_error(e):
+            raise
+        raise FCNZooError(f"{repo_id}: the Hugging Face Hub cannot be reached ({_first_line(e) or type(e).__name__}); the folder {folder} is built and verified: rerun to upload it") from e
 
 
 def _check_parity(checkpoint: Checkpoint, provenance: dict) -> None:

@@ -7,14 +7,20 @@ This module imports nothing heavy so that ``fcn-zoo list`` and ``import fcn_zoo`
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .errors import UnknownModelError
 
-__all__ = ["Checkpoint", "DatasetInfo", "CHECKPOINTS", "DATASETS", "get_checkpoint", "get_dataset"]
+__all__ = [
+    "Checkpoint", "DatasetInfo", "CHECKPOINTS", "DATASETS", "get_checkpoint", "get_dataset", "checkpoint_for_file",
+    "eval_resize_shape",
+]
 
 #: Where the reference implementation (sssegmentation) publishes its FCN weights.
 REFERENCE_BASE_URL = "https://github.com/SegmentationBLWX/modelstore/releases/download/ssseg_fcn"
+#: The reference's release page named its files ``<name>_train.pth`` until late 2023 and ``<name>.pth`` since.
+REFERENCE_FILE_SUFFIXES = ("", "_train")
 #: The Hugging Face Hub organisation that hosts the converted checkpoints.
 HUB_ORGANISATION = "fcn-zoo"
 
@@ -123,7 +129,8 @@ class DatasetInfo:
     """What a model needs to know about the dataset it was trained on.
 
     ``eval_size`` is the reference evaluation resize: the image is scaled, keeping its aspect ratio,
-    by ``min(max(eval_size) / long_side, min(eval_size) / short_side)``.
+    by ``min(max(eval_size) / long_side, min(eval_size) / short_side)``. ``typical_image`` is the
+    ``(height, width)`` of a typical val image, at whose evaluation size the table's GFLOPs are counted.
     """
 
     name: str
@@ -135,6 +142,7 @@ class DatasetInfo:
     train_split: str
     val_split: str
     hub_dataset: str
+    typical_image: tuple[int, int]
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     ignore_index: int = 255
@@ -143,6 +151,28 @@ class DatasetInfo:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def typical_eval_shape(self) -> tuple[int, int]:
+        """``(height, width)`` at which a typical val image is evaluated."""
+        return eval_resize_shape(*self.typical_image, self.eval_size)
+
+    def metadata(self) -> dict:
+        """What a model folder's ``config.json`` records about this dataset, so that it needs no table to be read."""
+        return {
+            "class_names": list(self.classes),
+            "palette": [list(c) for c in self.palette],
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "eval_size": list(self.eval_size),
+            "crop_size": list(self.crop_size),
+        }
+
+
+def eval_resize_shape(height: int, width: int, eval_size) -> tuple[int, int]:
+    """The reference's keep-ratio resize: the ``(h, w)`` an image of ``height x width`` is evaluated at."""
+    scale = min(max(eval_size) / max(height, width), min(eval_size) / min(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
 
 DATASETS: dict[str, DatasetInfo] = {
     d.name: d
@@ -150,17 +180,17 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo(
             name="voc", title="PASCAL VOC 2012", classes=VOC_CLASSES, palette=VOC_PALETTE,
             eval_size=(2048, 512), crop_size=(512, 512), train_split="trainaug", val_split="val",
-            hub_dataset="pascal_voc",
+            hub_dataset="pascal_voc", typical_image=(375, 500),
         ),
         DatasetInfo(
             name="ade20k", title="ADE20K", classes=ADE20K_CLASSES, palette=ADE20K_PALETTE,
             eval_size=(2048, 512), crop_size=(512, 512), train_split="train", val_split="val",
-            hub_dataset="scene_parse_150",
+            hub_dataset="scene_parse_150", typical_image=(512, 683),
         ),
         DatasetInfo(
             name="cityscapes", title="Cityscapes", classes=CITYSCAPES_CLASSES, palette=CITYSCAPES_PALETTE,
             eval_size=(2048, 1024), crop_size=(512, 1024), train_split="train", val_split="val",
-            hub_dataset="cityscapes",
+            hub_dataset="cityscapes", typical_image=(1024, 2048),
         ),
     )
 }
@@ -176,7 +206,11 @@ class Checkpoint:
     dataset: str  # a key of DATASETS
     batch_size: int
     epochs: int
-    miou: float  # reference mIoU (%) on the dataset's val split, single scale
+    miou: float  # reference mIoU (%) on the dataset's val split, single scale, as in the seed table
+    params_m: float  # parameters of the inference network (without the training-only auxiliary head), millions
+    gflops: float  # one forward pass at the evaluation size of a typical image (multiply-adds count two)
+    weights_mb: float  # model.safetensors, fp32, auxiliary head included, MB (10^6 bytes)
+    miou_newest: float | None = None  # the reference's newest published mIoU, where it differs from ``miou``
     lr: float = 0.01
     hub_repo_id: str = ""  # defaults to fcn-zoo/<name>
     hub_revision: str = ""  # the pinned 40-hex commit of hub_repo_id; empty until published
@@ -188,6 +222,17 @@ class Checkpoint:
             object.__setattr__(self, "hub_repo_id", f"{HUB_ORGANISATION}/{self.name}")
         if not self.reference_url:
             object.__setattr__(self, "reference_url", f"{REFERENCE_BASE_URL}/{self.name}.pth")
+
+    @property
+    def reference_miou(self) -> float:
+        """The mIoU the reference gives for its published weights today (its newest figure)."""
+        return self.miou_newest if self.miou_newest is not None else self.miou
+
+    @property
+    def reference_urls(self) -> list[str]:
+        """The published file under each name the reference has used, newest first."""
+        stem = self.reference_url.removesuffix(".pth")
+        return [f"{stem}{suffix}.pth" for suffix in REFERENCE_FILE_SUFFIXES]
 
     @property
     def data(self) -> DatasetInfo:
@@ -219,20 +264,33 @@ class Checkpoint:
         }
 
 
-# The seed table of the reference model zoo: one row per published checkpoint.
+# The seed table of the reference model zoo: one row per published checkpoint. The figures
+# (parameters, GFLOPs at data.typical_eval_shape, safetensors size) are recounted by tests/test_package.py.
 _ROWS = (
-    Checkpoint("fcn_resnet50os8_voc", "resnet50c", 8, "voc", batch_size=16, epochs=60, miou=66.86),
-    Checkpoint("fcn_resnet50os16_voc", "resnet50c", 16, "voc", batch_size=16, epochs=60, miou=66.58),
-    Checkpoint("fcn_resnet101os8_voc", "resnet101c", 8, "voc", batch_size=16, epochs=60, miou=69.86),
-    Checkpoint("fcn_resnet101os16_voc", "resnet101c", 16, "voc", batch_size=16, epochs=60, miou=69.39),
-    Checkpoint("fcn_resnet50os8_ade20k", "resnet50c", 8, "ade20k", batch_size=16, epochs=130, miou=36.96),
-    Checkpoint("fcn_resnet50os16_ade20k", "resnet50c", 16, "ade20k", batch_size=16, epochs=130, miou=36.50),
-    Checkpoint("fcn_resnet101os8_ade20k", "resnet101c", 8, "ade20k", batch_size=16, epochs=130, miou=41.22),
-    Checkpoint("fcn_resnet101os16_ade20k", "resnet101c", 16, "ade20k", batch_size=16, epochs=130, miou=40.15),
-    Checkpoint("fcn_resnet50os8_cityscapes", "resnet50c", 8, "cityscapes", batch_size=8, epochs=220, miou=75.16),
-    Checkpoint("fcn_resnet50os16_cityscapes", "resnet50c", 16, "cityscapes", batch_size=8, epochs=220, miou=73.94),
-    Checkpoint("fcn_resnet101os8_cityscapes", "resnet101c", 8, "cityscapes", batch_size=8, epochs=220, miou=76.31),
-    Checkpoint("fcn_resnet101os16_cityscapes", "resnet101c", 16, "cityscapes", batch_size=8, epochs=220, miou=75.36),
+    Checkpoint("fcn_resnet50os8_voc", "resnet50c", 8, "voc", batch_size=16, epochs=60, miou=66.86,
+               params_m=35.34, gflops=401.1, weights_mb=160.5, miou_newest=67.80),
+    Checkpoint("fcn_resnet50os16_voc", "resnet50c", 16, "voc", batch_size=16, epochs=60, miou=66.58,
+               params_m=35.34, gflops=122.9, weights_mb=160.5),
+    Checkpoint("fcn_resnet101os8_voc", "resnet101c", 8, "voc", batch_size=16, epochs=60, miou=69.86,
+               params_m=54.33, gflops=609.6, weights_mb=236.7, miou_newest=70.59),
+    Checkpoint("fcn_resnet101os16_voc", "resnet101c", 16, "voc", batch_size=16, epochs=60, miou=69.39,
+               params_m=54.33, gflops=175.0, weights_mb=236.7),
+    Checkpoint("fcn_resnet50os8_ade20k", "resnet50c", 8, "ade20k", batch_size=16, epochs=130, miou=36.96,
+               params_m=35.4, gflops=401.8, weights_mb=161.0),
+    Checkpoint("fcn_resnet50os16_ade20k", "resnet50c", 16, "ade20k", batch_size=16, epochs=130, miou=36.50,
+               params_m=35.4, gflops=123.1, weights_mb=161.0),
+    Checkpoint("fcn_resnet101os8_ade20k", "resnet101c", 8, "ade20k", batch_size=16, epochs=130, miou=41.22,
+               params_m=54.39, gflops=610.3, weights_mb=237.2),
+    Checkpoint("fcn_resnet101os16_ade20k", "resnet101c", 16, "ade20k", batch_size=16, epochs=130, miou=40.15,
+               params_m=54.39, gflops=175.2, weights_mb=237.2),
+    Checkpoint("fcn_resnet50os8_cityscapes", "resnet50c", 8, "cityscapes", batch_size=8, epochs=220, miou=75.16,
+               params_m=35.34, gflops=2388.5, weights_mb=160.5),
+    Checkpoint("fcn_resnet50os16_cityscapes", "resnet50c", 16, "cityscapes", batch_size=8, epochs=220, miou=73.94,
+               params_m=35.34, gflops=732.3, weights_mb=160.5),
+    Checkpoint("fcn_resnet101os8_cityscapes", "resnet101c", 8, "cityscapes", batch_size=8, epochs=220, miou=76.31,
+               params_m=54.33, gflops=3629.7, weights_mb=236.7),
+    Checkpoint("fcn_resnet101os16_cityscapes", "resnet101c", 16, "cityscapes", batch_size=8, epochs=220, miou=75.36,
+               params_m=54.33, gflops=1042.6, weights_mb=236.7),
 )
 
 CHECKPOINTS: dict[str, Checkpoint] = {c.name: c for c in _ROWS}
@@ -244,6 +302,16 @@ def get_checkpoint(name: str) -> Checkpoint:
         return CHECKPOINTS[name]
     except KeyError:
         raise UnknownModelError(name, sorted(CHECKPOINTS)) from None
+
+
+def checkpoint_for_file(path) -> Checkpoint | None:
+    """The row a reference ``.pth`` is, from its file name (``<name>.pth`` or the older ``<name>_train.pth``)."""
+    stem = os.path.basename(os.fspath(path)).removesuffix(".pth").removesuffix(".pt")
+    for suffix in REFERENCE_FILE_SUFFIXES:
+        name = stem[: len(stem) - len(suffix)]
+        if stem.endswith(suffix) and name in CHECKPOINTS:
+            return CHECKPOINTS[name]
+    return None
 
 
 def get_dataset(name: str) -> DatasetInfo:

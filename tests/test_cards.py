@@ -1,14 +1,17 @@
-"""Model cards: generated from the table, parseable by huggingface_hub, committed copies up to date."""
+"""Model cards: one template for any FCN, parseable by huggingface_hub; the zoo's committed copies up to date."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import pytest
 from huggingface_hub import ModelCard
 
 import fcn_zoo
-from fcn_zoo.cards import model_card, write_cards
+from conftest import tiny_fcn
+from fcn_zoo.cards import row_card, write_cards
 
 COMMITTED = Path(__file__).resolve().parents[1] / "model_cards"
 
@@ -27,22 +30,73 @@ def test_card_metadata_parses_with_the_right_model_index(name):
     card = ModelCard.load(COMMITTED / f"{name}.md")
     assert card.data.library_name == "fcn-zoo" and card.data.pipeline_tag == "image-segmentation"
     assert card.data.datasets == [row.data.hub_dataset]
-    (result,) = card.data.eval_results
-    assert (result.metric_type, result.metric_value) == ("mean_iou", row.miou)
+    (result,) = card.data.eval_results  # the figure the reference gives for its published weights today
+    assert (result.metric_type, result.metric_value) == ("mean_iou", row.miou_newest or row.miou)
     assert (result.dataset_type, result.dataset_split) == (row.data.hub_dataset, "val")
-    assert all(c in card.text for c in row.data.classes)
+    assert f"{row.miou:.2f} (reference, seed table)" in card.text
+    assert row.miou_newest is None or f"{row.miou_newest:.2f} (reference, newest)" in card.text
+    assert all(f"| {i} | {c} | {', '.join(map(str, rgb))} |" in card.text
+               for i, (c, rgb) in enumerate(zip(row.data.classes, row.data.palette)))
+    assert f"{row.params_m:.2f} M" in card.text and f"{row.gflops:.1f} GFLOPs" in card.text and f"{row.weights_mb:.1f} MB" in card.text
     assert row.reference_url in card.text and f'from_pretrained("{name}")' in card.text
+    assert f'torch.hub.load("fcn-zoo/fcn-zoo", "{name}")' in card.text and f"fcn-zoo predict {name} " in card.text
+
+
+def test_the_newest_reference_figures_are_those_of_the_two_rows_that_changed():
+    newest = {name: row.miou_newest for name, row in fcn_zoo.CHECKPOINTS.items() if row.miou_newest is not None}
+    assert newest == {"fcn_resnet50os8_voc": 67.80, "fcn_resnet101os8_voc": 70.59}
+    assert fcn_zoo.CHECKPOINTS["fcn_resnet50os8_voc"].miou == 66.86  # the seed table's figure is kept
 
 
 def test_provenance_and_measured_miou_appear_when_known():
     row = fcn_zoo.CHECKPOINTS["fcn_resnet50os8_cityscapes"]
-    card = model_card(
+    card = row_card(
         row,
         provenance={"source_sha256": "a" * 64, "weights_sha256": "b" * 64,
                     "parity": {"max_abs_diff": 3.2e-6, "label_agreement": 0.99991}},
-        measured_miou=75.02,
+        mean_iou=75.02,
     )
     text = str(card)
     assert "a" * 64 in text and "b" * 64 in text and "3.20e-06" in text and "0.9999" in text
     assert "75.02 (measured" in text
     assert card.data.eval_results[0].metric_value == 75.02
+
+
+def test_save_pretrained_writes_a_card_of_its_own_with_the_metrics_the_user_measured(tmp_path):
+    model = tiny_fcn(num_classes=3, dataset=None)
+    model.class_names = ["sky", "road, street", "tree"]
+    model.save_pretrained(tmp_path / "mine", mean_iou=61.234, eval_dataset="me/streets", eval_split="test")
+    card = ModelCard.load(tmp_path / "mine" / "README.md")
+    assert "More Information Needed" not in card.text  # not huggingface_hub's generic card
+    assert card.data.library_name == "fcn-zoo" and card.data.datasets == ["me/streets"]
+    (result,) = card.data.eval_results
+    assert (result.metric_type, result.metric_value, result.dataset_type, result.dataset_split) == ("mean_iou", 61.23, "me/streets", "test")
+    assert "fcn_zoo.from_pretrained(" in card.text and '"from_pretrained"' in card.text and "fcn-zoo predict " in card.text
+    assert "| 1 | road, street |" in card.text and "`resnet18d` (timm), output stride 8" in card.text
+    with pytest.raises(ValueError, match="eval_dataset"):  # an mIoU must say what it was measured on
+        model.save_pretrained(tmp_path / "vague", mean_iou=50.0)
+    assert not (tmp_path / "vague").exists()
+
+
+def test_push_to_hub_uploads_the_same_card_naming_the_repo(monkeypatch):
+    import huggingface_hub.hub_mixin as hub_mixin
+
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            return type("RepoUrl", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            uploaded.update({p.name: p.read_text() for p in __import__("pathlib").Path(folder_path).iterdir() if p.suffix in (".md", ".json")})
+            return "https://hub/commit/1"
+
+    monkeypatch.setattr(hub_mixin, "HfApi", FakeApi)
+    tiny_fcn(num_classes=19, dataset="cityscapes").push_to_hub("me/my-fcn", mean_iou=70.5)
+    card = ModelCard(uploaded["README.md"])
+    assert 'fcn_zoo.from_pretrained("me/my-fcn")' in card.text and "fcn-zoo predict me/my-fcn " in card.text
+    assert card.data.eval_results[0].metric_value == 70.5 and card.data.eval_results[0].dataset_type == "cityscapes"
+    assert json.loads(uploaded["config.json"])["class_names"][0] == "road"

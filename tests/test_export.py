@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+
 import onnxruntime
 import pytest
 import torch
@@ -10,12 +14,21 @@ import fcn_zoo
 from fcn_zoo.cli import main
 
 
-def test_onnx_export_matches_pytorch_at_other_sizes(tiny_folder, tmp_path, capsys):
-    out = tmp_path / "model.onnx"
+def test_cli_export_writes_one_self_contained_file_quietly(tiny_folder, tmp_path, capfd, caplog):
+    caplog.set_level(logging.INFO)  # as under the CLI: the exporter's INFO records would be shown
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
     assert main(["export", str(tiny_folder), "--format", "onnx", "--out", str(out)]) == 0
-    assert "max abs logit difference" in capsys.readouterr().out
+    printed = capfd.readouterr()
+    assert len(printed.out.splitlines()) == 1 and "max abs logit difference" in printed.out
+    assert printed.err == ""
+    assert [r.getMessage() for r in caplog.records if not r.name.startswith("fcn_zoo")] == []
+    assert sorted(os.listdir(out.parent)) == ["model.onnx"]  # no hidden weights file, no partial
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    copied = shutil.copy(out, elsewhere / "copied.onnx")
     model = fcn_zoo.from_pretrained(tiny_folder)
-    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(str(copied), providers=["CPUExecutionProvider"])
     for shape in [(1, 3, 96, 128), (2, 3, 77, 131)]:
         x = torch.randn(*shape)
         with torch.no_grad():
@@ -23,7 +36,6 @@ def test_onnx_export_matches_pytorch_at_other_sizes(tiny_folder, tmp_path, capsy
         got = torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
         assert got.shape == expected.shape
         assert (got - expected).abs().max() < 1e-4
-    assert not list(tmp_path.glob(".*partial"))
 
 
 def test_a_fused_model_exports_as_plain_onnx_operators(tiny_folder, tmp_path):
@@ -71,3 +83,33 @@ def test_predict_with_onnxruntime_gives_the_same_labels_and_exports_once(tiny_fo
     assert len(calls) == 2
     with pytest.raises(ValueError, match="engine"):
         model.predict(PHOTOS[0], engine="tensorrt")
+
+
+def test_a_damaged_onnxruntime_cache_entry_is_exported_again(tiny_folder, caplog):
+    import onnx
+
+    from conftest import PHOTOS
+    from fcn_zoo.hub import cache_root
+
+    caplog.set_level(logging.INFO, logger="fcn_zoo")
+    expected = fcn_zoo.from_pretrained(tiny_folder).predict(PHOTOS[0], engine="onnxruntime").labels
+    folder = cache_root() / "onnx"
+    (entry,) = folder.glob("*.onnx")
+
+    def cut_short():
+        entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+
+    def weights_beside_and_gone():  # as entries were written before: weights in a hidden file beside
+        data = f".{entry.name}.123.partial.data"
+        onnx.save_model(onnx.load(str(entry)), str(entry), save_as_external_data=True, location=data, size_threshold=0)
+        (folder / data).unlink()
+
+    for damage in (cut_short, weights_beside_and_gone):
+        damage()
+        caplog.clear()
+        got = fcn_zoo.from_pretrained(tiny_folder).predict(PHOTOS[0], engine="onnxruntime").labels  # no session kept
+        assert (got == expected).all(), damage.__name__
+        rebuilt = [r for r in caplog.records if r.name == "fcn_zoo.export" and r.levelno == logging.INFO]
+        assert len(rebuilt) == 1 and "exporting it again" in rebuilt[0].getMessage(), damage.__name__
+        assert sorted(os.listdir(folder)) == [entry.name]
+        onnxruntime.InferenceSession(str(entry), providers=["CPUExecutionProvider"])

@@ -1,4 +1,4 @@
-"""torch.hub: the twelve entry points of hubconf.py, loaded from a local checkout."""
+"""torch.hub: the twelve entry points of hubconf.py and from_pretrained, loaded from a local checkout."""
 
 from __future__ import annotations
 
@@ -23,13 +23,13 @@ def _entrypoints() -> list[str]:
 
 def test_hubconf_lists_exactly_the_twelve_models_with_documented_signatures():
     names, module = _entrypoints()
-    assert names == sorted(fcn_zoo.list_models())
-    for name in names:
+    assert names == sorted([*fcn_zoo.list_models(), "from_pretrained"])
+    for name in fcn_zoo.list_models():
         fn = getattr(module, name)
         params = inspect.signature(fn).parameters
         assert params["pretrained"].default is True and params["num_classes"].default is None
         row = fcn_zoo.CHECKPOINTS[name]
-        assert f"{row.miou:.2f}" in fn.__doc__ and row.data.title in fn.__doc__ and str(row.num_classes) in fn.__doc__
+        assert f"{row.reference_miou:.2f}" in fn.__doc__ and row.data.title in fn.__doc__ and str(row.num_classes) in fn.__doc__
     for dependency in module.dependencies:
         __import__(dependency)
 
@@ -52,3 +52,9 @@ def test_torch_hub_load_local_with_cached_weights(tiny_folder):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
     model = torch.hub.load(str(REPO), "fcn_resnet50os8_voc", source="local", num_classes=3, local_files_only=True)
     assert model.num_classes == 3
+
+
+def test_torch_hub_from_pretrained_loads_any_fcn_folder(tiny_folder):
+    model = torch.hub.load(str(REPO), "from_pretrained", str(tiny_folder), source="local")
+    reference = fcn_zoo.from_pretrained(tiny_folder)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))

@@ -6,6 +6,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
 import fcn_zoo
 
 
@@ -30,3 +33,28 @@ def test_the_table_has_twelve_consistent_rows():
     assert {d: fcn_zoo.DATASETS[d].num_classes for d in fcn_zoo.DATASETS} == {"voc": 21, "ade20k": 150, "cityscapes": 19}
     for d in fcn_zoo.DATASETS.values():
         assert len(d.palette) == d.num_classes and len(set(d.classes)) == d.num_classes
+
+
+@pytest.mark.parametrize("name", fcn_zoo.list_models())
+def test_the_tables_figures_are_those_of_the_architecture(name):
+    """Parameters, GFLOPs at a typical image's evaluation size and the safetensors size, recounted (on the
+    meta device: no memory, no time)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    row = fcn_zoo.CHECKPOINTS[name]
+    with torch.device("meta"):
+        model = fcn_zoo.FCN(**row.model_config()).eval()
+        x = torch.empty(1, 3, *row.data.typical_eval_shape)
+    inference = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.auxiliary_head.parameters())
+    assert round(inference / 1e6, 2) == row.params_m
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    assert round(counter.get_total_flops() / 1e9, 1) == row.gflops
+    tensor_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert abs(tensor_bytes / 1e6 - row.weights_mb) < 0.1  # + the safetensors header, a few tens of kB
+
+
+def test_the_safetensors_size_in_the_table_is_the_files(tmp_path):
+    row = fcn_zoo.CHECKPOINTS["fcn_resnet50os16_voc"]
+    fcn_zoo.FCN(**row.model_config()).save_pretrained(tmp_path)
+    assert round((tmp_path / "model.safetensors").stat().st_size / 1e6, 1) == row.weights_mb

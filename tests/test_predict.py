@@ -247,7 +247,7 @@ def test_bf16_on_cpu_runs_the_network_in_bf16_and_keeps_the_labels(tiny_model, p
 def test_bf16_on_a_cpu_without_bf16_instructions_warns_that_it_is_slower(tiny_model, photo, monkeypatch, caplog):
     from fcn_zoo import predict as predict_module
 
-    monkeypatch.setattr(predict_module, "_cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(predict_module, "cpu_has_bf16", lambda: False)
     with caplog.at_level("WARNING", logger="fcn_zoo.predict"):
         seg = tiny_model.predict(photo[::4, ::4], precision="bf16")
     assert seg.labels.shape == photo[::4, ::4].shape[:2]

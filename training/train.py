@@ -325,18 +325,13 @@ def export_best(model, row, results: dict, val_set, meta: dict, folder: Path) ->
     """The best model so far as a ``save_pretrained`` folder whose card carries the measured mIoU and the run."""
     import shutil
 
-    from fcn_zoo.cards import model_card
-
     provenance = {
         "run": {**meta, "val_samples_sha256": val_set.fingerprint()},
         "measured_miou": round(100 * results["mIoU"], 2),
     }
     fresh = folder.with_name(f"{folder.name}.new")
     shutil.rmtree(fresh, ignore_errors=True)
-    write_folder(
-        model, fresh, provenance,
-        card=lambda prov: str(model_card(row, provenance=prov, measured_miou=prov["measured_miou"])),
-    )
+    write_folder(model, fresh, provenance, row=row, mean_iou=provenance["measured_miou"])
     old = folder.with_name(f"{folder.name}.old")
     if folder.exists():
         os.replace(folder, old)
