@@ -250,7 +250,7 @@ def _check_hub_reachable(repo_id: str, revision: str | None, cache_dir, where: s
         status = e.response.status_code if e.response is not None else None
         if status is not None and status >= 500:  # huggingface_hub would retry these for ~24 s as well
             raise FCNZooError(f"{where}: the Hugging Face Hub answered {status}; try again later") from e
-    except Exception as e:  # httpx's connection and timeout errors: the Hub is not there
+    except Exception as e:  # the HTTP client's connection and timeout errors: the Hub is not there
         if not _is_connection_error(e):
             raise
         raise FCNZooError(
@@ -259,10 +259,13 @@ def _check_hub_reachable(repo_id: str, revision: str | None, cache_dir, where: s
         ) from e
 
 
-def _is_connection_error(error: BaseException) -> bool:
-    import httpx
+#: Exception classes of the HTTP clients huggingface_hub has used (requests, httpx, httpx2) that mean the
+#: server was not reached or did not answer in time; matched by name, so none of them has to be imported.
+_TRANSPORT_ERRORS = {"TransportError", "NetworkError", "TimeoutException", "ConnectionError", "Timeout"}
 
-    return isinstance(error, (httpx.TransportError, OSError))
+
+def _is_connection_error(error: BaseException) -> bool:
+    return isinstance(error, OSError) or any(c.__name__ in _TRANSPORT_ERRORS for c in type(error).__mro__)
 
 
 def download_reference(checkpoint: Checkpoint, directory: Path) -> tuple[Path, str, str]:

@@ -259,7 +259,11 @@ class FCN(
         return model_card(self.hub_config(), num_params=_inference_params(self), **kwargs)
 
     def predict(self, images, **kwargs):
-        """Segment one image or a list of them; see :func:`fcn_zoo.predict.predict` for the options."""
+        """Segment one image or a list of them; see :func:`fcn_zoo.predict.predict` for the options.
+
+        An image is a path, a PIL image, an RGB uint8 ``(H, W, 3)`` array or a ``(3, H, W)`` tensor. Arrays
+        are read as RGB: an OpenCV ``cv2.imread`` array is BGR and silently gives worse masks; pass
+        ``img[..., ::-1]``."""
         from .predict import predict
 
         return predict(self, images, **kwargs)

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import http.server
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,25 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def do_GET(self):
         QuietHandler.requests.append(self.path)
         super().do_GET()
+
+
+def answering(status: int | None):
+    """A loopback server answering every request with ``status``, or never answering (``None``)."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            if status is None:
+                time.sleep(5)
+                return
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"

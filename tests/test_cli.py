@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 import fcn_zoo
-from conftest import PHOTOS
+from conftest import PHOTOS, answering
 from fcn_zoo import hub
 from fcn_zoo.cli import main
 
@@ -118,3 +118,67 @@ def test_console_script_is_installed_and_debug_shows_the_traceback(tmp_path):
     assert debug.returncode == 1 and "Traceback" in debug.stderr
     usage = subprocess.run([str(exe), "predict"], capture_output=True, text=True, env=env)
     assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+def test_info_gives_both_miou_figures_the_costs_and_where_the_model_is_cached(capsys, tiny_folder):
+    code, out, _ = run(capsys, "info", "fcn_resnet50os8_voc")
+    assert code == 0
+    assert "67.80" in out and "66.86" in out and "35.34 M" in out and "401.1 GFLOPs" in out and "160.5 MB" in out
+    assert "fcn_resnet50os8_voc_train.pth" in out  # the reference's older file name is tried too
+    assert "cached      no" in out
+    cached = hub.cache_root() / "reference" / "fcn_resnet50os8_voc"
+    shutil.copytree(tiny_folder, cached)
+    _, out, _ = run(capsys, "info", "fcn_resnet50os8_voc")
+    assert f"cached      yes, {cached}" in out
+
+
+def test_the_class_summary_is_unambiguous_for_names_with_commas(capsys, tmp_path):
+    from conftest import tiny_fcn
+
+    model = tiny_fcn(num_classes=150, dataset="ade20k")
+    model.save_pretrained(tmp_path / "ade")
+    code, out, err = run(capsys, "predict", str(tmp_path / "ade"), str(PHOTOS[0]), "--out", str(tmp_path / "m"))
+    assert code == 0, err
+    summary = out.strip().rsplit("(", 1)[1].rstrip(")")
+    names = [part.rsplit(" ", 1)[0] for part in summary.split("; ")]
+    assert names and all(name in fcn_zoo.DATASETS["ade20k"].classes for name in names), summary
+
+
+def test_the_cli_leaves_the_root_logger_alone(capsys, tiny_folder):
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    assert run(capsys, "list")[0] == 0
+    assert root.level == level and root.handlers == handlers
+
+
+def _quiet_env(tmp_path, **extra):
+    return {**os.environ, "FCN_ZOO_CACHE": str(tmp_path / "cache"), "HF_HUB_CACHE": str(tmp_path / "hf"), **extra}
+
+
+def test_an_unreachable_hub_is_one_line_within_seconds(tmp_path):
+    """huggingface_hub alone retries for ~24 s and prints its retry warnings and httpx's request lines."""
+    import time
+
+    exe = Path(sys.executable).with_name("fcn-zoo")
+    env = _quiet_env(tmp_path, HF_ENDPOINT="http://127.0.0.1:9")  # nothing listens there
+    start = time.perf_counter()
+    result = subprocess.run([str(exe), "predict", "someone/fcn", str(PHOTOS[0]), "--out", str(tmp_path / "m")],
+                            capture_output=True, text=True, env=env)
+    assert time.perf_counter() - start < 10
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "someone/fcn: the Hugging Face Hub cannot be reached" in result.stderr
+
+
+def test_a_hub_answering_404_is_one_line_without_httpx_or_retry_chatter(tmp_path):
+    server, url = answering(404)
+    try:
+        exe = Path(sys.executable).with_name("fcn-zoo")
+        result = subprocess.run([str(exe), "download", "someone/fcn"], capture_output=True, text=True,
+                                env=_quiet_env(tmp_path, HF_ENDPOINT=url))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 1 and result.stderr.count("\n") == 2, result.stderr  # the error and the summary
+    assert "HTTP Request" not in result.stderr and "Retrying" not in result.stderr

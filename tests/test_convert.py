@@ -148,3 +148,68 @@ def test_extra_or_missing_keys_and_a_wrong_row_are_errors(tmp_path, capsys):
     (tmp_path / "exists").mkdir()
     code = main(["convert", str(tmp_path / "partial_os8.pth"), "--from", "reference", "--out", str(tmp_path / "exists")])
     assert code == 1 and "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout", ["2021", "2023-legacy-serialisation"])
+def test_reference_files_with_their_optimizer_state_load(tmp_path, layout):
+    """The published files hold the SGD momentum buffers beside the model (about twice the weights' size)."""
+    from reference import build_reference_fcn, reference_logits
+
+    reference = build_reference_fcn(50, 16, num_classes=21, seed=4)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    for p in reference.parameters():
+        p.grad = torch.full_like(p, 1e-3)
+    optimizer.step()  # fills the momentum buffers
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.grad = None
+    path = tmp_path / "fcn_resnet50os16_voc.pth"
+    if layout == "2021":
+        torch.save({"epoch": 60, "model": reference.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    else:
+        torch.save({"cur_epoch": 60, "cur_iter": 39660, "optimizer": optimizer.state_dict(), "model": reference.state_dict()},
+                   path, _use_new_zipfile_serialization=False)
+    weights = sum(t.numel() * t.element_size() for t in reference.state_dict().values())
+    assert path.stat().st_size > 1.8 * weights
+    model = fcn_zoo.from_pretrained(path)
+    x = torch.randn(1, 3, 40, 56)
+    with torch.no_grad():
+        assert (model(x) - reference_logits(reference, x)).abs().max() < 1e-4
+
+
+def test_a_refused_pickle_names_the_type_it_refused(tmp_path, capsys):
+    import argparse
+
+    torch.save({"model": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=0.01)}, tmp_path / "with_args.pth")
+    with pytest.raises(fcn_zoo.WeightsError) as e:
+        fcn_zoo.from_pretrained(tmp_path / "with_args.pth")
+    assert "Unsupported global" in str(e.value) and "argparse.Namespace" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_the_wrong_layout_says_which_layout_the_keys_look_like(tmp_path, capsys):
+    tv = torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None, num_classes=21, aux_loss=True)
+    torch.save(tv.state_dict(), tmp_path / "fcn_resnet50_coco.pth")
+    code = main(["convert", str(tmp_path / "fcn_resnet50_coco.pth"), "--from", "reference", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "look like the torchvision layout" in err and "--from torchvision" in err
+    torch.save({"state_dict": _mmseg_state_dict()}, tmp_path / "fcn_r50-d8.pth")
+    code = main(["convert", str(tmp_path / "fcn_r50-d8.pth"), "--from", "torchvision", "--out", str(tmp_path / "out")])
+    assert code == 1 and "look like the mmseg layout" in capsys.readouterr().err
+    # handed to predict, which reads reference files, a torchvision file points to fcn-zoo convert
+    code = main(["predict", str(tmp_path / "fcn_resnet50_coco.pth"), "img.jpg", "--out", str(tmp_path / "masks")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "fcn-zoo convert" in err and "--from torchvision" in err
+
+
+def test_every_converted_folder_has_a_card_and_describes_itself(tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    tv = torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None, num_classes=21, aux_loss=True)
+    torch.save(tv.state_dict(), tmp_path / "fcn_resnet50_coco.pth")
+    assert main(["convert", str(tmp_path / "fcn_resnet50_coco.pth"), "--from", "torchvision", "--out", str(tmp_path / "out")]) == 0
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.library_name == "fcn-zoo" and "| 15 | person |" in card.text
+    assert "torchvision" in card.text and json.loads((tmp_path / "out" / "provenance.json").read_text())["weights_sha256"] in card.text
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["class_names"][15] == "person" and config["eval_size"] == [2048, 512] and len(config["palette"]) == 21

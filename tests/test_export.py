@@ -18,7 +18,9 @@ def test_cli_export_writes_one_self_contained_file_quietly(tiny_folder, tmp_path
     caplog.set_level(logging.INFO)  # as under the CLI: the exporter's INFO records would be shown
     out = tmp_path / "out" / "model.onnx"
     out.parent.mkdir()
+    levels = {name: logging.getLogger(name).level for name in ("torch.onnx", "onnxscript", "onnx_ir")}
     assert main(["export", str(tiny_folder), "--format", "onnx", "--out", str(out)]) == 0
+    assert {name: logging.getLogger(name).level for name in levels} == levels  # quiet only during the export
     printed = capfd.readouterr()
     assert len(printed.out.splitlines()) == 1 and "max abs logit difference" in printed.out
     assert printed.err == ""

@@ -199,3 +199,72 @@ def test_save_pretrained_round_trip_keeps_config_and_logits(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     assert loaded.eval_size == (2048, 1024)
+
+
+def test_a_mirror_with_only_the_older_train_name_is_used_and_recorded(reference_mirror, tmp_path, monkeypatch):
+    """The reference named its files <name>_train.pth until late 2023: tried after <name>.pth gives 404."""
+    folder, reference = reference_mirror
+    old = tmp_path / "old-mirror"
+    old.mkdir()
+    shutil.copy(folder / "fcn_resnet50os16_voc.pth", old / "fcn_resnet50os16_voc_train.pth")
+    QuietHandler.requests.clear()
+    with serve_folder(old) as url:
+        monkeypatch.setenv("FCN_ZOO_REFERENCE_URL", url)
+        model = fcn_zoo.from_pretrained("fcn_resnet50os16_voc")
+    assert QuietHandler.requests == ["/fcn_resnet50os16_voc.pth", "/fcn_resnet50os16_voc_train.pth"]
+    x = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        assert (model(x) - reference_logits(reference, x)).abs().max() < 1e-4
+    cached = hub.cache_root() / "reference" / "fcn_resnet50os16_voc"
+    provenance = json.loads((cached / "provenance.json").read_text())
+    assert provenance["source_url"] == f"{url}/fcn_resnet50os16_voc_train.pth"
+    assert f"{url}/fcn_resnet50os16_voc_train.pth" in (cached / "README.md").read_text()
+
+    with serve_folder(tmp_path) as url:  # neither name there: both named in the error
+        monkeypatch.setenv("FCN_ZOO_REFERENCE_URL", url)
+        with pytest.raises(fcn_zoo.FCNZooError, match="fcn_resnet101os8_voc.pth and .*fcn_resnet101os8_voc_train.pth"):
+            fcn_zoo.from_pretrained("fcn_resnet101os8_voc")
+
+
+def test_a_local_file_with_the_older_train_name_is_recognised_as_its_row(tmp_path):
+    reference = build_reference_fcn(50, 16, num_classes=19, seed=3)
+    path = save_reference_checkpoint(reference, tmp_path / "fcn_resnet50os16_cityscapes_train.pth")
+    model = fcn_zoo.from_pretrained(path)
+    assert model.dataset == "cityscapes" and model.class_names[:2] == ["road", "sidewalk"]
+    assert model.eval_size == (2048, 1024)  # evaluated at Cityscapes' own size, not the default 2048x512
+
+
+def test_every_folder_describes_itself_and_old_folders_still_load(tmp_path, tiny_folder):
+    """A fine-tuned model on the Hub loads with its own class names, colours and protocol, with no zoo table."""
+    model = tiny_fcn(num_classes=3, dataset=None)
+    model.class_names, model.palette = ["sky", "road", "tree"], [(0, 0, 255), (128, 128, 128), (0, 255, 0)]
+    model.mean, model.std, model.eval_size, model.crop_size = (0.0, 0.0, 0.0), (255.0, 255.0, 255.0), (1024, 256), (256, 256)
+    model.save_pretrained(tmp_path / "mine")
+    config = json.loads((tmp_path / "mine" / "config.json").read_text())
+    assert config["class_names"] == ["sky", "road", "tree"] and config["palette"][0] == [0, 0, 255]
+    assert config["mean"] == [0.0, 0.0, 0.0] and config["eval_size"] == [1024, 256] and config["crop_size"] == [256, 256]
+
+    build_hub_cache(tmp_path / "hf", "me/my-fcn", COMMIT, tmp_path / "mine")
+    loaded = fcn_zoo.from_pretrained(f"me/my-fcn@{COMMIT}", cache_dir=tmp_path / "hf", local_files_only=True)
+    assert (loaded.class_names, loaded.palette) == (model.class_names, model.palette)
+    assert (loaded.mean, loaded.std, loaded.eval_size, loaded.crop_size) == (model.mean, model.std, (1024, 256), (256, 256))
+    from conftest import PHOTOS
+
+    seg = loaded.predict(PHOTOS[0])
+    assert seg.class_names == ["sky", "road", "tree"] and seg.palette[1] == (128, 128, 128)
+
+    old = tmp_path / "old"  # written before config.json carried the metadata: the dataset key alone
+    shutil.copytree(tiny_folder, old)
+    config = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in ("class_names", "palette", "mean", "std", "eval_size", "crop_size")}))
+    assert fcn_zoo.from_pretrained(old).class_names == list(fcn_zoo.DATASETS["voc"].classes)
+
+
+def test_the_cached_weights_have_the_same_permissions_as_the_other_cached_files(reference_mirror, monkeypatch):
+    folder, _ = reference_mirror
+    with serve_folder(folder) as url:
+        monkeypatch.setenv("FCN_ZOO_REFERENCE_URL", url)
+        fcn_zoo.from_pretrained("fcn_resnet50os16_voc")
+    cached = hub.cache_root() / "reference" / "fcn_resnet50os16_voc"
+    modes = {p.name: p.stat().st_mode & 0o777 for p in cached.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == modes["README.md"], modes

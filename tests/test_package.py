@@ -58,3 +58,14 @@ def test_the_safetensors_size_in_the_table_is_the_files(tmp_path):
     row = fcn_zoo.CHECKPOINTS["fcn_resnet50os16_voc"]
     fcn_zoo.FCN(**row.model_config()).save_pretrained(tmp_path)
     assert round((tmp_path / "model.safetensors").stat().st_size / 1e6, 1) == row.weights_mb
+
+
+def test_the_readme_table_shows_each_rows_figures():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = {line.split("|")[1].strip(" `"): line for line in readme.splitlines() if line.startswith("| `fcn_")}
+    assert sorted(lines) == sorted(fcn_zoo.list_models())
+    for name, row in fcn_zoo.CHECKPOINTS.items():
+        miou = f"{row.miou:.2f}" + (f" / **{row.miou_newest:.2f}**" if row.miou_newest is not None else "")
+        assert lines[name].endswith(f"| {miou} | {row.params_m:.1f} M | {row.gflops:.1f} | {row.weights_mb:.1f} MB |"), name

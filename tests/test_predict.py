@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -266,3 +267,18 @@ def test_compile_gives_the_eager_labels_and_compiles_once_per_model(tiny_model, 
     assert counters["stats"]["unique_graphs"] == graphs  # the second call reused the compiled code
     with pytest.raises(ValueError, match="compile"):
         tiny_model.predict(small, compile=True, engine="onnxruntime")
+
+
+def test_class_shares_are_plain_python_floats(tiny_model):
+    shares = tiny_model.predict(PHOTOS[0]).class_shares()
+    assert shares and all(type(v) is float for v in shares.values())
+    assert "np." not in repr(shares) and abs(sum(shares.values()) - 1) < 1e-9
+
+
+def test_arrays_are_documented_as_rgb_where_users_look():
+    """A cv2.imread array is BGR and silently gives worse masks: the docstring and the README say so."""
+    from fcn_zoo.predict import predict
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for text in (predict.__doc__, fcn_zoo.FCN.predict.__doc__, readme):
+        assert "RGB" in text and "BGR" in text and "cv2" in text

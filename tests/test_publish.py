@@ -110,6 +110,7 @@ def test_a_tampered_reference_file_is_refused_naming_both_hashes(mirror, tmp_pat
         with pytest.raises(fcn_zoo.WeightsError) as e:
             hub.download_reference(row, tmp_path / "b")
     assert first in str(e.value) and "first download" in str(e.value)
+    assert "known_hashes.json" in str(e.value) and "to accept it" in str(e.value)  # how to take a changed mirror file
     assert not (tmp_path / "b" / f"{NAME}.pth").exists()
 
     # a hash published in the table wins over what was recorded
@@ -123,3 +124,19 @@ def test_a_tampered_reference_file_is_refused_naming_both_hashes(mirror, tmp_pat
 def test_publish_all_needs_a_namespace_not_a_repo_id(capsys, tmp_path):
     assert main(["publish", "all", "--repo-id", "me/x", "--out", str(tmp_path)]) == 1
     assert "--namespace" in capsys.readouterr().err
+
+
+def test_publish_with_no_network_is_one_line_and_keeps_the_verified_folder(mirror, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants as constants
+
+    folder, _ = mirror
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: no Hub
+    with serve_folder(folder) as url:
+        monkeypatch.setenv("FCN_ZOO_REFERENCE_URL", url)
+        code = main(["publish", NAME, "--repo-id", "me/fcn", "--out", str(tmp_path), "--token", "hf_test"])
+    out, err = capsys.readouterr()
+    assert code == 1 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("fcn-zoo:")]  # after the download's progress
+    assert len(lines) == 2 and "me/fcn: the Hugging Face Hub cannot be reached" in lines[0] and "rerun" in lines[1]
+    assert err.strip().splitlines()[-2:] == lines
+    assert (tmp_path / NAME / "model.safetensors").is_file()  # built and verified: a rerun only uploads

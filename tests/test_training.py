@@ -148,6 +148,10 @@ def test_the_pipeline_learns(tmp_path):
     assert results["mIoU"] >= 0.8, results
     card = (out / "best" / "README.md").read_text()
     assert f"{100 * results['mIoU']:.2f} (measured" in card
+    config = json.loads((out / "best" / "config.json").read_text())  # the folder describes itself
+    assert config["class_names"] == list(fcn_zoo.DATASETS["voc"].classes) and len(config["palette"]) == 21
+    assert config["eval_size"] == [320, 80] and config["crop_size"] == [80, 80] and config["mean"] == [123.675, 116.28, 103.53]
+    assert model.eval_size == (320, 80)
 
 
 def test_torchrun_with_two_processes(tmp_path):

@@ -116,6 +116,7 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
     max_iters = args.max_iters or row.epochs * iters_per_epoch
 
     model = build_model(args, row)
+    model.eval_size, model.crop_size = scale, crop  # the protocol best/ is evaluated with, in its config.json
     model.to(ctx.device)
     if fast:
         model.to(memory_format=torch.channels_last)

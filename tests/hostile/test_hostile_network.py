@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import fcn_zoo
-from conftest import QuietHandler, serve_folder
+from conftest import QuietHandler, answering, serve_folder
 from fcn_zoo import hub, zoo
 from reference import build_reference_fcn, save_reference_checkpoint
 
@@ -28,28 +28,6 @@ def mirror(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mirror")
     save_reference_checkpoint(build_reference_fcn(50, 16, num_classes=21, seed=2), folder / f"{NAME}.pth")
     return folder
-
-
-def answering(status: int | None):
-    """A loopback server answering every request with ``status``, or never answering (``None``)."""
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def _answer(self):
-            if status is None:
-                time.sleep(5)
-                return
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        do_GET = do_HEAD = _answer
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
 @pytest.fixture()
