@@ -24,7 +24,9 @@ FORMATS = {"onnx": ".onnx"}
 logger = logging.getLogger(__name__)
 # The exporter's own loggers: torch's print to stderr through their own handlers, onnxscript's and onnx_ir's
 # log every optimisation pass at INFO through the root logger.
-_EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes", "onnxscript", "onnx_ir")
+_EXPORTER_LOGGERS = (
+    "torch.onnx", "torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes", "onnxscript", "onnx_ir",
+)
 
 
 class _Features(torch.nn.Module):

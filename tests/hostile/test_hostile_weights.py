@@ -95,6 +95,10 @@ def test_a_bad_config_is_refused(broken, config, message):
 def test_a_checkpoint_for_another_number_of_classes_is_refused_unless_asked(broken):
     config = json.loads((broken / "config.json").read_text())
     (broken / "config.json").write_text(json.dumps({**config, "num_classes": 19, "dataset": "cityscapes"}))
+    with pytest.raises(fcn_zoo.WeightsError, match="config.json does not describe a valid FCN: class_names has 21 names but num_classes is 19"):
+        fcn_zoo.from_pretrained(broken)
+    metadata = ("class_names", "palette")  # a consistent config for 19 classes, weights for 21
+    (broken / "config.json").write_text(json.dumps({**{k: v for k, v in config.items() if k not in metadata}, "num_classes": 19, "dataset": "cityscapes"}))
     with pytest.raises(fcn_zoo.WeightsError, match=r"wrong shapes .*decode_head.7.bias: file \(21,\) vs model \(19,\)"):
         fcn_zoo.from_pretrained(broken)
     (broken / "config.json").write_text(json.dumps(config))
