@@ -178,7 +178,7 @@ def cmd_info(args) -> int:
         ("recipe", f"SGD lr {c.lr}, poly, batch {c.batch_size}, {c.epochs} epochs"),
         ("evaluation", f"whole image, single scale, resize keeping ratio to {d.eval_size[0]}x{d.eval_size[1]}"),
         ("mIoU", miou),
-        ("parameters", f"{c.params_m:.2f} M (inference; the auxiliary head adds the rest of the file, training only)"),
+        ("parameters", f"{c.params_m:.2f} M at inference (the file also holds the training-only auxiliary head)"),
         ("compute", f"{c.gflops:.1f} GFLOPs per {w}x{h} image (a typical {d.title} image at its evaluation size)"),
         ("weights", f"{c.weights_mb:.1f} MB safetensors; the reference .pth also holds the optimizer state (~2x)"),
         ("cached", f"yes, {cached}" if cached else f"no (would be converted into {cache_root(args.cache_dir) / 'reference' / c.name})"),
