@@ -56,7 +56,7 @@ def main() -> None:
     reference = build_reference_fcn(row.depth, row.output_stride, row.num_classes).to(device)
     model = fcn_zoo.FCN(**row.model_config())
     from fcn_zoo.convert import convert_state_dict
-    from fcn_zoo.model import load_state_dict
+    from fcn_zoo.weights import load_state_dict
 
     _, state_dict = convert_state_dict(reference.state_dict(), "reference", name=f"{row.name}.pth")
     load_state_dict(model, state_dict, source="reference")

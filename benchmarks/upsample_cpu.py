@@ -6,10 +6,10 @@ The last step of the protocol: low-resolution logits ``(C, h, w)`` upsampled bil
 and arg-maxed over classes. Three ways, on the same logits:
 
 - ``full``: ``F.interpolate`` to a ``C x H x W`` score map, then ``argmax``, as most implementations do;
-- ``banded``: ``fcn_zoo.predict._upsample_argmax(..., prune=False)``: separable upsampling a band of rows
+- ``banded``: ``fcn_zoo.labels.upsample_argmax(..., prune=False)``: separable upsampling a band of rows
   at a time, never more than 64 MB of scores;
 - ``pruned``: what ``predict`` runs: per cell of the low-resolution grid only the classes that can win
-  there are scored (``_upsample_argmax_candidates``), bands where too many can.
+  there are scored (``upsample_argmax_candidates``), bands where too many can.
 
 Logits are made like a trained model's (a layout of a few confident regions plus noise: the generator of
 tests/test_predict.py), since random weights give near-constant label maps that flatter pruning. Also
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fcn_zoo.predict import _upsample_argmax  # noqa: E402
+from fcn_zoo.labels import upsample_argmax  # noqa: E402
 from test_predict import _scene_logits  # noqa: E402
 
 CASES = [  # (what, classes, low-res h x w, image H x W)
@@ -51,8 +51,8 @@ def main() -> None:
             logits = _scene_logits(classes, *low)
             ways = {
                 "full": lambda: F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[0].argmax(0),
-                "banded": lambda: _upsample_argmax([logits], size, prune=False),
-                "pruned": lambda: _upsample_argmax([logits], size),
+                "banded": lambda: upsample_argmax([logits], size, prune=False),
+                "pruned": lambda: upsample_argmax([logits], size),
             }
             times = {k: [] for k in ways}
             for _ in range(args.runs):

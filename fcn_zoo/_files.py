@@ -1,4 +1,4 @@
-"""Small file helpers shared by the weight, image and training paths."""
+"""Small file helpers shared by the weight, image and training paths, and where the fcn_zoo cache is."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import FCNZooError
 
 
 def sha256_file(path: str | Path) -> str:
@@ -36,3 +39,26 @@ def write_json(path: str | Path, data) -> None:
     """``data`` as indented JSON, written atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The fcn_zoo cache (converted reference weights, ONNX graphs): ``cache_dir``, ``$FCN_ZOO_CACHE`` or
+    ``~/.cache/fcn_zoo``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("FCN_ZOO_CACHE"):
+        return Path(os.environ["FCN_ZOO_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "fcn_zoo"
+
+
+def writable(folder: Path) -> None:
+    """Create ``folder`` and check that files can be made in it, or say which setting to change."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise FCNZooError(
+            f"{folder}: the fcn_zoo cache cannot be written ({e.strerror or e}); set FCN_ZOO_CACHE or pass "
+            "cache_dir= a writable folder"
+        ) from e

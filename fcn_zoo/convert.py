@@ -248,7 +248,8 @@ def convert_checkpoint(
         the provenance written to ``out/provenance.json``.
     """
     from . import __version__
-    from .model import FCN, load_state_dict
+    from .model import FCN
+    from .weights import load_state_dict
     from .parity import measure_parity, source_model
 
     src = Path(src)

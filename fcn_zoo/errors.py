@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import difflib
 
-__all__ = ["FCNZooError", "UnknownModelError", "WeightsError", "ImageError", "NotCachedError", "is_out_of_memory"]
+__all__ = ["FCNZooError", "UnknownModelError", "WeightsError", "ImageError", "NotCachedError", "is_out_of_memory",
+           "is_connection_error", "first_line"]
 
 
 class FCNZooError(Exception):
@@ -40,3 +41,18 @@ def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` says a device ran out of memory: ``torch.OutOfMemoryError`` (GPUs) or the plain
     ``RuntimeError`` the CPU allocator raises."""
     return isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and "memory" in str(error).lower())
+
+
+#: Exception classes of the HTTP clients huggingface_hub has used (requests, httpx, httpx2) that mean the
+#: server was not reached or did not answer in time; matched by name, so none of them has to be imported.
+_TRANSPORT_ERRORS = {"TransportError", "NetworkError", "TimeoutException", "ConnectionError", "Timeout"}
+
+
+def is_connection_error(error: BaseException) -> bool:
+    """Whether ``error`` says a server was not reached or did not answer in time."""
+    return isinstance(error, OSError) or any(c.__name__ in _TRANSPORT_ERRORS for c in type(error).__mro__)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name if it has none): libraries' messages run long."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0].strip()

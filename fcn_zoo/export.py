@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ._files import atomic_path
+from ._files import atomic_path, cache_root, writable
 from ._fusion import version_of
+from .errors import first_line
 
 __all__ = ["export", "onnx_session", "FORMATS"]
 
@@ -114,7 +115,6 @@ def onnx_session(model):
         import onnxruntime
     except ImportError as e:
         raise ImportError("engine='onnxruntime' needs onnxruntime: pip install 'fcn-zoo[export]'") from e
-    from .hub import _first_line, _writable, cache_root
 
     state = model.state_dict()
     version = sum(version_of(t) for t in state.values())
@@ -132,11 +132,11 @@ def onnx_session(model):
         try:
             session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime's errors derive from Exception only
-            logger.info("%s cannot be loaded (%s); exporting it again", path, _first_line(e))
+            logger.info("%s cannot be loaded (%s); exporting it again", path, first_line(e))
             for stale in [path, *path.parent.glob(f".{path.name}.*.data")]:  # older entries kept weights beside
                 stale.unlink(missing_ok=True)
     if session is None:
-        _writable(path.parent)
+        writable(path.parent)
         export(model.to("cpu"), path, features=True)
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     model._onnx_session = (version, session)

@@ -25,8 +25,8 @@ import re
 import tempfile
 from pathlib import Path
 
-from ._files import atomic_path, sha256_file, write_json
-from .errors import FCNZooError, NotCachedError, UnknownModelError, WeightsError
+from ._files import atomic_path, cache_root, sha256_file, writable, write_json
+from .errors import FCNZooError, NotCachedError, UnknownModelError, WeightsError, first_line, is_connection_error
 from .zoo import CHECKPOINTS, Checkpoint, checkpoint_for_file
 
 __all__ = [
@@ -121,15 +121,6 @@ def resolve(
     raise UnknownModelError(text, sorted(CHECKPOINTS))
 
 
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The folder for converted reference weights: ``cache_dir``, ``$FCN_ZOO_CACHE`` or ``~/.cache/fcn_zoo``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    if os.environ.get("FCN_ZOO_CACHE"):
-        return Path(os.environ["FCN_ZOO_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "fcn_zoo"
-
-
 def reference_download_urls(checkpoint: Checkpoint) -> list[str]:
     """The URLs a row's reference ``.pth`` is tried at, in order: ``<name>.pth``, then the older
     ``<name>_train.pth``; ``FCN_ZOO_REFERENCE_URL`` replaces the base if set."""
@@ -188,7 +179,7 @@ def _resolve_zoo(checkpoint: Checkpoint, revision: str | None, cache_dir, offlin
         )
     from .convert import convert_checkpoint
 
-    _writable(converted.parent)
+    writable(converted.parent)
     with tempfile.TemporaryDirectory(dir=converted.parent, prefix=f".{checkpoint.name}-") as tmp:
         pth, url, _ = download_reference(checkpoint, Path(tmp))
         convert_checkpoint(pth, converted, "reference", checkpoint=checkpoint, provenance={"source_url": url})
@@ -221,7 +212,7 @@ def _download_hub(repo_id: str, revision: str | None, cache_dir, offline: bool) 
                 f"on a machine with network run `hf download {repo_id}"
                 f"{' --revision ' + revision if revision else ''}` and copy the cache here"
             ) from e
-        raise FCNZooError(f"{where}: the Hugging Face Hub cannot be reached ({_first_line(e)})") from e
+        raise FCNZooError(f"{where}: the Hugging Face Hub cannot be reached ({first_line(e)})") from e
     except RevisionNotFoundError as e:
         raise WeightsError(f"{where}: the Hub repo has no such revision; use a branch, tag or commit it has") from e
     except RepositoryNotFoundError as e:
@@ -229,7 +220,7 @@ def _download_hub(repo_id: str, revision: str | None, cache_dir, offline: bool) 
     except RemoteEntryNotFoundError as e:
         raise WeightsError(f"{where}: the Hub repo has no {CONFIG_NAME} + {WEIGHTS_NAME}; not an fcn_zoo model") from e
     except HfHubHTTPError as e:
-        raise FCNZooError(f"{where}: the Hugging Face Hub answered {_first_line(e)}") from e
+        raise FCNZooError(f"{where}: the Hugging Face Hub answered {first_line(e)}") from e
     return files[0].parent
 
 
@@ -251,21 +242,12 @@ def _check_hub_reachable(repo_id: str, revision: str | None, cache_dir, where: s
         if status is not None and status >= 500:  # huggingface_hub would retry these for ~24 s as well
             raise FCNZooError(f"{where}: the Hugging Face Hub answered {status}; try again later") from e
     except Exception as e:  # the HTTP client's connection and timeout errors: the Hub is not there
-        if not _is_connection_error(e):
+        if not is_connection_error(e):
             raise
         raise FCNZooError(
-            f"{where}: the Hugging Face Hub cannot be reached ({_first_line(e) or type(e).__name__}); "
+            f"{where}: the Hugging Face Hub cannot be reached ({first_line(e) or type(e).__name__}); "
             "check the network, or set HF_HUB_OFFLINE=1 to use only what is cached"
         ) from e
-
-
-#: Exception classes of the HTTP clients huggingface_hub has used (requests, httpx, httpx2) that mean the
-#: server was not reached or did not answer in time; matched by name, so none of them has to be imported.
-_TRANSPORT_ERRORS = {"TransportError", "NetworkError", "TimeoutException", "ConnectionError", "Timeout"}
-
-
-def _is_connection_error(error: BaseException) -> bool:
-    return isinstance(error, OSError) or any(c.__name__ in _TRANSPORT_ERRORS for c in type(error).__mro__)
 
 
 def download_reference(checkpoint: Checkpoint, directory: Path) -> tuple[Path, str, str]:
@@ -380,7 +362,7 @@ def _convert_local_pth(path: Path, cache_dir) -> Path:
     sha256 = sha256_file(path)
     folder = cache_root(cache_dir) / "local" / f"{path.stem}-{sha256[:16]}"
     if not _is_complete(folder):
-        _writable(folder.parent)
+        writable(folder.parent)
         convert_checkpoint(
             path, folder, "reference", checkpoint=checkpoint_for_file(path), provenance={"source_file": str(path.resolve())}
         )
@@ -390,27 +372,10 @@ def _convert_local_pth(path: Path, cache_dir) -> Path:
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0].strip()
-
-
 def _hub_offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-
-
-def _writable(folder: Path) -> None:
-    """Create ``folder`` and check that files can be made in it, or say which setting to change."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise FCNZooError(
-            f"{folder}: the fcn_zoo cache cannot be written ({e.strerror or e}); set FCN_ZOO_CACHE or pass "
-            "cache_dir= a writable folder"
-        ) from e
 
 
 def _is_complete(folder: Path) -> bool:

@@ -1,9 +1,10 @@
 """What happens to an image: read -> RGB -> reference resize -> normalise -> forward -> logits at the
-image's own size -> argmax, and the :class:`Segmentation` that holds the result.
+image's own size -> argmax -> :class:`~fcn_zoo.segmentation.Segmentation`.
 
 The default is the reference evaluation protocol exactly: resize keeping the aspect ratio so that the
 image fits the row's evaluation size (``(2048, 512)``, Cityscapes ``(2048, 1024)``), one forward pass,
-bilinear upsampling of the logits straight to the original size, argmax.
+bilinear upsampling of the logits straight to the original size, argmax. Reading images is
+``fcn_zoo.images``, turning logits into labels ``fcn_zoo.labels``, the result ``fcn_zoo.segmentation``.
 """
 
 from __future__ import annotations
@@ -11,26 +12,22 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
 
-from ._files import atomic_path
 from ._fusion import cpu_has_bf16
 from .errors import ImageError, is_out_of_memory
+from .images import describe, load_image, rgb_uint8, save_image
+from .labels import upsample_argmax
+from .segmentation import Segmentation
 from .zoo import eval_resize_shape
 
 __all__ = ["predict", "predict_labels", "Segmentation", "TTA", "load_image", "eval_resize_shape", "save_image"]
 
 logger = logging.getLogger(__name__)
-
-ImageInput = "str | os.PathLike | Image.Image | np.ndarray | torch.Tensor"
 
 
 @dataclass(frozen=True)
@@ -39,61 +36,6 @@ class TTA:
 
     scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
     flip: bool = True
-
-
-@dataclass
-class Segmentation:
-    """The prediction for one image.
-
-    Attributes:
-        labels: ``(H, W)`` class indices at the input's own size (``uint8`` up to 256 classes, else ``int32``).
-        class_names: the name of each class index.
-        palette: the RGB colour of each class index.
-        image: the input as an ``(H, W, 3)`` uint8 RGB array, used by :meth:`overlay`.
-    """
-
-    labels: np.ndarray
-    class_names: list[str]
-    palette: list[tuple[int, int, int]]
-    image: np.ndarray | None = field(default=None, repr=False)
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """``(height, width)``."""
-        return self.labels.shape[0], self.labels.shape[1]
-
-    def colorize(self) -> Image.Image:
-        """The labels as a palette (``P`` mode) PIL image: pixel values are class indices."""
-        if len(self.palette) > 256:
-            return Image.fromarray(np.asarray(self.palette, dtype=np.uint8)[self.labels])
-        img = Image.fromarray(self.labels.astype(np.uint8), mode="P")
-        img.putpalette([c for rgb in self.palette for c in rgb])
-        return img
-
-    def overlay(self, image: ImageInput | None = None, alpha: float = 0.5) -> Image.Image:
-        """The class colours blended over ``image`` (default: the input) with weight ``alpha``."""
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        base = self.image if image is None else _rgb_uint8(load_image(image)[0])
-        if base is None:
-            raise ValueError("this Segmentation holds no image; pass the image to overlay(image)")
-        if base.shape[:2] != self.labels.shape:
-            raise ValueError(f"image is {base.shape[1]}x{base.shape[0]} but the labels are {self.size[1]}x{self.size[0]}")
-        colours = np.asarray(self.palette, dtype=np.float32)[self.labels]
-        return Image.fromarray(np.rint(base * (1 - alpha) + colours * alpha).astype(np.uint8))
-
-    def class_shares(self) -> dict[str, float]:
-        """Fraction of pixels of each class present, largest first, as plain Python floats."""
-        counts = np.bincount(self.labels.ravel(), minlength=len(self.class_names))
-        order = np.argsort(-counts, kind="stable")
-        return {self.class_names[i]: float(counts[i] / self.labels.size) for i in order if counts[i]}
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the labels as a palette PNG (pixel value = class index), atomically."""
-        path = Path(path)
-        if path.suffix.lower() != ".png":
-            raise ValueError(f"{path}: labels are saved as PNG so that they survive exactly; use a .png name")
-        return save_image(self.colorize(), path)
 
 
 def predict(
@@ -179,14 +121,14 @@ def predict(
             except RuntimeError as e:
                 if not is_out_of_memory(e):
                     raise
-                names = ", ".join(_describe(item) for item in items[start:start + batch_size])
+                names = ", ".join(describe(item) for item in items[start:start + batch_size])
                 hint = "use mode='slide'" if mode == "whole" else "use a smaller window"
                 raise ImageError(
                     f"{names}: not enough {device.type.upper()} memory to segment it at its evaluation size; "
                     f"{hint}{', a batch_size of 1' if batch_size > 1 else ''} or a larger device"
                 ) from e
             for (x, _), lab in zip(chunk, labels):
-                results.append(Segmentation(lab.to(dtype).cpu().numpy(), model.class_names, model.palette, _rgb_uint8(x)))
+                results.append(Segmentation(lab.to(dtype).cpu().numpy(), model.class_names, model.palette, rgb_uint8(x)))
     return results[0] if single else results
 
 
@@ -213,107 +155,7 @@ def predict_labels(
     flags = from_uint8 if isinstance(from_uint8, list) else [from_uint8] * len(images)
     inputs = [_preprocess(model, x, flag, device, eval_size or model.eval_size) for x, flag in zip(images, flags)]
     logits = _logits(model, inputs, tta, mode, window, stride, batch_size, features or model.forward_features)
-    return [_upsample_argmax(lg, x.shape[-2:]) for x, lg in zip(images, logits)]
-
-
-# --- input ---------------------------------------------------------------------------------------
-
-
-def load_image(image) -> tuple[torch.Tensor, bool]:
-    """Any supported input -> ``(float32 (3, H, W) tensor of 0..255 RGB values, came-from-8-bit flag)``.
-
-    Arrays and tensors are taken as RGB; a BGR array (OpenCV) is not detected and gives worse masks."""
-    name = _describe(image)
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise ImageError(f"{name}: no such image file")
-        try:
-            with Image.open(path) as img:
-                return _from_pil(img, name)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise ImageError(f"{name}: cannot read this image ({e})") from e
-    if isinstance(image, Image.Image):
-        return _from_pil(image, name)
-    if isinstance(image, np.ndarray):
-        return _from_array(image, name)
-    if isinstance(image, torch.Tensor):
-        return _from_tensor(image, name)
-    raise ImageError(f"{name}: expected a path, PIL image, numpy array or tensor, got {type(image).__name__}")
-
-
-def _from_pil(img: Image.Image, name: str) -> tuple[torch.Tensor, bool]:
-    if getattr(img, "n_frames", 1) > 1:
-        logger.info("%s has %d frames; segmenting the first", name, img.n_frames)
-        img.seek(0)
-    img.load()
-    img = ImageOps.exif_transpose(img)  # as a viewer shows it
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float32)
-        if img.mode != "I" or arr.max(initial=0) > 255:
-            arr = arr / 257.0  # 16-bit -> 8-bit range
-        return _from_array(np.clip(arr, 0, 255), name, from_uint8=False)
-    if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float32)
-        if np.isfinite(arr).all() and arr.max(initial=0) <= 1.0:
-            arr = arr * 255.0
-        return _from_array(np.clip(arr, 0, 255), name, from_uint8=False)
-    if img.mode != "RGB":
-        img = img.convert("RGBA" if img.mode in ("P", "PA", "LA") else "RGB").convert("RGB")
-    return _from_array(np.asarray(img), name)
-
-
-def _from_array(arr: np.ndarray, name: str, from_uint8: bool | None = None) -> tuple[torch.Tensor, bool]:
-    if arr.ndim == 3 and arr.shape[2] in (3, 4):
-        arr = arr[..., :3]
-    elif arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 1):
-        arr = np.repeat(arr.reshape(arr.shape[0], arr.shape[1], 1), 3, axis=2)
-    else:
-        raise ImageError(f"{name}: expected an (H, W, 3) or (H, W) array, got shape {arr.shape}")
-    if from_uint8 is None:
-        if arr.dtype != np.uint8:
-            raise ImageError(f"{name}: expected a uint8 array, got {arr.dtype}; convert it with .astype(np.uint8)")
-        from_uint8 = True
-    if not np.isfinite(arr).all():
-        raise ImageError(f"{name}: the image contains NaN or infinite values")
-    _check_size(arr.shape[0], arr.shape[1], name)
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1), from_uint8
-
-
-def _from_tensor(t: torch.Tensor, name: str) -> tuple[torch.Tensor, bool]:
-    if t.ndim != 3 or t.shape[0] not in (1, 3):
-        raise ImageError(f"{name}: expected a (3, H, W) or (1, H, W) tensor, got shape {tuple(t.shape)}")
-    t = t.detach().to("cpu")
-    if t.dtype == torch.uint8:
-        x, from_uint8 = t.float(), True
-    elif t.is_floating_point():
-        if not torch.isfinite(t).all():
-            raise ImageError(f"{name}: the tensor contains NaN or infinite values")
-        if t.numel() and (t.min() < 0 or t.max() > 1):
-            raise ImageError(f"{name}: float tensors must hold values in [0, 1] (torchvision's convention)")
-        x, from_uint8 = t.float() * 255.0, False
-    else:
-        raise ImageError(f"{name}: expected a float or uint8 tensor, got {t.dtype}")
-    _check_size(x.shape[1], x.shape[2], name)
-    return x.expand(3, -1, -1).contiguous(), from_uint8
-
-
-def _check_size(h: int, w: int, name: str) -> None:
-    if h < 1 or w < 1:
-        raise ImageError(f"{name}: the image is empty ({w}x{h})")
-
-
-def _describe(image) -> str:
-    if isinstance(image, (str, os.PathLike)):
-        return os.fspath(image)
-    if isinstance(image, Image.Image):
-        return getattr(image, "filename", "") or f"PIL image {image.mode} {image.size[0]}x{image.size[1]}"
-    shape = getattr(image, "shape", None)
-    return f"{type(image).__name__} of shape {tuple(shape)}" if shape is not None else type(image).__name__
-
-
-def _rgb_uint8(x: torch.Tensor) -> np.ndarray:
-    return x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return [upsample_argmax(lg, x.shape[-2:]) for x, lg in zip(images, logits)]
 
 
 # --- the protocol --------------------------------------------------------------------------------
@@ -390,96 +232,6 @@ def _slide(features, x: torch.Tensor, window: Sequence[int], stride: Sequence[in
     return total / count
 
 
-def _upsample_argmax(logits: list[torch.Tensor], size, budget_bytes: int = 64 << 20, prune: bool = True) -> torch.Tensor:
-    """argmax over classes of the sum of ``logits`` (each ``(1, C, h, w)``) upsampled bilinearly to ``size``.
-
-    Bilinear interpolation is separable: the width is upsampled for all ``h`` rows at once (small), the
-    height a band of output rows at a time, each row a blend of its two nearest input rows. Only one
-    band of full-size scores exists at a time (``budget_bytes``), so a 19-class 1024x2048 frame needs the
-    20 MB of width-upsampled logits and one band instead of a 160 MB score map, and a TTA sum no more.
-    For one set of logits (no TTA), ``prune`` first tries :func:`_upsample_argmax_candidates`, which
-    scores only the classes that can win at each pixel. Equal to ``F.interpolate`` up to float rounding.
-    """
-    height, width = int(size[0]), int(size[1])
-    if prune and len(logits) == 1:
-        labels = _upsample_argmax_candidates(logits[0][0].float(), height, width, budget_bytes)
-        if labels is not None:
-            return labels
-    classes = logits[0].shape[1]
-    device = logits[0].device
-    wide = [F.interpolate(lg.float(), size=(lg.shape[2], width), mode="bilinear", align_corners=False)[0] for lg in logits]
-    taps = [_taps(lg.shape[2], height, device) for lg in logits]
-    band = max(1, budget_bytes // (4 * classes * width * 4))  # two gathered rows, their blend, the sum
-    labels = torch.empty(height, width, dtype=torch.int64, device=device)
-    for top in range(0, height, band):
-        bottom = min(height, top + band)
-        total = None
-        for w, (lower, upper, frac) in zip(wide, taps):
-            scores = torch.lerp(w[:, lower[top:bottom]], w[:, upper[top:bottom]], frac[top:bottom].view(1, -1, 1))
-            total = scores if total is None else total.add_(scores)
-        labels[top:bottom] = total.argmax(0)
-    return labels
-
-
-def _upsample_argmax_candidates(logits: torch.Tensor, height: int, width: int, budget_bytes: int) -> torch.Tensor | None:
-    """The labels of :func:`_upsample_argmax` for one ``(C, h, w)`` logits tensor, scoring at each pixel only
-    the classes that can win there; ``None`` where too many can (then the banded path runs).
-
-    Each output pixel blends the four logits vectors at the corners of its cell of the low-resolution grid
-    with non-negative weights summing to 1. A class whose largest corner value is below another class's
-    smallest corner value is below that class everywhere in the cell, so it cannot win there. With a
-    trained model most cells have one class left, which wins at all their pixels; at the others only the
-    classes left are blended, so a 150-class label map for a 12-megapixel photo costs a few scores per
-    contested pixel instead of 150 per pixel (benchmarks/RESULTS.md). Equal to ``F.interpolate`` then
-    argmax up to float rounding.
-    """
-    classes, h, w = logits.shape
-    device = logits.device
-    rows_lo, _, fy = _taps(h, height, device)
-    cols_lo, _, fx = _taps(w, width, device)
-    up_y = (torch.arange(h, device=device) + 1).clamp(max=h - 1)
-    up_x = (torch.arange(w, device=device) + 1).clamp(max=w - 1)
-    # the four corners of the cell whose top-left corner is (i, j): (i, j), (i, j+1), (i+1, j), (i+1, j+1)
-    corners = torch.stack([logits, logits[:, :, up_x], logits[:, up_y], logits[:, up_y][:, :, up_x]])
-    floor = corners.amin(0).amax(0)  # per cell, the best worst corner of any class
-    ceiling = corners.amax(0)  # per class and cell, its best corner
-    count = (ceiling >= floor).sum(0)  # (h, w): how many classes can win in each cell
-    k = int(count.max())
-    if 4 * k * float((count > 1).float().mean()) > classes:  # about as much work as scoring every class
-        return None
-    # a cell with one candidate: its class wins at each of the cell's pixels; no blending there
-    labels = ceiling.argmax(0)[rows_lo][:, cols_lo]  # (height, width)
-    contested = (count > 1)[rows_lo][:, cols_lo].view(-1).nonzero().squeeze(1)  # pixels of contested cells
-    if len(contested) == 0:
-        return labels
-    # elsewhere blend the k classes with the highest best corner: they include every class that can win.
-    # In class order, so that ties go to the lowest class index as argmax over all classes would have it.
-    candidates = ceiling.topk(k, dim=0).indices.sort(dim=0).values  # (k, h, w)
-    values = corners.gather(1, candidates.expand(4, k, h, w))  # (4, k, h, w)
-    flat = labels.view(-1)
-    chunk = max(1, budget_bytes // (4 * (10 * k + 8)))
-    for start in range(0, len(contested), chunk):
-        pixels = contested[start:start + chunk]
-        i, j = rows_lo[pixels // width], cols_lo[pixels % width]
-        wy, wx = fy[pixels // width], fx[pixels % width]
-        v = values[:, :, i, j]  # (4, k, n)
-        upper = torch.lerp(v[0], v[1], wx)  # along the width at the cell's top row, then its bottom row
-        lower = torch.lerp(v[2], v[3], wx)
-        best = torch.lerp(upper, lower, wy).argmax(0)  # (n,): index into the candidates
-        flat[pixels] = candidates[:, i, j].gather(0, best[None])[0]
-    return labels
-
-
-def _taps(n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Bilinear resampling of ``n_in`` samples to ``n_out`` (align_corners=False) as PyTorch does it: per output
-    index, the lower and upper input index and the weight of the upper one."""
-    y = torch.arange(n_out, device=device, dtype=torch.float64)
-    src = ((y + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
-    lower = src.floor().long().clamp(max=n_in - 1)
-    upper = (lower + 1).clamp(max=n_in - 1)
-    return lower, upper, (src - lower).float()
-
-
 _compiled_forward = None
 
 
@@ -518,11 +270,3 @@ def _autocast(features, device: torch.device, dtype: torch.dtype | None):
             return features(x)
 
     return run
-
-
-def save_image(img: Image.Image, path: str | os.PathLike, **kwargs) -> Path:
-    """Save ``img`` to ``path`` (format from the suffix) via a temporary file in the same folder, so that a failure never leaves a partial file."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        img.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"), **kwargs)
-    return path

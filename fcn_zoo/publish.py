@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from ._files import sha256_file, write_json
-from .errors import FCNZooError, WeightsError
+from .errors import FCNZooError, WeightsError, first_line, is_connection_error
 from .zoo import CHECKPOINTS, Checkpoint
 
 __all__ = ["publish", "PARITY_MAX_ABS_DIFF", "PARITY_MIN_LABEL_AGREEMENT"]
@@ -91,18 +91,16 @@ def _upload(folder: Path, repo_id: str, files: list[str], token: str | None, mes
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .hub import _first_line, _is_connection_error
-
     try:
         api = HfApi(token=token)
         api.create_repo(repo_id, exist_ok=True, repo_type="model")
         return api.upload_folder(folder_path=folder, repo_id=repo_id, allow_patterns=files, commit_message=message)
     except HfHubHTTPError as e:
-        raise FCNZooError(f"{repo_id}: the Hugging Face Hub refused the upload ({_first_line(e)}); check the token (hf auth login) and the repo id") from e
+        raise FCNZooError(f"{repo_id}: the Hugging Face Hub refused the upload ({first_line(e)}); check the token (hf auth login) and the repo id") from e
     except Exception as e:
-        if not _is_connection_error(e):
+        if not is_connection_error(e):
             raise
-        raise FCNZooError(f"{repo_id}: the Hugging Face Hub cannot be reached ({_first_line(e) or type(e).__name__}); the folder {folder} is built and verified: rerun to upload it") from e
+        raise FCNZooError(f"{repo_id}: the Hugging Face Hub cannot be reached ({first_line(e) or type(e).__name__}); the folder {folder} is built and verified: rerun to upload it") from e
 
 
 def _check_parity(checkpoint: Checkpoint, provenance: dict) -> None:

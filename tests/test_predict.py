@@ -175,13 +175,13 @@ def test_sliding_windows_batched_equal_one_at_a_time(tiny_model, photo):
 
 @pytest.mark.parametrize("shape", [(9, 12, 67, 93), (64, 86, 512, 683), (10, 10, 7, 13)])
 def test_banded_upsample_argmax_equals_full_interpolation(shape):
-    from fcn_zoo.predict import _upsample_argmax
+    from fcn_zoo.labels import upsample_argmax
 
     h, w, height, width = shape
     g = torch.Generator().manual_seed(0)
     logits = [torch.randn(1, 19, h, w, generator=g) * 5, torch.randn(1, 19, h, w, generator=g)]
     full = sum(torch.nn.functional.interpolate(lg, size=(height, width), mode="bilinear", align_corners=False) for lg in logits)
-    banded = _upsample_argmax(logits, (height, width), budget_bytes=1 << 16)  # many small bands
+    banded = upsample_argmax(logits, (height, width), budget_bytes=1 << 16)  # many small bands
     assert banded.shape == (height, width)
     assert (banded == full[0].argmax(0)).float().mean() > 0.9999
 
@@ -198,35 +198,35 @@ def _scene_logits(classes: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("shape", [(150, 32, 43, 750, 1000), (19, 64, 128, 512, 1024), (21, 9, 12, 67, 93)])
 def test_upsample_argmax_scores_only_the_classes_that_can_win_and_agrees(shape):
-    from fcn_zoo.predict import _upsample_argmax, _upsample_argmax_candidates
+    from fcn_zoo.labels import upsample_argmax, upsample_argmax_candidates
 
     classes, h, w, height, width = shape
     logits = _scene_logits(classes, h, w)
     full = torch.nn.functional.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)[0].argmax(0)
-    labels = _upsample_argmax_candidates(logits[0], height, width, budget_bytes=1 << 16)  # many chunks
+    labels = upsample_argmax_candidates(logits[0], height, width, budget_bytes=1 << 16)  # many chunks
     assert labels is not None  # the pruned path ran
     assert (labels == full).float().mean() > 0.99999
-    assert torch.equal(_upsample_argmax([logits], (height, width)), labels)
+    assert torch.equal(upsample_argmax([logits], (height, width)), labels)
 
 
 def test_a_class_that_wins_between_corners_only_is_not_pruned():
-    from fcn_zoo.predict import _upsample_argmax_candidates
+    from fcn_zoo.labels import upsample_argmax_candidates
 
     logits = torch.full((1, 40, 1, 2), -5.0)
     logits[0, 3, 0] = torch.tensor([1.0, 0.0])
     logits[0, 7, 0] = torch.tensor([0.0, 1.0])
     logits[0, 5, 0] = 0.6  # 0.6 beats 0.5/0.5 halfway, though it is top at neither corner
-    labels = _upsample_argmax_candidates(logits[0], 1, 100, budget_bytes=1 << 20)
+    labels = upsample_argmax_candidates(logits[0], 1, 100, budget_bytes=1 << 20)
     full = torch.nn.functional.interpolate(logits, size=(1, 100), mode="bilinear", align_corners=False)[0].argmax(0)
     assert labels is not None and torch.equal(labels, full)
     assert set(labels.unique().tolist()) == {3, 5, 7}
 
 
 def test_upsample_argmax_scores_every_class_when_too_many_can_win():
-    from fcn_zoo.predict import _upsample_argmax_candidates
+    from fcn_zoo.labels import upsample_argmax_candidates
 
     noise = torch.randn(19, 16, 16, generator=torch.Generator().manual_seed(0))  # untrained: all contested
-    assert _upsample_argmax_candidates(noise, 100, 100, budget_bytes=1 << 20) is None
+    assert upsample_argmax_candidates(noise, 100, 100, budget_bytes=1 << 20) is None
 
 
 def test_bf16_on_cpu_runs_the_network_in_bf16_and_keeps_the_labels(tiny_model, photo, monkeypatch):

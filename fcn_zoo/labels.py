@@ -1,0 +1,99 @@
+"""How labels come from logits: bilinear upsampling to the image's own size and argmax over classes, without
+building the full-size score map."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["upsample_argmax", "upsample_argmax_candidates", "bilinear_taps"]
+
+
+def upsample_argmax(logits: list[torch.Tensor], size, budget_bytes: int = 64 << 20, prune: bool = True) -> torch.Tensor:
+    """argmax over classes of the sum of ``logits`` (each ``(1, C, h, w)``) upsampled bilinearly to ``size``.
+
+    Bilinear interpolation is separable: the width is upsampled for all ``h`` rows at once (small), the
+    height a band of output rows at a time, each row a blend of its two nearest input rows. Only one
+    band of full-size scores exists at a time (``budget_bytes``), so a 19-class 1024x2048 frame needs the
+    20 MB of width-upsampled logits and one band instead of a 160 MB score map, and a TTA sum no more.
+    For one set of logits (no TTA), ``prune`` first tries :func:`upsample_argmax_candidates`, which
+    scores only the classes that can win at each pixel. Equal to ``F.interpolate`` up to float rounding.
+    """
+    height, width = int(size[0]), int(size[1])
+    if prune and len(logits) == 1:
+        labels = upsample_argmax_candidates(logits[0][0].float(), height, width, budget_bytes)
+        if labels is not None:
+            return labels
+    classes = logits[0].shape[1]
+    device = logits[0].device
+    wide = [F.interpolate(lg.float(), size=(lg.shape[2], width), mode="bilinear", align_corners=False)[0] for lg in logits]
+    taps = [bilinear_taps(lg.shape[2], height, device) for lg in logits]
+    band = max(1, budget_bytes // (4 * classes * width * 4))  # two gathered rows, their blend, the sum
+    labels = torch.empty(height, width, dtype=torch.int64, device=device)
+    for top in range(0, height, band):
+        bottom = min(height, top + band)
+        total = None
+        for w, (lower, upper, frac) in zip(wide, taps):
+            scores = torch.lerp(w[:, lower[top:bottom]], w[:, upper[top:bottom]], frac[top:bottom].view(1, -1, 1))
+            total = scores if total is None else total.add_(scores)
+        labels[top:bottom] = total.argmax(0)
+    return labels
+
+
+def upsample_argmax_candidates(logits: torch.Tensor, height: int, width: int, budget_bytes: int) -> torch.Tensor | None:
+    """The labels of :func:`upsample_argmax` for one ``(C, h, w)`` logits tensor, scoring at each pixel only
+    the classes that can win there; ``None`` where too many can (then the banded path runs).
+
+    Each output pixel blends the four logits vectors at the corners of its cell of the low-resolution grid
+    with non-negative weights summing to 1. A class whose largest corner value is below another class's
+    smallest corner value is below that class everywhere in the cell, so it cannot win there. With a
+    trained model most cells have one class left, which wins at all their pixels; at the others only the
+    classes left are blended, so a 150-class label map for a 12-megapixel photo costs a few scores per
+    contested pixel instead of 150 per pixel (benchmarks/RESULTS.md). Equal to ``F.interpolate`` then
+    argmax up to float rounding.
+    """
+    classes, h, w = logits.shape
+    device = logits.device
+    rows_lo, _, fy = bilinear_taps(h, height, device)
+    cols_lo, _, fx = bilinear_taps(w, width, device)
+    up_y = (torch.arange(h, device=device) + 1).clamp(max=h - 1)
+    up_x = (torch.arange(w, device=device) + 1).clamp(max=w - 1)
+    # the four corners of the cell whose top-left corner is (i, j): (i, j), (i, j+1), (i+1, j), (i+1, j+1)
+    corners = torch.stack([logits, logits[:, :, up_x], logits[:, up_y], logits[:, up_y][:, :, up_x]])
+    floor = corners.amin(0).amax(0)  # per cell, the best worst corner of any class
+    ceiling = corners.amax(0)  # per class and cell, its best corner
+    count = (ceiling >= floor).sum(0)  # (h, w): how many classes can win in each cell
+    k = int(count.max())
+    if 4 * k * float((count > 1).float().mean()) > classes:  # about as much work as scoring every class
+        return None
+    # a cell with one candidate: its class wins at each of the cell's pixels; no blending there
+    labels = ceiling.argmax(0)[rows_lo][:, cols_lo]  # (height, width)
+    contested = (count > 1)[rows_lo][:, cols_lo].view(-1).nonzero().squeeze(1)  # pixels of contested cells
+    if len(contested) == 0:
+        return labels
+    # elsewhere blend the k classes with the highest best corner: they include every class that can win.
+    # In class order, so that ties go to the lowest class index as argmax over all classes would have it.
+    candidates = ceiling.topk(k, dim=0).indices.sort(dim=0).values  # (k, h, w)
+    values = corners.gather(1, candidates.expand(4, k, h, w))  # (4, k, h, w)
+    flat = labels.view(-1)
+    chunk = max(1, budget_bytes // (4 * (10 * k + 8)))
+    for start in range(0, len(contested), chunk):
+        pixels = contested[start:start + chunk]
+        i, j = rows_lo[pixels // width], cols_lo[pixels % width]
+        wy, wx = fy[pixels // width], fx[pixels % width]
+        v = values[:, :, i, j]  # (4, k, n)
+        upper = torch.lerp(v[0], v[1], wx)  # along the width at the cell's top row, then its bottom row
+        lower = torch.lerp(v[2], v[3], wx)
+        best = torch.lerp(upper, lower, wy).argmax(0)  # (n,): index into the candidates
+        flat[pixels] = candidates[:, i, j].gather(0, best[None])[0]
+    return labels
+
+
+def bilinear_taps(n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bilinear resampling of ``n_in`` samples to ``n_out`` (align_corners=False) as PyTorch does it: per output
+    index, the lower and upper input index and the weight of the upper one."""
+    y = torch.arange(n_out, device=device, dtype=torch.float64)
+    src = ((y + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    lower = src.floor().long().clamp(max=n_in - 1)
+    upper = (lower + 1).clamp(max=n_in - 1)
+    return lower, upper, (src - lower).float()

@@ -1,0 +1,105 @@
+"""A state dict into an :class:`fcn_zoo.FCN`: strict, with errors that name the keys, shapes and dtypes that
+do not fit, and the classifiers left freshly initialised when fine-tuning asks for another class count."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import WeightsError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .model import FCN
+
+__all__ = ["load_weights", "load_state_dict"]
+
+logger = logging.getLogger(__name__)
+
+
+def load_weights(
+    model: FCN, path: str | Path, *, strict: bool = True, map_location: str = "cpu", new_classes: bool = False
+) -> FCN:
+    """Load a ``model.safetensors`` into ``model``.
+
+    Every key must match in name, shape and kind of dtype, except that with ``new_classes`` the two
+    classifier convolutions keep their fresh initialisation when the file has another number of classes
+    (fine-tuning). Anything else that does not match raises :class:`WeightsError` naming the keys.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    try:
+        state_dict = load_file(path, device=str(map_location))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({e}); delete it and download it again") from e
+    load_state_dict(model, state_dict, source=str(path), strict=strict, new_classes=new_classes)
+    return model
+
+
+def load_state_dict(
+    model: FCN, state_dict: dict[str, torch.Tensor], *, source: str, strict: bool = True, new_classes: bool = False
+) -> None:
+    """``model.load_state_dict`` with errors that name the keys, and classifier re-initialisation.
+
+    With ``new_classes`` (the caller asked for another ``num_classes``), the classifiers are skipped and
+    logged when their shapes differ from ``state_dict``'s only in the number of classes; otherwise that is
+    an error like any other shape. Floating-point tensors may be stored in any float precision (they are
+    cast); a float parameter stored as integers, or the reverse, is an error.
+    """
+    expected = model.state_dict()
+    classifier_keys = {
+        f"{head}.{len(getattr(model, head)) - 1}.{p}"
+        for head in ("decode_head", "auxiliary_head")
+        if getattr(model, head) is not None
+        for p in ("weight", "bias")
+    }
+    reinit = sorted(
+        k for k in classifier_keys
+        if new_classes and k in state_dict and state_dict[k].shape[0] != expected[k].shape[0] and state_dict[k].shape[1:] == expected[k].shape[1:]
+    )
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state_dict))
+        if k not in reinit and state_dict[k].shape != expected[k].shape
+    ]
+    wrong_dtype = [
+        f"{k}: {state_dict[k].dtype} for {expected[k].dtype}"
+        for k in sorted(set(expected) & set(state_dict))
+        if state_dict[k].is_floating_point() != expected[k].is_floating_point() or state_dict[k].is_complex()
+    ]
+    problems = []
+    if strict and missing:
+        problems.append(f"missing keys {_short(missing)}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys {_short(unexpected)}")
+    if mismatched:
+        problems.append(f"wrong shapes {_short(mismatched)}")
+    if wrong_dtype:
+        problems.append(f"wrong dtypes {_short(wrong_dtype)}")
+    if problems:
+        raise WeightsError(f"{source}: does not fit FCN({_describe(model)}): " + "; ".join(problems))
+    if reinit:
+        old = state_dict[reinit[0]].shape[0]
+        logger.warning(
+            "%s has %d classes; the model has %d: the classifiers (%s) are freshly initialised for fine-tuning",
+            source, old, model.num_classes, ", ".join(reinit),
+        )
+    model.load_state_dict({k: v for k, v in state_dict.items() if k not in reinit}, strict=False)
+
+
+def _describe(model: FCN) -> str:
+    cfg = getattr(model, "_hub_mixin_config", None) or {}
+    return ", ".join(f"{k}={cfg[k]!r}" for k in ("backbone", "output_stride", "num_classes") if k in cfg)
+
+
+def _short(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")

@@ -1,0 +1,96 @@
+"""The package's modules import in one direction, from entry points down to data, with no cycle, even
+through imports inside functions; and no module grows past what a reader takes in at once."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import fcn_zoo
+
+PACKAGE = Path(fcn_zoo.__file__).parent
+
+# Higher imports lower (or its own level), never the other way.
+LAYERS = {
+    "cli": 9, "publish": 9,                     # entry points: parse, call the API, one line per error
+    "predict": 8,                               # what happens to an image
+    "segmentation": 7, "labels": 7,             # the result; how labels come from logits
+    "images": 6,                                # images in and out
+    "export": 5,                                # a model as ONNX, and the sessions that run it
+    "hub": 4,                                   # a name, repo id, folder or .pth becomes a local folder
+    "convert": 3, "parity": 3,                  # other layouts' state dicts become FCN's
+    "model": 2, "weights": 2, "_fusion": 2, "cards": 2,  # the nn.Module, loading it, its kernels, its card
+    "__init__": 1, "zoo": 1, "errors": 1, "_files": 1,  # data and small helpers
+}
+# FCN.predict: a one-line convenience that calls upward lazily, as STYLE.md allows
+ALLOWED_UPWARD = {("model", "predict")}
+
+
+def imports() -> set[tuple[str, str]]:
+    """(importer, imported) for every import of one fcn_zoo module by another, wherever it is written."""
+    edges = set()
+    for path in PACKAGE.glob("*.py"):
+        for node in _executed(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                targets = [node.module] if node.module else [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fcn_zoo"):
+                targets = [node.module.removeprefix("fcn_zoo").lstrip(".") or "__init__"]
+            elif isinstance(node, ast.Import):
+                targets = [a.name.removeprefix("fcn_zoo.") for a in node.names if a.name.startswith("fcn_zoo.")]
+            else:
+                continue
+            for target in targets:
+                target = target.split(".")[0]
+                if not (PACKAGE / f"{target}.py").is_file():  # `from . import list_models`
+                    target = "__init__"
+                if target != path.stem:
+                    edges.add((path.stem, target))
+    return edges
+
+
+def _executed(tree: ast.AST):
+    """Every node except those under ``if TYPE_CHECKING:`` (read by type checkers, never run)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            yield from (n for child in node.orelse for n in _executed_with(child))
+            continue
+        yield from _executed_with(node)
+
+
+def _executed_with(node: ast.AST):
+    yield node
+    yield from _executed(node)
+
+
+def test_every_module_has_a_layer():
+    assert sorted(p.stem for p in PACKAGE.glob("*.py")) == sorted(LAYERS)
+
+
+def test_imports_point_down_only():
+    upward = {(a, b) for a, b in imports() if LAYERS[b] > LAYERS[a]}
+    assert upward == ALLOWED_UPWARD
+
+
+def test_there_is_no_import_cycle():
+    graph: dict[str, set[str]] = {}
+    for a, b in imports() - ALLOWED_UPWARD:
+        graph.setdefault(a, set()).add(b)
+    done, path = set(), []
+
+    def visit(node):
+        assert node not in path, f"import cycle: {' -> '.join(path[path.index(node):] + [node])}"
+        if node in done:
+            return
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            visit(nxt)
+        path.pop()
+        done.add(node)
+
+    for node in sorted(graph):
+        visit(node)
+
+
+def test_no_module_is_over_400_lines():
+    long = {p.name: n for p in PACKAGE.glob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert long == {}
