@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
 from torch import nn
 
+from ._fusion import fast_path_applies, fused_twin, weights_key
 from .errors import WeightsError
 from .weights import load_weights
 from .zoo import DATASETS, IMAGENET_MEAN, IMAGENET_STD
@@ -178,6 +179,8 @@ class FCN(
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if fast_path_applies(self, x):  # CPU inference: the fused twin (see fcn_zoo._fusion.fused_twin)
+            return fused_twin(self).forward(x)
         size = x.shape[-2:]
         aux_features, features = self.backbone(x)
         logits = F.interpolate(self.decode_head(features), size=size, mode="bilinear", align_corners=False)
@@ -188,7 +191,20 @@ class FCN(
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Logits at the backbone's resolution ``(N, C, H / output_stride, W / output_stride)``, no auxiliary head."""
+        if fast_path_applies(self, x):
+            return fused_twin(self).forward_features(x)
         return self.decode_head(self.backbone(x)[-1])
+
+    def __getstate__(self) -> dict:
+        # neither the fused twin nor an onnxruntime session is part of the model
+        return {k: v for k, v in self.__dict__.items() if k not in ("_fast", "_onnx_session")}
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        cached = self.__dict__.get("_fast")
+        if cached is not None and cached[0] != weights_key(self):
+            del self.__dict__["_fast"]  # moved away (e.g. to a GPU): give the twin's memory back now
+        return result
 
     def fuse(self) -> "FCN":
         """Prepare this model for fast inference, in place: fold every BatchNorm into the convolution before
@@ -215,6 +231,8 @@ class FCN(
     def train(self, mode: bool = True) -> "FCN":
         if mode and getattr(self, "_fused", False):
             raise RuntimeError("this FCN was fuse()d for inference and cannot be trained; load it again to train")
+        if mode:
+            self.__dict__.pop("_fast", None)  # training changes every weight: the twin would only take memory
         return super().train(mode)
 
     def save_pretrained(

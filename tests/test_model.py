@@ -203,3 +203,68 @@ def test_if_the_fused_kernels_fail_on_a_machine_the_plain_path_answers_once_warn
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max() + 1e-6
     assert len(calls) == 1  # tried once, then the plain path for every layer and call
     assert sum("oneDNN fused convolution failed" in r.getMessage() for r in caplog.records) == 1
+
+
+# --- fast by default ---------------------------------------------------------------------------------
+
+
+def _plain(model: fcn_zoo.FCN, x: torch.Tensor) -> torch.Tensor:
+    """The plain module's logits: with autograd on, the fast path never runs."""
+    with torch.enable_grad():
+        return model(x).detach()
+
+
+def test_cpu_inference_runs_the_fused_twin_by_default_and_equals_the_plain_module():
+    model = _bottleneck_fcn()
+    x = torch.randn(1, 3, 64, 80)
+    expected = _plain(model, x)
+    for context in (torch.inference_mode, torch.no_grad):
+        with context():
+            got = model(x)
+            features = model.forward_features(x)
+        twin = model.__dict__["_fast"][1]
+        assert twin._fused and twin.auxiliary_head is None
+        assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
+        with torch.enable_grad():
+            assert torch.allclose(features, model.decode_head(model.backbone(x)[-1]).detach(), atol=1e-4)
+    assert "_fast" not in "".join(model.state_dict())  # not part of the module
+    assert all(p.requires_grad for p in model.parameters())  # the model itself is untouched
+
+
+def test_the_twin_never_answers_with_stale_weights():
+    model, other = _bottleneck_fcn(), fcn_zoo.FCN(num_classes=5, backbone="resnet50c", output_stride=8, head_channels=16, aux_channels=8).eval()
+    x = torch.randn(1, 3, 64, 80)
+    with torch.inference_mode():
+        model(x)  # builds the twin
+    model.load_state_dict(other.state_dict())  # new weights after a fast call
+    with torch.inference_mode():
+        assert torch.allclose(model(x), _plain(other, x), atol=1e-4)
+    with torch.no_grad():
+        model.decode_head.classifier.bias.add_(1.0)  # an in-place edit
+        assert torch.allclose(model(x), _plain(other, x) + 1.0, atol=1e-4)
+    model.double()  # .to(): another dtype, another twin
+    with torch.inference_mode():
+        assert model(x.double()).dtype == torch.float64
+
+
+def test_training_hooks_deepcopy_and_pickling_see_the_plain_module(tmp_path):
+    import pickle
+
+    model = _bottleneck_fcn()
+    x = torch.randn(1, 3, 64, 80)
+    with torch.inference_mode():
+        model(x)
+    assert "_fast" not in copy.deepcopy(model).__dict__  # no copy of the twin
+    restored = pickle.loads(pickle.dumps(model))
+    assert "_fast" not in restored.__dict__ and torch.equal(_plain(restored, x), _plain(model, x))
+    model.save_pretrained(tmp_path / "saved")  # not refused as a fused model would be
+    seen = []
+    handle = model.backbone.layer4.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.inference_mode():
+        model(x)
+    handle.remove()
+    assert seen == [(1, 2048, 8, 10)]  # the user's hook on an inner layer fired
+    model.train()
+    assert "_fast" not in model.__dict__
+    logits, aux = model(x)
+    assert logits.shape == aux.shape == (1, 5, 64, 80)
