@@ -5,9 +5,11 @@
 For each model, one input of the given size, the median time of a forward pass that returns logits at the
 input's size, for:
 
-- fcn_zoo ``model(x)`` NCHW, channels_last (as ``predict`` runs it), channels_last with BatchNorm folded
-  only, and channels_last after ``model.fuse()`` (BatchNorm folded, ReLU and residual additions fused into
-  the convolutions; as ``fcn-zoo predict`` runs it), on the reference's weights;
+- fcn_zoo ``model(x)`` as a user calls it under ``torch.inference_mode()`` (the default: the fused twin,
+  channels_last as ``predict`` runs it); the plain module (``fcn_zoo._fusion.plain_path()``: what hooks,
+  tracing and training see) NCHW, channels_last and with BatchNorm folded only; and channels_last
+  after ``model.fuse()`` (BatchNorm folded, ReLU and residual additions fused into the convolutions; as
+  ``fcn-zoo predict`` runs it), on the reference's weights;
 - the reference model on the same weights (its forward plus the same bilinear upsampling);
 - for OS8 models, torchvision's ``fcn_resnet50/101`` and fcn_zoo on the same torchvision weights (the
   7x7-stem, one-conv-head architecture: a different model from the reference rows, compared with itself);
@@ -38,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import fcn_zoo  # noqa: E402
 from _common import count_flops, matmul_rate  # noqa: E402
 from conftest import randomize_batchnorm  # noqa: E402
-from fcn_zoo._fusion import fold_batchnorm  # noqa: E402
+from fcn_zoo._fusion import fold_batchnorm, plain_path  # noqa: E402
 from fcn_zoo.convert import convert_state_dict  # noqa: E402
-from fcn_zoo.model import load_state_dict  # noqa: E402
+from fcn_zoo.weights import load_state_dict  # noqa: E402
 from reference import build_reference_fcn, reference_logits, save_reference_checkpoint  # noqa: E402
 
 
@@ -51,16 +53,18 @@ def contenders_for(name: str, x: torch.Tensor, workdir: Path, onnx: bool, bf16: 
     pth = save_reference_checkpoint(reference, workdir / f"{row.name}.pth")
     plain = fcn_zoo.from_pretrained(pth, cache_dir=workdir / "cache")
     channels_last = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    default = copy.deepcopy(channels_last)
     folded = copy.deepcopy(plain).to(memory_format=torch.channels_last)
     fold_batchnorm(folded)
     fused = copy.deepcopy(plain).fuse().to(memory_format=torch.channels_last)
     x_cl = x.contiguous(memory_format=torch.channels_last)
 
-    flops = count_flops(lambda: plain(x))
+    flops = count_flops(lambda: as_plain(plain, x))
     out = {
-        "fcn_zoo model(x), NCHW": (lambda: plain(x), flops),
-        "fcn_zoo model(x), channels_last": (lambda: channels_last(x_cl), flops),
-        "fcn_zoo BN folded only, ch_last": (lambda: folded(x_cl), flops),
+        "fcn_zoo model(x), default": (lambda: default(x_cl), flops),
+        "fcn_zoo plain module, NCHW": (lambda: as_plain(plain, x), flops),
+        "fcn_zoo plain module, ch_last": (lambda: as_plain(channels_last, x_cl), flops),
+        "fcn_zoo BN folded only, ch_last": (lambda: as_plain(folded, x_cl), flops),
         "fcn_zoo model.fuse()(x), ch_last": (lambda: fused(x_cl), flops),
         "reference (sssegmentation)": (lambda: reference_logits(reference, x), flops),
     }
@@ -75,7 +79,7 @@ def contenders_for(name: str, x: torch.Tensor, workdir: Path, onnx: bool, bf16: 
         ours = fcn_zoo.FCN(**config)
         load_state_dict(ours, state_dict, source="torchvision")
         ours = ours.eval()
-        ours_flops = count_flops(lambda: ours(x))  # before fuse(): the counter cannot see oneDNN's fused kernels
+        ours_flops = count_flops(lambda: as_plain(ours, x))  # the counter cannot see oneDNN's fused kernels
         ours = ours.fuse().to(memory_format=torch.channels_last)
         # torchvision runs its auxiliary head in eval mode too; fcn_zoo does not: each is credited its own work
         out["torchvision fcn_resnet (its weights)"] = (lambda: tv(x)["out"], count_flops(lambda: tv(x)))
@@ -94,12 +98,18 @@ def contenders_for(name: str, x: torch.Tensor, workdir: Path, onnx: bool, bf16: 
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return model(x_cl)
 
-        out[BF16[0]] = (lambda: run_bf16(channels_last), flops)
+        out[BF16[0]] = (lambda: run_bf16(default), flops)
         out[BF16[1]] = (lambda: run_bf16(fused), flops)
     return out
 
 
-BF16 = ("fcn_zoo bf16 autocast, ch_last *", "fcn_zoo bf16 autocast, fused *")
+BF16 = ("fcn_zoo bf16 autocast, default *", "fcn_zoo bf16 autocast, fused *")
+
+
+def as_plain(model, x):
+    """The plain module's forward, not its fused twin."""
+    with plain_path():
+        return model(x)
 
 
 def main() -> None:

@@ -12,9 +12,11 @@ autocast, autograd, tracing for export or compilation) the layer runs as ``conv2
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -285,6 +287,21 @@ def _fuse_sequence(parent: nn.Module) -> None:
 # --- fast by default: inference on CPU runs a fused twin of the model ---------------------------------
 
 
+_plain = threading.local()
+
+
+@contextlib.contextmanager
+def plain_path():
+    """Within this block (in this thread) every FCN runs as the plain module, never its fused twin: for
+    measuring a conversion's exactness, or the plain module's speed, without the twin's float rounding."""
+    before = getattr(_plain, "on", False)
+    _plain.on = True
+    try:
+        yield
+    finally:
+        _plain.on = before
+
+
 def fast_path_applies(model: nn.Module, x) -> bool:
     """Whether this call of ``model`` may run its fused twin: pure inference (eval mode, no autograd) on a CPU
     tensor, with nothing that must see the plain module: no hooks on any layer (feature extraction, CAM),
@@ -293,6 +310,7 @@ def fast_path_applies(model: nn.Module, x) -> bool:
     return (
         not model.training
         and not torch.is_grad_enabled()
+        and not getattr(_plain, "on", False)
         and type(x) is torch.Tensor
         and x.device.type == "cpu"
         and not getattr(model, "_fused", False)
