@@ -221,6 +221,7 @@ class FCN(
         from ._fusion import fold_batchnorm, fuse_activations
 
         self.eval()
+        self.__dict__.pop("_fast", None)  # fused in place: no twin needed
         with torch.inference_mode(False), torch.no_grad():  # the new weights are ordinary tensors even when
             fold_batchnorm(self)  # fuse() is called under inference mode
             fuse_activations(self)
