@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import http.server
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
