@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import list_models, zoo
 from .convert import FORMATS
-from .errors import FCNZooError
+from .errors import FCNZooError, first_line
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -75,8 +75,7 @@ def _report(error: BaseException, debug: bool) -> None:
     """One line on stderr (the traceback too with ``--debug``)."""
     if debug:
         traceback.print_exception(error)
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    message = lines[0] if lines else type(error).__name__
+    message = first_line(error)
     if not isinstance(error, (FCNZooError, OSError, ValueError)):
         message = f"{message} ({type(error).__name__}; --debug shows where)"
     print(f"fcn-zoo: error: {message}", file=sys.stderr)
@@ -201,7 +200,7 @@ def cmd_download(args) -> int:
 
 def cmd_predict(args) -> int:
     from .hub import from_pretrained
-    from .predict import save_image
+    from .images import save_image
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():

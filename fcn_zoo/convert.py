@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._files import sha256_file
-from .errors import WeightsError
+from .errors import WeightsError, first_line
 from .zoo import DATASETS
 
 if TYPE_CHECKING:
@@ -84,10 +84,9 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 def _refusal(error: Exception) -> str:
     """The line of torch's error that says what was refused (``Unsupported global: GLOBAL os.system ...``), else
     its first line: torch puts the type it refused several lines below its general advice."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-    refused = next((line for line in lines if "Unsupported global" in line or "Unsupported operand" in line), None)
+    refused = next((line for line in str(error).splitlines() if "Unsupported global" in line or "Unsupported operand" in line), None)
     if refused is None:
-        return lines[0]
+        return first_line(error)
     return refused.split("WeightsUnpickler error:", 1)[-1].strip().split(" was not an allowed global")[0]
 
 

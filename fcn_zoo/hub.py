@@ -245,7 +245,7 @@ def _check_hub_reachable(repo_id: str, revision: str | None, cache_dir, where: s
         if not is_connection_error(e):
             raise
         raise FCNZooError(
-            f"{where}: the Hugging Face Hub cannot be reached ({first_line(e) or type(e).__name__}); "
+            f"{where}: the Hugging Face Hub cannot be reached ({first_line(e)}); "
             "check the network, or set HF_HUB_OFFLINE=1 to use only what is cached"
         ) from e
 

@@ -20,7 +20,7 @@ from torch import nn
 from ._fusion import fast_path_applies, fused_twin, weights_key
 from .errors import WeightsError
 from .weights import load_weights
-from .zoo import DATASETS, IMAGENET_MEAN, IMAGENET_STD
+from .zoo import DATASETS, IMAGENET_MEAN, IMAGENET_STD, folder_metadata
 
 __all__ = ["FCN", "FCNHead", "load_weights"]  # load_weights: from fcn_zoo.weights, where it lives
 
@@ -170,12 +170,7 @@ class FCN(
             "num_classes": self.num_classes,
             "output_stride": self.output_stride,
             "dataset": self.dataset,
-            "class_names": list(self.class_names),
-            "palette": [list(c) for c in self.palette],
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "eval_size": list(self.eval_size),
-            "crop_size": list(self.crop_size),
+            **folder_metadata(self.class_names, self.palette, self.mean, self.std, self.eval_size, self.crop_size),
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

@@ -100,7 +100,7 @@ def _upload(folder: Path, repo_id: str, files: list[str], token: str | None, mes
     except Exception as e:
         if not is_connection_error(e):
             raise
-        raise FCNZooError(f"{repo_id}: the Hugging Face Hub cannot be reached ({first_line(e) or type(e).__name__}); the folder {folder} is built and verified: rerun to upload it") from e
+        raise FCNZooError(f"{repo_id}: the Hugging Face Hub cannot be reached ({first_line(e)}); the folder {folder} is built and verified: rerun to upload it") from e
 
 
 def _check_parity(checkpoint: Checkpoint, provenance: dict) -> None:

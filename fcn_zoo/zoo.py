@@ -14,7 +14,7 @@ from .errors import UnknownModelError
 
 __all__ = [
     "Checkpoint", "DatasetInfo", "CHECKPOINTS", "DATASETS", "get_checkpoint", "get_dataset", "checkpoint_for_file",
-    "eval_resize_shape",
+    "eval_resize_shape", "folder_metadata",
 ]
 
 #: Where the reference implementation (sssegmentation) publishes its FCN weights.
@@ -158,14 +158,20 @@ class DatasetInfo:
 
     def metadata(self) -> dict:
         """What a model folder's ``config.json`` records about this dataset, so that it needs no table to be read."""
-        return {
-            "class_names": list(self.classes),
-            "palette": [list(c) for c in self.palette],
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "eval_size": list(self.eval_size),
-            "crop_size": list(self.crop_size),
-        }
+        return folder_metadata(self.classes, self.palette, self.mean, self.std, self.eval_size, self.crop_size)
+
+
+def folder_metadata(class_names, palette, mean, std, eval_size, crop_size) -> dict:
+    """The keys of ``config.json`` beside the architecture that describe how a model is read and used, as
+    JSON values: the same for a dataset of the table and for any model's own."""
+    return {
+        "class_names": list(class_names),
+        "palette": [list(c) for c in palette],
+        "mean": list(mean),
+        "std": list(std),
+        "eval_size": list(eval_size),
+        "crop_size": list(crop_size),
+    }
 
 
 def eval_resize_shape(height: int, width: int, eval_size) -> tuple[int, int]:
