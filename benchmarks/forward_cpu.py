@@ -1,6 +1,7 @@
 """CPU forward-pass benchmark: fcn_zoo vs the reference implementation (sssegmentation) and torchvision.
 
-    python benchmarks/forward_cpu.py [--models fcn_resnet50os8_voc ...] [--size 512 683] [--runs 5] [--onnx] [--bf16]
+    python benchmarks/forward_cpu.py [--models fcn_resnet50os8_voc ...] [--size 512 683] [--runs 5] [--onnx]
+        [--openvino] [--bf16]
 
 For each model, one input of the given size, the median time of a forward pass that returns logits at the
 input's size, for:
@@ -14,8 +15,11 @@ input's size, for:
 - for OS8 models, torchvision's ``fcn_resnet50/101`` and fcn_zoo on the same torchvision weights (the
   7x7-stem, one-conv-head architecture: a different model from the reference rows, compared with itself);
 - with ``--onnx``, onnxruntime on fcn_zoo's ONNX export;
+- with ``--openvino``, OpenVINO's CPU plugin on the same ONNX file, in fp32 (``INFERENCE_PRECISION_HINT``
+  ``f32``) and, with ``--bf16``, in bf16 (``pip install openvino``: not a dependency of the package);
 - with ``--bf16``, fcn_zoo under bf16 autocast (what ``predict(precision="bf16")`` runs), unfused and fused,
-  its share taken of a bf16 matmul.
+  its share taken of a bf16 matmul. On a CPU without bf16 instructions (no AVX512_BF16 or AMX) oneDNN and
+  OpenVINO emulate or fall back, so these rows say nothing about bf16 hardware there.
 
 FLOPs are counted by ``torch.utils.flop_counter`` and the GFLOP/s is also given as a fraction of a 4096x4096
 fp32 matmul measured in the same run: in each round the matmul is timed and then every contender once, the
@@ -46,7 +50,7 @@ from fcn_zoo.weights import load_state_dict  # noqa: E402
 from reference import build_reference_fcn, reference_logits, save_reference_checkpoint  # noqa: E402
 
 
-def contenders_for(name: str, x: torch.Tensor, workdir: Path, onnx: bool, bf16: bool) -> dict:
+def contenders_for(name: str, x: torch.Tensor, workdir: Path, onnx: bool, openvino: bool, bf16: bool) -> dict:
     """name -> (callable, FLOPs); every callable returns logits at x's size."""
     row = fcn_zoo.CHECKPOINTS[name]
     reference = build_reference_fcn(row.depth, row.output_stride, row.num_classes)
@@ -84,15 +88,26 @@ def contenders_for(name: str, x: torch.Tensor, workdir: Path, onnx: bool, bf16: 
         # torchvision runs its auxiliary head in eval mode too; fcn_zoo does not: each is credited its own work
         out["torchvision fcn_resnet (its weights)"] = (lambda: tv(x)["out"], count_flops(lambda: tv(x)))
         out["fcn_zoo fused, same tv weights"] = (lambda: ours(x_cl), ours_flops)
-    if onnx:
-        import onnxruntime
-
+    if onnx or openvino:
         from fcn_zoo.export import export
 
         path = export(plain, workdir / f"{row.name}.onnx")
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         feed = {"image": x.numpy()}
+    if onnx:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         out["onnxruntime (fcn_zoo export)"] = (lambda: session.run(None, feed), flops)
+    if openvino:
+        import openvino
+
+        core = openvino.Core()
+        threads = {"INFERENCE_NUM_THREADS": torch.get_num_threads()}
+        ov_fp32 = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32", **threads})
+        out["OpenVINO fp32 (same ONNX)"] = (lambda: ov_fp32(feed), flops)
+        if bf16:
+            ov_bf16 = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "bf16", **threads})
+            out[BF16[2]] = (lambda: ov_bf16(feed), flops)
     if bf16:
         def run_bf16(model):
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -103,7 +118,7 @@ def contenders_for(name: str, x: torch.Tensor, workdir: Path, onnx: bool, bf16: 
     return out
 
 
-BF16 = ("fcn_zoo bf16 autocast, default *", "fcn_zoo bf16 autocast, fused *")
+BF16 = ("fcn_zoo bf16 autocast, default *", "fcn_zoo bf16 autocast, fused *", "OpenVINO bf16 (same ONNX) *")
 
 
 def as_plain(model, x):
@@ -118,6 +133,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=(512, 683), metavar=("H", "W"))
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--onnx", action="store_true", help="also time onnxruntime (needs the export extra)")
+    parser.add_argument("--openvino", action="store_true", help="also time OpenVINO (pip install openvino)")
     parser.add_argument("--bf16", action="store_true",
                         help="also time bf16 autocast (CPUs with AMX), its share taken of a bf16 matmul")
     args = parser.parse_args()
@@ -126,7 +142,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, input 1x3x{args.size[0]}x{args.size[1]}")
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         for name in args.models:
-            contenders = contenders_for(name, x, Path(tmp), args.onnx, args.bf16)
+            contenders = contenders_for(name, x, Path(tmp), args.onnx, args.openvino, args.bf16)
             for fn, _ in contenders.values():  # warm-up
                 fn()
             times = {k: [] for k in contenders}

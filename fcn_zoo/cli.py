@@ -101,12 +101,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where to keep the weights")
     p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser("predict", help="segment images, writing one palette PNG mask per image")
+    p = sub.add_parser(
+        "predict", help="segment images, folders and videos, writing one palette PNG mask per image",
+        description="Segment each INPUT: an image or video file, a folder (walked recursively), a quoted glob "
+        "('photos/**/*.jpg') or @list.txt (one input per line). Masks keep the inputs' folder structure under "
+        "--out; --out/summary.csv lists every input's size and class shares, and failures with their reason. "
+        "Under torchrun the inputs are shared out over the processes.",
+    )
     p.add_argument("name", help="zoo name, Hub repo id, save_pretrained folder or reference .pth")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="INPUT")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--overlay", action="store_true", help="also write <image>_overlay.jpg")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours")
+    p.add_argument("--confidence", action="store_true",
+                   help="also write <image>_confidence.png: 16-bit greyscale, max softmax probability x 65535")
+    p.add_argument("--masks", action="store_true", help="videos: also write <video>/<frame>.png masks")
+    p.add_argument("--resume", action="store_true", help="skip inputs whose outputs a previous run completed")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no line per input")
+    p.add_argument("--workers", type=int, default=2, help="threads reading images ahead of the network (default 2)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default 1 on CPU, 8 on GPUs)")
     p.add_argument("--tta", action="store_true", help="flip + multi-scale test-time augmentation")
     p.add_argument("--slide", action="store_true", help="sliding-window inference instead of whole image")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N ... (default cpu)")
@@ -199,35 +212,46 @@ def cmd_download(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from .bulk import Outputs, distributed_rank, segment_sources
     from .hub import from_pretrained
-    from .images import save_image
+    from .sources import expand_inputs
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise FCNZooError(f"--out {out}: exists and is not a folder; pass a folder for the masks")
     if args.compile and args.engine != "torch":
         raise FCNZooError("--compile applies to --engine torch; onnxruntime compiles its graph itself")
-    model = from_pretrained(args.name, device=args.device, cache_dir=args.cache_dir).fuse()
+    if not 0.0 <= args.alpha <= 1.0:
+        raise FCNZooError(f"--alpha {args.alpha}: must be in [0, 1]")
+    found = expand_inputs(args.images)
+    _, world, local_rank = distributed_rank()
+    device = args.device
+    if world > 1 and (device or "").startswith("cuda") or (device is None and world > 1 and _has_cuda()):
+        device = f"cuda:{local_rank}"  # one GPU per process under torchrun
+    model = from_pretrained(args.name, device=device, cache_dir=args.cache_dir).fuse()
     out.mkdir(parents=True, exist_ok=True)
+    totals = segment_sources(
+        model, found.sources, Outputs(out, args.overlay, args.alpha, args.confidence, args.masks),
+        resume=args.resume, not_inputs=len(found.skipped), quiet=args.quiet, num_workers=args.workers,
+        batch_size=args.batch_size, tta=args.tta or None, mode="slide" if args.slide else "whole",
+        engine=args.engine, precision=args.precision, compile=args.compile,
+    )
+    if distributed_rank()[0] != 0:
+        return EXIT_FAILED if totals.failed else 0
+    line = (f"{totals.done} done, {totals.failed} failed, {totals.skipped} skipped in {totals.elapsed:.1f} s; "
+            f"{out / 'summary.csv'}")
+    if totals.failed:
+        print(f"fcn-zoo: {totals.failed} of {totals.done + totals.failed} inputs failed ({line})", file=sys.stderr)
+        return EXIT_FAILED
+    if not args.quiet:
+        print(line)
+    return 0
 
-    def segment(image: str) -> None:
-        seg = model.predict(
-            image, tta=args.tta or None, mode="slide" if args.slide else "whole", engine=args.engine,
-            precision=args.precision, compile=args.compile,
-        )
-        stem = Path(image).stem
-        written = [seg.save(out / f"{stem}.png")]
-        if args.overlay:
-            try:
-                written.append(save_image(seg.overlay(alpha=args.alpha), out / f"{stem}_overlay.jpg", quality=90))
-            except BaseException:
-                written[0].unlink(missing_ok=True)  # no mask without its overlay
-                raise
-        # "; " because ADE20K's class names hold commas ("building, edifice")
-        shares = "; ".join(f"{k} {v:.0%}" for k, v in list(seg.class_shares().items())[:3])
-        print(f"{image} -> {', '.join(map(str, written))} ({shares})")
 
-    return _for_each(args.images, segment, args, "images")
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def cmd_convert(args) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["upsample_argmax", "upsample_argmax_candidates", "bilinear_taps"]
+__all__ = ["upsample_argmax", "upsample_argmax_candidates", "upsample_softmax", "bilinear_taps"]
 
 
 def upsample_argmax(logits: list[torch.Tensor], size, budget_bytes: int = 64 << 20, prune: bool = True) -> torch.Tensor:
@@ -38,6 +38,39 @@ def upsample_argmax(logits: list[torch.Tensor], size, budget_bytes: int = 64 << 
             total = scores if total is None else total.add_(scores)
         labels[top:bottom] = total.argmax(0)
     return labels
+
+
+def upsample_softmax(
+    logits: list[torch.Tensor], size, classes: list[int] | None = None, budget_bytes: int = 64 << 20
+) -> torch.Tensor:
+    """Softmax over classes of the mean of ``logits`` (each ``(1, C, h, w)``) upsampled bilinearly to ``size``:
+    the largest probability per pixel ``(H, W)`` (the confidence of the label :func:`upsample_argmax` gives),
+    or with ``classes`` the probabilities of those classes ``(len(classes), H, W)``.
+
+    Banded like :func:`upsample_argmax`: the full ``(C, H, W)`` probabilities never exist at once, so 150
+    classes at 12 megapixels cost one band of scores (``budget_bytes``) instead of 7 GB.
+    """
+    height, width = int(size[0]), int(size[1])
+    count = logits[0].shape[1]
+    device = logits[0].device
+    wide = [F.interpolate(lg.float(), size=(lg.shape[2], width), mode="bilinear", align_corners=False)[0] for lg in logits]
+    taps = [bilinear_taps(lg.shape[2], height, device) for lg in logits]
+    band = max(1, budget_bytes // (4 * count * width * 4))
+    out = torch.empty((height, width) if classes is None else (len(classes), height, width), dtype=torch.float32, device=device)
+    for top in range(0, height, band):
+        bottom = min(height, top + band)
+        total = None
+        for w, (lower, upper, frac) in zip(wide, taps):
+            scores = torch.lerp(w[:, lower[top:bottom]], w[:, upper[top:bottom]], frac[top:bottom].view(1, -1, 1))
+            total = scores if total is None else total.add_(scores)
+        if len(logits) > 1:
+            total /= len(logits)
+        if classes is None:  # max softmax = 1 / sum(exp(s - max s))
+            top_score = total.amax(0)
+            out[top:bottom] = total.sub_(top_score).exp_().sum(0).reciprocal_()
+        else:
+            out[:, top:bottom] = total.sub_(total.logsumexp(0)).exp_()[classes]
+    return out
 
 
 def upsample_argmax_candidates(logits: torch.Tensor, height: int, width: int, budget_bytes: int) -> torch.Tensor | None:

@@ -283,6 +283,13 @@ class FCN(
 
         return predict(self, images, **kwargs)
 
+    def predict_iter(self, images, **kwargs):
+        """Segment an iterable of images lazily, in order, reading ahead while the network runs: yields
+        ``(image, Segmentation)``; see :func:`fcn_zoo.stream.predict_iter` for the options."""
+        from .stream import predict_iter
+
+        return predict_iter(self, images, **kwargs)
+
     # --- Hub mixin: strict loading, no prints -------------------------------------------------------
 
     @classmethod
@@ -313,7 +320,8 @@ class FCN(
                 local_files_only=local_files_only,
             )
         try:
-            model = cls(**model_kwargs)
+            with torch.device("meta"):  # no random initialisation of weights the file replaces at once
+                model = cls(**model_kwargs)
         except (ValueError, TypeError, RuntimeError) as e:
             raise WeightsError(f"{model_id}: config.json does not describe a valid FCN: {e}") from e
         load_weights(model, model_file, strict=strict, map_location=map_location, new_classes=new_classes)

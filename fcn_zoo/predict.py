@@ -25,7 +25,7 @@ from .labels import upsample_argmax
 from .segmentation import Segmentation
 from .zoo import eval_resize_shape
 
-__all__ = ["predict", "predict_labels", "Segmentation", "TTA", "load_image", "eval_resize_shape", "save_image"]
+__all__ = ["predict", "predict_labels", "Predictor", "Segmentation", "TTA", "load_image", "eval_resize_shape", "save_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,57 +79,79 @@ def predict(
     Returns:
         a :class:`Segmentation` for one image, a list of them for a list.
     """
-    if mode not in ("whole", "slide"):
-        raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
-    if engine not in ("torch", "onnxruntime"):
-        raise ValueError(f"engine must be 'torch' or 'onnxruntime', got {engine!r}")
-    if compile and engine != "torch":
-        raise ValueError("compile=True applies to engine='torch'; onnxruntime compiles its graph itself")
-    tta = TTA() if tta is True else (tta or None)
     single = not isinstance(images, (list, tuple))
     items = [images] if single else list(images)
     if not items:
         raise ImageError("no images given: pass an image or a non-empty list of images")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    if batch_size is None:
-        batch_size = 1 if device.type == "cpu" else 8
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    autocast_dtype = _autocast_dtype(precision, device)
-    model = model.to(device=device, memory_format=torch.channels_last).eval()
-    features = None
-    if engine == "onnxruntime":
-        if device.type != "cpu" or autocast_dtype is not None:
-            raise ValueError("engine='onnxruntime' runs on the CPU in fp32; use engine='torch' for GPUs")
-        from .export import onnx_session
-
-        session = onnx_session(model)
-        features = lambda x: torch.from_numpy(session.run(None, {"image": x.contiguous().numpy()})[0])  # noqa: E731
-    elif compile:
-        features = compiled_features(model)
+    predictor = Predictor(
+        model, tta=tta, mode=mode, window=window, stride=stride, batch_size=batch_size, device=device,
+        precision=precision, engine=engine, compile=compile,
+    )
     results = []
-    dtype = torch.uint8 if model.num_classes <= 256 else torch.int32
-    features = _autocast(features or model.forward_features, device, autocast_dtype)
-    with torch.inference_mode():
-        for start in range(0, len(items), batch_size):
-            chunk = [load_image(item) for item in items[start:start + batch_size]]
+    for start in range(0, len(items), predictor.batch_size):
+        chunk = items[start:start + predictor.batch_size]
+        results += predictor([load_image(item) for item in chunk], [describe(item) for item in chunk])
+    return results[0] if single else results
+
+
+class Predictor:
+    """:func:`predict`'s options checked once and the model made ready (device, memory format, engine);
+    then each call segments a batch of loaded images (``load_image`` results) into Segmentations.
+    :func:`predict` and :func:`fcn_zoo.stream.predict_iter` share it."""
+
+    def __init__(
+        self, model, *, tta=None, mode="whole", window=None, stride=None, batch_size=None, device=None,
+        precision="fp32", engine="torch", compile=False,
+    ):
+        if mode not in ("whole", "slide"):
+            raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+        if engine not in ("torch", "onnxruntime"):
+            raise ValueError(f"engine must be 'torch' or 'onnxruntime', got {engine!r}")
+        if compile and engine != "torch":
+            raise ValueError("compile=True applies to engine='torch'; onnxruntime compiles its graph itself")
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        if batch_size is None:
+            batch_size = 1 if device.type == "cpu" else 8
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        autocast_dtype = _autocast_dtype(precision, device)
+        self.model = model = model.to(device=device, memory_format=torch.channels_last).eval()
+        features = None
+        if engine == "onnxruntime":
+            if device.type != "cpu" or autocast_dtype is not None:
+                raise ValueError("engine='onnxruntime' runs on the CPU in fp32; use engine='torch' for GPUs")
+            from .export import onnx_session
+
+            session = onnx_session(model)
+            features = lambda x: torch.from_numpy(session.run(None, {"image": x.contiguous().numpy()})[0])  # noqa: E731
+        elif compile:
+            features = compiled_features(model)
+        self.features = _autocast(features or model.forward_features, device, autocast_dtype)
+        self.options = {"tta": TTA() if tta is True else (tta or None), "mode": mode, "window": window, "stride": stride}
+        self.batch_size, self.device = batch_size, device
+        self.dtype = torch.uint8 if model.num_classes <= 256 else torch.int32
+
+    def __call__(self, loaded: list[tuple[torch.Tensor, bool]], names: list[str]) -> list[Segmentation]:
+        model = self.model
+        with torch.inference_mode():
             try:
-                labels = predict_labels(
-                    model, [x for x, _ in chunk], from_uint8=[f for _, f in chunk], tta=tta, mode=mode,
-                    window=window, stride=stride, batch_size=batch_size, features=features,
+                labels, logits = labels_and_logits(
+                    model, [x for x, _ in loaded], from_uint8=[f for _, f in loaded], batch_size=self.batch_size,
+                    features=self.features, **self.options,
                 )
             except RuntimeError as e:
                 if not is_out_of_memory(e):
                     raise
-                names = ", ".join(describe(item) for item in items[start:start + batch_size])
-                hint = "use mode='slide'" if mode == "whole" else "use a smaller window"
+                hint = "use mode='slide'" if self.options["mode"] == "whole" else "use a smaller window"
                 raise ImageError(
-                    f"{names}: not enough {device.type.upper()} memory to segment it at its evaluation size; "
-                    f"{hint}{', a batch_size of 1' if batch_size > 1 else ''} or a larger device"
+                    f"{', '.join(names)}: not enough {self.device.type.upper()} memory to segment it at its evaluation "
+                    f"size; {hint}{', a batch_size of 1' if self.batch_size > 1 else ''} or a larger device"
                 ) from e
-            for (x, _), lab in zip(chunk, labels):
-                results.append(Segmentation(lab.to(dtype).cpu().numpy(), model.class_names, model.palette, rgb_uint8(x)))
-    return results[0] if single else results
+            return [
+                Segmentation(lab.to(self.dtype).cpu().numpy(), model.class_names, model.palette, rgb_uint8(x),
+                             [t.cpu() for t in lg])
+                for (x, _), lab, lg in zip(loaded, labels, logits)
+            ]
 
 
 def predict_labels(
@@ -151,11 +173,23 @@ def predict_labels(
     mode; :func:`predict` wraps it with input handling, and training's evaluation uses it directly.
     ``eval_size`` replaces the model's evaluation resize bound (for models trained at another scale);
     ``features`` replaces ``model.forward_features`` (another engine running the same graph)."""
+    return labels_and_logits(
+        model, images, from_uint8=from_uint8, tta=tta, mode=mode, window=window, stride=stride,
+        batch_size=batch_size, eval_size=eval_size, features=features,
+    )[0]
+
+
+def labels_and_logits(
+    model, images: list[torch.Tensor], *, from_uint8: bool | list[bool] = True, tta: TTA | None = None,
+    mode: str = "whole", window=None, stride=None, batch_size: int = 8, eval_size=None, features=None,
+) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    """:func:`predict_labels`, and per image the logits the labels come from (one ``(1, C, h, w)`` tensor, or
+    one per TTA scale and flip) before upsampling to the image's size."""
     device = next(model.parameters()).device
     flags = from_uint8 if isinstance(from_uint8, list) else [from_uint8] * len(images)
     inputs = [_preprocess(model, x, flag, device, eval_size or model.eval_size) for x, flag in zip(images, flags)]
     logits = _logits(model, inputs, tta, mode, window, stride, batch_size, features or model.forward_features)
-    return [upsample_argmax(lg, x.shape[-2:]) for x, lg in zip(images, logits)]
+    return [upsample_argmax(lg, x.shape[-2:]) for x, lg in zip(images, logits)], logits
 
 
 # --- the protocol --------------------------------------------------------------------------------

@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .images import ImageInput, load_image, rgb_uint8, save_image
+from .labels import upsample_softmax
 
 __all__ = ["Segmentation"]
 
@@ -23,17 +25,51 @@ class Segmentation:
         class_names: the name of each class index.
         palette: the RGB colour of each class index.
         image: the input as an ``(H, W, 3)`` uint8 RGB array, used by :meth:`overlay`.
+        logits: the network's logits before upsampling to the image's size (each ``(1, C, h, w)`` float32 on
+            the CPU, one per TTA scale and flip), from which :attr:`confidence` and :meth:`probabilities`
+            are computed when asked for. For a 512x683 evaluation size that is C x 64 x 86 floats: 0.5 MB
+            for VOC's 21 classes, 3.3 MB for ADE20K's 150.
     """
 
     labels: np.ndarray
     class_names: list[str]
     palette: list[tuple[int, int, int]]
     image: np.ndarray | None = field(default=None, repr=False)
+    logits: list[torch.Tensor] | None = field(default=None, repr=False)
+    _confidence: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def size(self) -> tuple[int, int]:
         """``(height, width)``."""
         return self.labels.shape[0], self.labels.shape[1]
+
+    @property
+    def confidence(self) -> np.ndarray:
+        """``(H, W)`` float32: per pixel the largest softmax probability over the classes (that of the label),
+        in ``(0, 1]``, from the logits upsampled to the image's size as for the labels. With TTA, the softmax
+        of the mean of the logits. Computed band by band, once, on first access."""
+        if self._confidence is None:
+            self._confidence = upsample_softmax(self._need_logits(), self.size).numpy()
+        return self._confidence
+
+    def probabilities(self, class_name_or_index: str | int) -> np.ndarray:
+        """``(H, W)`` float32: the softmax probability of one class (a name or an index) at each pixel."""
+        if isinstance(class_name_or_index, str):
+            if class_name_or_index not in self.class_names:
+                raise ValueError(f"unknown class {class_name_or_index!r}; classes: {', '.join(self.class_names)}")
+            index = self.class_names.index(class_name_or_index)
+        elif isinstance(class_name_or_index, (int, np.integer)) and not isinstance(class_name_or_index, bool):
+            index = int(class_name_or_index)
+            if not 0 <= index < len(self.class_names):
+                raise ValueError(f"class index {index} out of range: this model has {len(self.class_names)} classes")
+        else:
+            raise TypeError(f"expected a class name or index, got {type(class_name_or_index).__name__}")
+        return upsample_softmax(self._need_logits(), self.size, classes=[index])[0].numpy()
+
+    def _need_logits(self) -> list[torch.Tensor]:
+        if self.logits is None:
+            raise ValueError("this Segmentation holds no logits (it was made from labels alone); predict again")
+        return self.logits
 
     def colorize(self) -> Image.Image:
         """The labels as a palette (``P`` mode) PIL image: pixel values are class indices."""
@@ -67,3 +103,12 @@ class Segmentation:
         if path.suffix.lower() != ".png":
             raise ValueError(f"{path}: labels are saved as PNG so that they survive exactly; use a .png name")
         return save_image(self.colorize(), path)
+
+    def save_confidence(self, path: str | os.PathLike) -> Path:
+        """Write :attr:`confidence` as a 16-bit greyscale PNG, atomically: pixel value = round(confidence x
+        65535), so divide by 65535 to read it back (resolution 1.5e-5)."""
+        path = Path(path)
+        if path.suffix.lower() != ".png":
+            raise ValueError(f"{path}: confidence maps are saved as 16-bit PNG; use a .png name")
+        values = np.rint(self.confidence * 65535.0).astype(np.uint16)
+        return save_image(Image.fromarray(values), path)  # uint16: mode I;16

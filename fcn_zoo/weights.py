@@ -92,7 +92,24 @@ def load_state_dict(
             "%s has %d classes; the model has %d: the classifiers (%s) are freshly initialised for fine-tuning",
             source, old, model.num_classes, ", ".join(reinit),
         )
-    model.load_state_dict({k: v for k, v in state_dict.items() if k not in reinit}, strict=False)
+    kept = {k: v for k, v in state_dict.items() if k not in reinit}
+    if not _on_meta(model):
+        model.load_state_dict(kept, strict=False)
+        return
+    # built on the meta device (FCN.from_pretrained): the file's tensors become the weights, nothing is
+    # initialised only to be overwritten; what the file does not give is initialised as a fresh module is
+    kept = {k: v.to(expected[k].dtype) if k in expected and v.is_floating_point() else v for k, v in kept.items()}
+    model.load_state_dict(kept, strict=False, assign=True)
+    device = next((t.device for t in kept.values()), "cpu")
+    for module in model.modules():
+        if _on_meta(module, recurse=False):
+            module.to_empty(device=device, recurse=False)
+            module.reset_parameters()
+
+
+def _on_meta(module, recurse: bool = True) -> bool:
+    tensors = [*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)]
+    return any(t.is_meta for t in tensors)
 
 
 def _describe(model: FCN) -> str:

@@ -63,14 +63,16 @@ def test_predict_writes_masks_and_overlays(capsys, tiny_folder, tmp_path):
         assert mask.mode == "P" and mask.size == overlay.size == Image.open(photo).size
         assert np.asarray(mask).max() < 21
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(
-        [f"{p.stem}.png" for p in PHOTOS[:2]] + [f"{p.stem}_overlay.jpg" for p in PHOTOS[:2]]
+        [f"{p.stem}.png" for p in PHOTOS[:2]] + [f"{p.stem}_overlay.jpg" for p in PHOTOS[:2]] + ["summary.csv", ".fcn-zoo"]
     )
 
 
 def test_predict_passes_precision_and_compile_through(capsys, tiny_folder, tmp_path, monkeypatch):
+    from fcn_zoo.predict import Predictor
+
     seen = []
-    real = fcn_zoo.FCN.predict
-    monkeypatch.setattr(fcn_zoo.FCN, "predict", lambda self, image, **kw: seen.append(kw) or real(self, image, **kw))
+    real = Predictor.__init__
+    monkeypatch.setattr(Predictor, "__init__", lambda self, model, **kw: seen.append(kw) or real(self, model, **kw))
     code, _, err = run(capsys, "predict", str(tiny_folder), str(PHOTOS[0]), "--out", str(tmp_path / "m"), "--precision", "bf16")
     assert code == 0, err
     assert seen[-1]["precision"] == "bf16" and seen[-1]["compile"] is False
@@ -88,8 +90,8 @@ def test_one_bad_image_fails_alone_and_leaves_nothing_half_written(capsys, tiny_
     out_dir = tmp_path / "masks"
     code, out, err = run(capsys, "predict", str(tiny_folder), str(bad), str(PHOTOS[1]), "--out", str(out_dir))
     assert code == 1
-    assert "broken.jpg" in err and "1 of 2 images failed" in err and "Traceback" not in err
-    assert sorted(p.name for p in out_dir.iterdir()) == [f"{PHOTOS[1].stem}.png"]
+    assert "broken.jpg" in err and "1 of 2 inputs failed" in err and "Traceback" not in err
+    assert sorted(p.name for p in out_dir.iterdir()) == [".fcn-zoo", f"{PHOTOS[1].stem}.png", "summary.csv"]
 
 
 def test_out_pointing_at_a_file_is_refused(capsys, tiny_folder, tmp_path):
@@ -140,7 +142,7 @@ def test_the_class_summary_is_unambiguous_for_names_with_commas(capsys, tmp_path
     model.save_pretrained(tmp_path / "ade")
     code, out, err = run(capsys, "predict", str(tmp_path / "ade"), str(PHOTOS[0]), "--out", str(tmp_path / "m"))
     assert code == 0, err
-    summary = out.strip().rsplit("(", 1)[1].rstrip(")")
+    summary = out.splitlines()[0].rsplit("(", 1)[1].rstrip(")")  # the image's line; the run's line follows
     names = [part.rsplit(" ", 1)[0] for part in summary.split("; ")]
     assert names and all(name in fcn_zoo.DATASETS["ade20k"].classes for name in names), summary
 

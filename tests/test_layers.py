@@ -12,18 +12,21 @@ PACKAGE = Path(fcn_zoo.__file__).parent
 
 # Higher imports lower (or its own level), never the other way.
 LAYERS = {
-    "cli": 9, "publish": 9,                     # entry points: parse, call the API, one line per error
+    "cli": 12, "publish": 12,                   # entry points: parse, call the API, one line per error
+    "bulk": 11,                                 # many inputs into a folder: names, summary, resume, ranks
+    "video": 10,                                # frames in, overlay video out
+    "stream": 9,                                # many images, read ahead while the network runs
     "predict": 8,                               # what happens to an image
     "segmentation": 7, "labels": 7,             # the result; how labels come from logits
-    "images": 6,                                # images in and out
+    "images": 6, "sources": 6,                  # images in and out; what a command line names
     "export": 5,                                # a model as ONNX, and the sessions that run it
     "hub": 4,                                   # a name, repo id, folder or .pth becomes a local folder
     "convert": 3, "parity": 3,                  # other layouts' state dicts become FCN's
     "model": 2, "weights": 2, "_fusion": 2, "cards": 2,  # the nn.Module, loading it, its kernels, its card
     "__init__": 1, "zoo": 1, "errors": 1, "_files": 1,  # data and small helpers
 }
-# FCN.predict: a one-line convenience that calls upward lazily, as STYLE.md allows
-ALLOWED_UPWARD = {("model", "predict")}
+# FCN.predict, FCN.predict_iter: one-line conveniences that call upward lazily, as STYLE.md allows
+ALLOWED_UPWARD = {("model", "predict"), ("model", "stream")}
 
 
 def imports() -> set[tuple[str, str]]:

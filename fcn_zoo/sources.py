@@ -1,0 +1,175 @@
+"""What ``fcn-zoo predict`` is asked to segment: its INPUT arguments become an ordered list of sources, each
+with the name its outputs get under ``--out``.
+
+An INPUT is an image or video file, a folder (walked recursively, in name order; hidden files and folders
+skipped; files with an image suffix are taken, others only if their content is an image; videos by
+suffix), a glob (``"photos/**/*.jpg"``, quoted so that the shell leaves it alone), or ``@list.txt``: a text
+file of such inputs, one per line, relative to the list's folder (blank lines and ``#`` comments skipped).
+
+Output names keep the inputs' folder structure: a file found in a folder INPUT (or by a glob) is named by
+its path relative to that folder (or the glob's fixed part), without its suffix; a file named directly by
+its own name. Where two inputs would share a name (``a/x.jpg`` and ``b/x.jpg`` given as two folders or two
+files), every input is named from the deepest folder that holds them all instead (``a/x``, ``b/x``); where
+two would still share one (``x.jpg`` and ``x.png`` side by side), those keep their suffix (``x.jpg``, ``x.png``).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from .errors import FCNZooError
+
+__all__ = ["Source", "expand_inputs", "VIDEO_SUFFIXES"]
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm")
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One thing to segment: ``path`` (as given or found), ``name`` (``/``-separated, relative, no suffix: the
+    outputs are ``--out/<name>.png`` and so on) and whether it is a video."""
+
+    path: Path
+    name: str
+    video: bool
+
+
+@dataclass
+class Expansion:
+    sources: list[Source]
+    skipped: list[Path]  # files in walked folders that are neither images nor videos
+
+
+def expand_inputs(inputs: list[str]) -> Expansion:
+    """The sources named by ``inputs``, in order, each once; raises :class:`FCNZooError` for an empty glob,
+    an unreadable list or an empty result."""
+    found: list[tuple[Path, Path]] = []  # (file, anchor folder)
+    skipped: list[Path] = []
+    for text in inputs:
+        _expand(text, Path.cwd(), found, skipped, lists=())
+    seen, unique = set(), []
+    for path, anchor in found:
+        key = os.path.realpath(path)
+        if key not in seen:
+            seen.add(key)
+            unique.append((path, anchor))
+    if not unique:
+        raise FCNZooError(f"{' '.join(inputs)}: no images or videos found")
+    return Expansion(_named(unique), skipped)
+
+
+def _expand(text: str, base: Path, found: list, skipped: list, lists: tuple) -> None:
+    if text.startswith("@"):
+        _read_list(Path(base, text[1:]), found, skipped, lists)
+        return
+    path = Path(base, text)
+    if path.is_dir():
+        _walk(path, found, skipped)
+    elif not path.exists() and _GLOB_CHARS & set(text):
+        matches = sorted(glob.glob(str(path), recursive=True))
+        if not matches:
+            raise FCNZooError(f"{text}: no file matches this pattern")
+        for match in matches:
+            match = Path(match)
+            if match.is_dir():
+                _walk(match, found, skipped)
+            elif not _hidden(match.name):
+                found.append((match, _glob_root(path)))
+    else:
+        found.append((path, path.parent))  # a missing file fails when it is read, with the others going on
+
+
+def _read_list(path: Path, found: list, skipped: list, lists: tuple) -> None:
+    if path.resolve() in lists:
+        raise FCNZooError(f"@{path}: the list includes itself")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise FCNZooError(f"@{path}: cannot read this list of inputs ({e.__class__.__name__}: {e})") from e
+    for line in lines:
+        line = line.strip()
+        if line and not line.startswith("#"):
+            _expand(line, path.parent, found, skipped, lists + (path.resolve(),))
+
+
+def _walk(folder: Path, found: list, skipped: list) -> None:
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not _hidden(d))
+        for name in sorted(files):
+            if _hidden(name):
+                continue
+            path = Path(root, name)
+            if _is_video(path) or _is_image(path):
+                found.append((path, folder))
+            else:
+                skipped.append(path)
+
+
+def _named(found: list[tuple[Path, Path]]) -> list[Source]:
+    anchored = [_relative(path, anchor) for path, anchor in found]
+    anchors: dict[str, set[Path]] = {}
+    for (_, anchor), stem in zip(found, map(_stem, anchored)):
+        anchors.setdefault(stem, set()).add(anchor)
+    if any(len(folders) > 1 for folders in anchors.values()):  # the same name from two folders
+        try:  # name everything from the deepest folder that holds every input
+            root = os.path.commonpath([os.path.abspath(anchor) for _, anchor in found])
+            anchored = [_relative(path, Path(root)) for path, _ in found]
+        except ValueError:  # different drives: the suffix rule below is all there is
+            pass
+    stems = [_stem(r) for r in anchored]
+    clashes = _clashes(stems)
+    return [
+        Source(path, anchored[i] if stems[i] in clashes else stems[i], _is_video(path))
+        for i, (path, _) in enumerate(found)
+    ]
+
+
+def _relative(path: Path, anchor: Path) -> str:
+    return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(anchor))).as_posix()
+
+
+def _stem(relative: str) -> str:
+    suffix = Path(relative).suffix
+    return relative[: -len(suffix)] if suffix else relative
+
+
+def _clashes(names: list[str]) -> set[str]:
+    seen, clashes = set(), set()
+    for name in names:
+        (clashes if name in seen else seen).add(name)
+    return clashes
+
+
+def _glob_root(pattern: Path) -> Path:
+    """The folder a glob's matches are named from: its path up to the first part with a wildcard."""
+    parts = []
+    for part in pattern.parts:
+        if _GLOB_CHARS & set(part):
+            break
+        parts.append(part)
+    return Path(*parts) if parts else Path(".")
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _is_video(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_SUFFIXES
+
+
+def _is_image(path: Path) -> bool:
+    """A suffix of an image format PIL reads, or (for other names) content PIL recognises from its header."""
+    if Image.registered_extensions().get(path.suffix.lower()) in Image.OPEN:
+        return True
+    try:
+        with Image.open(path):
+            return True
+    except Exception:  # not an image, or unreadable: either way not taken from a folder
+        return False

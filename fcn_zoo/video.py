@@ -1,0 +1,165 @@
+"""Videos: every frame segmented in order and written back as an overlay video (same frame count, size and
+frame rate), and optionally one palette PNG per frame. Decoding and encoding are PyAV's (the ``video``
+extra: ``pip install "fcn-zoo[video]"``); frames stream through :func:`fcn_zoo.stream.predict_iter`, so a
+long clip needs the memory of a few frames, not of the clip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ._files import atomic_path
+from .errors import FCNZooError, ImageError
+from .stream import predict_iter
+
+__all__ = ["segment_video", "VideoResult"]
+
+#: Codecs tried in order for the overlay video: H.264 where FFmpeg has an encoder for it, else MPEG-4 part 2.
+CODECS = ("libx264", "h264", "mpeg4")
+
+
+@dataclass
+class VideoResult:
+    """What :func:`segment_video` wrote: the frame size and count, and each class's share of all pixels."""
+
+    width: int
+    height: int
+    frames: int
+    shares: dict[str, float] = field(default_factory=dict)
+
+
+def segment_video(
+    model, path: str | Path, overlay_path: str | Path | None, *, masks_dir: str | Path | None = None,
+    alpha: float = 0.5, **options,
+) -> VideoResult:
+    """Segment every frame of the video at ``path``; write the class colours blended over the frames to
+    ``overlay_path`` (an ``.mp4``) and, with ``masks_dir``, ``<masks_dir>/<frame>.png`` palette masks
+    numbered from ``000000``. Both appear whole or not at all. ``options`` as :func:`fcn_zoo.predict.predict`."""
+    av = _import_av()
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such video file")
+    if overlay_path is None and masks_dir is None:
+        raise ValueError("nothing to write: pass overlay_path, masks_dir or both")
+    try:
+        source = av.open(str(path))
+    except (av.FFmpegError, OSError) as e:
+        raise ImageError(f"{path}: cannot read this video ({e})") from e
+    with source:
+        if not source.streams.video:
+            raise ImageError(f"{path}: has no video stream")
+        stream = source.streams.video[0]
+        stream.thread_type = "AUTO"
+        counts = np.zeros(model.num_classes, dtype=np.int64)
+        masks_tmp = _staging(Path(masks_dir)) if masks_dir is not None else None
+        frames = 0
+        width = height = 0
+        try:
+            with _overlay_writer(av, overlay_path, stream) as write:
+                segments = predict_iter(model, _frames(av, source, stream, path), **options)
+                for frames, (_, seg) in enumerate(segments, start=1):
+                    height, width = seg.size
+                    counts += np.bincount(seg.labels.ravel(), minlength=model.num_classes)[: model.num_classes]
+                    if masks_tmp is not None:
+                        seg.save(masks_tmp / f"{frames - 1:06d}.png")
+                    if write is not None:
+                        write(np.asarray(seg.overlay(alpha=alpha)))
+                if frames == 0:
+                    raise ImageError(f"{path}: has no frames")
+            if masks_tmp is not None:
+                _publish(masks_tmp, Path(masks_dir))
+        finally:
+            if masks_tmp is not None:
+                shutil.rmtree(masks_tmp, ignore_errors=True)
+    total = counts.sum()
+    order = np.argsort(-counts, kind="stable")
+    shares = {model.class_names[i]: float(counts[i] / total) for i in order if counts[i]}
+    return VideoResult(width, height, frames, shares)
+
+
+def _frames(av, source, stream, path: Path) -> Iterator[np.ndarray]:
+    try:
+        for frame in source.decode(stream):
+            yield frame.to_ndarray(format="rgb24")
+    except av.FFmpegError as e:
+        raise ImageError(f"{path}: cannot decode this video ({e})") from e
+
+
+@contextlib.contextmanager
+def _overlay_writer(av, path, source_stream):
+    """``write(rgb_frame)`` encoding into a temporary file that becomes ``path`` when the block succeeds
+    (``None`` when there is no path)."""
+    if path is None:
+        yield None
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        container = av.open(str(tmp), "w", format=_format(path))
+        try:
+            out = None
+
+            def write(rgb: np.ndarray) -> None:
+                nonlocal out
+                if out is None:
+                    out = _add_stream(av, container, source_stream, rgb.shape[1], rgb.shape[0])
+                if rgb.shape[:2] != (out.height, out.width):  # 4:2:0 needs even sizes: repeat the last row/column
+                    rgb = np.pad(rgb, ((0, out.height - rgb.shape[0]), (0, out.width - rgb.shape[1]), (0, 0)), mode="edge")
+                for packet in out.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                    container.mux(packet)
+
+            yield write
+            if out is not None:
+                for packet in out.encode():
+                    container.mux(packet)
+        finally:
+            container.close()
+
+
+def _add_stream(av, container, source_stream, width: int, height: int):
+    rate = source_stream.average_rate or source_stream.guessed_rate or 25
+    for codec in CODECS:
+        if codec in av.codecs_available:
+            try:
+                out = container.add_stream(codec, rate=rate)
+                break
+            except (av.FFmpegError, ValueError):
+                continue
+    else:
+        raise FCNZooError("this FFmpeg build has no H.264 or MPEG-4 encoder; install PyAV from its wheels")
+    out.width, out.height = width + width % 2, height + height % 2
+    out.pix_fmt = "yuv420p"
+    if codec == "libx264":
+        out.options = {"crf": "20", "preset": "veryfast"}
+    return out
+
+
+def _format(path: Path) -> str | None:
+    return {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".avi": "avi"}.get(path.suffix.lower())
+
+
+def _staging(folder: Path) -> Path:
+    import tempfile
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+
+
+def _publish(tmp: Path, folder: Path) -> None:
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def _import_av():
+    try:
+        import av
+    except ImportError as e:
+        raise FCNZooError('videos need PyAV: pip install "fcn-zoo[video]" (or pip install av)') from e
+    return av

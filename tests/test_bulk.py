@@ -1,0 +1,264 @@
+"""Many inputs: folders, globs and lists named into --out without collisions, predict_iter's order and
+laziness, confidence maps, the summary, resumption after kill -9, videos, and torchrun's ranks."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import fcn_zoo
+from conftest import PHOTOS, tiny_fcn
+from fcn_zoo.cli import main
+from fcn_zoo.errors import FCNZooError, ImageError
+from fcn_zoo.predict import _preprocess, load_image
+from fcn_zoo.sources import expand_inputs
+
+
+def small(photo: Path, size=(96, 72)) -> Image.Image:
+    return Image.open(photo).convert("RGB").resize(size)
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory) -> Path:
+    """A save_pretrained folder of the tiny FCN evaluated at 128x96 at most, so that each image costs little."""
+    model = tiny_fcn()
+    model.eval_size = (128, 96)
+    folder = tmp_path_factory.mktemp("small") / "small-fcn"
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def small_model(small_folder) -> fcn_zoo.FCN:
+    return fcn_zoo.from_pretrained(small_folder)
+
+
+@pytest.fixture()
+def photo_tree(tmp_path) -> Path:
+    """Nested folders, JPEG/PNG/WebP, an image without a suffix, the same name in two folders, a truncated
+    JPEG, a text file and a hidden file."""
+    root = tmp_path / "photos"
+    (root / "2023" / "june").mkdir(parents=True)
+    (root / "2024").mkdir()
+    (root / ".thumbs").mkdir()
+    small(PHOTOS[0]).save(root / "2023" / "a.jpg")
+    small(PHOTOS[1]).save(root / "2024" / "a.jpg")  # same name, another folder
+    small(PHOTOS[2]).save(root / "2023" / "june" / "b.png")
+    small(PHOTOS[0], (80, 64)).save(root / "2024" / "c.webp")
+    small(PHOTOS[1]).save(root / "2024" / "IMG_0001", format="PNG")  # no suffix: taken by content
+    (root / "2024" / "broken.jpg").write_bytes((root / "2023" / "a.jpg").read_bytes()[:150])
+    (root / "notes.txt").write_text("not an image")
+    small(PHOTOS[2]).save(root / ".hidden.jpg")
+    small(PHOTOS[2]).save(root / ".thumbs" / "t.jpg")
+    return root
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_is_walked_and_named_by_its_structure(photo_tree):
+    found = expand_inputs([str(photo_tree)])
+    assert [s.name for s in found.sources] == ["2023/a", "2023/june/b", "2024/IMG_0001", "2024/a", "2024/broken", "2024/c"]
+    assert [p.name for p in found.skipped] == ["notes.txt"]
+
+
+def test_names_never_collide_across_folders_suffixes_globs_and_lists(tmp_path, photo_tree):
+    small(PHOTOS[0]).save(photo_tree / "2024" / "c.jpg")  # beside c.webp
+    names = [s.name for s in expand_inputs([str(photo_tree / "2024")]).sources]
+    assert "c.jpg" in names and "c.webp" in names and len(set(names)) == len(names)
+    # two folders: named within each, or, where names would clash, from the folder above both
+    assert [s.name for s in expand_inputs([str(photo_tree / "2023" / "june"), str(photo_tree / "2024")]).sources][:2] == ["b", "IMG_0001"]
+    assert [s.name for s in expand_inputs([str(photo_tree / "2023"), str(photo_tree / "2024")]).sources][:3] == ["2023/a", "2023/june/b", "2024/IMG_0001"]
+    # files named directly keep their own names
+    assert [s.name for s in expand_inputs([str(photo_tree / "2023" / "june" / "b.png"), str(PHOTOS[0])]).sources] == ["b", PHOTOS[0].stem]
+    # a glob, relative to its fixed part; a file named twice counts once
+    found = expand_inputs([str(photo_tree / "**" / "a.jpg"), str(photo_tree / "2023" / "a.jpg")])
+    assert [s.name for s in found.sources] == ["2023/a", "2024/a"]
+    # a list, relative to its own folder, with comments
+    listing = photo_tree / "list.txt"
+    listing.write_text("# mine\n2023/a.jpg\n\n2024/a.jpg\n")
+    assert [s.name for s in expand_inputs([f"@{listing}"]).sources] == ["2023/a", "2024/a"]
+    with pytest.raises(FCNZooError, match="no file matches"):
+        expand_inputs([str(tmp_path / "*.nothing")])
+
+
+def test_cli_predicts_a_tree_with_a_summary_and_one_line_per_failure(capsys, small_folder, photo_tree, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "predict", small_folder, photo_tree, "--out", out, "--overlay", "--confidence")
+    assert code == 1
+    assert err.count("\n") == 2 and "broken.jpg" in err and "1 of 6 inputs failed" in err and "Traceback" not in err
+    assert "5 done, 1 failed, 1 skipped" in err
+    for name in ["2023/a", "2024/a", "2023/june/b", "2024/c", "2024/IMG_0001"]:
+        mask = Image.open(out / f"{name}.png")
+        confidence = np.asarray(Image.open(out / f"{name}_confidence.png"))
+        assert mask.mode == "P" and confidence.dtype == np.uint16 and confidence.shape == mask.size[::-1]
+        assert (out / f"{name}_overlay.jpg").is_file()
+    assert not list(out.rglob("broken*")) and not list(out.rglob("*.partial"))
+    with open(out / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == ["2023/a.jpg", "2023/june/b.png", "2024/IMG_0001", "2024/a.jpg", "2024/broken.jpg", "2024/c.webp"]
+    by_path = {r["path"]: r for r in rows}
+    assert by_path["2024/c.webp"]["width"] == "80" and by_path["2024/c.webp"]["height"] == "64"
+    assert by_path["2024/broken.jpg"]["status"] == "failed" and "broken.jpg" in by_path["2024/broken.jpg"]["error"]
+    labels = np.asarray(Image.open(out / "2023/a.png"))
+    classes = fcn_zoo.DATASETS["voc"].classes
+    shares = [float(by_path["2023/a.jpg"][c]) for c in classes]
+    expected = np.bincount(labels.ravel(), minlength=len(classes)) / labels.size
+    assert np.allclose(shares, expected, atol=1e-6)
+
+
+def test_predict_iter_is_ordered_lazy_and_reports_failures_in_place(small_model, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    taken = []
+
+    def images():
+        for i in range(24):
+            taken.append(i)
+            yield bad if i == 3 else small(PHOTOS[i % 3], (64 + 8 * (i % 2), 48))
+
+    stream = small_model.predict_iter(images(), num_workers=2, prefetch=4, errors="yield")
+    first_image, first = next(stream)
+    assert len(taken) <= 4 + 1  # read ahead by at most `prefetch`, not the whole input
+    results = [(first_image, first), *stream]
+    assert len(results) == 24 and len(taken) == 24
+    assert isinstance(results[3][1], ImageError) and "bad.jpg" in str(results[3][1])
+    for i, (image, seg) in enumerate(results):
+        if i != 3:
+            assert seg.size == (48, 64 + 8 * (i % 2))
+            assert np.array_equal(seg.labels, small_model.predict(image).labels)
+    with pytest.raises(ImageError, match="bad.jpg"):
+        list(small_model.predict_iter([PHOTOS[0], bad, PHOTOS[1]]))
+
+
+def test_batched_predict_iter_gives_the_masks_of_one_image_at_a_time(small_model):
+    images = [small(p, s) for p in PHOTOS for s in ((64, 48), (64, 48), (72, 40))]
+    one = [seg.labels for _, seg in small_model.predict_iter(images, batch_size=1)]
+    batched = [seg.labels for _, seg in small_model.predict_iter(images, batch_size=4)]
+    assert all(np.array_equal(a, b) for a, b in zip(one, batched))
+
+
+def test_confidence_and_probabilities_are_the_softmax_of_the_full_logits(small_model):
+    seg = small_model.predict(PHOTOS[1])
+    x, from_uint8 = load_image(PHOTOS[1])
+    with torch.inference_mode():
+        low = small_model.forward_features(_preprocess(small_model, x, from_uint8, torch.device("cpu"), small_model.eval_size))
+        full = F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False).softmax(1)[0].numpy()
+    assert seg.confidence.shape == seg.size and seg.confidence.dtype == np.float32
+    assert 0 < seg.confidence.min() and seg.confidence.max() <= 1
+    assert np.abs(seg.confidence - full.max(0)).max() < 1e-5
+    assert np.abs(seg.probabilities("cat") - full[8]).max() < 1e-5
+    assert np.abs(seg.probabilities(0) - full[0]).max() < 1e-5
+    with pytest.raises(ValueError, match="unknown class"):
+        seg.probabilities("unicorn")
+    tta = small_model.predict(PHOTOS[1], tta=fcn_zoo.TTA(scales=(0.75, 1.0), flip=True))
+    assert len(tta.logits) == 4  # two scales, each flipped
+    every = np.stack([tta.probabilities(c) for c in range(small_model.num_classes)])
+    assert np.allclose(every.sum(0), 1, atol=1e-5) and np.allclose(every.max(0), tta.confidence, atol=1e-6)
+    assert (every.argmax(0) == tta.labels).mean() > 0.999  # the labels are the most probable class
+
+
+def test_an_interrupted_run_resumed_ends_with_the_outputs_of_an_uninterrupted_one(small_folder, photo_tree, tmp_path):
+    for i in range(80):
+        small(PHOTOS[i % 3], (48 + i % 7, 36)).save(photo_tree / "2023" / f"extra{i:02d}.jpg")
+    command = [sys.executable, "-m", "fcn_zoo.cli", "predict", str(small_folder), str(photo_tree), "--overlay",
+               "--quiet", "--out"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    whole = tmp_path / "whole"
+    subprocess.run([*command, str(whole)], env=env, capture_output=True, check=False)
+    cut = tmp_path / "cut"
+    process = subprocess.Popen([*command, str(cut)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(cut.rglob("*_overlay.jpg")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (cut / "summary.csv").exists(), "the run finished before it could be interrupted"
+    pending = next(p for p in sorted((photo_tree / "2023").glob("extra*.jpg")) if not (cut / "2023" / f"{p.stem}.png").exists())
+    (cut / "2023" / f".{pending.stem}.png.99999.partial").write_bytes(b"half a PNG")  # as a kill mid-write leaves it
+    subprocess.run([*command, str(cut), "--resume"], env=env, capture_output=True, check=False)
+    assert tree(cut) == tree(whole)
+    assert (whole / "summary.csv").is_file() and len(list(whole.rglob("*_overlay.jpg"))) == 85
+
+
+def _video(path: Path, frames: int = 10, size=(64, 48), rate: int = 5) -> None:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(frames):
+            rgb = np.asarray(small(PHOTOS[i % 3], size))
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _decoded(path: Path) -> tuple[list[np.ndarray], object]:
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return [f.to_ndarray(format="rgb24") for f in container.decode(stream)], stream.average_rate
+
+
+def test_a_video_becomes_an_overlay_video_and_one_mask_per_frame(capsys, small_folder, small_model, tmp_path):
+    pytest.importorskip("av")
+    clip = tmp_path / "clips" / "walk.mp4"
+    clip.parent.mkdir()
+    _video(clip)
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "predict", small_folder, clip, "--out", out, "--masks")
+    assert code == 0, err
+    frames, rate = _decoded(clip)
+    overlay, overlay_rate = _decoded(out / "walk_overlay.mp4")
+    assert len(overlay) == len(frames) == 10 and overlay_rate == rate == 5
+    assert overlay[0].shape == frames[0].shape
+    masks = sorted((out / "walk").glob("*.png"))
+    assert [m.name for m in masks] == [f"{i:06d}.png" for i in range(10)]
+    for frame, mask in zip(frames, masks):
+        assert np.array_equal(np.asarray(Image.open(mask)), small_model.predict(frame).labels)
+    with open(out / "summary.csv", newline="") as f:
+        (row,) = csv.DictReader(f)
+    assert (row["path"], row["kind"], row["frames"], row["width"], row["height"]) == ("walk.mp4", "video", "10", "64", "48")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_torchrun_processes_write_what_one_process_writes(small_folder, photo_tree, tmp_path):
+    args = ["predict", str(small_folder), str(photo_tree), "--quiet", "--out"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "fcn_zoo.cli", *args, str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True)
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(_free_port()), "-m", "fcn_zoo.cli", *args, str(tmp_path / "two")],
+        env=env, capture_output=True, text=True,
+    )
+    assert one.returncode == 1 and two.returncode != 0, two.stderr[-2000:]  # the truncated JPEG fails in both
+    assert tree(tmp_path / "two") == tree(tmp_path / "one")
+    assert two.stderr.count("1 of 6 inputs failed") == 1  # one summary, from the first process
