@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -38,3 +40,29 @@ def count_flops(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
+
+
+def cached_row(cache: Path, name: str) -> None:
+    """Row ``name`` with random weights in the reference's layout, converted into the fcn_zoo cache ``cache``
+    as its first download would be (needs the test extra: the reference implementation builds it)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from reference import build_reference_fcn, save_reference_checkpoint
+
+    import fcn_zoo
+    from fcn_zoo.convert import convert_checkpoint
+
+    row = fcn_zoo.CHECKPOINTS[name]
+    cache.mkdir(parents=True, exist_ok=True)
+    pth = save_reference_checkpoint(build_reference_fcn(row.depth, row.output_stride, row.num_classes), cache / f"{name}.pth")
+    convert_checkpoint(pth, cache / "reference" / name, "reference", checkpoint=row, parity=False,
+                       provenance={"source_file": pth.name})
+    pth.unlink()
+
+
+def peak_rss_command(argv: list[str]) -> list[str]:
+    """A command running ``python -m`` + ``argv`` that prints its peak RSS in MiB as its last line."""
+    code = ("import resource, runpy, sys; sys.argv = sys.argv[1:]\n"
+            "try: runpy.run_module(sys.argv[0], run_name='__main__')\n"
+            "except SystemExit: pass\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    return [sys.executable, "-c", code, *argv]

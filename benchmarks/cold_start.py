@@ -3,7 +3,7 @@
     python benchmarks/cold_start.py [--name fcn_resnet50os8_voc] [--size 375 500] [--runs 5]
 
 Converts a reference checkpoint (random weights, the reference's layout) into a temporary fcn_zoo cache as
-the first download would, writes an H x W photo, then runs, interleaved and each in a fresh process:
+the first download would, writes tests/data/chelsea.jpg resized to W x H, then runs, interleaved and each in a fresh process:
 
 - ``fcn-zoo predict NAME photo.jpg --out DIR``, timed from before the process is started to its exit;
 - the same steps in a script that stamps the wall clock after each phase: interpreter start, ``import torch``,
@@ -48,22 +48,12 @@ print(json.dumps(stamps))
 
 def prepare(workdir: Path, name: str, size: tuple[int, int]) -> Path:
     """A converted cache entry for ``name`` under ``workdir/cache`` and a photo; returns the photo's path."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    import numpy as np
+    from _common import cached_row
     from PIL import Image
-    from reference import build_reference_fcn, save_reference_checkpoint
 
-    import fcn_zoo
-    from fcn_zoo.convert import convert_checkpoint
-
-    row = fcn_zoo.CHECKPOINTS[name]
-    pth = save_reference_checkpoint(build_reference_fcn(row.depth, row.output_stride, row.num_classes), workdir / f"{name}.pth")
-    convert_checkpoint(pth, workdir / "cache" / "reference" / name, "reference", checkpoint=row, parity=False,
-                       provenance={"source_file": pth.name})
-    pth.unlink()
+    cached_row(workdir / "cache", name)
     photo = workdir / "photo.jpg"
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(photo, quality=90)
+    Image.open(ROOT / "tests" / "data" / "chelsea.jpg").convert("RGB").resize(size[::-1]).save(photo, quality=90)
     return photo
 
 

@@ -23,8 +23,8 @@ input's size, for:
 
 FLOPs are counted by ``torch.utils.flop_counter`` and the GFLOP/s is also given as a fraction of a 4096x4096
 fp32 matmul measured in the same run: in each round the matmul is timed and then every contender once, the
-fraction is taken within the round (so drift in the machine's speed cancels), and the median over rounds is
-printed with its range. Needs the test extra (``pip install -e ".[test]"``).
+fraction is taken within the round (so drift in the machine's speed cancels; the contenders' order rotates
+from round to round, so that none always runs first), and the median over rounds is printed with its range. Needs the test extra (``pip install -e ".[test]"``).
 """
 
 from __future__ import annotations
@@ -148,11 +148,13 @@ def main() -> None:
             times = {k: [] for k in contenders}
             shares = {k: [] for k in contenders}
             peaks, bf16_peaks = [], []
-            for _ in range(args.runs):
+            names = list(contenders)
+            for r in range(args.runs):
                 peaks.append(matmul_rate() / 1e9)
                 if args.bf16:
                     bf16_peaks.append(matmul_rate(dtype=torch.bfloat16) / 1e9)
-                for k, (fn, flops) in contenders.items():
+                for k in names[r % len(names):] + names[:r % len(names)]:  # each round starts one further on
+                    fn, flops = contenders[k]
                     t = time.perf_counter()
                     fn()
                     times[k].append(time.perf_counter() - t)
