@@ -60,9 +60,7 @@ def cached_row(cache: Path, name: str) -> None:
 
 
 def peak_rss_command(argv: list[str]) -> list[str]:
-    """A command running ``python -m`` + ``argv`` that prints its peak RSS in MiB as its last line."""
-    code = ("import resource, runpy, sys; sys.argv = sys.argv[1:]\n"
-            "try: runpy.run_module(sys.argv[0], run_name='__main__')\n"
-            "except SystemExit: pass\n"
+    """A command running ``fcn-zoo`` + ``argv`` in a fresh process that prints its peak RSS in MiB as its last line."""
+    code = ("import resource, sys; from fcn_zoo.cli import main; main(sys.argv[1:]); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     return [sys.executable, "-c", code, *argv]

@@ -1,7 +1,7 @@
 """Bulk inference on the CPU: ``fcn-zoo predict DIR`` against a plain loop of ``model.predict(path)``, its
 memory at 30 and 300 images, and a video.
 
-    python benchmarks/bulk_cpu.py [--name fcn_resnet50os16_voc] [--images 300] [--rounds 5] [--video-seconds 10]
+    python benchmarks/bulk_cpu.py [--name fcn_resnet50os16_voc] [--images 300] [--rounds 5] [--video-seconds 10] [--video-fps 10]
 
 - Photos: ``--images`` 500x375 JPEGs made from the repo's three test photos by crops and flips.
 - Throughput, in one process, interleaved: in each of ``--rounds`` rounds the same share of the photos goes
@@ -9,8 +9,9 @@ memory at 30 and 300 images, and a video.
   it, and (b) ``fcn_zoo.bulk.segment_sources``, what ``fcn-zoo predict DIR --out`` runs (a ``fuse()``d
   model, images read ahead by ``predict_iter``'s threads), into another folder. images/s of each, median
   over the rounds with the range; the masks of (a) and (b) are compared pixel for pixel.
+- Where the time goes: the network's forward alone against ``predict`` + ``save`` of one photo.
 - Memory: ``fcn-zoo predict`` on the first 30 and on all the photos, each in a fresh process; peak RSS.
-- Video: a ``--video-seconds`` 640x360 clip at 25 frames/s (panning crops of the photos, MPEG-4), through
+- Video: a ``--video-seconds`` 640x360 clip at ``--video-fps`` (panning crops of a photo, MPEG-4), through
   ``fcn-zoo predict clip.mp4`` in a fresh process: frames/s (the run's own elapsed time, without the
   process start) and peak RSS.
 
@@ -55,7 +56,7 @@ def make_photos(folder: Path, count: int, size=(500, 375)) -> list[Path]:
     return paths
 
 
-def make_clip(path: Path, seconds: float, size=(640, 360), rate: int = 25) -> int:
+def make_clip(path: Path, seconds: float, rate: int, size=(640, 360)) -> int:
     import av
 
     base = Image.open(PHOTOS[0]).convert("RGB").resize((size[0] * 2, size[1] * 2))
@@ -75,7 +76,7 @@ def make_clip(path: Path, seconds: float, size=(640, 360), rate: int = 25) -> in
 
 def cli(args: list[str], env: dict) -> tuple[float, float]:
     """(seconds the run reports, peak RSS MiB) of ``fcn-zoo predict`` in a fresh process."""
-    result = subprocess.run(peak_rss_command(["fcn_zoo.cli", "predict", *args]), env=env, capture_output=True,
+    result = subprocess.run(peak_rss_command(["predict", *args]), env=env, capture_output=True,
                             text=True, check=True)
     elapsed = float(re.search(r"in ([\d.]+) s;", result.stdout).group(1))
     return elapsed, float(result.stdout.strip().splitlines()[-1])
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--video-seconds", type=float, default=10)
+    parser.add_argument("--video-fps", type=int, default=10)
     args = parser.parse_args()
 
     import torch
@@ -119,6 +121,22 @@ def main() -> None:
             t = time.perf_counter()
             segment_sources(fused, sources[part], Outputs(work / "bulk"), quiet=True, echo=lambda _: None)
             bulk_rates.append(len(sources[part]) / (time.perf_counter() - t))
+        # where the time of one photo goes: the network alone against the whole predict (read, resize,
+        # network, labels, Segmentation), so that what overlapping can win is bounded
+        from fcn_zoo.images import load_image
+        from fcn_zoo.predict import _preprocess
+
+        x, from_uint8 = load_image(photos[0])
+        with torch.inference_mode():
+            batch = _preprocess(fused, x, from_uint8, torch.device("cpu"), fused.eval_size)
+            network, whole = [], []
+            for _ in range(5):
+                t = time.perf_counter()
+                fused.forward_features(batch)
+                network.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                fused.predict(photos[0]).save(work / "probe.png")
+                whole.append(time.perf_counter() - t)
         equal = sum(
             np.array_equal(np.asarray(Image.open(work / "loop" / f"{p.stem}.png")), np.asarray(Image.open(work / "bulk" / f"{p.stem}.png")))
             for p in photos
@@ -129,6 +147,9 @@ def main() -> None:
         ratios = [b / a for a, b in zip(loop_rates, bulk_rates)]
         print(f"  ratio per round                       {_fmt(ratios, 'x')}")
         print(f"  masks equal: {equal} of {len(photos)}")
+        net, total = statistics.median(network), statistics.median(whole)
+        print(f"  one photo: network {net:.3f} s of {total:.3f} s for predict + save ({net / total:.0%}); "
+              f"overlapping the rest can win at most {total / net:.2f}x")
         del plain, fused
 
         small = work / "first30"
@@ -142,9 +163,9 @@ def main() -> None:
 
         if args.video_seconds:
             clip = work / "clip.mp4"
-            frames = make_clip(clip, args.video_seconds)
+            frames = make_clip(clip, args.video_seconds, args.video_fps)
             seconds, rss = cli([args.name, str(clip), "--out", str(work / "video")], env)
-            print(f"\nvideo 640x360, {frames} frames ({args.video_seconds:g} s at 25 fps): {frames / seconds:.2f} frames/s, "
+            print(f"\nvideo 640x360, {frames} frames ({args.video_seconds:g} s at {args.video_fps} fps): {frames / seconds:.2f} frames/s, "
                   f"peak RSS {rss:.0f} MiB")
 
 

@@ -131,13 +131,16 @@ class Predictor:
         self.batch_size, self.device = batch_size, device
         self.dtype = torch.uint8 if model.num_classes <= 256 else torch.int32
 
-    def __call__(self, loaded: list[tuple[torch.Tensor, bool]], names: list[str]) -> list[Segmentation]:
+    def __call__(
+        self, loaded: list[tuple[torch.Tensor, bool]], names: list[str], prepared: list[torch.Tensor] | None = None
+    ) -> list[Segmentation]:
+        """Segment ``loaded`` images (:func:`load_image` results; ``prepared``: the same through :func:`prepare`)."""
         model = self.model
         with torch.inference_mode():
             try:
                 labels, logits = labels_and_logits(
                     model, [x for x, _ in loaded], from_uint8=[f for _, f in loaded], batch_size=self.batch_size,
-                    features=self.features, **self.options,
+                    features=self.features, prepared=prepared, **self.options,
                 )
             except RuntimeError as e:
                 if not is_out_of_memory(e):
@@ -182,17 +185,28 @@ def predict_labels(
 def labels_and_logits(
     model, images: list[torch.Tensor], *, from_uint8: bool | list[bool] = True, tta: TTA | None = None,
     mode: str = "whole", window=None, stride=None, batch_size: int = 8, eval_size=None, features=None,
+    prepared: list[torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
     """:func:`predict_labels`, and per image the logits the labels come from (one ``(1, C, h, w)`` tensor, or
-    one per TTA scale and flip) before upsampling to the image's size."""
+    one per TTA scale and flip) before upsampling to the image's size. ``prepared``: the images already
+    through :func:`prepare` (done ahead, by another thread), in place of preparing them here."""
     device = next(model.parameters()).device
-    flags = from_uint8 if isinstance(from_uint8, list) else [from_uint8] * len(images)
-    inputs = [_preprocess(model, x, flag, device, eval_size or model.eval_size) for x, flag in zip(images, flags)]
+    if prepared is not None:
+        inputs = [x.to(device, non_blocking=True) for x in prepared]
+    else:
+        flags = from_uint8 if isinstance(from_uint8, list) else [from_uint8] * len(images)
+        inputs = [_preprocess(model, x, flag, device, eval_size or model.eval_size) for x, flag in zip(images, flags)]
     logits = _logits(model, inputs, tta, mode, window, stride, batch_size, features or model.forward_features)
     return [upsample_argmax(lg, x.shape[-2:]) for x, lg in zip(images, logits)], logits
 
 
 # --- the protocol --------------------------------------------------------------------------------
+
+
+def prepare(model, x: torch.Tensor, from_uint8: bool) -> torch.Tensor:
+    """A loaded image (:func:`load_image`) resized to the evaluation size and normalised, on the CPU, as
+    :func:`labels_and_logits` would do it: what ``predict_iter``'s reader threads do ahead of the network."""
+    return _preprocess(model, x, from_uint8, torch.device("cpu"), model.eval_size)
 
 
 def _preprocess(model, x: torch.Tensor, from_uint8: bool, device: torch.device, eval_size: Sequence[int]) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Many images, one at a time: :func:`predict_iter` segments an iterable of images lazily, in input order,
-reading the next images while the network runs on the current ones.
+reading, decoding, resizing and normalising the next images while the network runs on the current ones.
 
 Reading is done by a few threads, not worker processes: decoding (PIL) and the tensor operations that
 follow release the GIL, threads need no pickling of the inputs (PIL images, arrays, generators of
@@ -15,10 +15,11 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 from .images import describe, load_image
-from .predict import Predictor
+from .predict import Predictor, prepare
 from .segmentation import Segmentation
-from .zoo import eval_resize_shape
 
 __all__ = ["predict_iter"]
 
@@ -57,9 +58,14 @@ def _iterate(predictor: Predictor, source, num_workers: int, prefetch: int, erro
     with ThreadPoolExecutor(num_workers, thread_name_prefix="fcn_zoo-read") as pool:
         pending: deque = deque()  # (image, future of load_image) in input order
 
+        def read(image):
+            loaded = load_image(image)
+            with torch.inference_mode():
+                return loaded, prepare(predictor.model, *loaded)
+
         def fill() -> None:
             for image in itertools.islice(source, prefetch - len(pending)):
-                pending.append((image, pool.submit(load_image, image)))
+                pending.append((image, pool.submit(read, image)))
 
         try:
             fill()
@@ -76,16 +82,19 @@ def _iterate(predictor: Predictor, source, num_workers: int, prefetch: int, erro
                         fill()
                         yield _failed(image, e, errors)
                         continue
-                    if batch and (_eval_shape(predictor, loaded) != shape):
+                    if batch and loaded[1].shape != shape:  # a forward pass takes images of one size
                         break
-                    shape = _eval_shape(predictor, loaded)
+                    shape = loaded[1].shape
                     batch.append((image, loaded))
                     pending.popleft()
                 fill()
                 if not batch:
                     continue
                 try:
-                    segs = predictor([loaded for _, loaded in batch], [describe(image) for image, _ in batch])
+                    segs = predictor(
+                        [loaded for _, (loaded, _) in batch], [describe(image) for image, _ in batch],
+                        [prepared for _, (_, prepared) in batch],
+                    )
                 except Exception as e:
                     if errors == "raise":
                         raise
@@ -103,8 +112,3 @@ def _failed(image, error: Exception, errors: str) -> tuple[object, Exception]:
     if errors == "raise":
         raise error
     return image, error
-
-
-def _eval_shape(predictor: Predictor, loaded) -> tuple[int, int]:
-    x = loaded[0]
-    return eval_resize_shape(x.shape[-2], x.shape[-1], predictor.model.eval_size)

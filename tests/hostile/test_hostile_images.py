@@ -62,8 +62,9 @@ def test_the_cli_prints_one_line_and_keeps_the_good_images(tiny_folder, tmp_path
     lines = [line for line in err.splitlines() if line.startswith("fcn-zoo: error:")]
     assert len(lines) == 1 and name in lines[0] and "Traceback" not in err
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        f"{p.stem}{suffix}" for p in (PHOTOS[1], PHOTOS[2]) for suffix in (".png", "_overlay.jpg")
+        [f"{p.stem}{suffix}" for p in (PHOTOS[1], PHOTOS[2]) for suffix in (".png", "_overlay.jpg")] + ["summary.csv", ".fcn-zoo"]
     )
+    assert f"{name},image,,,,failed," in (out / "summary.csv").read_text()  # the failure is listed
 
 
 @pytest.mark.parametrize("size", [(1, 1), (1, 300), (300, 1), (2, 5)])
