@@ -223,7 +223,7 @@ def cmd_predict(args) -> int:
         raise FCNZooError("--compile applies to --engine torch; onnxruntime compiles its graph itself")
     if not 0.0 <= args.alpha <= 1.0:
         raise FCNZooError(f"--alpha {args.alpha}: must be in [0, 1]")
-    found = expand_inputs(args.images)
+    found = expand_inputs(args.images, exclude=out)
     _, world, local_rank = distributed_rank()
     device = args.device
     if world > 1 and (device or "").startswith("cuda") or (device is None and world > 1 and _has_cuda()):

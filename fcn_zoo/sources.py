@@ -46,13 +46,18 @@ class Expansion:
     skipped: list[Path]  # files in walked folders that are neither images nor videos
 
 
-def expand_inputs(inputs: list[str]) -> Expansion:
+def expand_inputs(inputs: list[str], exclude: str | os.PathLike | None = None) -> Expansion:
     """The sources named by ``inputs``, in order, each once; raises :class:`FCNZooError` for an empty glob,
-    an unreadable list or an empty result."""
+    an unreadable list or an empty result. Walks never enter the folder ``exclude`` (the output folder,
+    which may sit inside an input folder: its masks are not inputs)."""
     found: list[tuple[Path, Path]] = []  # (file, anchor folder)
     skipped: list[Path] = []
+    excluded = os.path.realpath(exclude) if exclude is not None else None
     for text in inputs:
         _expand(text, Path.cwd(), found, skipped, lists=())
+    if excluded is not None:
+        found = [(p, a) for p, a in found if not _inside(p, excluded)]
+        skipped = [p for p in skipped if not _inside(p, excluded)]
     seen, unique = set(), []
     for path, anchor in found:
         key = os.path.realpath(path)
@@ -144,6 +149,10 @@ def _clashes(names: list[str]) -> set[str]:
     for name in names:
         (clashes if name in seen else seen).add(name)
     return clashes
+
+
+def _inside(path: Path, folder: str) -> bool:
+    return os.path.realpath(path).startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _glob_root(pattern: Path) -> Path:

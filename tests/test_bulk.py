@@ -81,6 +81,16 @@ def test_a_folder_is_walked_and_named_by_its_structure(photo_tree):
     assert [p.name for p in found.skipped] == ["notes.txt"]
 
 
+def test_an_output_folder_inside_the_input_folder_is_not_an_input(capsys, small_folder, photo_tree):
+    out = photo_tree / "2023" / "masks"
+    code, stdout, err = run(capsys, "predict", small_folder, photo_tree / "2023", "--out", out)
+    assert code == 0 and "2 done, 0 failed, 0 skipped" in stdout, err
+    # the second run walks past the first run's masks, under the input folder
+    code, stdout, err = run(capsys, "predict", small_folder, photo_tree / "2023", "--out", out, "--resume")
+    assert code == 0 and "0 done, 0 failed, 2 skipped" in stdout, err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["a.png", "june/b.png"]
+
+
 def test_names_never_collide_across_folders_suffixes_globs_and_lists(tmp_path, photo_tree):
     small(PHOTOS[0]).save(photo_tree / "2024" / "c.jpg")  # beside c.webp
     names = [s.name for s in expand_inputs([str(photo_tree / "2024")]).sources]
