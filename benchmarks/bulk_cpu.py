@@ -6,9 +6,10 @@ memory at 30 and 300 images, and a video.
 - Photos: ``--images`` 500x375 JPEGs made from the repo's three test photos by crops and flips.
 - Throughput, in one process, interleaved: in each of ``--rounds`` rounds the same share of the photos goes
   through (a) a loop ``seg = model.predict(path); seg.save(...)`` on a model as ``from_pretrained`` gives
-  it, and (b) ``fcn_zoo.bulk.segment_sources``, what ``fcn-zoo predict DIR --out`` runs (a ``fuse()``d
-  model, images read ahead by ``predict_iter``'s threads), into another folder. images/s of each, median
-  over the rounds with the range; the masks of (a) and (b) are compared pixel for pixel.
+  it, (b) ``fcn_zoo.bulk.segment_sources``, what ``fcn-zoo predict DIR --out`` runs (a ``fuse()``d
+  model, ``predict_iter`` with its default readers: none on a CPU whose cores torch uses), into another
+  folder, and (c) the same with two reader threads (``--workers 2``). images/s of each, median
+  over the rounds with the range; the masks of (b) and (c) are compared with (a)'s pixel for pixel.
 - Where the time goes: the network's forward alone against ``predict`` + ``save`` of one photo.
 - Memory: ``fcn-zoo predict`` on the first 30 and on all the photos, each in a fresh process; peak RSS.
 - Video: a ``--video-seconds`` 640x360 clip at ``--video-fps`` (panning crops of a photo, MPEG-4), through
@@ -109,7 +110,7 @@ def main() -> None:
         fused = fcn_zoo.from_pretrained(args.name).fuse()
         sources = expand_inputs([str(work / "photos")]).sources
         share = -(-len(photos) // args.rounds)
-        loop_rates, bulk_rates = [], []
+        loop_rates, bulk_rates, reader_rates = [], [], []
         plain.predict(photos[0]), fused.predict(photos[0])  # warm-up: the fused twin, oneDNN's primitives
         (work / "loop").mkdir()
         for r in range(args.rounds):
@@ -121,6 +122,10 @@ def main() -> None:
             t = time.perf_counter()
             segment_sources(fused, sources[part], Outputs(work / "bulk"), quiet=True, echo=lambda _: None)
             bulk_rates.append(len(sources[part]) / (time.perf_counter() - t))
+            t = time.perf_counter()
+            segment_sources(fused, sources[part], Outputs(work / "readers"), quiet=True, echo=lambda _: None,
+                            num_workers=2)
+            reader_rates.append(len(sources[part]) / (time.perf_counter() - t))
         # where the time of one photo goes: the network alone against the whole predict (read, resize,
         # network, labels, Segmentation), so that what overlapping can win is bounded
         from fcn_zoo.images import load_image
@@ -138,15 +143,18 @@ def main() -> None:
                 fused.predict(photos[0]).save(work / "probe.png")
                 whole.append(time.perf_counter() - t)
         equal = sum(
-            np.array_equal(np.asarray(Image.open(work / "loop" / f"{p.stem}.png")), np.asarray(Image.open(work / "bulk" / f"{p.stem}.png")))
-            for p in photos
+            np.array_equal(np.asarray(Image.open(work / "loop" / f"{p.stem}.png")), np.asarray(Image.open(work / d / f"{p.stem}.png")))
+            for p in photos for d in ("bulk", "readers")
         )
         print(f"\n{len(photos)} photos 500x375, {args.rounds} interleaved rounds; images/s median (range)")
         print(f"  loop of model.predict(path) + save   {_fmt(loop_rates)}")
         print(f"  fcn-zoo predict DIR (segment_sources) {_fmt(bulk_rates)}")
+        print(f"  the same with --workers 2             {_fmt(reader_rates)}")
         ratios = [b / a for a, b in zip(loop_rates, bulk_rates)]
-        print(f"  ratio per round                       {_fmt(ratios, 'x')}")
-        print(f"  masks equal: {equal} of {len(photos)}")
+        print(f"  ratio per round, default / loop       {_fmt(ratios, 'x')}")
+        ratios = [b / a for a, b in zip(loop_rates, reader_rates)]
+        print(f"  ratio per round, --workers 2 / loop   {_fmt(ratios, 'x')}")
+        print(f"  masks equal to the loop's: {equal} of {2 * len(photos)}")
         net, total = statistics.median(network), statistics.median(whole)
         print(f"  one photo: network {net:.3f} s of {total:.3f} s for predict + save ({net / total:.0%}); "
               f"overlapping the rest can win at most {total / net:.2f}x")

@@ -118,7 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", action="store_true", help="videos: also write <video>/<frame>.png masks")
     p.add_argument("--resume", action="store_true", help="skip inputs whose outputs a previous run completed")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no line per input")
-    p.add_argument("--workers", type=int, default=2, help="threads reading images ahead of the network (default 2)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="threads reading images ahead of the network (default 2 on GPUs, 0 on a CPU whose cores torch uses)")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default 1 on CPU, 8 on GPUs)")
     p.add_argument("--tta", action="store_true", help="flip + multi-scale test-time augmentation")
     p.add_argument("--slide", action="store_true", help="sliding-window inference instead of whole image")

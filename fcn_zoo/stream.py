@@ -3,17 +3,20 @@ reading, decoding, resizing and normalising the next images while the network ru
 
 Reading is done by a few threads, not worker processes: decoding (PIL) and the tensor operations that
 follow release the GIL, threads need no pickling of the inputs (PIL images, arrays, generators of
-paths all work) and no copy of the process, and on the CPU the network keeps the cores it was given.
-At most ``prefetch`` images are read ahead, so memory does not grow with the number of images.
+paths all work) and no copy of the process. They pay where cores would otherwise idle (GPU inference,
+or torch given fewer threads than cores); on the CPU torch's threads use every core by default, so there
+images are read in turn unless asked. At most ``prefetch`` images are read ahead, so memory does not
+grow with the number of images.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -27,15 +30,20 @@ logger = logging.getLogger(__name__)
 
 
 def predict_iter(
-    model, images: Iterable, *, num_workers: int = 2, prefetch: int | None = None, errors: str = "raise", **options
+    model, images: Iterable, *, num_workers: int | None = None, prefetch: int | None = None, errors: str = "raise",
+    **options,
 ) -> Iterator[tuple[object, Segmentation | Exception]]:
     """Segment ``images`` lazily: yields ``(image, Segmentation)`` in input order.
 
     Args:
         images: any iterable (a list, a generator, a dataset) of what :func:`fcn_zoo.predict.predict`
             takes: paths, PIL images, RGB arrays or tensors. It is consumed as the results are.
-        num_workers: threads reading and decoding images ahead of the network.
-        prefetch: how many images may be read ahead (default ``2 x max(num_workers, batch_size)``).
+        num_workers: threads reading, decoding and resizing images ahead of the network; 0 reads each
+            image when the network needs it. Default: 2 on GPUs; on the CPU, as many (up to 2) as there are
+            cores that torch's threads leave idle, which is none by default: there the network uses every
+            core, and readers would only take time from it (benchmarks/RESULTS.md: 2-7% slower on 2 cores).
+        prefetch: how many images may be read ahead (default ``2 x max(num_workers, batch_size)``, or the
+            batch size without workers).
         errors: ``"raise"`` stops at the first image that cannot be read or segmented; ``"yield"`` yields
             ``(image, exception)`` for it and goes on (what ``fcn-zoo predict`` does, to list failures).
         **options: as :func:`fcn_zoo.predict.predict` (``tta``, ``mode``, ``batch_size``, ``device``,
@@ -44,18 +52,22 @@ def predict_iter(
     """
     if errors not in ("raise", "yield"):
         raise ValueError(f"errors must be 'raise' or 'yield', got {errors!r}")
-    if num_workers < 1:
-        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     predictor = Predictor(model, **options)  # bad options fail here, before anything is read
-    prefetch = prefetch or 2 * max(num_workers, predictor.batch_size)
+    if num_workers is None:
+        idle = (os.cpu_count() or 1) - torch.get_num_threads()
+        num_workers = 2 if predictor.device.type != "cpu" else max(0, min(2, idle))
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    prefetch = prefetch or (2 * max(num_workers, predictor.batch_size) if num_workers else predictor.batch_size)
     if prefetch < predictor.batch_size:
         raise ValueError(f"prefetch ({prefetch}) must be at least the batch size ({predictor.batch_size})")
-    return _iterate(predictor, iter(images), num_workers, prefetch, errors)
+    return _iterate(predictor, iter(images), num_workers, prefetch, errors)  # a generator: reads nothing yet
 
 
 def _iterate(predictor: Predictor, source, num_workers: int, prefetch: int, errors: str):
     batch_size = predictor.batch_size
-    with ThreadPoolExecutor(num_workers, thread_name_prefix="fcn_zoo-read") as pool:
+    pool = ThreadPoolExecutor(num_workers, thread_name_prefix="fcn_zoo-read") if num_workers else _InPlace()
+    with pool:
         pending: deque = deque()  # (image, future of load_image) in input order
 
         def read(image):
@@ -106,6 +118,24 @@ def _iterate(predictor: Predictor, source, num_workers: int, prefetch: int, erro
         finally:
             for _, future in pending:
                 future.cancel()
+
+
+class _InPlace:
+    """An executor without threads: ``submit`` runs the call at once (``num_workers=0``)."""
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as e:
+            future.set_exception(e)
+        return future
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 def _failed(image, error: Exception, errors: str) -> tuple[object, Exception]:

@@ -162,7 +162,7 @@ def test_predict_iter_is_ordered_lazy_and_reports_failures_in_place(small_model,
 
 def test_batched_predict_iter_gives_the_masks_of_one_image_at_a_time(small_model):
     images = [small(p, s) for p in PHOTOS for s in ((64, 48), (64, 48), (72, 40))]
-    one = [seg.labels for _, seg in small_model.predict_iter(images, batch_size=1)]
+    one = [seg.labels for _, seg in small_model.predict_iter(images, batch_size=1, num_workers=0)]
     batched = [seg.labels for _, seg in small_model.predict_iter(images, batch_size=4)]
     assert all(np.array_equal(a, b) for a, b in zip(one, batched))
 
