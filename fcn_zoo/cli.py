@@ -227,7 +227,7 @@ def cmd_predict(args) -> int:
     found = expand_inputs(args.images, exclude=out)
     _, world, local_rank = distributed_rank()
     device = args.device
-    if world > 1 and (device or "").startswith("cuda") or (device is None and world > 1 and _has_cuda()):
+    if world > 1 and (device or ("cuda" if _has_cuda() else "cpu")).startswith("cuda"):
         device = f"cuda:{local_rank}"  # one GPU per process under torchrun
     model = from_pretrained(args.name, device=device, cache_dir=args.cache_dir).fuse()
     out.mkdir(parents=True, exist_ok=True)

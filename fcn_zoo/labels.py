@@ -24,18 +24,8 @@ def upsample_argmax(logits: list[torch.Tensor], size, budget_bytes: int = 64 << 
         labels = upsample_argmax_candidates(logits[0][0].float(), height, width, budget_bytes)
         if labels is not None:
             return labels
-    classes = logits[0].shape[1]
-    device = logits[0].device
-    wide = [F.interpolate(lg.float(), size=(lg.shape[2], width), mode="bilinear", align_corners=False)[0] for lg in logits]
-    taps = [bilinear_taps(lg.shape[2], height, device) for lg in logits]
-    band = max(1, budget_bytes // (4 * classes * width * 4))  # two gathered rows, their blend, the sum
-    labels = torch.empty(height, width, dtype=torch.int64, device=device)
-    for top in range(0, height, band):
-        bottom = min(height, top + band)
-        total = None
-        for w, (lower, upper, frac) in zip(wide, taps):
-            scores = torch.lerp(w[:, lower[top:bottom]], w[:, upper[top:bottom]], frac[top:bottom].view(1, -1, 1))
-            total = scores if total is None else total.add_(scores)
+    labels = torch.empty(height, width, dtype=torch.int64, device=logits[0].device)
+    for top, bottom, total in _summed_bands(logits, height, width, budget_bytes):
         labels[top:bottom] = total.argmax(0)
     return labels
 
@@ -51,26 +41,33 @@ def upsample_softmax(
     classes at 12 megapixels cost one band of scores (``budget_bytes``) instead of 7 GB.
     """
     height, width = int(size[0]), int(size[1])
-    count = logits[0].shape[1]
+    shape = (height, width) if classes is None else (len(classes), height, width)
+    out = torch.empty(shape, dtype=torch.float32, device=logits[0].device)
+    for top, bottom, total in _summed_bands(logits, height, width, budget_bytes):
+        if len(logits) > 1:
+            total /= len(logits)
+        if classes is None:  # max softmax = 1 / sum(exp(s - max s))
+            out[top:bottom] = total.sub_(total.amax(0)).exp_().sum(0).reciprocal_()
+        else:
+            out[:, top:bottom] = total.sub_(total.logsumexp(0)).exp_()[classes]
+    return out
+
+
+def _summed_bands(logits: list[torch.Tensor], height: int, width: int, budget_bytes: int):
+    """Yield ``(top, bottom, scores)``: the sum of ``logits`` upsampled bilinearly to ``(height, width)``,
+    for output rows ``top:bottom``, ``(C, bottom - top, width)``, one band of ``budget_bytes`` at a time."""
+    classes = logits[0].shape[1]
     device = logits[0].device
     wide = [F.interpolate(lg.float(), size=(lg.shape[2], width), mode="bilinear", align_corners=False)[0] for lg in logits]
     taps = [bilinear_taps(lg.shape[2], height, device) for lg in logits]
-    band = max(1, budget_bytes // (4 * count * width * 4))
-    out = torch.empty((height, width) if classes is None else (len(classes), height, width), dtype=torch.float32, device=device)
+    band = max(1, budget_bytes // (4 * classes * width * 4))  # two gathered rows, their blend, the sum
     for top in range(0, height, band):
         bottom = min(height, top + band)
         total = None
         for w, (lower, upper, frac) in zip(wide, taps):
             scores = torch.lerp(w[:, lower[top:bottom]], w[:, upper[top:bottom]], frac[top:bottom].view(1, -1, 1))
             total = scores if total is None else total.add_(scores)
-        if len(logits) > 1:
-            total /= len(logits)
-        if classes is None:  # max softmax = 1 / sum(exp(s - max s))
-            top_score = total.amax(0)
-            out[top:bottom] = total.sub_(top_score).exp_().sum(0).reciprocal_()
-        else:
-            out[:, top:bottom] = total.sub_(total.logsumexp(0)).exp_()[classes]
-    return out
+        yield top, bottom, total
 
 
 def upsample_argmax_candidates(logits: torch.Tensor, height: int, width: int, budget_bytes: int) -> torch.Tensor | None:
