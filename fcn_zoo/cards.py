@@ -88,6 +88,16 @@ fcn-zoo predict {{ model_id }} image.jpg --out masks --overlay
 | {{ r.dataset }} | {{ r.split }} | {{ r.protocol }} | {{ "%.2f" % r.miou }} ({{ r.source }}) |
 {%- endfor %}
 {%- endif %}
+{%- if provenance.get("per_class_iou") %}
+
+Per-class IoU (%) of the measured mIoU:
+
+| class | IoU |
+|---|---:|
+{%- for name, iou in provenance.per_class_iou.items() %}
+| {{ name }} | {{ "%.2f" % iou if iou is not none else "absent from val" }} |
+{%- endfor %}
+{%- endif %}
 {%- if row %}
 
 ## Training
@@ -115,7 +125,17 @@ matrix. `model.predict(image)` does exactly this. Images are RGB: an OpenCV (BGR
 {% for name in cfg.class_names %}| {{ loop.index0 }} | {{ name }} | {{ cfg.palette[loop.index0] | join(", ") }} |
 {% endfor %}
 ## Provenance
-{% if provenance.get("run") %}
+{% if provenance.get("run") and provenance.run.get("init") %}
+{%- set run = provenance.run %}
+- Fine-tuned by `training/` at commit {{ run.commit }} from `{{ run.init }}` ({{ run.init_classes }} classes
+  {%- if run.reinitialised_classifiers %}; its two classifiers re-initialised for these {{ cfg.num_classes }}{% else %}; every weight loaded{% endif %})
+- Data: `{{ run.data.name }}` ({{ run.data.layout }} layout), {{ run.data.train_images }} train and {{ run.data.val_images }} val images
+  (val: {{ run.data.val_split }}); sha256 of the sorted file lists: train `{{ run.data.train_sha256 }}`, val `{{ run.data.val_sha256 }}`
+- Schedule: {{ run.max_iters }} iterations ({{ run.epochs }} epochs) of total batch {{ run.total_batch }} over {{ run.world_size }} process(es),
+  SGD lr {{ run.lr }} with poly decay, crop {{ run.crop_size | join("x") }}, resize bound {{ run.scale | join("x") }} times 0.5-2.0,
+  {{ run.precision }}{% if run.freeze_backbone %}, backbone frozen{% endif %}{% if run.class_weights %}, median-frequency class weights{% endif %}
+- `model.safetensors` sha256: {{ provenance.get("weights_sha256") }}
+{%- elif provenance.get("run") %}
 - Trained by `training/` at commit {{ provenance.run.commit }}: {{ provenance.run.world_size }} process(es), total
   batch {{ provenance.run.total_batch }}, crop {{ provenance.run.crop_size | join("x") }}, {{ provenance.run.max_iters }} iterations, {{ provenance.run.precision }}, backbone
   initialised from {{ provenance.run.backbone_weights }}

@@ -277,9 +277,10 @@ def convert_checkpoint(
     return write_folder(model, Path(out), record, row=checkpoint)
 
 
-def write_folder(model, folder: Path, provenance: dict, *, row=None, mean_iou: float | None = None) -> dict:
+def write_folder(model, folder: Path, provenance: dict, *, row=None, mean_iou: float | None = None,
+                 eval_dataset: str | None = None, repo_id: str | None = None) -> dict:
     """``save_pretrained`` into a temporary folder beside ``folder``, add ``provenance.json`` and the model card
-    (with the provenance, the zoo ``row`` these weights are and a measured ``mean_iou``, if any), rename.
+    (with the provenance, the zoo ``row`` these weights are and a measured ``mean_iou`` on ``eval_dataset``, if any; ``repo_id`` for its usage examples), rename.
 
     A concurrent writer that finished first wins; ``folder`` is never seen half-written.
     """
@@ -295,7 +296,7 @@ def write_folder(model, folder: Path, provenance: dict, *, row=None, mean_iou: f
         model.save_pretrained(tmp)
         provenance = {**provenance, "weights_sha256": sha256_file(tmp / "model.safetensors")}
         (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        card = model.generate_model_card(row=row, provenance=provenance, mean_iou=mean_iou)
+        card = model.generate_model_card(row=row, provenance=provenance, mean_iou=mean_iou, eval_dataset=eval_dataset, repo_id=repo_id)
         (tmp / "README.md").write_text(str(card), encoding="utf-8")
         try:
             os.replace(tmp, folder)

@@ -78,7 +78,7 @@ def publish(
         for f in files:
             log(f"  {f} ({(folder / f).stat().st_size:,} bytes)")
     else:
-        commit = _upload(folder, repo_id, files, token, f"{checkpoint.title}, converted from {provenance.get('source_url', checkpoint.reference_url).rsplit('/', 1)[-1]}")
+        commit = upload(folder, repo_id, files, token, f"{checkpoint.title}, converted from {provenance.get('source_url', checkpoint.reference_url).rsplit('/', 1)[-1]}")
         entry["commit"] = commit.oid
         log(f"{name}: published {repo_id}@{commit.oid}; pin it in fcn_zoo/zoo.py: hub_revision=\"{commit.oid}\"")
     state[name] = entry
@@ -86,7 +86,7 @@ def publish(
     return entry
 
 
-def _upload(folder: Path, repo_id: str, files: list[str], token: str | None, message: str):
+def upload(folder: Path, repo_id: str, files: list[str], token: str | None, message: str):
     """One commit of ``files`` to ``repo_id``; the Hub's errors and unreachable networks become one line."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError

@@ -94,3 +94,23 @@ def make_cityscapes(root: Path, n_train: int = 8, n_val: int = 4, size=(64, 128)
             Image.fromarray(image).save(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
             Image.fromarray(label_ids).save(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png")
     return root
+
+
+def make_generic(root: Path, n_train: int = 8, n_val: int = 4, size=(64, 80), seed: int = 0, val: bool = True,
+                 colours: bool = True, nested: bool = False) -> Path:
+    """The generic layout: classes.txt (background, box, ellipse), images/{train,val}/*.jpg, masks/{train,val}/*.png.
+
+    ``val=False``: everything under images/train (for --val-fraction); ``nested``: ids in sub-folders."""
+    rng = np.random.default_rng(seed)
+    lines = ["background 0 0 0", "box 200 40 40", "ellipse 40 200 40"] if colours else ["background", "box", "ellipse"]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("\n".join(lines) + "\n")
+    for n in range(n_train + n_val):
+        split = "train" if n < n_train or not val else "val"
+        name = f"{'a' if n % 2 else 'b'}/{n:04d}" if nested else f"{n:04d}"
+        image, label = shapes_sample(rng, size, classes=(1, 2))
+        for kind, suffix in (("images", ".jpg"), ("masks", ".png")):
+            (root / kind / split / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / "images" / split / f"{name}.jpg", quality=95)
+        Image.fromarray(label.astype(np.uint8), mode="L").save(root / "masks" / split / f"{name}.png")
+    return root

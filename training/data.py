@@ -8,7 +8,9 @@
 - ADE20K: ``ADEChallengeData2016/{images,annotations}/{training,validation}``; label 0 is "other" and is
   ignored, label i becomes class i - 1 (reduce zero label);
 - Cityscapes: ``leftImg8bit/{train,val}/<city>/*_leftImg8bit.png`` and
-  ``gtFine/{train,val}/<city>/*_gtFine_labelIds.png``; label ids map to the 19 train ids, the rest is ignored.
+  ``gtFine/{train,val}/<city>/*_gtFine_labelIds.png``; label ids map to the 19 train ids, the rest is ignored;
+- generic (your own classes): ``classes.txt``, ``images/{train,val}/<id>.jpg``, ``masks/{train,val}/<id>.png``
+  (see :mod:`training.generic`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ LAYOUTS = {
     "(or mmsegmentation's SegmentationClassAug with train.txt + aug.txt)",
     "ade20k": "ADEChallengeData2016/{images,annotations}/{training,validation}/<id>.{jpg,png}",
     "cityscapes": "leftImg8bit/<split>/<city>/<id>_leftImg8bit.png and gtFine/<split>/<city>/<id>_gtFine_labelIds.png",
+    "generic": "DATA/classes.txt, DATA/images/{train,val}/<id>.jpg|png and DATA/masks/{train,val}/<id>.png",
 }
+# the folder under --data-root that tells each layout
+MARKERS = {"generic": "classes.txt", "voc": "VOCdevkit", "ade20k": "ADEChallengeData2016", "cityscapes": "leftImg8bit"}
 
 
 class DatasetLayoutError(FileNotFoundError):
@@ -48,13 +53,17 @@ class SegmentationDataset(torch.utils.data.Dataset):
     same whichever worker loads it and whether or not training was resumed.
     """
 
-    def __init__(self, name: str, samples: list[tuple[Path, Path]], lookup: np.ndarray, transforms=None, seed: int = 0):
+    def __init__(self, name: str, samples: list[tuple[Path, Path]], lookup: np.ndarray, transforms=None, seed: int = 0,
+                 *, class_names: list[str] | None = None, ids: list[str] | None = None):
         from fcn_zoo.zoo import DATASETS
 
+        known = DATASETS.get(name)
         self.name = name
-        self.num_classes = DATASETS[name].num_classes
-        self.eval_size = DATASETS[name].eval_size
+        self.class_names = list(class_names) if class_names is not None else list(known.classes)
+        self.num_classes = len(self.class_names)
+        self.eval_size = known.eval_size if known else None  # None: the model's own
         self.samples = samples
+        self.ids = ids
         self.lookup = lookup
         # stored values that map to no class and are not ignored (only an identity lookup, VOC's, has any)
         self.invalid = (lookup >= self.num_classes) & (lookup != IGNORE_INDEX)
@@ -71,6 +80,17 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         image_path, label_path = self.samples[index]
         image = torch.from_numpy(np.array(_open(image_path, "RGB", self.name))).permute(2, 0, 1).contiguous()
+        label = torch.from_numpy(self.label(index).astype(np.int64))
+        if label.shape != image.shape[1:]:
+            raise DatasetLayoutError(f"{label_path}: label is {tuple(label.shape)}, image is {tuple(image.shape[1:])}")
+        if self.transforms is not None:
+            generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{self.epoch}/{index}".encode()))
+            image, label = self.transforms(image, label, generator)
+        return image, label
+
+    def label(self, index: int) -> np.ndarray:
+        """The train ids of sample ``index`` as a uint8 ``(H, W)`` array (255 = ignore), without its image."""
+        label_path = self.samples[index][1]
         raw = np.array(_open(label_path, None, self.name))
         if raw.ndim != 2:
             raise DatasetLayoutError(f"{label_path}: a label map must have one channel, got shape {raw.shape}")
@@ -85,26 +105,58 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 f"{label_path}: label values {bad.tolist()[:5]} are outside the {self.num_classes} classes "
                 f"(0..{self.num_classes - 1}, {IGNORE_INDEX} = ignore)"
             )
-        label = torch.from_numpy(self.lookup[raw].astype(np.int64))
-        if label.shape != image.shape[1:]:
-            raise DatasetLayoutError(f"{label_path}: label is {tuple(label.shape)}, image is {tuple(image.shape[1:])}")
-        if self.transforms is not None:
-            generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{self.epoch}/{index}".encode()))
-            image, label = self.transforms(image, label, generator)
-        return image, label
+        return self.lookup[raw]
 
     def fingerprint(self) -> str:
-        """sha256 of the list of (image, label) file names: which files an evaluation used."""
+        """sha256 of the list of (image, label) file names (of the sorted ids in the generic layout): which
+        files an evaluation used."""
         import hashlib
 
-        text = "\n".join(f"{i.name} {label.name}" for i, label in self.samples)
+        if self.ids is not None:
+            text = "\n".join(sorted(self.ids))
+        else:
+            text = "\n".join(f"{i.name} {label.name}" for i, label in self.samples)
         return hashlib.sha256(text.encode()).hexdigest()
 
+    def class_pixels(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per class: its pixels, and the (non-ignored) pixels of the images where it occurs; reads every label."""
+        pixels = np.zeros(self.num_classes, dtype=np.int64)
+        image_pixels = np.zeros(self.num_classes, dtype=np.int64)
+        for i in range(len(self)):
+            counts = np.bincount(self.label(i).ravel(), minlength=256)[:self.num_classes]
+            pixels += counts
+            image_pixels[counts > 0] += counts.sum()
+        return pixels, image_pixels
 
-def build_dataset(dataset: str, root: str | Path, split: str, transforms=None, seed: int = 0) -> SegmentationDataset:
-    """``dataset`` in voc / ade20k / cityscapes; ``split`` train or val (VOC's train is trainaug)."""
+
+def detect_layout(root: str | Path) -> str:
+    """Which layout ``root`` holds: generic, voc, ade20k or cityscapes."""
+    root = Path(root)
+    for layout, marker in MARKERS.items():
+        if (root / marker).exists():
+            return layout
+    if not root.is_dir():
+        raise DatasetLayoutError(f"{root}: no such folder")
+    expected = "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items())
+    raise DatasetLayoutError(f"{root}: holds none of the dataset layouts; expected one of {expected}")
+
+
+def build_dataset(dataset: str, root: str | Path, split: str, transforms=None, seed: int = 0,
+                  *, val_fraction: float | None = None) -> SegmentationDataset:
+    """``dataset`` in generic / voc / ade20k / cityscapes; ``split`` train or val (VOC's train is trainaug).
+
+    ``val_fraction``: the generic layout without ``images/val`` holds out this share of the images."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if dataset == "generic":
+        from .generic import read_classes, splits
+
+        classes = read_classes(root)
+        chosen = splits(root, val_fraction)[split == "val"]
+        return SegmentationDataset(
+            "generic", [(image, mask) for _, image, mask in chosen], np.arange(256, dtype=np.uint8), transforms, seed,
+            class_names=classes.names, ids=[i for i, _, _ in chosen],
+        )
     builders = {"voc": _voc, "ade20k": _ade20k, "cityscapes": _cityscapes}
     if dataset not in builders:
         raise ValueError(f"unknown dataset {dataset!r}; use one of {', '.join(builders)}")

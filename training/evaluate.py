@@ -1,7 +1,8 @@
 """Evaluate any checkpoint with the reference protocol: mIoU, pixel accuracy, per-class IoU.
 
-    python -m training.evaluate fcn_resnet50os8_voc --dataset voc --data-root /data
-    torchrun --nproc-per-node 8 -m training.evaluate runs/voc/best --dataset voc --data-root /data --tta
+    python -m training.evaluate fcn_resnet50os8_voc --data-root /data
+    python -m training.evaluate runs/mine/best --data-root DATA          # your data (training.generic)
+    torchrun --nproc-per-node 8 -m training.evaluate runs/voc/best --data-root /data --tta
 
 The confusion matrix is accumulated on the device and summed across processes. Writes ``eval.json`` and a
 per-class IoU bar chart ``eval_iou.png`` to ``--output-dir``.
@@ -19,7 +20,7 @@ import torch.distributed as dist
 from fcn_zoo._files import write_json
 from fcn_zoo.predict import TTA, predict_labels
 
-from .data import IGNORE_INDEX, build_dataset
+from .data import IGNORE_INDEX, DatasetLayoutError, build_dataset, detect_layout
 from .distributed import DistributedContext, init_distributed
 
 
@@ -112,9 +113,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("model", help="zoo name, Hub repo id, save_pretrained folder or reference .pth")
-    parser.add_argument("--dataset", required=True, choices=sorted(fcn_zoo.DATASETS))
     parser.add_argument("--data-root", required=True)
+    parser.add_argument("--dataset", choices=("generic", *sorted(fcn_zoo.DATASETS)), help="the layout of --data-root (default: detected)")
     parser.add_argument("--split", default="val", choices=("train", "val"))
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help="generic layout without images/val: the held-out share (default: the one the model's training run used)")
     parser.add_argument("--mode", default="whole", choices=("whole", "slide"))
     parser.add_argument("--tta", action="store_true", help="flip + scales 0.5-1.75")
     parser.add_argument("--device", default=None)
@@ -123,18 +126,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     ctx = init_distributed(args.device)
+    try:
+        layout = args.dataset or detect_layout(args.data_root)
+        val_fraction = args.val_fraction if args.val_fraction is not None else _training_val_fraction(args.model)
+        dataset = build_dataset(layout, args.data_root, args.split, val_fraction=val_fraction if layout == "generic" else None)
+    except DatasetLayoutError as e:
+        raise SystemExit(f"python -m training.evaluate: {e}") from None
     model = fcn_zoo.from_pretrained(args.model, device=str(ctx.device))
-    dataset = build_dataset(args.dataset, args.data_root, args.split)
     if model.num_classes != dataset.num_classes:
-        raise SystemExit(f"{args.model} predicts {model.num_classes} classes; {args.dataset} has {dataset.num_classes}")
+        raise SystemExit(f"python -m training.evaluate: {args.model} predicts {model.num_classes} classes; {args.data_root} has {dataset.num_classes}")
     results = evaluate(model, dataset, tta=TTA() if args.tta else None, mode=args.mode, ctx=ctx, max_samples=args.max_samples)
     if ctx.is_main:
-        write_report(results, model.class_names, Path(args.output_dir), {
-            "model": args.model, "dataset": args.dataset, "split": args.split, "mode": args.mode,
+        write_report(results, dataset.class_names, Path(args.output_dir), {
+            "model": args.model, "dataset": layout, "data_root": str(args.data_root), "split": args.split, "mode": args.mode,
             "tta": args.tta, "samples_sha256": dataset.fingerprint(),
         })
     ctx.close()
     return 0
+
+
+def _training_val_fraction(model: str) -> float | None:
+    """The ``--val-fraction`` the training run of a ``best/`` folder used, from its ``provenance.json``."""
+    import json
+
+    try:
+        return json.loads((Path(model) / "provenance.json").read_text())["run"]["val_fraction"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
-"""Reproduce a row of the zoo with the reference recipe.
+"""Reproduce a row of the zoo with the reference recipe, or fine-tune any FCN on your own data and classes.
 
     torchrun --nproc-per-node 8 -m training.train --recipe fcn_resnet50os8_voc --data-root /data --output-dir runs/r50os8_voc
+    python -m training.train --init fcn_resnet50os16_voc --data-root DATA --output-dir runs/mine   # DATA: see training.generic
     python -m training.train --recipe fcn_resnet50os8_voc --data-root /data --output-dir /tmp/run \\
         --device cpu --max-iters 2 --batch-size 2 --crop-size 64 --backbone-weights none
 
-SGD (lr 0.01, momentum 0.9, weight decay 5e-4), poly decay (power 0.9, min lr 1e-4) per iteration,
-cross-entropy + 0.4 x auxiliary cross-entropy, SyncBatchNorm and DDP over the processes, total batch 16
-(Cityscapes 8) split over them with gradient accumulation when fewer devices hold it. bf16 autocast and
+SGD (momentum 0.9, weight decay 5e-4), poly decay (power 0.9, min lr 1e-4) per iteration, cross-entropy +
+0.4 x auxiliary cross-entropy, SyncBatchNorm and DDP over the processes. ``--recipe``: the row's lr,
+epochs, crop and total batch (16, Cityscapes 8), split over the processes with gradient accumulation when
+fewer devices hold it. ``--init``: the fine-tuning defaults of :mod:`training.plan`. bf16 autocast and
 channels_last on GPUs unless ``--fp32``. Checkpoints (model, optimizer, scheduler, iteration, RNG) are
 written atomically every ``--checkpoint-interval`` iterations; ``--resume`` continues from the newest.
 """
@@ -33,38 +35,52 @@ import fcn_zoo
 from fcn_zoo._files import atomic_path, write_json
 from fcn_zoo.convert import write_folder
 
-from .data import IGNORE_INDEX, build_dataset
+from .data import IGNORE_INDEX, DatasetLayoutError
 from .distributed import DistributedContext, init_distributed
 from .evaluate import evaluate
-from .transforms import train_transforms
+from .plan import FINETUNE_BATCH, FINETUNE_CROP, FINETUNE_EPOCHS, FINETUNE_LR, FINETUNE_MIN_ITERS, Plan, make_plan
 
 MIN_LR = 1e-4
 POLY_POWER = 0.9
 AUX_WEIGHT = 0.4
-REFERENCE_GPUS = 8  # the reference trains on 8 GPUs: its per-GPU batch is the total / 8
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n")[0])
-    p.add_argument("--recipe", required=True, choices=fcn_zoo.list_models(), help="the zoo row to reproduce")
-    p.add_argument("--data-root", required=True, help="the folder holding VOCdevkit, ADEChallengeData2016 or leftImg8bit + gtFine")
+    p = argparse.ArgumentParser(
+        prog="python -m training.train", description=__doc__.split("\n")[0],
+        epilog=f"Fine-tuning defaults (--init): {FINETUNE_EPOCHS} epochs and at least {FINETUNE_MIN_ITERS} iterations, "
+        f"lr {FINETUNE_LR}, batch {FINETUNE_BATCH} (or the training set if smaller), crop {FINETUNE_CROP} (or the "
+        "images' size if smaller), resize bound the images' median size (or the --init model's if smaller), "
+        "evaluation 10 times over the run; best/ keeps the best.",
+    )
+    what = p.add_argument_group("what to train")
+    what.add_argument("--recipe", choices=fcn_zoo.list_models(), help="the zoo row to reproduce with the reference recipe")
+    what.add_argument("--init", metavar="SOURCE", help="fine-tune: a zoo name, Hub repo id, save_pretrained folder or reference .pth")
+    p.add_argument("--data-root", required=True,
+                   help="your data (classes.txt, images/, masks/) or the folder holding VOCdevkit, ADEChallengeData2016 or leftImg8bit + gtFine")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--backbone-weights", default="timm", help="'timm' (ImageNet V1c from timm), 'none', or a file")
-    p.add_argument("--backbone", help="another timm backbone than the recipe's (e.g. resnet18d for quick runs)")
-    p.add_argument("--head-channels", type=int, help="narrower heads than the recipe's 512 (for quick runs)")
+    p.add_argument("--dataset", choices=("generic", "voc", "ade20k", "cityscapes"), help="the layout of --data-root (default: detected)")
+    p.add_argument("--val-fraction", type=float, help="without images/val: hold out this share of the images, chosen by id (e.g. 0.1)")
+    p.add_argument("--class-weights", choices=("none", "auto"), default="none", help="auto: median frequency balancing of the loss")
+    p.add_argument("--freeze-backbone", action="store_true", help="train the heads only (backbone weights and BatchNorm statistics fixed)")
+    p.add_argument("--push-to-hub", metavar="OWNER/REPO", help="upload best/ to this Hub repo at the end (needs hf auth login)")
+    p.add_argument("--backbone-weights", default="timm", help="--recipe: 'timm' (ImageNet V1c from timm), 'none', or a file")
+    p.add_argument("--backbone", help="--recipe: another timm backbone than the recipe's (e.g. resnet18d for quick runs)")
+    p.add_argument("--head-channels", type=int, help="--recipe: narrower heads than the recipe's 512 (for quick runs)")
     p.add_argument("--device", help="cpu, cuda (default: this process's GPU if any)")
-    p.add_argument("--batch-size", type=int, help="total batch over all processes (default: the recipe's)")
-    p.add_argument("--per-device-batch", type=int, help="images per device per step (default: the reference's, batch / 8)")
+    p.add_argument("--batch-size", type=int, help="total batch over all processes (default: the recipe's, or 8)")
+    p.add_argument("--per-device-batch", type=int, help="images per device per step (default: the reference's, batch / 8; fine-tuning: batch / processes)")
     p.add_argument("--crop-size", type=int, nargs="+", help="crop H [W] (default: the recipe's)")
     p.add_argument("--scale", type=int, nargs=2, metavar=("LONG", "SHORT"),
                    help="resize bound of training (times 0.5-2.0) and evaluation (default: the dataset's, e.g. 2048 512)")
-    p.add_argument("--max-iters", type=int, help="default: the recipe's epochs x iterations per epoch")
-    p.add_argument("--lr", type=float, help="default: the recipe's (0.01)")
+    p.add_argument("--epochs", type=int, help=f"default: the recipe's, or {FINETUNE_EPOCHS} when fine-tuning")
+    p.add_argument("--max-iters", type=int, help="default: epochs x iterations per epoch")
+    p.add_argument("--lr", type=float, help=f"default: the recipe's (0.01), or {FINETUNE_LR} when fine-tuning")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast, no channels_last on GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--checkpoint-interval", type=int, default=1000)
-    p.add_argument("--eval-interval", type=int, default=0, help="also evaluate every N iterations (0: only at the end)")
+    p.add_argument("--eval-interval", type=int, default=0, help="also evaluate every N iterations (default: only at the end; fine-tuning: 10 times)")
     p.add_argument("--eval-max-samples", type=int, help="evaluate on the first N val samples only")
     p.add_argument("--log-interval", type=int, default=50)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --output-dir")
@@ -79,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx = init_distributed(args.device)
     try:
         train(args, ctx)
+    except DatasetLayoutError as e:  # one line naming the file; nothing was trained
+        raise SystemExit(f"python -m training.train: {e}") from None
     finally:
         ctx.close()
     return 0
@@ -87,10 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
     from tqdm.auto import tqdm
 
-    row = fcn_zoo.get_checkpoint(args.recipe)
-    data = row.data
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -98,26 +113,13 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
     on_gpu = ctx.device.type == "cuda"
     fast = on_gpu and not args.fp32
 
-    total_batch = args.batch_size or row.batch_size
-    per_device = args.per_device_batch or max(1, total_batch // REFERENCE_GPUS)
-    if total_batch % (ctx.world_size * per_device):
-        raise SystemExit(f"--batch-size {total_batch} is not a multiple of {ctx.world_size} processes x {per_device} per device")
-    accumulation = total_batch // (ctx.world_size * per_device)
-    if args.crop_size and len(args.crop_size) > 2:
-        raise SystemExit(f"--crop-size takes H or H W, got {len(args.crop_size)} numbers")
-    crop = tuple(args.crop_size) * (2 // len(args.crop_size)) if args.crop_size else row.crop_size
-    scale = tuple(args.scale) if args.scale else data.eval_size
-
-    train_set = build_dataset(row.dataset, args.data_root, "train", train_transforms(scale, crop, data.mean, data.std), args.seed)
-    val_set = build_dataset(row.dataset, args.data_root, "val")
-    iters_per_epoch = len(train_set) // total_batch
-    if iters_per_epoch == 0:
-        raise SystemExit(f"the training set has {len(train_set)} samples, fewer than one batch of {total_batch}")
-    max_iters = args.max_iters or row.epochs * iters_per_epoch
-
-    model = build_model(args, row)
-    model.eval_size, model.crop_size = scale, crop  # the protocol best/ is evaluated with, in its config.json
+    plan = make_plan(args, ctx)  # the data is checked here, before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    model, train_set, val_set = plan.model, plan.train_set, plan.val_set
+    per_device, accumulation, max_iters, iters_per_epoch = plan.per_device, plan.accumulation, plan.max_iters, plan.iters_per_epoch
     model.to(ctx.device)
+    if plan.freeze_backbone:
+        model.backbone.requires_grad_(False)
     if fast:
         model.to(memory_format=torch.channels_last)
     if ctx.distributed and on_gpu:  # SyncBatchNorm runs on GPUs only
@@ -125,19 +127,20 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
     net = DistributedDataParallel(model, device_ids=[ctx.device] if on_gpu else None) if ctx.distributed else model
     if args.compile:
         net = torch.compile(net)
-    base_lr = args.lr or row.lr
-    optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=0.9, weight_decay=5e-4)
+    base_lr = plan.lr
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=base_lr, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: ((base_lr - MIN_LR) * (1 - min(it, max_iters) / max_iters) ** POLY_POWER + MIN_LR) / base_lr
     )
+    class_weights = torch.tensor(plan.class_weights, device=ctx.device) if plan.class_weights else None
 
     state = {"iteration": 0, "best_miou": -1.0, "history": {"loss": [], "miou": []}}
     if args.resume:
         state = resume(out, model, optimizer, scheduler, ctx) or state
     meta = {
-        "recipe": row.name, "world_size": ctx.world_size, "total_batch": total_batch, "per_device_batch": per_device,
-        "accumulation": accumulation, "crop_size": list(crop), "scale": list(scale), "max_iters": max_iters, "precision": "bf16" if fast else "fp32",
-        "backbone_weights": args.backbone_weights, "commit": _git_commit(),
+        **plan.meta, "world_size": ctx.world_size, "total_batch": plan.total_batch, "per_device_batch": per_device,
+        "accumulation": accumulation, "crop_size": list(plan.crop), "scale": list(plan.scale), "max_iters": max_iters,
+        "lr": base_lr, "precision": "bf16" if fast else "fp32", "commit": _git_commit(),
     }
     if ctx.is_main:
         write_json(out / "run.json", {**meta, "args": vars(args)})
@@ -145,9 +148,9 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
     sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed, drop_last=True)
 
     it = state["iteration"]
-    bar = tqdm(total=max_iters, initial=it, desc=row.name, disable=args.no_progress or not ctx.is_main)
+    bar = tqdm(total=max_iters, initial=it, desc=plan.name, disable=args.no_progress or not ctx.is_main)
     window_start, window_images = time.perf_counter(), 0
-    net.train()
+    _train_mode(net, model, plan.freeze_backbone)
     while it < max_iters:
         epoch, step_in_epoch = divmod(it, iters_per_epoch)
         sampler.set_epoch(epoch)
@@ -174,8 +177,8 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
                 with net.no_sync() if not sync and hasattr(net, "no_sync") else contextlib.nullcontext():
                     with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=fast):
                         logits, aux = net(images)
-                        main_loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
-                        aux_loss = F.cross_entropy(aux.float(), labels, ignore_index=IGNORE_INDEX)
+                        main_loss = F.cross_entropy(logits.float(), labels, class_weights, ignore_index=IGNORE_INDEX)
+                        aux_loss = F.cross_entropy(aux.float(), labels, class_weights, ignore_index=IGNORE_INDEX)
                     ((main_loss + AUX_WEIGHT * aux_loss) / accumulation).backward()
                 losses += torch.stack([main_loss.detach(), aux_loss.detach()]) / accumulation
                 window_images += images.shape[0] * ctx.world_size
@@ -201,14 +204,14 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
                 window_start, window_images = time.perf_counter(), 0
             final = it == max_iters
-            if final or (args.eval_interval and it % args.eval_interval == 0):
+            if final or (plan.eval_interval and it % plan.eval_interval == 0):
                 if ctx.distributed:  # BatchNorm statistics are per process without SyncBatchNorm: use rank 0's
                     for buffer in model.buffers():
                         dist.broadcast(buffer, 0)
                 results = evaluate(
-                    model, val_set, ctx=ctx, max_samples=args.eval_max_samples, progress=not args.no_progress, eval_size=scale
+                    model, val_set, ctx=ctx, max_samples=args.eval_max_samples, progress=not args.no_progress, eval_size=plan.scale
                 )
-                net.train()
+                _train_mode(net, model, plan.freeze_backbone)
                 state["history"]["miou"].append([it, results["mIoU"]])
                 if log_file:
                     log_file.write(json.dumps({"iter": it, "mIoU": results["mIoU"], "aAcc": results["aAcc"]}) + "\n")
@@ -216,7 +219,7 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
                 if results["mIoU"] > state["best_miou"]:
                     state["best_miou"] = results["mIoU"]
                     if ctx.is_main:
-                        export_best(model, row, results, val_set, meta, out / "best")
+                        export_best(model, plan, results, meta, out / "best", repo_id=args.push_to_hub)
             state["iteration"] = it
             if it % args.checkpoint_interval == 0 or final:
                 save_checkpoint(out, model, optimizer, scheduler, state, ctx)
@@ -225,56 +228,27 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
         log_file.close()
     if ctx.is_main:
         plot_curves(state["history"], out / "curves.png")
+        if args.push_to_hub:
+            push_best(out / "best", args.push_to_hub)
     return state
 
 
-def build_model(args: argparse.Namespace, row) -> fcn_zoo.FCN:
-    """The recipe's FCN with its backbone initialised from timm's ImageNet weights, a file, or not at all."""
-    config = row.model_config()
-    if args.backbone:
-        config["backbone"] = args.backbone
-    if args.head_channels:
-        config.update(head_channels=args.head_channels, aux_channels=args.head_channels)
-    model = fcn_zoo.FCN(**config)
-    if args.backbone_weights == "none":
-        return model
-    if args.backbone_weights == "timm":
-        import timm
-
-        # resnet50c / resnet101c: timm's V1c ImageNet weights (gluon_in1k), downloaded from the Hub once
-        pretrained = timm.create_model(
-            config["backbone"], pretrained=True, features_only=True, out_indices=(3, 4),
-            output_stride=config["output_stride"],
-        )
-        model.backbone.load_state_dict(pretrained.state_dict())
-        return model
-    load_backbone_file(model, Path(args.backbone_weights))
-    return model
+def _train_mode(net, model: fcn_zoo.FCN, freeze_backbone: bool) -> None:
+    net.train()
+    if freeze_backbone:  # a frozen backbone keeps its BatchNorm statistics too
+        model.backbone.eval()
 
 
-def load_backbone_file(model: fcn_zoo.FCN, path: Path) -> None:
-    """ImageNet weights from a file: timm's (safetensors or .pth) or openmmlab's V1c (``stem.*`` keys)."""
-    from fcn_zoo.convert import read_checkpoint
+def push_best(folder: Path, repo_id: str) -> None:
+    """One commit of ``best/`` to the Hub repo ``repo_id`` (created if needed); its URL on stdout."""
+    from fcn_zoo.errors import FCNZooError
+    from fcn_zoo.publish import upload
 
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = read_checkpoint(path)
-    renamed = {}
-    for key, value in state.items():
-        key = key.removeprefix("backbone.")
-        if key.startswith(("fc.", "head.")):
-            continue  # the ImageNet classifier
-        key = key.replace("stem.7.", "bn1.", 1) if key.startswith("stem.7.") else key.replace("stem.", "conv1.", 1) if key.startswith("stem.") else key
-        renamed[key] = value
     try:
-        missing, unexpected = model.backbone.load_state_dict(renamed, strict=False)
-    except RuntimeError as e:  # shapes that do not fit
-        raise SystemExit(f"{path}: does not fit the backbone: {str(e).splitlines()[1].strip()}") from e
-    if missing or unexpected:
-        raise SystemExit(f"{path}: does not fit the backbone: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        commit = upload(folder, repo_id, sorted(p.name for p in folder.iterdir() if p.is_file()), None, f"Upload {folder} (fcn-zoo training)")
+    except FCNZooError as e:
+        raise SystemExit(f"python -m training.train: {e}") from e
+    print(f"uploaded {folder} to https://huggingface.co/{repo_id} (commit {getattr(commit, 'oid', commit)})")
 
 
 def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict, ctx: DistributedContext, keep: int = 2) -> None:
@@ -322,17 +296,20 @@ def resume(out: Path, model, optimizer, scheduler, ctx: DistributedContext) -> d
     return None
 
 
-def export_best(model, row, results: dict, val_set, meta: dict, folder: Path) -> None:
-    """The best model so far as a ``save_pretrained`` folder whose card carries the measured mIoU and the run."""
+def export_best(model, plan: Plan, results: dict, meta: dict, folder: Path, repo_id: str | None = None) -> None:
+    """The best model so far as a ``save_pretrained`` folder whose card carries the measured mIoU, the
+    per-class IoU and the run (for fine-tuning: the init source and the data)."""
     import shutil
 
     provenance = {
-        "run": {**meta, "val_samples_sha256": val_set.fingerprint()},
+        "run": {**meta, "val_samples_sha256": plan.val_set.fingerprint()},
         "measured_miou": round(100 * results["mIoU"], 2),
+        "per_class_iou": {n: None if v != v else round(100 * v, 2) for n, v in zip(plan.val_set.class_names, results["IoU"])},
     }
     fresh = folder.with_name(f"{folder.name}.new")
     shutil.rmtree(fresh, ignore_errors=True)
-    write_folder(model, fresh, provenance, row=row, mean_iou=provenance["measured_miou"])
+    write_folder(model, fresh, provenance, row=plan.row, mean_iou=provenance["measured_miou"],
+                 eval_dataset=None if plan.row else plan.meta["data"]["name"], repo_id=repo_id)
     old = folder.with_name(f"{folder.name}.old")
     if folder.exists():
         os.replace(folder, old)

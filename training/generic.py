@@ -1,0 +1,220 @@
+"""Your own data in one simple layout, checked in full before training starts.
+
+    DATA/classes.txt                  one class name per line, in index order ("name" or "name R G B")
+    DATA/images/{train,val}/<id>.jpg  (or .png, .jpeg, .bmp, .tif, .webp; ids may sit in sub-folders)
+    DATA/masks/{train,val}/<id>.png   one class index per pixel (mode L or P), 255 = ignore
+
+Without ``images/val`` (or with images directly under ``images/``) a deterministic fraction of the
+images is held out for validation: an image's side of the split depends on its id only, so adding
+images never moves the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .data import IGNORE_INDEX, LAYOUTS, DatasetLayoutError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+LAYOUT = LAYOUTS["generic"]
+
+
+@dataclass
+class Classes:
+    names: list[str]
+    palette: list[tuple[int, int, int]] | None  # None: no colours given
+
+
+def read_classes(root: str | Path) -> Classes:
+    """``classes.txt``: a name per line in index order, optionally followed by its colour ``R G B``."""
+    path = Path(root) / "classes.txt"
+    if not path.is_file():
+        raise DatasetLayoutError(f"{path}: missing; write one class name per line, in index order ({LAYOUT})")
+    names, colours = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        parts = text.split()
+        if len(parts) >= 4 and all(p.isdigit() for p in parts[-3:]):
+            rgb = tuple(int(p) for p in parts[-3:])
+            if max(rgb) > 255:
+                raise DatasetLayoutError(f"{path}:{number}: colour {rgb} is outside 0..255")
+            names.append(" ".join(parts[:-3]))
+            colours.append(rgb)
+        else:
+            names.append(text)
+            colours.append(None)
+    if not names:
+        raise DatasetLayoutError(f"{path}: no class names; write one per line, in index order")
+    if len(names) > IGNORE_INDEX:
+        raise DatasetLayoutError(f"{path}: {len(names)} classes; masks hold 0..254 (255 = ignore)")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DatasetLayoutError(f"{path}: class names appear twice: {', '.join(duplicates)}")
+    given = [c is not None for c in colours]
+    if any(given) and not all(given):
+        line = given.index(False) + 1
+        raise DatasetLayoutError(f"{path}: class {line - 1} ({names[line - 1]}) has no colour; give R G B on every line or on none")
+    return Classes(names, colours if all(given) else None)
+
+
+def is_generic(root: str | Path) -> bool:
+    return (Path(root) / "classes.txt").is_file()
+
+
+def pairs(root: str | Path, split: str | None) -> list[tuple[str, Path, Path]]:
+    """``(id, image, mask)`` for every image under ``images/<split>`` (``images/`` when ``split`` is None).
+
+    An image without its mask, or a mask without its image, is an error naming it."""
+    root = Path(root)
+    images_dir = root / "images" / split if split else root / "images"
+    masks_dir = root / "masks" / split if split else root / "masks"
+    if not images_dir.is_dir():
+        raise DatasetLayoutError(f"{images_dir}: missing; expected {LAYOUT}")
+    images = {_id(p, images_dir): p for p in _files(images_dir, IMAGE_SUFFIXES)}
+    masks = {_id(p, masks_dir): p for p in _files(masks_dir, {".png"})} if masks_dir.is_dir() else {}
+    lone_images = sorted(set(images) - set(masks))
+    if lone_images:
+        raise DatasetLayoutError(_missing(images[lone_images[0]], masks_dir / f"{lone_images[0]}.png", "mask", len(lone_images)))
+    lone_masks = sorted(set(masks) - set(images))
+    if lone_masks:
+        raise DatasetLayoutError(_missing(masks[lone_masks[0]], images_dir / f"{lone_masks[0]}.jpg", "image", len(lone_masks)))
+    if not images:
+        raise DatasetLayoutError(f"{images_dir}: no images (.jpg, .png, ...) in the {split or 'images'} split; expected {LAYOUT}")
+    return [(i, images[i], masks[i]) for i in sorted(images)]
+
+
+def splits(root: str | Path, val_fraction: float | None) -> tuple[list, list, str]:
+    """The train and val ``(id, image, mask)`` lists, and how val was chosen (``"images/val"`` or ``"held out 0.1"``).
+
+    ``val_fraction`` holds out that share of the train images when there is no ``images/val``; it is an
+    error to give it when there is one."""
+    root = Path(root)
+    has_train = (root / "images" / "train").is_dir()
+    has_val = (root / "images" / "val").is_dir()
+    if has_val and val_fraction is not None:
+        raise DatasetLayoutError(f"{root / 'images' / 'val'}: a val split exists; drop --val-fraction or move it away")
+    if has_val:
+        return pairs(root, "train"), pairs(root, "val"), "images/val"
+    if val_fraction is None:
+        raise DatasetLayoutError(
+            f"{root / 'images' / 'val'}: missing; add a val split, or hold out part of the train images with --val-fraction 0.1"
+        )
+    if not 0 < val_fraction < 1:
+        raise DatasetLayoutError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    pool = pairs(root, "train" if has_train else None)
+    if len(pool) < 2:
+        raise DatasetLayoutError(f"{root / 'images'}: {len(pool)} image; at least 2 are needed to hold some out for validation")
+    # an id goes to val when its hash, read as a number in [0, 1), is below the fraction: the share is
+    # val_fraction on average, and an image's side never depends on the other images
+    ranked = sorted(pool, key=lambda sample: _unit_hash(sample[0]))
+    val = {i for i, _, _ in ranked if _unit_hash(i) < val_fraction} or {ranked[0][0]}
+    val.discard(ranked[-1][0])  # at least one image to train on
+    return [s for s in pool if s[0] not in val], [s for s in pool if s[0] in val], f"held out {val_fraction:g}"
+
+
+def _unit_hash(text: str) -> float:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16) / 16**12
+
+
+@dataclass
+class Scan:
+    pixels: np.ndarray  # (num_classes,) pixels of each class
+    image_pixels: np.ndarray  # (num_classes,) pixels of the images where each class occurs
+    sizes: list[tuple[int, int]]  # (height, width) of each image
+
+
+def scan(samples: list[tuple[str, Path, Path]], num_classes: int, progress: bool = False) -> Scan:
+    """Read every mask and image header: a mask that is not one channel, whose size differs from its image's,
+    that holds a value outside ``0..num_classes - 1`` and 255, or a file that does not read, is an error
+    naming it. Returns the class pixel counts (for ``--class-weights auto``) and the image sizes."""
+    from tqdm.auto import tqdm
+
+    pixels = np.zeros(num_classes, dtype=np.int64)
+    image_pixels = np.zeros(num_classes, dtype=np.int64)
+    sizes = []
+    for _, image_path, mask_path in tqdm(samples, desc="checking masks", disable=not progress, leave=False):
+        try:
+            with Image.open(image_path) as image:
+                width, height = image.size
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DatasetLayoutError(f"{image_path}: unreadable as an image ({e})") from e
+        mask = _read_mask(mask_path)
+        if mask.shape != (height, width):
+            raise DatasetLayoutError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {image_path.name} is {width}x{height}")
+        counts = np.bincount(mask.ravel(), minlength=256)
+        bad = np.flatnonzero(counts[num_classes:IGNORE_INDEX]) + num_classes
+        if bad.size or counts[IGNORE_INDEX + 1:].any():
+            values = np.flatnonzero(counts)
+            outside = [int(v) for v in values if num_classes <= v != IGNORE_INDEX]
+            raise DatasetLayoutError(
+                f"{mask_path}: values {outside[:5]} are outside the {num_classes} classes of classes.txt "
+                f"(0..{num_classes - 1}, {IGNORE_INDEX} = ignore)"
+            )
+        counts = counts[:num_classes]
+        pixels += counts
+        image_pixels[counts > 0] += counts.sum()
+        sizes.append((height, width))
+    return Scan(pixels, image_pixels, sizes)
+
+
+def median_frequency_weights(pixels: np.ndarray, image_pixels: np.ndarray) -> list[float]:
+    """Median frequency balancing (Eigen & Fergus 2015): ``median(f) / f_c`` with ``f_c`` the ``pixels`` of
+    class c over the ``image_pixels`` of the images where c occurs; classes that never occur get 1."""
+    present = pixels > 0
+    if not present.any():
+        return [1.0] * len(pixels)
+    frequency = np.where(present, pixels / np.maximum(image_pixels, 1), 0.0)
+    median = float(np.median(frequency[present]))
+    return [round(median / f, 6) if p else 1.0 for f, p in zip(frequency.tolist(), present.tolist())]
+
+
+def file_list_sha256(samples: list[tuple[str, Path, Path]]) -> str:
+    """sha256 of the sorted ids of a split: which files a run used."""
+    return hashlib.sha256("\n".join(sorted(s[0] for s in samples)).encode()).hexdigest()
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode not in ("L", "P", "I", "I;16", "I;16B", "1"):
+                raise DatasetLayoutError(
+                    f"{path}: a mask holds one class index per pixel (an 8-bit grey or palette PNG), got mode {img.mode}; "
+                    "convert colours to class indices"
+                )
+            mask = np.array(img)
+    except DatasetLayoutError:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetLayoutError(f"{path}: unreadable as a mask ({e})") from e
+    if mask.dtype != np.uint8:
+        if mask.size and (mask.min() < 0 or mask.max() > 255):
+            raise DatasetLayoutError(f"{path}: mask values must be 0..255, found {mask.min()}..{mask.max()}")
+        mask = mask.astype(np.uint8)
+    return mask
+
+
+def _files(folder: Path, suffixes: set[str]) -> list[Path]:
+    found = []
+    for path in sorted(folder.rglob("*")):
+        if any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        if path.is_file() and path.suffix.lower() in suffixes:
+            found.append(path)
+    return found
+
+
+def _id(path: Path, folder: Path) -> str:
+    return path.relative_to(folder).with_suffix("").as_posix()
+
+
+def _missing(have: Path, expected: Path, what: str, count: int) -> str:
+    more = f" ({count - 1} more like it)" if count > 1 else ""
+    return f"{have}: has no {what} (expected {expected}){more}"

@@ -1,0 +1,271 @@
+"""What a run trains: the model, the data, the schedule, from ``--recipe`` (reproduce a zoo row) or from
+``--init`` (fine-tune anything loadable on your data, with your classes).
+
+Fine-tuning defaults, for small datasets: 50 epochs and at least 500 iterations, SGD lr 0.01 with the
+recipe's momentum, weight decay and poly decay, batch 8 (or the training set, if smaller), a square crop of
+512 or the images' evaluation size if they are smaller, and the recipe's augmentations. The resize bound
+is the images' median size, unless it exceeds the ``--init`` model's own bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fcn_zoo
+
+from .data import DatasetLayoutError, SegmentationDataset, build_dataset, detect_layout
+from .distributed import DistributedContext
+from .transforms import train_transforms
+
+REFERENCE_GPUS = 8  # the reference trains on 8 GPUs: its per-GPU batch is the total / 8
+FINETUNE_EPOCHS = 50
+FINETUNE_MIN_ITERS = 500
+FINETUNE_LR = 0.01
+FINETUNE_BATCH = 8
+FINETUNE_CROP = 512
+
+
+@dataclass
+class Plan:
+    name: str  # the recipe's row name, or the data folder's name when fine-tuning
+    row: object | None  # the zoo row reproduced (None when fine-tuning)
+    model: fcn_zoo.FCN
+    train_set: SegmentationDataset
+    val_set: SegmentationDataset
+    total_batch: int
+    per_device: int
+    accumulation: int
+    crop: tuple[int, int]
+    scale: tuple[int, int]
+    iters_per_epoch: int
+    max_iters: int
+    lr: float
+    eval_interval: int
+    class_weights: list[float] | None = None
+    freeze_backbone: bool = False
+    meta: dict = field(default_factory=dict)  # what run.json and the model card record
+
+
+def make_plan(args: argparse.Namespace, ctx: DistributedContext) -> Plan:
+    if bool(args.recipe) == bool(args.init):
+        raise SystemExit("give --recipe NAME to reproduce a zoo row, or --init SOURCE to fine-tune on --data-root (not both)")
+    if args.push_to_hub:  # found out now, not after hours of training
+        import huggingface_hub
+
+        if args.push_to_hub.count("/") != 1 or not all(args.push_to_hub.split("/")):
+            raise SystemExit(f"--push-to-hub {args.push_to_hub}: give a Hub repo id OWNER/NAME")
+        if not huggingface_hub.get_token():
+            raise SystemExit(f"--push-to-hub {args.push_to_hub}: no Hugging Face token; run `hf auth login` or set HF_TOKEN, then rerun")
+    return recipe_plan(args, ctx) if args.recipe else finetune_plan(args, ctx)
+
+
+def recipe_plan(args: argparse.Namespace, ctx: DistributedContext) -> Plan:
+    for option in ("val_fraction", "class_weights", "dataset"):
+        if getattr(args, option) not in (None, "none"):
+            raise SystemExit(f"--{option.replace('_', '-')} is for fine-tuning (--init); a --recipe run uses the row's dataset as the reference does")
+    row = fcn_zoo.get_checkpoint(args.recipe)
+    data = row.data
+    total_batch = args.batch_size or row.batch_size
+    per_device = args.per_device_batch or max(1, total_batch // REFERENCE_GPUS)
+    crop = _crop(args) or row.crop_size
+    scale = tuple(args.scale) if args.scale else data.eval_size
+    train_set = build_dataset(row.dataset, args.data_root, "train", train_transforms(scale, crop, data.mean, data.std), args.seed)
+    val_set = build_dataset(row.dataset, args.data_root, "val")
+    model = build_model(args, row)
+    model.eval_size, model.crop_size = scale, crop  # the protocol best/ is evaluated with, in its config.json
+    iters_per_epoch = _iters_per_epoch(train_set, total_batch)
+    max_iters = args.max_iters or (args.epochs or row.epochs) * iters_per_epoch
+    meta = {"recipe": row.name, "backbone_weights": args.backbone_weights}
+    return Plan(
+        row.name, row, model, train_set, val_set, total_batch, per_device, _accumulation(total_batch, per_device, ctx),
+        crop, scale, iters_per_epoch, max_iters, args.lr or row.lr, args.eval_interval or 0,
+        freeze_backbone=args.freeze_backbone, meta=meta,
+    )
+
+
+def finetune_plan(args: argparse.Namespace, ctx: DistributedContext) -> Plan:
+    from .generic import file_list_sha256, read_classes, scan, splits
+
+    for option in ("backbone", "head_channels"):
+        if getattr(args, option):
+            raise SystemExit(f"--{option.replace('_', '-')} comes from --init {args.init}: the architecture is the source's")
+    if args.backbone_weights != "timm":
+        raise SystemExit(f"--backbone-weights does not apply with --init: every weight comes from {args.init}")
+    root = Path(args.data_root)
+    layout = args.dataset or detect_layout(root)
+    log = _logger(ctx)
+
+    # the data first, all of it: a malformed dataset fails here, before a model is loaded or a step taken
+    if layout == "generic":
+        classes = read_classes(root)
+        train_pairs, val_pairs, val_source = splits(root, args.val_fraction)
+        names, palette = classes.names, classes.palette
+        progress = not args.no_progress and ctx.is_main
+        checked = scan(train_pairs, len(names), progress)
+        scan(val_pairs, len(names), progress)
+        counts, sizes = (checked.pixels, checked.image_pixels), checked.sizes
+        data = {
+            "name": root.resolve().name, "layout": "generic", "train_images": len(train_pairs), "val_images": len(val_pairs),
+            "val_split": val_source, "train_sha256": file_list_sha256(train_pairs), "val_sha256": file_list_sha256(val_pairs),
+        }
+    else:
+        if args.val_fraction is not None:
+            raise SystemExit(f"--val-fraction is for the generic layout; {layout} has its own val split")
+        known = fcn_zoo.DATASETS[layout]
+        names, palette, val_source, counts, sizes = list(known.classes), list(known.palette), "val", None, None
+    train_set = build_dataset(layout, root, "train", None, args.seed, val_fraction=args.val_fraction)
+    val_set = build_dataset(layout, root, "val", val_fraction=args.val_fraction)
+    if layout != "generic":
+        data = {
+            "name": fcn_zoo.DATASETS[layout].title, "layout": layout, "train_images": len(train_set), "val_images": len(val_set),
+            "val_split": val_source, "train_sha256": train_set.fingerprint(), "val_sha256": val_set.fingerprint(),
+        }
+    weights = None
+    if args.class_weights == "auto":
+        from .generic import median_frequency_weights
+
+        weights = median_frequency_weights(*(counts if counts is not None else train_set.class_pixels()))
+        log(f"class weights (median frequency): {', '.join(f'{n} {w:.3g}' for n, w in zip(names, weights))}")
+
+    model, source_classes = load_init(args.init, len(names), log)
+    model.class_names = list(names)
+    if palette is not None:
+        model.palette = [tuple(c) for c in palette]
+    model.dataset = layout if layout != "generic" else None
+    scale = tuple(args.scale) if args.scale else (fcn_zoo.DATASETS[layout].eval_size if layout != "generic" else _native_scale(sizes, model.eval_size))
+    crop = _crop(args) or (min(FINETUNE_CROP, scale[1]),) * 2
+    model.eval_size, model.crop_size = scale, crop
+    train_set.transforms = train_transforms(scale, crop, model.mean, model.std)
+
+    total_batch = args.batch_size or max(ctx.world_size, min(FINETUNE_BATCH, len(train_set)) // ctx.world_size * ctx.world_size)
+    per_device = args.per_device_batch or max(1, total_batch // ctx.world_size)
+    iters_per_epoch = _iters_per_epoch(train_set, total_batch)
+    epochs = args.epochs or FINETUNE_EPOCHS
+    max_iters = args.max_iters or max(epochs * iters_per_epoch, FINETUNE_MIN_ITERS)
+    meta = {
+        "init": str(args.init), "init_classes": source_classes, "reinitialised_classifiers": source_classes != len(names),
+        "data": data, "epochs": round(max_iters / iters_per_epoch, 2), "lr": args.lr or FINETUNE_LR,
+        "freeze_backbone": args.freeze_backbone, "class_weights": weights, "val_fraction": args.val_fraction,
+        "backbone_weights": f"--init {args.init}",
+    }
+    return Plan(
+        data["name"], None, model, train_set, val_set, total_batch, per_device, _accumulation(total_batch, per_device, ctx),
+        crop, scale, iters_per_epoch, max_iters, args.lr or FINETUNE_LR, args.eval_interval or max(1, max_iters // 10),
+        class_weights=weights, freeze_backbone=args.freeze_backbone, meta=meta,
+    )
+
+
+def load_init(source: str, num_classes: int, log) -> tuple[fcn_zoo.FCN, int]:
+    """The FCN of ``source`` with every weight, its classifiers re-initialised if its class count differs."""
+    import logging
+
+    from fcn_zoo.hub import _read_config, resolve
+
+    quiet = logging.getLogger("fcn_zoo.weights")  # its note on re-initialised classifiers: said below, once
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        folder = resolve(source)
+        source_classes = _read_config(folder).get("num_classes")
+        model = fcn_zoo.from_pretrained(folder, num_classes=num_classes)
+    except fcn_zoo.FCNZooError as e:
+        raise SystemExit(f"--init {source}: {e}") from e
+    finally:
+        quiet.setLevel(level)
+    if source_classes == num_classes:
+        log(f"--init {source}: every weight loaded ({num_classes} classes)")
+    else:
+        log(f"--init {source}: {source_classes} classes, the data has {num_classes}: the two classifiers are re-initialised, every other weight is loaded")
+    return model, source_classes
+
+
+def build_model(args: argparse.Namespace, row) -> fcn_zoo.FCN:
+    """The recipe's FCN with its backbone initialised from timm's ImageNet weights, a file, or not at all."""
+    config = row.model_config()
+    if args.backbone:
+        config["backbone"] = args.backbone
+    if args.head_channels:
+        config.update(head_channels=args.head_channels, aux_channels=args.head_channels)
+    model = fcn_zoo.FCN(**config)
+    if args.backbone_weights == "none":
+        return model
+    if args.backbone_weights == "timm":
+        import timm
+
+        # resnet50c / resnet101c: timm's V1c ImageNet weights (gluon_in1k), downloaded from the Hub once
+        pretrained = timm.create_model(
+            config["backbone"], pretrained=True, features_only=True, out_indices=(3, 4),
+            output_stride=config["output_stride"],
+        )
+        model.backbone.load_state_dict(pretrained.state_dict())
+        return model
+    load_backbone_file(model, Path(args.backbone_weights))
+    return model
+
+
+def load_backbone_file(model: fcn_zoo.FCN, path: Path) -> None:
+    """ImageNet weights from a file: timm's (safetensors or .pth) or openmmlab's V1c (``stem.*`` keys)."""
+    from fcn_zoo.convert import read_checkpoint
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = read_checkpoint(path)
+    renamed = {}
+    for key, value in state.items():
+        key = key.removeprefix("backbone.")
+        if key.startswith(("fc.", "head.")):
+            continue  # the ImageNet classifier
+        key = key.replace("stem.7.", "bn1.", 1) if key.startswith("stem.7.") else key.replace("stem.", "conv1.", 1) if key.startswith("stem.") else key
+        renamed[key] = value
+    try:
+        missing, unexpected = model.backbone.load_state_dict(renamed, strict=False)
+    except RuntimeError as e:  # shapes that do not fit
+        raise SystemExit(f"{path}: does not fit the backbone: {str(e).splitlines()[1].strip()}") from e
+    if missing or unexpected:
+        raise SystemExit(f"{path}: does not fit the backbone: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def _native_scale(sizes: list[tuple[int, int]], bound: tuple[int, int]) -> tuple[int, int]:
+    """The median (long, short) side of the training images, or ``bound`` if that is smaller."""
+    long = int(statistics.median(max(s) for s in sizes))
+    short = int(statistics.median(min(s) for s in sizes))
+    return (long, short) if long <= bound[0] and short <= bound[1] else tuple(bound)
+
+
+def _crop(args: argparse.Namespace) -> tuple[int, int] | None:
+    if not args.crop_size:
+        return None
+    if len(args.crop_size) > 2:
+        raise SystemExit(f"--crop-size takes H or H W, got {len(args.crop_size)} numbers")
+    return tuple(args.crop_size) * (2 // len(args.crop_size))
+
+
+def _accumulation(total_batch: int, per_device: int, ctx: DistributedContext) -> int:
+    if total_batch % (ctx.world_size * per_device):
+        raise SystemExit(f"--batch-size {total_batch} is not a multiple of {ctx.world_size} processes x {per_device} per device")
+    return total_batch // (ctx.world_size * per_device)
+
+
+def _iters_per_epoch(train_set: SegmentationDataset, total_batch: int) -> int:
+    iters = len(train_set) // total_batch
+    if iters == 0:
+        raise SystemExit(f"the training set has {len(train_set)} samples, fewer than one batch of {total_batch}")
+    return iters
+
+
+def _logger(ctx: DistributedContext):
+    def log(message: str) -> None:
+        if ctx.is_main:
+            print(message, file=sys.stderr)
+
+    return log
+
+
+__all__ = ["Plan", "make_plan", "build_model", "load_backbone_file", "DatasetLayoutError"]
