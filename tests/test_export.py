@@ -72,6 +72,7 @@ def test_predict_with_onnxruntime_gives_the_same_labels_and_exports_once(tiny_fo
     real_export = export_module.export
     monkeypatch.setattr(export_module, "export", lambda *a, **k: calls.append(a[1]) or real_export(*a, **k))
     model = fcn_zoo.from_pretrained(tiny_folder)
+    model.eval_size = (400, 200)  # windows of 160 over 200 x 267, not 512 x 683
     for mode in ("whole", "slide"):
         expected = model.predict(PHOTOS[0], mode=mode, window=(160, 160)).labels
         got = model.predict(PHOTOS[0], mode=mode, window=(160, 160), engine="onnxruntime").labels
