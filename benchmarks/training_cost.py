@@ -3,7 +3,7 @@
     python benchmarks/training_cost.py [--tflops 300]
 
 For each row: forward + backward FLOPs of one crop (``torch.utils.flop_counter`` on the meta device, so
-nothing is computed), times the images the recipe sees (epochs x training-set size, drop_last), divided by
+nothing is computed), times the images the recipe sees (epochs x iterations per epoch as the reference counts them x batch), divided by
 a sustained rate. The default, 150 TFLOP/s, is about 15% of an H100's dense bf16 peak: an assumption for
 dilated-convolution training with BatchNorm and a data pipeline, not a measurement; pass your own rate.
 """
@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fcn_zoo  # noqa: E402
 from benchmarks._common import count_flops  # noqa: E402
+from training.plan import reference_iters_per_epoch  # noqa: E402
 from training.train import AUX_WEIGHT  # noqa: E402
 
 TRAIN_IMAGES = {"voc": 10582, "ade20k": 20210, "cityscapes": 2975}
@@ -47,7 +48,7 @@ def main() -> None:
     print(f"| name | iterations | TFLOP per image | GPU-hours at {args.tflops:g} TFLOP/s |")
     print("|---|---:|---:|---:|")
     for row in fcn_zoo.CHECKPOINTS.values():
-        iterations = row.epochs * (TRAIN_IMAGES[row.dataset] // row.batch_size)
+        iterations = row.epochs * reference_iters_per_epoch(TRAIN_IMAGES[row.dataset], row.batch_size)
         per_image = step_flops(row)
         hours = per_image * iterations * row.batch_size / (args.tflops * 1e12) / 3600
         print(f"| `{row.name}` | {iterations:,} | {per_image / 1e12:.2f} | {hours:.1f} |")

@@ -134,12 +134,19 @@ matrix. `model.predict(image)` does exactly this. Images are RGB: an OpenCV (BGR
 - Schedule: {{ run.max_iters }} iterations ({{ run.epochs }} epochs) of total batch {{ run.total_batch }} over {{ run.world_size }} process(es),
   SGD lr {{ run.lr }} with poly decay, crop {{ run.crop_size | join("x") }}, resize bound {{ run.scale | join("x") }} times 0.5-2.0,
   {{ run.precision }}{% if run.freeze_backbone %}, backbone frozen{% endif %}{% if run.class_weights %}, median-frequency class weights{% endif %}
+{%- if run.get("selected") %}
+- These are the weights of the {{ run.selected }} evaluation (iteration {{ run.iteration }} of {{ run.max_iters }}); the measured mIoU above is theirs
+{%- endif %}
 - `model.safetensors` sha256: {{ provenance.get("weights_sha256") }}
 {%- elif provenance.get("run") %}
 - Trained by `training/` at commit {{ provenance.run.commit }}: {{ provenance.run.world_size }} process(es), total
   batch {{ provenance.run.total_batch }}, crop {{ provenance.run.crop_size | join("x") }}, {{ provenance.run.max_iters }} iterations, {{ provenance.run.precision }}, backbone
   initialised from {{ provenance.run.backbone_weights }}
 - Evaluated on {{ provenance.run.val_samples_sha256 }} (sha256 of the val file list)
+{%- if provenance.run.get("selected") %}
+- These are the weights of the {{ provenance.run.selected }} evaluation (iteration {{ provenance.run.iteration }} of {{ provenance.run.max_iters }});
+  the measured mIoU above is theirs{% if provenance.run.selected == "best" %} (the reference reports its last evaluation: `last/`){% endif %}
+{%- endif %}
 - `model.safetensors` sha256: {{ provenance.get("weights_sha256") }}
 {%- elif row %}
 - Source: {{ provenance.get("source_url") or row.reference_url }}

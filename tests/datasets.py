@@ -63,6 +63,7 @@ def make_voc(root: Path, n_train: int = 8, n_val: int = 4, size=(64, 80), layout
     else:
         (sets / "train.txt").write_text("\n".join(train[0::2]) + "\n")
         (sets / "aug.txt").write_text("\n".join(train[1::2]) + "\n")
+        (sets / "trainaug.txt").write_text("\n".join(train) + "\n")  # mmsegmentation's converter writes it too
     return root
 
 

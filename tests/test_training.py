@@ -60,15 +60,28 @@ def test_two_iterations_per_recipe_family_then_resume(tmp_path, recipe, make):
               "--max-iters", "3", "--batch-size", "2", "--checkpoint-interval", "1", "--resume", *QUICK)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in log if "loss" in r] == [1, 2, 3]  # resumed at 3, not from scratch
+    # last/ is the final evaluation's (what the reference reports), best/ the best one's; each card says which
+    last = json.loads((out / "last" / "provenance.json").read_text())["run"]
+    assert (last["selected"], last["iteration"]) == ("last", 3)
+    assert "weights of the last evaluation (iteration 3 of 3)" in (out / "last" / "README.md").read_text()
+    assert json.loads((out / "best" / "provenance.json").read_text())["run"]["selected"] == "best"
 
 
-def test_the_total_batch_is_split_over_devices_and_accumulation(tmp_path):
+def test_the_total_batch_is_split_over_devices_and_accumulation(tmp_path, capsys):
     make_voc(tmp_path / "data")
     out = tmp_path / "run"
+    run_train("--recipe", "fcn_resnet50os8_voc", "--data-root", str(tmp_path / "data"),
+              "--output-dir", str(out), "--max-iters", "1", "--batch-size", "4", *QUICK)
+    run = json.loads((out / "run.json").read_text())
+    assert (run["total_batch"], run["per_device_batch"], run["accumulation"], run["batchnorm_batch"]) == (4, 4, 1, 4)
+    assert "batchnorm_caveat" not in run and "BatchNorm" not in capsys.readouterr().err
+
     run_train("--recipe", "fcn_resnet50os8_voc", "--data-root", str(tmp_path / "data"),
               "--output-dir", str(out), "--max-iters", "1", "--batch-size", "4", "--per-device-batch", "1", *QUICK)
     run = json.loads((out / "run.json").read_text())
     assert (run["total_batch"], run["per_device_batch"], run["accumulation"], run["world_size"]) == (4, 1, 4, 1)
+    caveat = "BatchNorm statistics differ from the reference's: each BatchNorm sees 1 image(s) per step"
+    assert run["batchnorm_caveat"].startswith(caveat) and caveat in capsys.readouterr().err
     with pytest.raises(SystemExit, match="not a multiple"):
         train_module.main(["--recipe", "fcn_resnet50os8_voc", "--data-root", str(tmp_path / "data"), "--output-dir",
                            str(tmp_path / "bad"), "--max-iters", "1", "--batch-size", "3", "--per-device-batch", "2", *QUICK])
@@ -109,6 +122,22 @@ def test_a_damaged_newest_checkpoint_is_skipped_on_resume(tmp_path, capsys):
     run_train(*args, "--max-iters", "3", "--resume")
     err = capsys.readouterr().err
     assert "skipping" in err and "ckpt-00000002.pt" in err and "resumed from" in err and "iteration 1" in err
+
+
+@pytest.mark.parametrize("samples,batch,expected", [(10582, 16, 661), (20210, 16, 1263), (2975, 8, 372), (1000, 12, 83)])
+def test_iterations_per_epoch_are_the_references(samples, batch, expected):
+    """The reference's loader: DistributedSampler over its 8 GPUs (padding), batch total/8, drop_last."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from training.plan import reference_iters_per_epoch
+
+    dataset = range(samples)
+    if batch % 8 == 0:
+        loader = DataLoader(dataset, batch_size=batch // 8, sampler=DistributedSampler(dataset, num_replicas=8, rank=0), drop_last=True)
+        assert len(loader) == expected
+    assert reference_iters_per_epoch(samples, batch) == expected
+    cityscapes = fcn_zoo.CHECKPOINTS["fcn_resnet50os8_cityscapes"]
+    assert cityscapes.epochs * reference_iters_per_epoch(2975, cityscapes.batch_size) == 81840
 
 
 def test_confusion_matrix_agrees_with_torchmetrics():
@@ -152,7 +181,7 @@ def test_torchrun_with_two_processes(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
-    assert (run["world_size"], run["per_device_batch"], run["accumulation"]) == (2, 1, 2)
+    assert (run["world_size"], run["per_device_batch"], run["accumulation"]) == (2, 2, 1)  # total / processes
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in log if "loss" in r] == [1, 2]
     report = [r for r in log if "mIoU" in r]
@@ -163,11 +192,11 @@ def test_torchrun_with_two_processes(tmp_path):
     assert abs(report[0]["mIoU"] - single["mIoU"]) < 1e-9
 
 
-def test_backbone_weights_from_timm_and_openmmlab_files(tmp_path):
+def test_backbone_weights_from_timm_and_openmmlab_files(tmp_path, monkeypatch):
     import timm
     from safetensors.torch import save_file
 
-    from training.plan import load_backbone_file
+    from training.backbones import load_backbone_file
 
     source = timm.create_model("resnet18d")  # an ImageNet classifier as timm saves it, fc included
     for p in source.parameters():
@@ -187,3 +216,33 @@ def test_backbone_weights_from_timm_and_openmmlab_files(tmp_path):
     torch.save({"state_dict": {"layer1.0.conv1.weight": torch.zeros(1)}}, tmp_path / "wrong.pth")
     with pytest.raises(SystemExit, match="does not fit the backbone"):
         load_backbone_file(fcn_zoo.FCN(backbone="resnet18d"), tmp_path / "wrong.pth")
+
+    # --backbone-weights openmmlab: downloaded once (here from a loopback mirror), checked against the sha256
+    # prefix in its name, cached
+    import hashlib
+
+    import training.backbones as backbones
+    from conftest import serve_folder
+
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    prefix = hashlib.sha256((tmp_path / "openmmlab.pth").read_bytes()).hexdigest()[:8]
+    (tmp_path / "openmmlab.pth").rename(mirror / f"resnet18d_v1c-{prefix}.pth")
+    (mirror / "resnet18d_v1c-00000000.pth").write_bytes((mirror / f"resnet18d_v1c-{prefix}.pth").read_bytes())
+    cached = tmp_path / "fcn_zoo_cache" / "backbones"
+    with serve_folder(mirror) as url:
+        monkeypatch.setenv("FCN_ZOO_OPENMMLAB_URL", url)
+        monkeypatch.setitem(backbones.OPENMMLAB_FILES, "resnet18d", "resnet18d_v1c-00000000.pth")  # not what its name says
+        model = fcn_zoo.FCN(backbone="resnet18d", head_channels=16, aux_channels=16)
+        with pytest.raises(SystemExit, match=f"has sha256 {prefix}[0-9a-f]{{56}}, its name says 00000000"):
+            backbones.initialise_backbone(model, "resnet18d", 8, "openmmlab")
+        assert not list(cached.glob("*"))  # not kept
+        monkeypatch.setitem(backbones.OPENMMLAB_FILES, "resnet18d", f"resnet18d_v1c-{prefix}.pth")
+        backbones.initialise_backbone(model, "resnet18d", 8, "openmmlab")
+    ours = model.backbone.state_dict()
+    assert all(torch.equal(ours[k], source.state_dict()[k]) for k in ours)
+    assert [p.name for p in cached.iterdir()] == [f"resnet18d_v1c-{prefix}.pth"]
+    backbones.initialise_backbone(model, "resnet18d", 8, "openmmlab")  # the mirror is gone: from the cache
+    monkeypatch.delitem(backbones.OPENMMLAB_FILES, "resnet18d")
+    with pytest.raises(SystemExit, match="not resnet18d; use --backbone-weights timm"):
+        backbones.initialise_backbone(model, "resnet18d", 8, "openmmlab")

@@ -97,7 +97,57 @@ def test_resize_crop_and_pad_keep_image_and_label_aligned():
     crop_image, crop_label = RandomCrop((80, 80))(big_image, big_label, g)
     assert crop_label.shape == (80, 80) and len(crop_label.unique()) == 2  # one class never fills >= 75%
     padded_image, padded_label = PadToSize((96, 96))(crop_image.float(), crop_label, g)
-    assert padded_image.shape[1:] == (96, 96) and (padded_label[80:] == 255).all() and (padded_image[:, 80:] == 0).all()
+    assert padded_image.shape[1:] == (96, 96) and (padded_label[88:] == 255).all() and (padded_image[:, :8] == 0).all()
+    assert torch.equal(padded_label[8:88, 8:88], crop_label)  # around the centre
+
+
+def _reference_draws(monkeypatch, call):
+    """Run ``call`` with numpy's global RNG recorded: the reference's draws, in order."""
+    draws = []
+    randint, uniform = np.random.randint, np.random.uniform
+    monkeypatch.setattr(np.random, "randint", lambda *a, **k: draws.append(randint(*a, **k)) or draws[-1])
+    monkeypatch.setattr(np.random, "uniform", lambda *a, **k: draws.append(uniform(*a, **k)) or draws[-1])
+    result = call()
+    monkeypatch.undo()
+    return result, draws
+
+
+def test_photometric_distortion_is_the_references_given_the_same_draws(monkeypatch):
+    from ssseg.modules.datasets.pipelines.transforms import PhotoMetricDistortion as Reference
+
+    import training.transforms as ours
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    image[:16] = rng.integers(0, 40, (16, 64, 3), dtype=np.uint8)  # dark, saturated and grey areas too
+    image[16:24] = 128
+    applied = set()
+    for seed in range(40):
+        np.random.seed(seed)
+        expected, draws = _reference_draws(monkeypatch, lambda: Reference()({"image": image.copy()})["image"])
+        replay = iter(draws)
+        monkeypatch.setattr(ours, "_randint", lambda g, low, high: next(replay))
+        monkeypatch.setattr(ours, "_uniform", lambda g, low, high: next(replay))
+        got, _ = ours.PhotoMetricDistortion()(torch.from_numpy(image).permute(2, 0, 1), None, None)
+        monkeypatch.undo()
+        assert next(replay, None) is None, "ours drew less than the reference"
+        difference = np.abs(got.permute(1, 2, 0).numpy().astype(int) - expected.astype(int)).max()
+        assert difference <= 1, (seed, difference)  # measured: 0
+        applied.add(tuple(draws[i] for i in range(0, len(draws), 2)))
+    assert len(applied) > 10  # the seeds took many different paths through the steps
+
+
+def test_padding_is_the_references(monkeypatch):
+    from ssseg.modules.datasets.pipelines.transforms import Padding
+
+    g = torch.Generator().manual_seed(0)
+    for (h, w), size in [((30, 41), (48, 48)), ((37, 20), (32, 64)), ((20, 37), (32, 64)), ((48, 48), (48, 48))]:
+        image = torch.randn(3, h, w)
+        label = torch.randint(0, 3, (h, w))
+        reference = Padding(size, data_type="tensor")({"image": image.clone(), "seg_target": label.clone()})
+        padded_image, padded_label = PadToSize(size)(image, label, g)
+        assert torch.equal(padded_image, reference["image"])
+        assert torch.equal(padded_label, reference["seg_target"].masked_fill(reference["seg_target"] == -100, 255))
 
 
 def test_prepare_sbd_writes_labels_and_trainaug(tmp_path):

@@ -181,10 +181,12 @@ def _voc(root: Path, split: str):
 
     if split == "val":
         return pairs(sets / "val.txt", "SegmentationClass"), lookup
-    if (sets / "trainaug.txt").is_file():  # the reference layout
-        return pairs(sets / "trainaug.txt", "SegmentationClass"), lookup
+    # told apart by the label folders: mmsegmentation's converter also writes a trainaug.txt, but its SBD
+    # labels are in SegmentationClassAug, listed by aug.txt
     if (base / "SegmentationClassAug").is_dir() and (sets / "aug.txt").is_file():  # mmsegmentation's layout
         return pairs(sets / "train.txt", "SegmentationClass") + pairs(sets / "aug.txt", "SegmentationClassAug"), lookup
+    if (sets / "trainaug.txt").is_file():  # the reference layout: SBD labels converted into SegmentationClass
+        return pairs(sets / "trainaug.txt", "SegmentationClass"), lookup
     raise DatasetLayoutError(f"{sets / 'trainaug.txt'}: missing (nor aug.txt + SegmentationClassAug); expected {LAYOUTS['voc']}")
 
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import fcn_zoo
 
-from .data import DatasetLayoutError, SegmentationDataset, build_dataset, detect_layout
+from .data import SegmentationDataset, build_dataset, detect_layout
 from .distributed import DistributedContext
 from .transforms import train_transforms
 
-REFERENCE_GPUS = 8  # the reference trains on 8 GPUs: its per-GPU batch is the total / 8
+REFERENCE_GPUS = 8  # the table's rows were trained on 8 GPUs: the iterations per epoch are counted over 8
 FINETUNE_EPOCHS = 50
 FINETUNE_MIN_ITERS = 500
 FINETUNE_LR = 0.01
@@ -70,16 +70,16 @@ def recipe_plan(args: argparse.Namespace, ctx: DistributedContext) -> Plan:
     row = fcn_zoo.get_checkpoint(args.recipe)
     data = row.data
     total_batch = args.batch_size or row.batch_size
-    per_device = args.per_device_batch or max(1, total_batch // REFERENCE_GPUS)
+    per_device = _per_device(args, total_batch, ctx)
     crop = _crop(args) or row.crop_size
     scale = tuple(args.scale) if args.scale else data.eval_size
     train_set = build_dataset(row.dataset, args.data_root, "train", train_transforms(scale, crop, data.mean, data.std), args.seed)
     val_set = build_dataset(row.dataset, args.data_root, "val")
     model = build_model(args, row)
     model.eval_size, model.crop_size = scale, crop  # the protocol best/ is evaluated with, in its config.json
-    iters_per_epoch = _iters_per_epoch(train_set, total_batch)
+    iters_per_epoch = _iters_per_epoch(train_set, total_batch, reference=True)
     max_iters = args.max_iters or (args.epochs or row.epochs) * iters_per_epoch
-    meta = {"recipe": row.name, "backbone_weights": args.backbone_weights}
+    meta = {"recipe": row.name, "backbone_weights": args.backbone_weights}  # set by build_model
     return Plan(
         row.name, row, model, train_set, val_set, total_batch, per_device, _accumulation(total_batch, per_device, ctx),
         crop, scale, iters_per_epoch, max_iters, args.lr or row.lr, args.eval_interval or 0,
@@ -93,7 +93,7 @@ def finetune_plan(args: argparse.Namespace, ctx: DistributedContext) -> Plan:
     for option in ("backbone", "head_channels"):
         if getattr(args, option):
             raise SystemExit(f"--{option.replace('_', '-')} comes from --init {args.init}: the architecture is the source's")
-    if args.backbone_weights != "timm":
+    if args.backbone_weights is not None:
         raise SystemExit(f"--backbone-weights does not apply with --init: every weight comes from {args.init}")
     root = Path(args.data_root)
     layout = args.dataset or detect_layout(root)
@@ -142,7 +142,7 @@ def finetune_plan(args: argparse.Namespace, ctx: DistributedContext) -> Plan:
     train_set.transforms = train_transforms(scale, crop, model.mean, model.std)
 
     total_batch = args.batch_size or max(ctx.world_size, min(FINETUNE_BATCH, len(train_set)) // ctx.world_size * ctx.world_size)
-    per_device = args.per_device_batch or max(1, total_batch // ctx.world_size)
+    per_device = _per_device(args, total_batch, ctx)
     iters_per_epoch = _iters_per_epoch(train_set, total_batch)
     epochs = args.epochs or FINETUNE_EPOCHS
     max_iters = args.max_iters or max(epochs * iters_per_epoch, FINETUNE_MIN_ITERS)
@@ -184,52 +184,18 @@ def load_init(source: str, num_classes: int, log) -> tuple[fcn_zoo.FCN, int]:
 
 
 def build_model(args: argparse.Namespace, row) -> fcn_zoo.FCN:
-    """The recipe's FCN with its backbone initialised from timm's ImageNet weights, a file, or not at all."""
+    """The recipe's FCN, its backbone initialised as ``--backbone-weights`` says (:mod:`training.backbones`)."""
+    from .backbones import initialise_backbone
+
     config = row.model_config()
     if args.backbone:
         config["backbone"] = args.backbone
     if args.head_channels:
         config.update(head_channels=args.head_channels, aux_channels=args.head_channels)
     model = fcn_zoo.FCN(**config)
-    if args.backbone_weights == "none":
-        return model
-    if args.backbone_weights == "timm":
-        import timm
-
-        # resnet50c / resnet101c: timm's V1c ImageNet weights (gluon_in1k), downloaded from the Hub once
-        pretrained = timm.create_model(
-            config["backbone"], pretrained=True, features_only=True, out_indices=(3, 4),
-            output_stride=config["output_stride"],
-        )
-        model.backbone.load_state_dict(pretrained.state_dict())
-        return model
-    load_backbone_file(model, Path(args.backbone_weights))
+    args.backbone_weights = args.backbone_weights or "openmmlab"  # the reference's initialisation
+    initialise_backbone(model, config["backbone"], config["output_stride"], args.backbone_weights)
     return model
-
-
-def load_backbone_file(model: fcn_zoo.FCN, path: Path) -> None:
-    """ImageNet weights from a file: timm's (safetensors or .pth) or openmmlab's V1c (``stem.*`` keys)."""
-    from fcn_zoo.convert import read_checkpoint
-
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = read_checkpoint(path)
-    renamed = {}
-    for key, value in state.items():
-        key = key.removeprefix("backbone.")
-        if key.startswith(("fc.", "head.")):
-            continue  # the ImageNet classifier
-        key = key.replace("stem.7.", "bn1.", 1) if key.startswith("stem.7.") else key.replace("stem.", "conv1.", 1) if key.startswith("stem.") else key
-        renamed[key] = value
-    try:
-        missing, unexpected = model.backbone.load_state_dict(renamed, strict=False)
-    except RuntimeError as e:  # shapes that do not fit
-        raise SystemExit(f"{path}: does not fit the backbone: {str(e).splitlines()[1].strip()}") from e
-    if missing or unexpected:
-        raise SystemExit(f"{path}: does not fit the backbone: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def _native_scale(sizes: list[tuple[int, int]], bound: tuple[int, int]) -> tuple[int, int]:
@@ -247,14 +213,31 @@ def _crop(args: argparse.Namespace) -> tuple[int, int] | None:
     return tuple(args.crop_size) * (2 // len(args.crop_size))
 
 
+def reference_iters_per_epoch(samples: int, total_batch: int, gpus: int = REFERENCE_GPUS) -> int:
+    """Iterations per epoch as the reference counts them: its ``DistributedSampler`` pads the samples to a
+    multiple of its ``gpus`` processes, and each process drops its last incomplete batch of ``total / gpus``."""
+    if total_batch % gpus:
+        return samples // total_batch
+    return -(-samples // gpus) // (total_batch // gpus)
+
+
+def _per_device(args: argparse.Namespace, total_batch: int, ctx: DistributedContext) -> int:
+    """The total batch over the processes, as the reference splits it; smaller only when asked for."""
+    if args.per_device_batch:
+        return args.per_device_batch
+    if total_batch % ctx.world_size:
+        raise SystemExit(f"--batch-size {total_batch} does not split over {ctx.world_size} processes; give --per-device-batch")
+    return total_batch // ctx.world_size
+
+
 def _accumulation(total_batch: int, per_device: int, ctx: DistributedContext) -> int:
     if total_batch % (ctx.world_size * per_device):
         raise SystemExit(f"--batch-size {total_batch} is not a multiple of {ctx.world_size} processes x {per_device} per device")
     return total_batch // (ctx.world_size * per_device)
 
 
-def _iters_per_epoch(train_set: SegmentationDataset, total_batch: int) -> int:
-    iters = len(train_set) // total_batch
+def _iters_per_epoch(train_set: SegmentationDataset, total_batch: int, reference: bool = False) -> int:
+    iters = reference_iters_per_epoch(len(train_set), total_batch) if reference else len(train_set) // total_batch
     if iters == 0:
         raise SystemExit(f"the training set has {len(train_set)} samples, fewer than one batch of {total_batch}")
     return iters
@@ -268,4 +251,4 @@ def _logger(ctx: DistributedContext):
     return log
 
 
-__all__ = ["Plan", "make_plan", "build_model", "load_backbone_file", "DatasetLayoutError"]
+__all__ = ["Plan", "make_plan", "build_model", "reference_iters_per_epoch"]

@@ -64,7 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--class-weights", choices=("none", "auto"), default="none", help="auto: median frequency balancing of the loss")
     p.add_argument("--freeze-backbone", action="store_true", help="train the heads only (backbone weights and BatchNorm statistics fixed)")
     p.add_argument("--push-to-hub", metavar="OWNER/REPO", help="upload best/ to this Hub repo at the end (needs hf auth login)")
-    p.add_argument("--backbone-weights", default="timm", help="--recipe: 'timm' (ImageNet V1c from timm), 'none', or a file")
+    p.add_argument("--backbone-weights", help="--recipe: 'openmmlab' (default: the reference's ImageNet V1c files, downloaded once), "
+                   "'timm' (timm's V1c ImageNet weights), 'none', or a file")
     p.add_argument("--backbone", help="--recipe: another timm backbone than the recipe's (e.g. resnet18d for quick runs)")
     p.add_argument("--head-channels", type=int, help="--recipe: narrower heads than the recipe's 512 (for quick runs)")
     p.add_argument("--device", help="cpu, cuda (default: this process's GPU if any)")
@@ -112,6 +113,9 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
         torch.backends.cudnn.benchmark = False
     on_gpu = ctx.device.type == "cuda"
     fast = on_gpu and not args.fp32
+    if on_gpu and args.fp32:  # full fp32, as the reference trains
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
     plan = make_plan(args, ctx)  # the data is checked here, before anything is written
     out.mkdir(parents=True, exist_ok=True)
@@ -137,15 +141,28 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
     state = {"iteration": 0, "best_miou": -1.0, "history": {"loss": [], "miou": []}}
     if args.resume:
         state = resume(out, model, optimizer, scheduler, ctx) or state
+    # BatchNorm normalises over the images of one step on one device, or over all devices with SyncBatchNorm
+    # (GPUs); the reference's is the whole total batch, synchronised
+    batchnorm_batch = per_device * (ctx.world_size if ctx.distributed and on_gpu else 1)
     meta = {
         **plan.meta, "world_size": ctx.world_size, "total_batch": plan.total_batch, "per_device_batch": per_device,
-        "accumulation": accumulation, "crop_size": list(plan.crop), "scale": list(plan.scale), "max_iters": max_iters,
-        "lr": base_lr, "precision": "bf16" if fast else "fp32", "commit": _git_commit(),
+        "accumulation": accumulation, "batchnorm_batch": batchnorm_batch, "crop_size": list(plan.crop), "scale": list(plan.scale),
+        "iters_per_epoch": iters_per_epoch, "max_iters": max_iters, "lr": base_lr,
+        "precision": "bf16" if fast else "fp32", "tf32": bool(on_gpu and torch.backends.cudnn.allow_tf32),
+        "commit": _git_commit(),
     }
+    if plan.row is not None and batchnorm_batch != plan.total_batch and ctx.is_main:
+        meta["batchnorm_caveat"] = (
+            f"BatchNorm statistics differ from the reference's: each BatchNorm sees {batchnorm_batch} image(s) per step, "
+            f"the reference's {plan.total_batch} (synchronised over its GPUs)"
+            + (f"; {accumulation} accumulated steps make up the batch of {plan.total_batch}" if accumulation > 1 else "")
+        )
+        print(meta["batchnorm_caveat"], file=sys.stderr)
     if ctx.is_main:
         write_json(out / "run.json", {**meta, "args": vars(args)})
     log_file = open(out / "log.jsonl", "a") if ctx.is_main else None
-    sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed, drop_last=True)
+    # as the reference's sampler: a permutation per epoch, padded by repeating its start, split over the processes
+    sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed, drop_last=False)
 
     it = state["iteration"]
     bar = tqdm(total=max_iters, initial=it, desc=plan.name, disable=args.no_progress or not ctx.is_main)
@@ -155,7 +172,9 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
         epoch, step_in_epoch = divmod(it, iters_per_epoch)
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
-        indices = list(sampler)[step_in_epoch * per_device * accumulation:iters_per_epoch * per_device * accumulation]
+        indices = list(sampler)
+        needed = iters_per_epoch * per_device * accumulation
+        indices = (indices * -(-needed // len(indices)))[step_in_epoch * per_device * accumulation:needed]
         loader = DataLoader(
             Subset(train_set, indices), batch_size=per_device, shuffle=False, drop_last=True,
             num_workers=args.num_workers, pin_memory=on_gpu, persistent_workers=False,
@@ -219,7 +238,9 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
                 if results["mIoU"] > state["best_miou"]:
                     state["best_miou"] = results["mIoU"]
                     if ctx.is_main:
-                        export_best(model, plan, results, meta, out / "best", repo_id=args.push_to_hub)
+                        export_folder(model, plan, results, {**meta, "selected": "best", "iteration": it}, out / "best", repo_id=args.push_to_hub)
+                if final and ctx.is_main:  # the reference reports its last evaluation
+                    export_folder(model, plan, results, {**meta, "selected": "last", "iteration": it}, out / "last", repo_id=args.push_to_hub)
             state["iteration"] = it
             if it % args.checkpoint_interval == 0 or final:
                 save_checkpoint(out, model, optimizer, scheduler, state, ctx)
@@ -296,9 +317,9 @@ def resume(out: Path, model, optimizer, scheduler, ctx: DistributedContext) -> d
     return None
 
 
-def export_best(model, plan: Plan, results: dict, meta: dict, folder: Path, repo_id: str | None = None) -> None:
-    """The best model so far as a ``save_pretrained`` folder whose card carries the measured mIoU, the
-    per-class IoU and the run (for fine-tuning: the init source and the data)."""
+def export_folder(model, plan: Plan, results: dict, meta: dict, folder: Path, repo_id: str | None = None) -> None:
+    """The model as a ``save_pretrained`` folder (``best/`` or ``last/``) whose card carries the measured mIoU,
+    the per-class IoU and the run (for fine-tuning: the init source and the data)."""
     import shutil
 
     provenance = {

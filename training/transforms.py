@@ -1,13 +1,15 @@
 """The reference training pipeline, on image and label together.
 
 ratio-range resize -> random crop (no class over 75% of it) -> horizontal flip -> photometric distortion
--> normalise -> pad to the crop size (image 0, label ignore). Each transform takes and returns
+-> normalise -> pad to the crop size around the centre (image 0, label ignore): the reference's pipeline
+(``ssseg/configs/_base_/datasets/*``). Each transform takes and returns
 ``(image, label, generator)``: a uint8 ``(3, H, W)`` image (float after normalising), an int64 ``(H, W)``
 label, and the ``torch.Generator`` that makes the sample's augmentation reproducible.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
@@ -20,6 +22,11 @@ from .data import IGNORE_INDEX
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * torch.rand((), generator=generator).item()
+
+
+def _randint(generator: torch.Generator, low: int, high: int) -> int:
+    """An integer in ``[low, high)``, as ``np.random.randint(low, high)``."""
+    return int(torch.randint(low, high, (), generator=generator))
 
 
 def _chance(generator: torch.Generator, p: float = 0.5) -> bool:
@@ -86,28 +93,43 @@ class RandomHorizontalFlip:
 
 
 class PhotoMetricDistortion:
-    """Brightness +-32 (added), contrast x[0.5, 1.5] (multiplied), saturation x[0.5, 1.5], hue +-18 (in
-    OpenCV's 0-180 hue units, so +-36 degrees), each with probability 0.5, contrast before or after the
-    colour changes at random: mmsegmentation's order. Saturation and hue use torchvision's operators."""
+    """The reference's photometric distortion, step for step on uint8 RGB: brightness + U(-32, 32), contrast
+    x U(0.5, 1.5) before or after the colour steps, saturation x U(0.5, 1.5) on the S channel of OpenCV's
+    HSV, hue + an integer in [-18, 18) in OpenCV's 0-180 hue units; each step with probability 1/2 and
+    truncated to uint8 as the reference does (``convert``: float32, clip to 0..255, cast)."""
 
-    def __init__(self, brightness: float = 32, contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue_delta: float = 18):
-        self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue_delta / 180
+    def __init__(self, brightness: float = 32, contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue_delta: int = 18):
+        self.brightness, self.contrast, self.saturation, self.hue_delta = brightness, contrast, saturation, hue_delta
 
     def __call__(self, image, label, generator):
-        x = image.float()
-        if _chance(generator):
-            x = x + _uniform(generator, -self.brightness, self.brightness)
-        contrast_first = _chance(generator)
-        if contrast_first and _chance(generator):
-            x = x * _uniform(generator, *self.contrast)
-        x = x.clamp(0, 255)
-        if _chance(generator):
-            x = TF.adjust_saturation(x / 255, _uniform(generator, *self.saturation)) * 255
-        if _chance(generator):
-            x = TF.adjust_hue(x / 255, _uniform(generator, -self.hue, self.hue)) * 255
-        if not contrast_first and _chance(generator):
-            x = x * _uniform(generator, *self.contrast)
-        return x.clamp(0, 255).round().to(torch.uint8), label
+        import cv2
+
+        x = np.ascontiguousarray(image.permute(1, 2, 0).numpy())  # (H, W, 3) uint8 RGB
+        if _apply(generator):
+            x = _convert(x, beta=_uniform(generator, -self.brightness, self.brightness))
+        contrast_first = _randint(generator, 0, 2) == 1
+        if contrast_first and _apply(generator):
+            x = _convert(x, alpha=_uniform(generator, *self.contrast))
+        if _apply(generator):
+            hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)
+            hsv[..., 1] = _convert(hsv[..., 1], alpha=_uniform(generator, *self.saturation))
+            x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        if _apply(generator):
+            hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)
+            hsv[..., 0] = (hsv[..., 0].astype(int) + _randint(generator, -self.hue_delta, self.hue_delta)) % 180
+            x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        if not contrast_first and _apply(generator):
+            x = _convert(x, alpha=_uniform(generator, *self.contrast))
+        return torch.from_numpy(x).permute(2, 0, 1).contiguous(), label
+
+
+def _apply(generator: torch.Generator) -> bool:
+    """A step of the distortion happens when ``randint(2)`` draws 1, as in the reference."""
+    return _randint(generator, 0, 2) == 1
+
+
+def _convert(x: np.ndarray, alpha: float = 1, beta: float = 0) -> np.ndarray:
+    return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
 
 
 class Normalize:
@@ -120,16 +142,22 @@ class Normalize:
 
 
 class PadToSize:
-    """Pad bottom/right to ``size`` (h, w): image with 0, label with the ignore index."""
+    """Pad to ``size`` (h, w) around the centre, as the reference's ``Padding`` (image 0 after normalising,
+    label ignore); an image whose orientation differs from ``size``'s is padded to the transposed size."""
 
     def __init__(self, size: tuple[int, int]):
         self.size = size
 
     def __call__(self, image, label, generator):
-        ph, pw = max(self.size[0] - image.shape[-2], 0), max(self.size[1] - image.shape[-1], 0)
-        if ph or pw:
-            image = F.pad(image, (0, pw, 0, ph), value=0.0)
-            label = F.pad(label, (0, pw, 0, ph), value=IGNORE_INDEX)
+        h, w = image.shape[-2:]
+        out_h, out_w = self.size
+        if (h > w and out_h < out_w) or (h < w and out_h > out_w):
+            out_h, out_w = out_w, out_h
+        top, left = (out_h - h) // 2, (out_w - w) // 2
+        pad = (left, out_w - w - left, top, out_h - h - top)
+        if any(pad):
+            image = F.pad(image, pad, value=0.0)
+            label = F.pad(label, pad, value=IGNORE_INDEX)
         return image, label
 
 
