@@ -147,6 +147,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where weights are kept")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("demo", help="a page to try models in a browser (Gradio; pip install 'fcn-zoo[demo]')")
+    p.add_argument("names", nargs="*", metavar="NAME", help="models to offer (default: the twelve rows); zoo names, Hub repo ids, folders")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default cpu)")
+    p.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link")
+    p.add_argument("--max-models", type=int, default=2, help="models kept loaded at once (default 2)")
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser("publish", help="convert, verify and upload zoo rows to the Hugging Face Hub")
     p.add_argument("name", help="a zoo name, or 'all'")
     p.add_argument("--repo-id", help="OWNER/REPO for one name (default: the table's hub_repo_id)")
@@ -202,6 +211,20 @@ def cmd_info(args) -> int:
     width = max(len(k) for k, _ in fields)
     for k, v in fields:
         print(f"{k.ljust(width)}  {v}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise FCNZooError("the demo needs Gradio: pip install 'fcn-zoo[demo]'") from None
+    from .demo import launch
+
+    for name in args.names:
+        if "/" not in name and not Path(name).exists():
+            zoo.get_checkpoint(name)  # an unknown name is one line now, not a page that cannot load it
+    launch(args.names or None, host=args.host, port=args.port, device=args.device, share=args.share, max_models=args.max_models)
     return 0
 
 

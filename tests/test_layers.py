@@ -13,7 +13,7 @@ PACKAGE = Path(fcn_zoo.__file__).parent
 # Higher imports lower (or its own level), never the other way.
 LAYERS = {
     "cli": 12, "publish": 12,                   # entry points: parse, call the API, one line per error
-    "bulk": 11,                                 # many inputs into a folder: names, summary, resume, ranks
+    "bulk": 11, "demo": 11,                     # many inputs into a folder; the demo page
     "video": 10,                                # frames in, overlay video out
     "stream": 9,                                # many images, read ahead while the network runs
     "predict": 8,                               # what happens to an image

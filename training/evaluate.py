@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx = init_distributed(args.device)
     try:
         layout = args.dataset or detect_layout(args.data_root)
-        val_fraction = args.val_fraction if args.val_fraction is not None else _training_val_fraction(args.model)
+        val_fraction = args.val_fraction
+        if val_fraction is None and not (Path(args.data_root) / "images" / "val").is_dir():
+            val_fraction = _training_val_fraction(args.model)  # the share the training run held out
         dataset = build_dataset(layout, args.data_root, args.split, val_fraction=val_fraction if layout == "generic" else None)
     except DatasetLayoutError as e:
         raise SystemExit(f"python -m training.evaluate: {e}") from None
