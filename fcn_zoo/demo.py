@@ -138,11 +138,32 @@ def precisions(device: str | None) -> list[str]:
     return ["fp32", "bf16", "fp16"] if (device or "cpu").startswith("cuda") else ["fp32", "bf16"]
 
 
-def build_app(names: list[str] | None = None, *, device: str | None = None, max_models: int = 2, loader=None):
-    """The Gradio ``Blocks`` of the demo page for ``names`` (default: the twelve rows)."""
+def _readable_uploads(photo, gr):
+    """``photo`` (a ``gr.Image``) with unreadable uploads (not an image, a decompression bomb) turned into a
+    message on the page. Its ``preprocess`` is wrapped on the instance: a subclass of a Gradio component
+    would make Gradio write a ``.pyi`` stub beside this module."""
+    preprocess = photo.preprocess
+
+    def guarded(payload):
+        try:
+            return preprocess(payload)
+        except gr.Error:
+            raise
+        except Exception as e:
+            shown = Path(getattr(payload, "orig_name", None) or getattr(payload, "path", None) or "the upload").name
+            raise gr.Error(f"{shown} is not an image the demo can read ({first_line(e)}): upload a JPEG, PNG or WebP "
+                           f"photo of at most {MAX_PIXELS / 1e6:.0f} MP.") from None
+
+    photo.preprocess = guarded
+    return photo
+
+
+def build_app(names: list[str] | None = None, *, device: str | None = None, max_models: int = 2, models: ModelCache | None = None):
+    """The Gradio ``Blocks`` of the demo page for ``names`` (default: the twelve rows); ``models``: a
+    :class:`ModelCache` to share (default a new one for ``device``, holding ``max_models``)."""
     import gradio as gr
 
-    models = ModelCache(device, max_models, loader)
+    models = models or ModelCache(device, max_models)
     choices = model_choices(names)
     examples = sorted(str(p) for p in EXAMPLES.glob("*.jpg")) if EXAMPLES.is_dir() else []
     with gr.Blocks(title="fcn-zoo: FCN semantic segmentation") as app:
@@ -154,7 +175,7 @@ def build_app(names: list[str] | None = None, *, device: str | None = None, max_
         with gr.Row():
             with gr.Column():
                 model = gr.Dropdown(choices, value=choices[0][1], label="model")
-                photo = gr.Image(type="filepath", sources=["upload", "clipboard", "webcam"], label="photo")
+                photo = _readable_uploads(gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"], label="photo"), gr)
                 with gr.Row():
                     tta = gr.Checkbox(label="TTA (flip + 6 scales)")
                     slide = gr.Checkbox(label="sliding windows")

@@ -59,6 +59,7 @@ def test_segmentation_colorize_overlay_and_save(tiny_model, photo, tmp_path):
 
 
 def test_every_input_type_gives_the_same_labels(tiny_model, photo, tmp_path):
+    tiny_model.eval_size = (400, 200)  # what is compared is the input handling, not the network
     png = tmp_path / "photo.png"
     Image.fromarray(photo).save(png)
     as_array = tiny_model.predict(photo).labels
@@ -84,6 +85,7 @@ def _encode(img: Image.Image, fmt: str, **kwargs) -> Image.Image:
 
 
 def test_odd_image_modes_are_converted_as_a_user_expects(tiny_model, photo):
+    tiny_model.eval_size = (400, 200)
     rgb = Image.fromarray(photo)
     grey = np.asarray(rgb.convert("L"))
     expected_grey = tiny_model.predict(np.stack([grey] * 3, axis=-1)).labels
@@ -157,6 +159,7 @@ def test_tta_with_one_scale_and_no_flip_is_plain_prediction(tiny_model, photo):
 
 
 def test_sliding_windows_batched_equal_one_at_a_time(tiny_model, photo):
+    tiny_model.eval_size = (640, 300)  # 300 x 400: still 2 x 3 windows of 160
     window, stride = (160, 160), (100, 100)
     image = torch.from_numpy(photo.copy()).permute(2, 0, 1)
     x, _ = load_image(image)
@@ -239,6 +242,7 @@ def test_bf16_on_cpu_runs_the_network_in_bf16_and_keeps_the_labels(tiny_model, p
         seen.append((x.dtype, out.dtype))
         return out
 
+    tiny_model.eval_size = (400, 200)  # bf16 is emulated on CPUs without it: keep the image small
     expected = tiny_model.predict(photo).labels
     monkeypatch.setattr(tiny_model, "forward_features", spy)
     got = tiny_model.predict(photo, precision="bf16").labels
@@ -250,6 +254,7 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns_that_it_is_slower(tiny_mo
     from fcn_zoo import predict as predict_module
 
     monkeypatch.setattr(predict_module, "cpu_has_bf16", lambda: False)
+    tiny_model.eval_size = (256, 128)
     with caplog.at_level("WARNING", logger="fcn_zoo.predict"):
         seg = tiny_model.predict(photo[::4, ::4], precision="bf16")
     assert seg.labels.shape == photo[::4, ::4].shape[:2]

@@ -1,0 +1,169 @@
+"""The demo page: its API through gradio_client, bad uploads, the model cache, and a real browser."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import fcn_zoo
+from conftest import PHOTOS, serve_folder
+from fcn_zoo import demo as demo_module
+from fcn_zoo.demo import ModelCache, build_app, model_choices
+from reference import build_reference_fcn, save_reference_checkpoint
+
+NAME = "fcn_resnet50os16_voc"
+ARTIFACTS = Path(__file__).resolve().parents[1] / ".artifacts"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    """The demo serving NAME on 127.0.0.1; the model comes from the reference file on a loopback mirror."""
+    mirror = tmp_path_factory.mktemp("mirror")
+    save_reference_checkpoint(build_reference_fcn(50, 16, num_classes=21, seed=2), mirror / f"{NAME}.pth")
+    cache = tmp_path_factory.mktemp("cache")
+    saved = {k: os.environ.get(k) for k in ("FCN_ZOO_CACHE", "FCN_ZOO_REFERENCE_URL")}
+    models = ModelCache("cpu", capacity=2)
+    try:
+        with serve_folder(mirror) as url:
+            os.environ.update(FCN_ZOO_CACHE=str(cache), FCN_ZOO_REFERENCE_URL=url)
+            model = models.get(NAME)  # downloaded and converted once; the page keeps it loaded
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    app = build_app([NAME, "fcn_resnet101os8_ade20k"], models=models)  # the second is not cached
+    port = _free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/", model
+    app.close()
+
+
+def _segment(client, photo, *, name=NAME, tta=False, slide=False, precision="fp32", opacity=0.5):
+    from gradio_client import handle_file
+
+    return client.predict(handle_file(str(photo)) if photo else None, name, tta, slide, precision, opacity, api_name="/segment")
+
+
+def test_the_api_gives_the_mask_of_model_predict_and_queues_concurrent_requests(page):
+    from gradio_client import Client, handle_file
+
+    url, model = page
+    client = Client(url, verbose=False)
+    overlay, mask, legend, confidence, timing = _segment(client, PHOTOS[0], opacity=0.3)
+    seg = model.predict(PHOTOS[0])
+    assert np.array_equal(np.asarray(Image.open(mask).convert("RGB")), np.asarray(seg.colorize().convert("RGB")))
+    assert np.array_equal(np.asarray(Image.open(overlay).convert("RGB")), np.asarray(seg.overlay(alpha=0.3)))
+    assert np.array_equal(np.asarray(Image.open(confidence)), np.round(seg.confidence * 255).astype(np.uint8))
+    top = max(seg.class_shares().items(), key=lambda kv: kv[1])
+    assert f"{top[0]}: {100 * top[1]:.1f}%" in legend and " s on cpu" in timing
+
+    # three users at once: queued, each gets its own photo's mask
+    jobs = [client.submit(handle_file(str(p)), NAME, False, False, "fp32", 0.5, api_name="/segment") for p in PHOTOS]
+    for photo, job in zip(PHOTOS, jobs):
+        got = np.asarray(Image.open(job.result(timeout=120)[1]).convert("RGB"))
+        assert np.array_equal(got, np.asarray(model.predict(photo).colorize().convert("RGB"))), photo.name
+
+
+def test_bad_uploads_are_a_message_and_the_page_keeps_serving(page, tmp_path, monkeypatch):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    url, _ = page
+    client = Client(url, verbose=False)
+    (tmp_path / "notes.jpg").write_text("this is a text file, not a photograph\n")
+    (tmp_path / "bomb.png").write_bytes(_png_header_only(40000, 40000))
+    (tmp_path / "huge.png").write_bytes(_png_header_only(9000, 7000))
+    cases = {
+        "notes.jpg": "notes.jpg is not an image the demo can read",
+        "bomb.png": "bomb.png is not an image the demo can read",
+        "huge.png": "The photo is 9000x7000 (63 MP); the demo takes up to 50 MP: resize it first.",
+        None: "Upload a photo first",
+    }
+    for name, message in cases.items():
+        with pytest.raises(AppError) as raised:
+            _segment(client, tmp_path / name if name else None)
+        assert message in str(raised.value) and "Traceback" not in str(raised.value), name
+    with pytest.raises(AppError, match="could not be loaded"):
+        _segment(client, PHOTOS[0], name="fcn_resnet101os8_ade20k")  # not cached, and no network here
+    assert _segment(client, PHOTOS[1])[4].endswith("x".join(map(str, Image.open(PHOTOS[1]).size)))  # still serving
+
+
+def test_the_model_cache_keeps_the_most_recently_used():
+    loads = []
+    cache = ModelCache(capacity=2, loader=lambda name: loads.append(name) or object())
+    a = cache.get("a")
+    cache.get("b")
+    assert cache.get("a") is a and loads == ["a", "b"]
+    cache.get("c")  # b is the least recently used
+    assert "b" not in cache and "a" in cache and "c" in cache
+    cache.get("b")
+    assert loads == ["a", "b", "c", "b"]
+
+
+def test_the_picker_lists_cached_models_first_with_dataset_classes_and_miou(monkeypatch):
+    monkeypatch.setattr("fcn_zoo.hub.is_cached", lambda name, cache_dir=None: name == "fcn_resnet101os8_ade20k")
+    choices = model_choices()
+    assert [name for _, name in choices][0] == "fcn_resnet101os8_ade20k" and len(choices) == 12
+    label = dict((n, lab) for lab, n in choices)["fcn_resnet50os16_cityscapes"]
+    row = fcn_zoo.CHECKPOINTS["fcn_resnet50os16_cityscapes"]
+    assert "Cityscapes" in label and "19 classes" in label and f"mIoU {row.miou:.1f}" in label and "downloads on first use" in label
+
+
+def test_the_cli_refuses_an_unknown_model_in_one_line(capsys):
+    from fcn_zoo.cli import main
+
+    assert main(["demo", "fcn_resnet50os8_vocc"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fcn-zoo: error: ") and "fcn_resnet50os8_vocc" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="no chromium installed (apt-get install chromium); the browser test needs it")
+def test_a_browser_uploads_a_photo_and_sees_the_overlay(page):
+    from playwright.sync_api import sync_playwright
+
+    url, _ = page
+    photo = PHOTOS[0]
+    width, height = Image.open(photo).size
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+        try:
+            tab = browser.new_page(viewport={"width": 1280, "height": 1000})
+            tab.goto(url)
+            tab.locator("input[type=file]").first.set_input_files(str(photo))
+            tab.wait_for_timeout(500)  # the upload lands
+            start = time.perf_counter()
+            tab.locator("#segment").click()
+            overlay = tab.locator("#overlay img")
+            overlay.wait_for(state="visible", timeout=60_000)
+            tab.wait_for_function("() => { const i = document.querySelector('#overlay img'); return i && i.complete && i.naturalWidth > 0 }")
+            seconds = time.perf_counter() - start
+            natural = overlay.evaluate("i => [i.naturalWidth, i.naturalHeight]")
+            tab.screenshot(path=str(ARTIFACTS / "demo_page.png"), full_page=True)
+        finally:
+            browser.close()
+    assert abs(natural[0] / natural[1] - width / height) < 0.01, natural
+    print(f"upload to overlay: {seconds:.2f} s; screenshot {ARTIFACTS / 'demo_page.png'}")
+    assert demo_module.MAX_PIXELS >= width * height
