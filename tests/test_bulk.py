@@ -194,7 +194,9 @@ def test_an_interrupted_run_resumed_ends_with_the_outputs_of_an_uninterrupted_on
                "--quiet", "--out"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     whole = tmp_path / "whole"
-    subprocess.run([*command, str(whole)], env=env, capture_output=True, check=False)
+    from fcn_zoo.cli import main
+
+    main([*command[3:], str(whole)])  # the uninterrupted run, in this process
     cut = tmp_path / "cut"
     process = subprocess.Popen([*command, str(cut)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -205,7 +207,7 @@ def test_an_interrupted_run_resumed_ends_with_the_outputs_of_an_uninterrupted_on
     assert not (cut / "summary.csv").exists(), "the run finished before it could be interrupted"
     pending = next(p for p in sorted((photo_tree / "2023").glob("extra*.jpg")) if not (cut / "2023" / f"{p.stem}.png").exists())
     (cut / "2023" / f".{pending.stem}.png.99999.partial").write_bytes(b"half a PNG")  # as a kill mid-write leaves it
-    subprocess.run([*command, str(cut), "--resume"], env=env, capture_output=True, check=False)
+    main([*command[3:], str(cut), "--resume"])
     assert tree(cut) == tree(whole)
     assert (whole / "summary.csv").is_file() and len(list(whole.rglob("*_overlay.jpg"))) == 85
 

@@ -50,6 +50,7 @@ def page(tmp_path_factory):
         with serve_folder(mirror) as url:
             os.environ.update(FCN_ZOO_CACHE=str(cache), FCN_ZOO_REFERENCE_URL=url)
             model = models.get(NAME)  # downloaded and converted once; the page keeps it loaded
+            model.eval_size = (400, 200)  # smaller than VOC's 512: the page is tested, not the network
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

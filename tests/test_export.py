@@ -80,15 +80,25 @@ def test_predict_with_onnxruntime_gives_the_same_labels_and_exports_once(tiny_fo
     again = fcn_zoo.from_pretrained(tiny_folder)  # same weights: the cached graph is reused
     again.predict(PHOTOS[1], engine="onnxruntime")
     assert len(calls) == 1 and calls[0].is_file()
+
+    class Asked(Exception):
+        pass
+
+    def refuse(*args, **kwargs):  # the export itself is the one above; asking for it is what is checked
+        calls.append(args[1])
+        raise Asked
+
+    monkeypatch.setattr(export_module, "export", refuse)
     with torch.no_grad():
         again.decode_head.classifier.bias.add_(1.0)  # new weights: a new graph
-    again.predict(PHOTOS[1], engine="onnxruntime")
-    assert len(calls) == 2
+    with pytest.raises(Asked):
+        again.predict(PHOTOS[1], engine="onnxruntime")
+    assert len(calls) == 2 and calls[1] != calls[0]
     with pytest.raises(ValueError, match="engine"):
         model.predict(PHOTOS[0], engine="tensorrt")
 
 
-def test_a_damaged_onnxruntime_cache_entry_is_exported_again(tiny_folder, caplog):
+def test_a_damaged_onnxruntime_cache_entry_is_exported_again(tiny_folder, caplog, monkeypatch):
     import onnx
 
     from conftest import PHOTOS
@@ -107,9 +117,22 @@ def test_a_damaged_onnxruntime_cache_entry_is_exported_again(tiny_folder, caplog
         onnx.save_model(onnx.load(str(entry)), str(entry), save_as_external_data=True, location=data, size_threshold=0)
         (folder / data).unlink()
 
-    for damage in (cut_short, weights_beside_and_gone):
+    damage_checks = [(cut_short, True), (weights_beside_and_gone, False)]
+    for damage, export_for_real in damage_checks:  # the second only checks that the export is asked for again
         damage()
         caplog.clear()
+        if not export_for_real:
+            import fcn_zoo.export as export_module
+
+            class Asked(Exception):
+                pass
+
+            monkeypatch.setattr(export_module, "export", lambda *a, **k: (_ for _ in ()).throw(Asked()))
+            with pytest.raises(Asked):
+                fcn_zoo.from_pretrained(tiny_folder).predict(PHOTOS[0], engine="onnxruntime")
+            rebuilt = [r for r in caplog.records if r.name == "fcn_zoo.export" and r.levelno == logging.INFO]
+            assert len(rebuilt) == 1 and "exporting it again" in rebuilt[0].getMessage()
+            continue
         got = fcn_zoo.from_pretrained(tiny_folder).predict(PHOTOS[0], engine="onnxruntime").labels  # no session kept
         assert (got == expected).all(), damage.__name__
         rebuilt = [r for r in caplog.records if r.name == "fcn_zoo.export" and r.levelno == logging.INFO]
