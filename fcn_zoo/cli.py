@@ -215,10 +215,10 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise FCNZooError("the demo needs Gradio: pip install 'fcn-zoo[demo]'") from None
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise FCNZooError("the demo needs Gradio: pip install 'fcn-zoo[demo]'")
     from .demo import launch
 
     for name in args.names:
