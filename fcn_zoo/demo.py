@@ -134,8 +134,13 @@ def model_device(model) -> str:
 
 
 def precisions(device: str | None) -> list[str]:
-    """What the device runs: fp32 everywhere, bf16 on CPUs and GPUs, fp16 on GPUs."""
-    return ["fp32", "bf16", "fp16"] if (device or "cpu").startswith("cuda") else ["fp32", "bf16"]
+    """What the device runs fast: fp32 everywhere, bf16 and fp16 on GPUs, bf16 on CPUs with bf16 instructions
+    (elsewhere it is emulated and slower than fp32)."""
+    from ._fusion import cpu_has_bf16
+
+    if (device or "cpu").startswith("cuda"):
+        return ["fp32", "bf16", "fp16"]
+    return ["fp32", "bf16"] if cpu_has_bf16() else ["fp32"]
 
 
 def _readable_uploads(photo, gr):
@@ -191,8 +196,13 @@ def build_app(names: list[str] | None = None, *, device: str | None = None, max_
                 with gr.Row():
                     mask = gr.Image(label="mask", format="png")
                     confidence = gr.Image(label="confidence (top class probability)", format="png")
+        def run(photo_path, name, tta, slide, precision, opacity, progress=gr.Progress(track_tqdm=True)):
+            if name and name not in models:  # the download's progress bar shows on the page
+                progress(0, desc=f"loading {name}")
+            return segment(models, photo_path, name, tta, slide, precision, opacity)
+
         button.click(
-            lambda *a: segment(models, *a), inputs=[photo, model, tta, slide, precision, opacity],
+            run, inputs=[photo, model, tta, slide, precision, opacity],
             outputs=[overlay, mask, legend_box, confidence, timing, state], api_name="segment",
         )
         opacity.release(reblend, inputs=[state, opacity], outputs=overlay, api_name=False)

@@ -132,6 +132,15 @@ def test_the_picker_lists_cached_models_first_with_dataset_classes_and_miou(monk
     assert "Cityscapes" in label and "19 classes" in label and f"mIoU {row.miou:.1f}" in label and "downloads on first use" in label
 
 
+def test_precision_choices_are_what_the_device_runs_fast(monkeypatch):
+    from fcn_zoo.demo import precisions
+
+    monkeypatch.setattr("fcn_zoo._fusion.cpu_has_bf16", lambda: False)
+    assert precisions("cpu") == ["fp32"] and precisions("cuda:1") == ["fp32", "bf16", "fp16"]
+    monkeypatch.setattr("fcn_zoo._fusion.cpu_has_bf16", lambda: True)
+    assert precisions(None) == ["fp32", "bf16"]
+
+
 def test_the_cli_refuses_an_unknown_model_in_one_line(capsys):
     from fcn_zoo.cli import main
 
