@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import struct
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ import pytest
 from PIL import Image
 
 import fcn_zoo
-from conftest import PHOTOS, serve_folder
+from conftest import PHOTOS, png_header_only, serve_folder
 from fcn_zoo import demo as demo_module
 from fcn_zoo.demo import ModelCache, build_app, model_choices
 from reference import build_reference_fcn, save_reference_checkpoint
@@ -28,14 +26,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +84,8 @@ def test_bad_uploads_are_a_message_and_the_page_keeps_serving(page, tmp_path, mo
     url, _ = page
     client = Client(url, verbose=False)
     (tmp_path / "notes.jpg").write_text("this is a text file, not a photograph\n")
-    (tmp_path / "bomb.png").write_bytes(_png_header_only(40000, 40000))
-    (tmp_path / "huge.png").write_bytes(_png_header_only(9000, 7000))
+    (tmp_path / "bomb.png").write_bytes(png_header_only(40000, 40000))
+    (tmp_path / "huge.png").write_bytes(png_header_only(9000, 7000))
     cases = {
         "notes.jpg": "notes.jpg is not an image the demo can read",
         "bomb.png": "bomb.png is not an image the demo can read",

@@ -91,13 +91,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def label(self, index: int) -> np.ndarray:
         """The train ids of sample ``index`` as a uint8 ``(H, W)`` array (255 = ignore), without its image."""
         label_path = self.samples[index][1]
-        raw = np.array(_open(label_path, None, self.name))
-        if raw.ndim != 2:
-            raise DatasetLayoutError(f"{label_path}: a label map must have one channel, got shape {raw.shape}")
-        if raw.dtype != np.uint8:  # 16-bit or 32-bit PNGs: the values must still be 0..255
-            if raw.size and (raw.min() < 0 or raw.max() > 255):
-                raise DatasetLayoutError(f"{label_path}: label values must be 0..255, found {raw.min()}..{raw.max()}")
-            raw = raw.astype(np.uint8)
+        raw = read_label(label_path, self.name)
         invalid = self.invalid[raw]
         if invalid.any():
             bad = np.unique(self.lookup[raw][invalid])
@@ -119,14 +113,39 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return hashlib.sha256(text.encode()).hexdigest()
 
     def class_pixels(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per class: its pixels, and the (non-ignored) pixels of the images where it occurs; reads every label."""
-        pixels = np.zeros(self.num_classes, dtype=np.int64)
-        image_pixels = np.zeros(self.num_classes, dtype=np.int64)
-        for i in range(len(self)):
-            counts = np.bincount(self.label(i).ravel(), minlength=256)[:self.num_classes]
-            pixels += counts
-            image_pixels[counts > 0] += counts.sum()
-        return pixels, image_pixels
+        """:func:`class_pixels` of every label of the dataset."""
+        return class_pixels((self.label(i) for i in range(len(self))), self.num_classes)
+
+
+def class_pixels(labels, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class: its pixels in ``labels`` (uint8 maps of train ids), and the (non-ignored) pixels of the
+    maps where it occurs: what median frequency balancing needs."""
+    pixels = np.zeros(num_classes, dtype=np.int64)
+    image_pixels = np.zeros(num_classes, dtype=np.int64)
+    for label in labels:
+        counts = np.bincount(label.ravel(), minlength=256)[:num_classes]
+        pixels += counts
+        image_pixels[counts > 0] += counts.sum()
+    return pixels, image_pixels
+
+
+def read_label(path: Path, dataset: str, *, index_modes: tuple[str, ...] | None = None) -> np.ndarray:
+    """A label PNG as a uint8 ``(H, W)`` array of its stored values; 16-bit PNGs must hold 0..255.
+    ``index_modes``: the PIL modes accepted (a colour PNG is then an error saying to convert it)."""
+    image = _open(path, None, dataset)
+    if index_modes is not None and image.mode not in index_modes:
+        raise DatasetLayoutError(
+            f"{path}: a mask holds one class index per pixel (an 8-bit grey or palette PNG), got mode {image.mode}; "
+            "convert colours to class indices"
+        )
+    raw = np.array(image)
+    if raw.ndim != 2:
+        raise DatasetLayoutError(f"{path}: a label map must have one channel, got shape {raw.shape}")
+    if raw.dtype != np.uint8:  # 16-bit or 32-bit PNGs: the values must still be 0..255
+        if raw.size and (raw.min() < 0 or raw.max() > 255):
+            raise DatasetLayoutError(f"{path}: label values must be 0..255, found {raw.min()}..{raw.max()}")
+        raw = raw.astype(np.uint8)
+    return raw
 
 
 def detect_layout(root: str | Path) -> str:

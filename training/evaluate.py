@@ -134,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         dataset = build_dataset(layout, args.data_root, args.split, val_fraction=val_fraction if layout == "generic" else None)
     except DatasetLayoutError as e:
         raise SystemExit(f"python -m training.evaluate: {e}") from None
-    model = fcn_zoo.from_pretrained(args.model, device=str(ctx.device))
+    try:
+        model = fcn_zoo.from_pretrained(args.model, device=str(ctx.device))
+    except fcn_zoo.FCNZooError as e:
+        raise SystemExit(f"python -m training.evaluate: {e}") from None
     if model.num_classes != dataset.num_classes:
         raise SystemExit(f"python -m training.evaluate: {args.model} predicts {model.num_classes} classes; {args.data_root} has {dataset.num_classes}")
     results = evaluate(model, dataset, tta=TTA() if args.tta else None, mode=args.mode, ctx=ctx, max_samples=args.max_samples)

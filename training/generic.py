@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .data import IGNORE_INDEX, LAYOUTS, DatasetLayoutError
+from .data import IGNORE_INDEX, LAYOUTS, DatasetLayoutError, class_pixels, read_label
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 LAYOUT = LAYOUTS["generic"]
+MASK_MODES = ("L", "P", "I", "I;16", "I;16B", "1")  # PIL modes that hold one index per pixel
 
 
 @dataclass
@@ -136,31 +137,28 @@ def scan(samples: list[tuple[str, Path, Path]], num_classes: int, progress: bool
     naming it. Returns the class pixel counts (for ``--class-weights auto``) and the image sizes."""
     from tqdm.auto import tqdm
 
-    pixels = np.zeros(num_classes, dtype=np.int64)
-    image_pixels = np.zeros(num_classes, dtype=np.int64)
     sizes = []
-    for _, image_path, mask_path in tqdm(samples, desc="checking masks", disable=not progress, leave=False):
-        try:
-            with Image.open(image_path) as image:
-                width, height = image.size
-        except (OSError, SyntaxError, ValueError) as e:
-            raise DatasetLayoutError(f"{image_path}: unreadable as an image ({e})") from e
-        mask = _read_mask(mask_path)
-        if mask.shape != (height, width):
-            raise DatasetLayoutError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {image_path.name} is {width}x{height}")
-        counts = np.bincount(mask.ravel(), minlength=256)
-        bad = np.flatnonzero(counts[num_classes:IGNORE_INDEX]) + num_classes
-        if bad.size or counts[IGNORE_INDEX + 1:].any():
-            values = np.flatnonzero(counts)
-            outside = [int(v) for v in values if num_classes <= v != IGNORE_INDEX]
-            raise DatasetLayoutError(
-                f"{mask_path}: values {outside[:5]} are outside the {num_classes} classes of classes.txt "
-                f"(0..{num_classes - 1}, {IGNORE_INDEX} = ignore)"
-            )
-        counts = counts[:num_classes]
-        pixels += counts
-        image_pixels[counts > 0] += counts.sum()
-        sizes.append((height, width))
+
+    def checked_masks():
+        for _, image_path, mask_path in tqdm(samples, desc="checking masks", disable=not progress, leave=False):
+            try:
+                with Image.open(image_path) as image:
+                    width, height = image.size
+            except (OSError, SyntaxError, ValueError) as e:
+                raise DatasetLayoutError(f"{image_path}: unreadable as an image ({e})") from e
+            mask = read_label(mask_path, "generic", index_modes=MASK_MODES)
+            if mask.shape != (height, width):
+                raise DatasetLayoutError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {image_path.name} is {width}x{height}")
+            outside = (mask >= num_classes) & (mask != IGNORE_INDEX)
+            if outside.any():
+                raise DatasetLayoutError(
+                    f"{mask_path}: values {np.unique(mask[outside]).tolist()[:5]} are outside the {num_classes} classes "
+                    f"of classes.txt (0..{num_classes - 1}, {IGNORE_INDEX} = ignore)"
+                )
+            sizes.append((height, width))
+            yield mask
+
+    pixels, image_pixels = class_pixels(checked_masks(), num_classes)
     return Scan(pixels, image_pixels, sizes)
 
 
@@ -178,27 +176,6 @@ def median_frequency_weights(pixels: np.ndarray, image_pixels: np.ndarray) -> li
 def file_list_sha256(samples: list[tuple[str, Path, Path]]) -> str:
     """sha256 of the sorted ids of a split: which files a run used."""
     return hashlib.sha256("\n".join(sorted(s[0] for s in samples)).encode()).hexdigest()
-
-
-def _read_mask(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode not in ("L", "P", "I", "I;16", "I;16B", "1"):
-                raise DatasetLayoutError(
-                    f"{path}: a mask holds one class index per pixel (an 8-bit grey or palette PNG), got mode {img.mode}; "
-                    "convert colours to class indices"
-                )
-            mask = np.array(img)
-    except DatasetLayoutError:
-        raise
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetLayoutError(f"{path}: unreadable as a mask ({e})") from e
-    if mask.dtype != np.uint8:
-        if mask.size and (mask.min() < 0 or mask.max() > 255):
-            raise DatasetLayoutError(f"{path}: mask values must be 0..255, found {mask.min()}..{mask.max()}")
-        mask = mask.astype(np.uint8)
-    return mask
 
 
 def _files(folder: Path, suffixes: set[str]) -> list[Path]:

@@ -75,11 +75,12 @@ def recipe_plan(args: argparse.Namespace, ctx: DistributedContext) -> Plan:
     scale = tuple(args.scale) if args.scale else data.eval_size
     train_set = build_dataset(row.dataset, args.data_root, "train", train_transforms(scale, crop, data.mean, data.std), args.seed)
     val_set = build_dataset(row.dataset, args.data_root, "val")
-    model = build_model(args, row)
+    weights = args.backbone_weights or "openmmlab"  # the reference's initialisation
+    model = build_model(args, row, weights)
     model.eval_size, model.crop_size = scale, crop  # the protocol best/ is evaluated with, in its config.json
     iters_per_epoch = _iters_per_epoch(train_set, total_batch, reference=True)
     max_iters = args.max_iters or (args.epochs or row.epochs) * iters_per_epoch
-    meta = {"recipe": row.name, "backbone_weights": args.backbone_weights}  # set by build_model
+    meta = {"recipe": row.name, "backbone_weights": weights}
     return Plan(
         row.name, row, model, train_set, val_set, total_batch, per_device, _accumulation(total_batch, per_device, ctx),
         crop, scale, iters_per_epoch, max_iters, args.lr or row.lr, args.eval_interval or 0,
@@ -183,8 +184,8 @@ def load_init(source: str, num_classes: int, log) -> tuple[fcn_zoo.FCN, int]:
     return model, source_classes
 
 
-def build_model(args: argparse.Namespace, row) -> fcn_zoo.FCN:
-    """The recipe's FCN, its backbone initialised as ``--backbone-weights`` says (:mod:`training.backbones`)."""
+def build_model(args: argparse.Namespace, row, weights: str) -> fcn_zoo.FCN:
+    """The recipe's FCN, its backbone initialised from ``weights`` (:mod:`training.backbones`)."""
     from .backbones import initialise_backbone
 
     config = row.model_config()
@@ -193,8 +194,7 @@ def build_model(args: argparse.Namespace, row) -> fcn_zoo.FCN:
     if args.head_channels:
         config.update(head_channels=args.head_channels, aux_channels=args.head_channels)
     model = fcn_zoo.FCN(**config)
-    args.backbone_weights = args.backbone_weights or "openmmlab"  # the reference's initialisation
-    initialise_backbone(model, config["backbone"], config["output_stride"], args.backbone_weights)
+    initialise_backbone(model, config["backbone"], config["output_stride"], weights)
     return model
 
 

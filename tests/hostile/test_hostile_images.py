@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -13,17 +11,8 @@ import torch
 from PIL import Image
 
 import fcn_zoo
-from conftest import PHOTOS
+from conftest import PHOTOS, png_header_only
 from fcn_zoo.cli import main
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width`` x ``height`` pixels, with almost no data behind it."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 BROKEN_FILES = {
@@ -31,7 +20,7 @@ BROKEN_FILES = {
     "truncated.jpg": lambda: PHOTOS[0].read_bytes()[:300],
     "truncated.png": lambda: _encoded_png()[:500],
     "notes.jpg": lambda: b"this is a text file, not a photograph\n",
-    "bomb.png": lambda: _png_header_only(40000, 40000),  # 1.6 G pixels: over Pillow's limit
+    "bomb.png": lambda: png_header_only(40000, 40000),  # 1.6 G pixels: over Pillow's limit
     "html.png": lambda: b"<html><body>404 Not Found</body></html>",
 }
 
