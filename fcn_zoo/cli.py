@@ -248,7 +248,7 @@ def cmd_predict(args) -> int:
     if not 0.0 <= args.alpha <= 1.0:
         raise FCNZooError(f"--alpha {args.alpha}: must be in [0, 1]")
     found = expand_inputs(args.images, exclude=out)
-    _, world, local_rank = distributed_rank()
+    rank, world, local_rank = distributed_rank()
     device = args.device
     if world > 1 and (device or ("cuda" if _has_cuda() else "cpu")).startswith("cuda"):
         device = f"cuda:{local_rank}"  # one GPU per process under torchrun
@@ -260,7 +260,7 @@ def cmd_predict(args) -> int:
         batch_size=args.batch_size, tta=args.tta or None, mode="slide" if args.slide else "whole",
         engine=args.engine, precision=args.precision, compile=args.compile,
     )
-    if distributed_rank()[0] != 0:
+    if rank != 0:
         return EXIT_FAILED if totals.failed else 0
     line = (f"{totals.done} done, {totals.failed} failed, {totals.skipped} skipped in {totals.elapsed:.1f} s; "
             f"{out / 'summary.csv'}")

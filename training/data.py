@@ -170,12 +170,7 @@ def build_dataset(dataset: str, root: str | Path, split: str, transforms=None, s
     if dataset == "generic":
         from .generic import read_classes, splits
 
-        classes = read_classes(root)
-        chosen = splits(root, val_fraction)[split == "val"]
-        return SegmentationDataset(
-            "generic", [(image, mask) for _, image, mask in chosen], np.arange(256, dtype=np.uint8), transforms, seed,
-            class_names=classes.names, ids=[i for i, _, _ in chosen],
-        )
+        return generic_dataset(splits(root, val_fraction)[split == "val"], read_classes(root).names, transforms, seed)
     builders = {"voc": _voc, "ade20k": _ade20k, "cityscapes": _cityscapes}
     if dataset not in builders:
         raise ValueError(f"unknown dataset {dataset!r}; use one of {', '.join(builders)}")
@@ -187,6 +182,14 @@ def build_dataset(dataset: str, root: str | Path, split: str, transforms=None, s
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise DatasetLayoutError(f"{missing[0]}: missing{more}; expected {LAYOUTS[dataset]}")
     return SegmentationDataset(dataset, samples, lookup, transforms, seed)
+
+
+def generic_dataset(samples: list[tuple[str, Path, Path]], class_names: list[str], transforms=None, seed: int = 0) -> SegmentationDataset:
+    """The generic layout's ``(id, image, mask)`` samples (:func:`training.generic.splits`) as a dataset."""
+    return SegmentationDataset(
+        "generic", [(image, mask) for _, image, mask in samples], np.arange(256, dtype=np.uint8), transforms, seed,
+        class_names=class_names, ids=[i for i, _, _ in samples],
+    )
 
 
 def _voc(root: Path, split: str):

@@ -173,11 +173,6 @@ def median_frequency_weights(pixels: np.ndarray, image_pixels: np.ndarray) -> li
     return [round(median / f, 6) if p else 1.0 for f, p in zip(frequency.tolist(), present.tolist())]
 
 
-def file_list_sha256(samples: list[tuple[str, Path, Path]]) -> str:
-    """sha256 of the sorted ids of a split: which files a run used."""
-    return hashlib.sha256("\n".join(sorted(s[0] for s in samples)).encode()).hexdigest()
-
-
 def _files(folder: Path, suffixes: set[str]) -> list[Path]:
     found = []
     for path in sorted(folder.rglob("*")):

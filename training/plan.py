@@ -17,7 +17,7 @@ from pathlib import Path
 
 import fcn_zoo
 
-from .data import SegmentationDataset, build_dataset, detect_layout
+from .data import SegmentationDataset, build_dataset, detect_layout, generic_dataset
 from .distributed import DistributedContext
 from .transforms import train_transforms
 
@@ -89,7 +89,7 @@ def recipe_plan(args: argparse.Namespace, ctx: DistributedContext) -> Plan:
 
 
 def finetune_plan(args: argparse.Namespace, ctx: DistributedContext) -> Plan:
-    from .generic import file_list_sha256, read_classes, scan, splits
+    from .generic import read_classes, scan, splits
 
     for option in ("backbone", "head_channels"):
         if getattr(args, option):
@@ -109,22 +109,18 @@ def finetune_plan(args: argparse.Namespace, ctx: DistributedContext) -> Plan:
         checked = scan(train_pairs, len(names), progress)
         scan(val_pairs, len(names), progress)
         counts, sizes = (checked.pixels, checked.image_pixels), checked.sizes
-        data = {
-            "name": root.resolve().name, "layout": "generic", "train_images": len(train_pairs), "val_images": len(val_pairs),
-            "val_split": val_source, "train_sha256": file_list_sha256(train_pairs), "val_sha256": file_list_sha256(val_pairs),
-        }
+        train_set, val_set = generic_dataset(train_pairs, names, None, args.seed), generic_dataset(val_pairs, names)
     else:
         if args.val_fraction is not None:
             raise SystemExit(f"--val-fraction is for the generic layout; {layout} has its own val split")
         known = fcn_zoo.DATASETS[layout]
         names, palette, val_source, counts, sizes = list(known.classes), list(known.palette), "val", None, None
-    train_set = build_dataset(layout, root, "train", None, args.seed, val_fraction=args.val_fraction)
-    val_set = build_dataset(layout, root, "val", val_fraction=args.val_fraction)
-    if layout != "generic":
-        data = {
-            "name": fcn_zoo.DATASETS[layout].title, "layout": layout, "train_images": len(train_set), "val_images": len(val_set),
-            "val_split": val_source, "train_sha256": train_set.fingerprint(), "val_sha256": val_set.fingerprint(),
-        }
+        train_set, val_set = build_dataset(layout, root, "train", None, args.seed), build_dataset(layout, root, "val")
+    data = {
+        "name": root.resolve().name if layout == "generic" else fcn_zoo.DATASETS[layout].title, "layout": layout,
+        "train_images": len(train_set), "val_images": len(val_set), "val_split": val_source,
+        "train_sha256": train_set.fingerprint(), "val_sha256": val_set.fingerprint(),  # of the sorted id lists
+    }
     weights = None
     if args.class_weights == "auto":
         from .generic import median_frequency_weights
