@@ -111,7 +111,7 @@ def main() -> None:
         sources = expand_inputs([str(work / "photos")]).sources
         share = -(-len(photos) // args.rounds)
         loop_rates, bulk_rates, reader_rates = [], [], []
-        plain.predict(photos[0]), fused.predict(photos[0])  # warm-up: the fused twin, oneDNN's primitives
+        plain.predict(photos[0]), fused.predict(photos[0])  # warm-up: oneDNN's primitives
         (work / "loop").mkdir()
         for r in range(args.rounds):
             part = slice(r * share, (r + 1) * share)

@@ -6,11 +6,12 @@
 For each model, one input of the given size, the median time of a forward pass that returns logits at the
 input's size, for:
 
-- fcn_zoo ``model(x)`` as a user calls it under ``torch.inference_mode()`` (the default: the fused twin,
-  channels_last as ``predict`` runs it); the plain module (``fcn_zoo._fusion.plain_path()``: what hooks,
-  tracing and training see) NCHW, channels_last and with BatchNorm folded only; and channels_last
-  after ``model.fuse()`` (BatchNorm folded, ReLU and residual additions fused into the convolutions; as
-  ``fcn-zoo predict`` runs it), on the reference's weights;
+- fcn_zoo ``model(x)`` as a user calls it under ``torch.inference_mode()`` on a model as ``from_pretrained``
+  returns it: the plain module, on an NCHW input and on a channels_last input (what ``model.predict``
+  feeds it); with BatchNorm folded only; and the explicit fast path, ``model.fuse()`` (BatchNorm folded,
+  ReLU and residual additions fused into the convolutions; what ``fcn-zoo predict``, ``predict_iter`` and
+  ``predict(fuse=True)`` run), on NCHW and channels_last inputs and as a channels_last model, on the
+  reference's weights;
 - the reference model on the same weights (its forward plus the same bilinear upsampling);
 - for OS8 models, torchvision's ``fcn_resnet50/101`` and fcn_zoo on the same torchvision weights (the
   7x7-stem, one-conv-head architecture: a different model from the reference rows, compared with itself);
@@ -44,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import fcn_zoo  # noqa: E402
 from _common import count_flops, matmul_rate  # noqa: E402
 from conftest import randomize_batchnorm  # noqa: E402
-from fcn_zoo._fusion import fold_batchnorm, plain_path  # noqa: E402
+from fcn_zoo._fusion import fold_batchnorm  # noqa: E402
 from fcn_zoo.convert import convert_state_dict  # noqa: E402
 from fcn_zoo.weights import load_state_dict  # noqa: E402
 from reference import build_reference_fcn, reference_logits, save_reference_checkpoint  # noqa: E402
@@ -56,20 +57,20 @@ def contenders_for(name: str, x: torch.Tensor, workdir: Path, onnx: bool, openvi
     reference = build_reference_fcn(row.depth, row.output_stride, row.num_classes)
     pth = save_reference_checkpoint(reference, workdir / f"{row.name}.pth")
     plain = fcn_zoo.from_pretrained(pth, cache_dir=workdir / "cache")
-    channels_last = copy.deepcopy(plain).to(memory_format=torch.channels_last)
-    default = copy.deepcopy(channels_last)
-    folded = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    folded = copy.deepcopy(plain)
     fold_batchnorm(folded)
-    fused = copy.deepcopy(plain).fuse().to(memory_format=torch.channels_last)
+    fused = plain.fuse(inplace=False)
+    fused_cl = plain.fuse(inplace=False).to(memory_format=torch.channels_last)
     x_cl = x.contiguous(memory_format=torch.channels_last)
 
-    flops = count_flops(lambda: as_plain(plain, x))
+    flops = count_flops(lambda: plain(x))
     out = {
-        "fcn_zoo model(x), default": (lambda: default(x_cl), flops),
-        "fcn_zoo plain module, NCHW": (lambda: as_plain(plain, x), flops),
-        "fcn_zoo plain module, ch_last": (lambda: as_plain(channels_last, x_cl), flops),
-        "fcn_zoo BN folded only, ch_last": (lambda: as_plain(folded, x_cl), flops),
-        "fcn_zoo model.fuse()(x), ch_last": (lambda: fused(x_cl), flops),
+        "fcn_zoo model(x), NCHW input": (lambda: plain(x), flops),
+        "fcn_zoo model(x), ch_last input": (lambda: plain(x_cl), flops),
+        "fcn_zoo BN folded only, ch_last in": (lambda: folded(x_cl), flops),
+        "fcn_zoo fuse(), NCHW input": (lambda: fused(x), flops),
+        "fcn_zoo fuse(), ch_last input": (lambda: fused(x_cl), flops),
+        "fcn_zoo fuse(), ch_last model": (lambda: fused_cl(x_cl), flops),
         "reference (sssegmentation)": (lambda: reference_logits(reference, x), flops),
     }
     if row.output_stride == 8:
@@ -83,11 +84,11 @@ def contenders_for(name: str, x: torch.Tensor, workdir: Path, onnx: bool, openvi
         ours = fcn_zoo.FCN(**config)
         load_state_dict(ours, state_dict, source="torchvision")
         ours = ours.eval()
-        ours_flops = count_flops(lambda: as_plain(ours, x))  # the counter cannot see oneDNN's fused kernels
-        ours = ours.fuse().to(memory_format=torch.channels_last)
+        ours_flops = count_flops(lambda: ours(x))  # the counter cannot see oneDNN's fused kernels
+        ours = ours.fuse()
         # torchvision runs its auxiliary head in eval mode too; fcn_zoo does not: each is credited its own work
         out["torchvision fcn_resnet (its weights)"] = (lambda: tv(x)["out"], count_flops(lambda: tv(x)))
-        out["fcn_zoo fused, same tv weights"] = (lambda: ours(x_cl), ours_flops)
+        out["fcn_zoo fuse(), same tv weights"] = (lambda: ours(x_cl), ours_flops)
     if onnx or openvino:
         from fcn_zoo.export import export
 
@@ -113,18 +114,12 @@ def contenders_for(name: str, x: torch.Tensor, workdir: Path, onnx: bool, openvi
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return model(x_cl)
 
-        out[BF16[0]] = (lambda: run_bf16(default), flops)
+        out[BF16[0]] = (lambda: run_bf16(plain), flops)
         out[BF16[1]] = (lambda: run_bf16(fused), flops)
     return out
 
 
-BF16 = ("fcn_zoo bf16 autocast, default *", "fcn_zoo bf16 autocast, fused *", "OpenVINO bf16 (same ONNX) *")
-
-
-def as_plain(model, x):
-    """The plain module's forward, not its fused twin."""
-    with plain_path():
-        return model(x)
+BF16 = ("fcn_zoo bf16 autocast, model(x) *", "fcn_zoo bf16 autocast, fuse() *", "OpenVINO bf16 (same ONNX) *")
 
 
 def main() -> None:

@@ -1,6 +1,10 @@
 """Inference-time fusion for ``FCN.fuse()``: BatchNorm folded into convolutions, then on CPU each convolution,
 its ReLU and its residual addition run as one oneDNN kernel.
 
+Fusion rewrites the module: it is explicit, and owned by whoever calls it (``model.fuse()`` in place, or a
+fused copy made by an entry point that owns its model for a whole run). Nothing here is done to a model
+behind its back, and no state is shared between models.
+
 Eager PyTorch runs a ResNet block's ReLUs and residual addition as separate passes over memory; with
 BatchNorm folded these are the only work outside the convolutions (about 4% of an R-50 OS8 forward on a
 CPU). oneDNN applies them as post-ops of the convolution that produces the tensor, while it is still in
@@ -12,11 +16,8 @@ autocast, autograd, tracing for export or compilation) the layer runs as ``conv2
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import functools
 import logging
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -25,28 +26,15 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .errors import is_out_of_memory
 
-__all__ = ["ConvAct", "fold_batchnorm", "fuse_activations", "input_splits", "onednn_available", "version_of"]
+__all__ = ["ConvAct", "fold_batchnorm", "fuse_activations", "input_splits", "onednn_available"]
 
 logger = logging.getLogger(__name__)
 
 
-def version_of(t: torch.Tensor) -> int:
-    """The tensor's in-place edit counter; 0 for tensors made under inference mode, which have none (and
-    cannot be edited in place outside it)."""
-    try:
-        return t._version
-    except RuntimeError:
-        return 0
-
-
-_refused: set[torch.dtype] = set()  # dtypes whose fused kernels failed on this machine: not tried again
-
-
 def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
-    """Whether this PyTorch build has the oneDNN fused convolution operators (and they have not failed here
-    for ``dtype``); for bf16, whether this CPU also has bf16 instructions (AMX, AVX512-BF16), without which
-    oneDNN refuses bf16 convolutions."""
-    return dtype not in _refused and _build_has_onednn_ops() and (dtype != torch.bfloat16 or cpu_has_bf16())
+    """Whether this PyTorch build has the oneDNN fused convolution operators; for bf16, whether this CPU also
+    has bf16 instructions (AMX, AVX512-BF16), without which oneDNN refuses bf16 convolutions."""
+    return _build_has_onednn_ops() and (dtype != torch.bfloat16 or cpu_has_bf16())
 
 
 @functools.cache
@@ -80,7 +68,13 @@ def input_splits(weight: torch.Tensor) -> int:
 
 
 class ConvAct(nn.Module):
-    """``relu(conv(x) + residual)``, ``relu(conv(x))`` or ``conv(x)``: a 2-D convolution and what follows it."""
+    """``relu(conv(x) + residual)``, ``relu(conv(x))`` or ``conv(x)``: a 2-D convolution and what follows it.
+
+    On CPU the weight is packed once per dtype into oneDNN's layout, on first use: a fused model's weights
+    are fixed (``fuse()`` is for models whose weights are final). Where oneDNN's kernel fails, this layer
+    runs ``conv2d`` + ``relu`` from then on (the failure is logged once per message); no other layer or
+    model is affected.
+    """
 
     def __init__(self, conv: nn.Conv2d, relu: bool, residual: bool = False):
         super().__init__()
@@ -92,6 +86,7 @@ class ConvAct(nn.Module):
         self.relu = relu
         self.residual = residual
         self._packed: dict[torch.dtype, tuple[tuple, tuple[list[torch.Tensor], torch.Tensor | None]]] = {}
+        self._failed: set[torch.dtype] = set()  # dtypes whose oneDNN kernel failed for this layer
 
     def extra_repr(self) -> str:
         c_out, c_in, kh, kw = self.weight.shape
@@ -109,8 +104,8 @@ class ConvAct(nn.Module):
             except RuntimeError as e:  # these operators are internal to PyTorch: if one fails on this CPU
                 if is_out_of_memory(e):
                     raise  # not the kernel's fault: the caller decides (predict suggests mode='slide')
-                _refused.add(dtype)  # or build, say so once and run the plain path from then on
-                logger.warning("oneDNN fused convolution failed (%s); running conv2d + relu instead", e)
+                self._failed.add(dtype)  # or build, this layer runs the plain path from then on
+                _warn_once(f"oneDNN fused convolution failed ({e}); running conv2d + relu instead")
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         if residual is not None:
             y += residual
@@ -143,6 +138,7 @@ class ConvAct(nn.Module):
         weights then kept in bf16 too, not cast at each call), or ``None`` for plain conv2d + relu."""
         if not (
             x.device.type == "cpu"
+            and self.weight.device.type == "cpu"  # else conv2d raises torch's own device error
             and self.weight.dtype == torch.float32
             and x.dim() == 4
             and x.shape[1] == self.weight.shape[1] * self.groups  # else conv2d raises its own error
@@ -158,14 +154,14 @@ class ConvAct(nn.Module):
             dtype = torch.bfloat16
         else:
             dtype = None
-        return dtype if dtype is not None and onednn_available(dtype) else None
+        return dtype if dtype is not None and dtype not in self._failed and onednn_available(dtype) else None
 
     def _packed_weights(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """The weight in oneDNN's blocked layout and ``dtype``, and the bias in ``dtype``, made once per set
         of weights and dtype (after ``.to()`` or an in-place edit, again); the weight split over input
         channels into slices of at most ``SPLIT_BYTES`` (see :func:`input_splits`)."""
         w = self.weight
-        key = (w.data_ptr(), w.device, version_of(w))
+        key = (w.data_ptr(), w.device, _version(w))
         cached = self._packed.get(dtype)
         if cached is None or cached[0] != key:
             splits = input_splits(w) if not self.residual and self.groups == 1 else 1
@@ -193,6 +189,24 @@ class ConvAct(nn.Module):
     def __getstate__(self):  # deepcopy and pickle: the packed weight is a cache, rebuilt on first use
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         return {**state, "_packed": {}}
+
+
+_warned: set[str] = set()  # messages already logged: one line for a failure every layer meets
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
+def _version(t: torch.Tensor) -> int:
+    """The tensor's in-place edit counter (0 for inference tensors, which have none): ``.to()`` and
+    ``load_state_dict`` on a fused model repack its weights; writes through ``.data`` are not seen."""
+    try:
+        return t._version
+    except RuntimeError:
+        return 0
 
 
 class FusedBottleneck(nn.Module):
@@ -282,73 +296,3 @@ def _fuse_sequence(parent: nn.Module) -> None:
             setattr(parent, children[j][0], nn.Identity())
         else:
             setattr(owner, conv_name, ConvAct(conv, relu=False))
-
-
-# --- fast by default: inference on CPU runs a fused twin of the model ---------------------------------
-
-
-_plain = threading.local()
-
-
-@contextlib.contextmanager
-def plain_path():
-    """Within this block (in this thread) every FCN runs as the plain module, never its fused twin: for
-    measuring a conversion's exactness, or the plain module's speed, without the twin's float rounding."""
-    before = getattr(_plain, "on", False)
-    _plain.on = True
-    try:
-        yield
-    finally:
-        _plain.on = before
-
-
-def fast_path_applies(model: nn.Module, x) -> bool:
-    """Whether this call of ``model`` may run its fused twin: pure inference (eval mode, no autograd) on a CPU
-    tensor, with nothing that must see the plain module: no hooks on any layer (feature extraction, CAM),
-    no ``torch.compile``, ``torch.export``/ONNX, TorchScript or ``torch.fx`` tracing (whose inputs are not
-    plain tensors), and a model not already ``fuse()``d."""
-    return (
-        not model.training
-        and not torch.is_grad_enabled()
-        and not getattr(_plain, "on", False)
-        and type(x) is torch.Tensor
-        and x.device.type == "cpu"
-        and not getattr(model, "_fused", False)
-        and not torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
-        and not _has_hooks(model)
-        and onednn_available()
-    )
-
-
-def fused_twin(model: nn.Module) -> nn.Module:
-    """A ``fuse()``d copy of ``model`` without its training-only auxiliary head, kept in ``model.__dict__``
-    (outside the module tree: ``state_dict``, ``.to()``, saving and pickling never see it). Made on first
-    use, and again whenever a parameter or buffer has been replaced, moved or edited in place since, so it
-    never answers with stale weights. It costs about the weights' size twice over (the folded copy and
-    oneDNN's packed layout): ~300 MB for R-50, ~450 MB for R-101."""
-    key = weights_key(model)
-    cached = model.__dict__.get("_fast")
-    if cached is None or cached[0] != key:
-        model.__dict__.pop("_fast", None)  # the old twin's memory first
-        with torch.inference_mode(False), torch.no_grad():
-            twin = copy.deepcopy(model)
-        twin.auxiliary_head = None
-        model.__dict__["_fast"] = cached = (key, twin.fuse())
-    return cached[1]
-
-
-def weights_key(model: nn.Module) -> tuple:
-    """Where each parameter and buffer lives and how often it was edited in place: it changes whenever the
-    weights do (``load_state_dict``, ``.to()``, an in-place edit)."""
-    return tuple((t.data_ptr(), t.device, t.dtype, version_of(t)) for t in (*model.parameters(), *model.buffers()))
-
-
-def _has_hooks(model: nn.Module) -> bool:
-    from torch.nn.modules import module as m
-
-    if m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks or m._global_backward_pre_hooks:
-        return True
-    return any(x._forward_hooks or x._forward_pre_hooks or x._backward_hooks or x._backward_pre_hooks for x in model.modules())

@@ -4,7 +4,9 @@ resumption, and the inputs shared out over the processes ``torchrun`` starts.
 Each source's outputs are written atomically, then a line is appended to this process's journal
 (``--out/.fcn-zoo/journal-<rank>.jsonl``): its size, class shares, or the reason it failed. A source is
 complete when its outputs exist and the journal says so; ``--resume`` skips complete sources, so a run cut
-short (Ctrl-C, ``kill -9``, a lost node) and continued ends with the outputs of one uninterrupted run. At the
+short (Ctrl-C, ``kill -9``, a lost node) and continued ends with the outputs of one uninterrupted run. What
+made the outputs (the model, its weights' sha256 and every option that changes an output) is recorded in
+``--out/.fcn-zoo/made_by.json``; ``--resume`` refuses a folder made otherwise, naming the difference. At the
 end the first process writes ``--out/summary.csv`` in input order and compacts the journals into one.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) process ``r`` of ``n`` takes the sources ``r, r + n, ...`` (a video
@@ -24,14 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._files import atomic_path
-from .errors import first_line
+from .errors import FCNZooError, first_line
 from .images import save_image
 from .sources import Source
 from .stream import predict_iter
 
-__all__ = ["Outputs", "Totals", "segment_sources", "distributed_rank"]
+__all__ = ["Outputs", "Totals", "segment_sources", "distributed_rank", "made_by"]
 
 JOURNAL_DIR = ".fcn-zoo"
+MADE_BY = "made_by.json"
+#: the options of predict that change a mask, an overlay or a confidence map (batch size, workers, device
+#: and compile change none beyond float rounding)
+OUTPUT_OPTIONS = ("tta", "mode", "window", "stride", "precision", "engine")
 
 
 @dataclass(frozen=True)
@@ -69,18 +75,65 @@ def distributed_rank() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def made_by(model: str, weights_sha256: str, outputs: Outputs, options: dict) -> dict:
+    """What makes a folder's outputs: the model (as named, and its weights' sha256), the output kinds and
+    every option of ``options`` that changes an output."""
+    return {
+        "model": str(model), "weights_sha256": weights_sha256,
+        "outputs": {"overlay": outputs.overlay, "alpha": outputs.alpha, "confidence": outputs.confidence, "masks": outputs.masks},
+        "options": {k: _plain_value(options.get(k)) for k in OUTPUT_OPTIONS},
+    }
+
+
+def _plain_value(value):
+    if hasattr(value, "__dataclass_fields__"):  # a TTA
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(value).items()}
+    return list(value) if isinstance(value, tuple) else value
+
+
+def check_resumable(folder: Path, made: dict) -> None:
+    """Refuse, in one line naming the difference, to resume into ``folder`` if its outputs were made otherwise."""
+    journal_dir = folder / JOURNAL_DIR
+    try:
+        before = json.loads((journal_dir / MADE_BY).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if any(journal_dir.glob("journal*.jsonl")):
+            raise FCNZooError(f"--resume: {folder} does not record which model and options made its outputs (an older "
+                              "fcn-zoo wrote it); rerun without --resume, or pass a new --out") from None
+        return
+    except ValueError:
+        raise FCNZooError(f"--resume: {journal_dir / MADE_BY} is damaged; rerun without --resume, or pass a new --out") from None
+    how = "rerun without --resume to remake every output, or pass a new --out"
+    if before.get("weights_sha256") != made["weights_sha256"]:
+        raise FCNZooError(
+            f"--resume: {folder} was made by another model ({before.get('model')}, weights sha256 "
+            f"{str(before.get('weights_sha256'))[:12]}...) than {made['model']} (sha256 {made['weights_sha256'][:12]}...); {how}")
+    for group in ("outputs", "options"):
+        for key, now in made[group].items():
+            then = before.get(group, {}).get(key)
+            if then != now:
+                raise FCNZooError(f"--resume: {folder} was made with {key}={then!r}, this run asks for {key}={now!r}; {how}")
+
+
 def segment_sources(
     model, sources: list[Source], outputs: Outputs, *, resume: bool = False, not_inputs: int = 0,
-    quiet: bool = False, echo=print, **options,
+    quiet: bool = False, echo=print, made: dict | None = None, **options,
 ) -> Totals:
     """Segment ``sources`` into ``outputs``; returns what this run did (over all processes).
 
     ``not_inputs``: files found in walked folders that are neither images nor videos (counted as skipped).
-    ``echo``: called with one line per source done or failed (unless ``quiet``). ``options``: as
-    :func:`fcn_zoo.predict.predict`.
+    ``echo``: called with one line per source done or failed (unless ``quiet``). ``made``: what makes the
+    outputs (:func:`made_by`): recorded in the folder, and with ``resume`` checked against what it records.
+    ``options``: as :func:`fcn_zoo.predict.predict`.
     """
     start = time.perf_counter()
     rank, world, _ = distributed_rank()
+    if made is not None:
+        if resume:
+            check_resumable(outputs.folder, made)
+        (outputs.folder / JOURNAL_DIR).mkdir(parents=True, exist_ok=True)
+        with atomic_path(outputs.folder / JOURNAL_DIR / MADE_BY) as tmp:  # every rank writes the same
+            tmp.write_text(json.dumps(made, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     journal = Journal(outputs.folder, rank)
     rows = journal.read() if resume else {}
     mine = [s for i, s in enumerate(sources) if i % world == rank]

@@ -236,9 +236,10 @@ def cmd_download(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .bulk import Outputs, distributed_rank, segment_sources
+    from .bulk import Outputs, distributed_rank, made_by, segment_sources
     from .hub import from_pretrained
     from .sources import expand_inputs
+    from .weights import weights_sha256
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -252,13 +253,17 @@ def cmd_predict(args) -> int:
     device = args.device
     if world > 1 and (device or ("cuda" if _has_cuda() else "cpu")).startswith("cuda"):
         device = f"cuda:{local_rank}"  # one GPU per process under torchrun
-    model = from_pretrained(args.name, device=device, cache_dir=args.cache_dir).fuse()
+    model = from_pretrained(args.name, device=device, cache_dir=args.cache_dir)
+    digest = weights_sha256(model)
+    model.fuse()  # this command owns the model for the whole run: its fast path, in place
+    outputs = Outputs(out, args.overlay, args.alpha, args.confidence, args.masks)
+    options = {"tta": args.tta or None, "mode": "slide" if args.slide else "whole", "engine": args.engine,
+               "precision": args.precision}
     out.mkdir(parents=True, exist_ok=True)
     totals = segment_sources(
-        model, found.sources, Outputs(out, args.overlay, args.alpha, args.confidence, args.masks),
-        resume=args.resume, not_inputs=len(found.skipped), quiet=args.quiet, num_workers=args.workers,
-        batch_size=args.batch_size, tta=args.tta or None, mode="slide" if args.slide else "whole",
-        engine=args.engine, precision=args.precision, compile=args.compile,
+        model, found.sources, outputs, resume=args.resume, not_inputs=len(found.skipped), quiet=args.quiet,
+        made=made_by(args.name, digest, outputs, options), num_workers=args.workers, batch_size=args.batch_size,
+        compile=args.compile, cache_dir=args.cache_dir, **options,
     )
     if rank != 0:
         return EXIT_FAILED if totals.failed else 0

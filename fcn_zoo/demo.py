@@ -36,13 +36,14 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "tests" / "data"  # the reposit
 
 
 class ModelCache:
-    """The ``capacity`` most recently used models, loaded once each; loading is serialised."""
+    """The ``capacity`` most recently used models, loaded once each (and fused: the page owns them and never
+    changes their weights); loading is serialised."""
 
     def __init__(self, device: str | None = None, capacity: int = 2, loader=None):
         from .hub import from_pretrained
 
         self.device, self.capacity = device, capacity
-        self.loader = loader or (lambda name: from_pretrained(name, device=device))
+        self.loader = loader or (lambda name: from_pretrained(name, device=device).fuse())
         self._models: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()
 

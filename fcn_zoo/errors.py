@@ -37,10 +37,17 @@ class NotCachedError(FCNZooError, FileNotFoundError):
     """Weights that are not on this machine while downloads are disabled."""
 
 
+#: What the allocators say when they run out: CUDA's and MPS's "out of memory", the CPU allocator's
+#: "can't allocate memory" and "not enough memory". An "illegal memory access" is not among them.
+_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")
+
+
 def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` says a device ran out of memory: ``torch.OutOfMemoryError`` (GPUs) or the plain
-    ``RuntimeError`` the CPU allocator raises."""
-    return isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and "memory" in str(error).lower())
+    """Whether ``error`` says a device ran out of memory: ``MemoryError``, ``torch.OutOfMemoryError`` (GPUs)
+    or the plain ``RuntimeError`` the CPU allocator raises."""
+    if isinstance(error, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(error).__mro__):
+        return True
+    return isinstance(error, RuntimeError) and any(s in str(error).lower() for s in _OUT_OF_MEMORY)
 
 
 #: Exception classes of the HTTP clients huggingface_hub has used (requests, httpx, httpx2) that mean the

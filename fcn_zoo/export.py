@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from ._files import atomic_path, cache_root, writable
-from ._fusion import version_of
+from ._inference import evaluating, inference_copy
 from .errors import first_line
+from .weights import weights_sha256
 
 __all__ = ["export", "onnx_session", "FORMATS"]
 
@@ -46,18 +47,17 @@ def export(
 ) -> Path:
     """Write ``model`` to ``path`` in ``fmt`` (``onnx``); the file appears only when complete.
 
-    ``features=True`` exports ``forward_features`` (logits at the backbone's resolution) instead.
-    A ``torch.export`` program is not offered: its serialiser cannot yet store the symbolic ``ceil`` that
-    the backbone's shapes need (torch 2.14)."""
+    ``features=True`` exports ``forward_features`` (logits at the backbone's resolution) instead. The model
+    is exported in eval mode and left in the modes it had. A ``torch.export`` program is not offered: its
+    serialiser cannot yet store the symbolic ``ceil`` that the backbone's shapes need (torch 2.14)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     path = Path(path)
-    model = model.eval()
-    module = _Features(model).eval() if features else model
-    x = torch.randn(2, 3, *example_size)  # batch 2: a batch of 1 would be specialised to a constant
+    module = _Features(model) if features else model
+    x = torch.randn(2, 3, *example_size, device=next(model.parameters()).device)  # batch 2: 1 would be a constant
     auto = torch.export.Dim.AUTO  # let export find the ranges (the dilated convolutions add guards)
     dims = {0: auto, 2: auto, 3: auto}
-    with atomic_path(path) as tmp, _quiet():
+    with atomic_path(path) as tmp, _quiet(), evaluating(module):
         # external_data=False: one file that can be copied alone (the default writes the weights beside it,
         # named after the temporary name)
         torch.onnx.export(
@@ -90,8 +90,8 @@ def _quiet():
 def max_abs_difference(model, path: Path, fmt: str, size: tuple[int, int] = (256, 320)) -> float | None:
     """Max abs logit difference of the exported file and ``model`` on a seeded input; ``None`` if no runtime."""
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        expected = model.eval()(x)
+    with torch.inference_mode(), evaluating(model):
+        expected = model(x)
     try:
         import onnxruntime
     except ImportError:
@@ -101,12 +101,15 @@ def max_abs_difference(model, path: Path, fmt: str, size: tuple[int, int] = (256
     return float((got - expected).abs().max())
 
 
-def onnx_session(model):
+def onnx_session(model, cache_dir: str | os.PathLike | None = None):
     """An onnxruntime session running ``model.forward_features`` on the CPU.
 
-    The graph is exported once per set of weights and kept in the fcn_zoo cache (``onnx/<sha256>.onnx``);
-    the session is kept on the model until its weights change. An entry onnxruntime cannot load (cut short,
-    or an older entry whose separate weights file is gone) is exported again rather than failing the predict.
+    The graph is exported once per model and kept in the fcn_zoo cache (``cache_dir``, ``$FCN_ZOO_CACHE`` or
+    ``~/.cache/fcn_zoo``: ``onnx/<key>.onnx``), keyed on what it holds: the weights' content
+    (:func:`fcn_zoo.weights.weights_sha256`), the configuration and the module's layers as ``repr`` shows
+    them. The session is kept on the model under the same key, so a model whose weights or layers changed
+    in any way gets a session of its own. An entry onnxruntime cannot load (cut short, or an older entry
+    whose separate weights file is gone) is exported again rather than failing the predict.
     """
     import hashlib
     import json
@@ -116,17 +119,15 @@ def onnx_session(model):
     except ImportError as e:
         raise ImportError("engine='onnxruntime' needs onnxruntime: pip install 'fcn-zoo[export]'") from e
 
-    state = model.state_dict()
-    version = sum(version_of(t) for t in state.values())
-    cached = getattr(model, "_onnx_session", None)
-    if cached is not None and cached[0] == version:
-        return cached[1]
     digest = hashlib.sha256(json.dumps(getattr(model, "_hub_mixin_config", None) or {}, sort_keys=True).encode())
+    digest.update(repr(model).encode())  # the layers and their settings (eps, padding, dilation, swapped layers)
     digest.update(b"fused" if getattr(model, "_fused", False) else b"plain")
-    for key, tensor in state.items():
-        digest.update(key.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    path = cache_root() / "onnx" / f"{digest.hexdigest()[:32]}.onnx"
+    digest.update(weights_sha256(model).encode())
+    key = digest.hexdigest()[:32]
+    cached = model.__dict__.get("_onnx_session")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    path = cache_root(cache_dir) / "onnx" / f"{key}.onnx"
     session = None
     if path.is_file():
         try:
@@ -137,7 +138,8 @@ def onnx_session(model):
                 stale.unlink(missing_ok=True)
     if session is None:
         writable(path.parent)
-        export(model.to("cpu"), path, features=True)
+        on_cpu = model if next(model.parameters()).device.type == "cpu" else inference_copy(model, "cpu")
+        export(on_cpu, path, features=True)
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    model._onnx_session = (version, session)
+    model.__dict__["_onnx_session"] = (key, session)
     return session

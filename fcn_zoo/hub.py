@@ -181,7 +181,7 @@ def _resolve_zoo(checkpoint: Checkpoint, revision: str | None, cache_dir, offlin
 
     writable(converted.parent)
     with tempfile.TemporaryDirectory(dir=converted.parent, prefix=f".{checkpoint.name}-") as tmp:
-        pth, url, _ = download_reference(checkpoint, Path(tmp))
+        pth, url, _ = download_reference(checkpoint, Path(tmp), cache_dir)
         convert_checkpoint(pth, converted, "reference", checkpoint=checkpoint, provenance={"source_url": url})
     return converted
 
@@ -250,13 +250,13 @@ def _check_hub_reachable(repo_id: str, revision: str | None, cache_dir, where: s
         ) from e
 
 
-def download_reference(checkpoint: Checkpoint, directory: Path) -> tuple[Path, str, str]:
+def download_reference(checkpoint: Checkpoint, directory: Path, cache_dir=None) -> tuple[Path, str, str]:
     """Download a row's reference ``.pth`` into ``directory``; returns ``(path, url, sha256)``.
 
     ``<name>.pth`` is tried first, then the reference's older name ``<name>_train.pth`` if the server
     has no file of the first name (404). The sha256 must equal the table's, or, where the table has none
-    yet, the one recorded in the cache by the first download (``known_hashes.json``); a file that differs
-    is deleted and refused.
+    yet, the one recorded in the cache (``cache_dir``'s ``known_hashes.json``) by the first download; a file
+    that differs is deleted and refused.
     """
     from urllib.error import HTTPError
 
@@ -274,7 +274,8 @@ def download_reference(checkpoint: Checkpoint, directory: Path) -> tuple[Path, s
             raise FCNZooError(_download_failed(checkpoint, urls[: i + 1], e)) from e
         except (OSError, ValueError, http.client.HTTPException) as e:  # URLError is an OSError
             raise FCNZooError(_download_failed(checkpoint, [url], e)) from e
-    known = _known_hashes()
+    writable(cache_root(cache_dir))  # where the hash is recorded: checked before the transfer, not after
+    known = _known_hashes(cache_dir)
     expected = checkpoint.sha256 or known.get(checkpoint.name)
     if expected and sha256 != expected:
         path.unlink(missing_ok=True)
@@ -286,7 +287,7 @@ def download_reference(checkpoint: Checkpoint, directory: Path) -> tuple[Path, s
         else:
             how = (
                 f"if the mirror's file was changed on purpose, delete the \"{checkpoint.name}\" entry of "
-                f"{_known_hashes_path()} and load again to accept it"
+                f"{_known_hashes_path(cache_dir)} and load again to accept it"
             )
         raise WeightsError(
             f"{url}: sha256 {sha256} differs from {expected}, "
@@ -294,27 +295,26 @@ def download_reference(checkpoint: Checkpoint, directory: Path) -> tuple[Path, s
             f"the file was not used; {how}"
         )
     if not expected:
-        _record_hash(checkpoint.name, sha256)
+        _record_hash(checkpoint.name, sha256, cache_dir)
     return path, url, sha256
 
 
-def _known_hashes_path() -> Path:
-    return cache_root() / "known_hashes.json"
+def _known_hashes_path(cache_dir=None) -> Path:
+    return cache_root(cache_dir) / "known_hashes.json"
 
 
-def _known_hashes() -> dict[str, str]:
+def _known_hashes(cache_dir=None) -> dict[str, str]:
+    path = _known_hashes_path(cache_dir)
     try:
-        return json.loads(_known_hashes_path().read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
         return {}
     except ValueError as e:
-        raise WeightsError(f"{_known_hashes_path()}: not valid JSON ({e}); delete it to record hashes anew") from e
+        raise WeightsError(f"{path}: not valid JSON ({e}); delete it to record hashes anew") from e
 
 
-def _record_hash(name: str, sha256: str) -> None:
-    path = _known_hashes_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, {**_known_hashes(), name: sha256})
+def _record_hash(name: str, sha256: str, cache_dir=None) -> None:
+    write_json(_known_hashes_path(cache_dir), {**_known_hashes(cache_dir), name: sha256})  # its folder: writable()
 
 
 def download(url: str, path: Path, timeout: float | None = None) -> str:

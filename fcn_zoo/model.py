@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
 from torch import nn
 
-from ._fusion import fast_path_applies, fused_twin, weights_key
+from ._inference import inference_copy
 from .errors import WeightsError
 from .weights import load_weights
 from .zoo import DATASETS, IMAGENET_MEAN, IMAGENET_STD, folder_metadata
@@ -106,7 +106,10 @@ class FCN(
     them all to ``config.json``, so a folder describes its model without the zoo's table.
 
     ``forward(x)`` takes a normalised float tensor ``(N, 3, H, W)`` and returns logits ``(N, C, H, W)``
-    upsampled bilinearly (``align_corners=False``); in training mode it returns ``(logits, aux_logits)``.
+    upsampled bilinearly (``align_corners=False``); in training mode it returns ``(logits, aux_logits)``,
+    ``aux_logits`` being ``None`` for a model without an auxiliary head. The module is plain in every mode:
+    it computes what its layers say, and nothing is cached between calls. :meth:`fuse` is the fast path,
+    explicit (see the README's "When is it fast").
     """
 
     def __init__(
@@ -173,50 +176,53 @@ class FCN(
             **folder_metadata(self.class_names, self.palette, self.mean, self.std, self.eval_size, self.crop_size),
         }
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if fast_path_applies(self, x):  # CPU inference: the fused twin (see fcn_zoo._fusion.fused_twin)
-            return fused_twin(self).forward(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         size = x.shape[-2:]
         aux_features, features = self.backbone(x)
         logits = F.interpolate(self.decode_head(features), size=size, mode="bilinear", align_corners=False)
-        if self.training and self.auxiliary_head is not None:
-            aux = F.interpolate(self.auxiliary_head(aux_features), size=size, mode="bilinear", align_corners=False)
-            return logits, aux
-        return logits
+        if not self.training:
+            return logits
+        if self.auxiliary_head is None:
+            return logits, None
+        return logits, F.interpolate(self.auxiliary_head(aux_features), size=size, mode="bilinear", align_corners=False)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Logits at the backbone's resolution ``(N, C, H / output_stride, W / output_stride)``, no auxiliary head."""
-        if fast_path_applies(self, x):
-            return fused_twin(self).forward_features(x)
         return self.decode_head(self.backbone(x)[-1])
 
     def __getstate__(self) -> dict:
-        # neither the fused twin nor an onnxruntime session is part of the model
-        return {k: v for k, v in self.__dict__.items() if k not in ("_fast", "_onnx_session")}
+        # an onnxruntime session (fcn_zoo.export.onnx_session) is not part of the model
+        return {k: v for k, v in self.__dict__.items() if k != "_onnx_session"}
 
-    def _apply(self, fn, *args, **kwargs):
-        result = super()._apply(fn, *args, **kwargs)
-        cached = self.__dict__.get("_fast")
-        if cached is not None and cached[0] != weights_key(self):
-            del self.__dict__["_fast"]  # moved away (e.g. to a GPU): give the twin's memory back now
-        return result
-
-    def fuse(self) -> "FCN":
-        """Prepare this model for fast inference, in place: fold every BatchNorm into the convolution before
-        it, and (on CPU) run each convolution with its ReLU and residual addition as one oneDNN kernel.
+    def fuse(self, *, inplace: bool = True, device: str | torch.device | None = None) -> "FCN":
+        """Prepare this model for fast inference: fold every BatchNorm into the convolution before it, and (on
+        CPU) run each convolution with its ReLU and residual addition as one oneDNN kernel.
 
         BatchNorm in eval mode is an affine map that costs a full pass over memory; folded into the
         convolution's weights and bias it costs nothing. The ReLUs and residual additions then become
         post-ops of the convolutions (see ``fcn_zoo._fusion``), in bf16 under CPU bf16 autocast; on other
         devices, and under autograd, those layers run as plain ``conv2d`` + ``relu``. On CPU an R-50 OS8
-        forward gets 7-15% faster in fp32 and 1.7x in bf16 (benchmarks/RESULTS.md); outputs change by
-        float rounding only. A fused model is for inference: its parameters no longer require gradients,
-        and it cannot be trained or saved, so save it first. Returns ``self``.
+        forward gets 7-18% faster in fp32 (benchmarks/RESULTS.md); outputs change by float rounding only.
+
+        A fused model is for inference with weights that are final: it cannot be trained or saved (save it
+        first), its parameters no longer require gradients, and its convolutions keep their weights packed
+        for oneDNN, so edit or load weights before fusing, never after.
+
+        Args:
+            inplace: ``True`` (default) rewrites this model and returns it; ``False`` leaves it untouched and
+                returns a fused copy without the training-only auxiliary head (an inference snapshot).
+            device: with ``inplace=False``, the device of the copy (default this model's).
         """
         from ._fusion import fold_batchnorm, fuse_activations
 
+        if not inplace:
+            model = inference_copy(self, device)
+            return model if getattr(model, "_fused", False) else model.fuse()
+        if device is not None:
+            raise ValueError("fuse(device=...) applies to inplace=False; move the model with .to() first")
+        if getattr(self, "_fused", False):
+            return self
         self.eval()
-        self.__dict__.pop("_fast", None)  # fused in place: no twin needed
         with torch.inference_mode(False), torch.no_grad():  # the new weights are ordinary tensors even when
             fold_batchnorm(self)  # fuse() is called under inference mode
             fuse_activations(self)
@@ -227,8 +233,6 @@ class FCN(
     def train(self, mode: bool = True) -> "FCN":
         if mode and getattr(self, "_fused", False):
             raise RuntimeError("this FCN was fuse()d for inference and cannot be trained; load it again to train")
-        if mode:
-            self.__dict__.pop("_fast", None)  # training changes every weight: the twin would only take memory
         return super().train(mode)
 
     def save_pretrained(

@@ -72,11 +72,11 @@ def source_model(source: str, config: dict, state_dict: dict[str, torch.Tensor])
 
 def measure_parity(model: torch.nn.Module, source: Callable, size: tuple[int, int] = (256, 320), seed: int = 0) -> dict:
     """Max abs logit difference and label agreement of ``model`` and ``source`` on one seeded input."""
-    from ._fusion import plain_path
+    from ._inference import evaluating
 
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(seed))
-    with torch.inference_mode(), plain_path():  # the converted weights as they are, not the fused twin's rounding
-        ours, theirs = model.eval()(x), source(x)
+    with torch.inference_mode(), evaluating(model):
+        ours, theirs = model(x), source(x)
     return {
         "max_abs_diff": float((ours - theirs).abs().max()),
         "label_agreement": float((ours.argmax(1) == theirs.argmax(1)).float().mean()),

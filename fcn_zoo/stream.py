@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 def predict_iter(
     model, images: Iterable, *, num_workers: int | None = None, prefetch: int | None = None, errors: str = "raise",
-    **options,
+    fuse: bool = True, **options,
 ) -> Iterator[tuple[object, Segmentation | Exception]]:
     """Segment ``images`` lazily: yields ``(image, Segmentation)`` in input order.
 
@@ -46,13 +46,18 @@ def predict_iter(
             batch size without workers).
         errors: ``"raise"`` stops at the first image that cannot be read or segmented; ``"yield"`` yields
             ``(image, exception)`` for it and goes on (what ``fcn-zoo predict`` does, to list failures).
+        fuse: the stream owns a fused copy of the model (``model.fuse(inplace=False)``), made when
+            ``predict_iter`` is called: faster (7-18% on CPU), and what the model becomes after that call
+            (new weights, modes, layers) is not seen by this stream; ``False`` runs the model itself, in
+            eval mode for each batch. A model you ``fuse()``d yourself, ``compile=True`` and
+            ``engine="onnxruntime"`` make no copy.
         **options: as :func:`fcn_zoo.predict.predict` (``tta``, ``mode``, ``batch_size``, ``device``,
             ``precision``, ``engine``, ``compile``...). Consecutive images of equal evaluation size share a
             forward pass, ``batch_size`` at a time.
     """
     if errors not in ("raise", "yield"):
         raise ValueError(f"errors must be 'raise' or 'yield', got {errors!r}")
-    predictor = Predictor(model, **options)  # bad options fail here, before anything is read
+    predictor = Predictor(model, fuse=fuse, **options)  # bad options fail here, before anything is read
     if num_workers is None:
         idle = (os.cpu_count() or 1) - torch.get_num_threads()
         num_workers = 2 if predictor.device.type != "cpu" else max(0, min(2, idle))

@@ -40,7 +40,8 @@ def segment_video(
 ) -> VideoResult:
     """Segment every frame of the video at ``path``; write the class colours blended over the frames to
     ``overlay_path`` (an ``.mp4``) and, with ``masks_dir``, ``<masks_dir>/<frame>.png`` palette masks
-    numbered from ``000000``. Both appear whole or not at all. ``options`` as :func:`fcn_zoo.predict.predict`."""
+    numbered from ``000000``. Both appear whole or not at all. ``options`` as
+    :func:`fcn_zoo.stream.predict_iter` (the clip runs on a fused copy of the model unless ``fuse=False``)."""
     av = _import_av()
     path = Path(path)
     if not path.is_file():

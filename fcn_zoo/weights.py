@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
     from .model import FCN
 
-__all__ = ["load_weights", "load_state_dict"]
+__all__ = ["load_weights", "load_state_dict", "weights_sha256"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,3 +120,19 @@ def _describe(model: FCN) -> str:
 def _short(items: list[str], limit: int = 8) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """Hex sha256 of ``model.state_dict()``: every tensor's name, dtype, shape and bytes, in order. It changes
+    whenever a weight does, however it was changed (``load_state_dict``, in place, ``.data``, NumPy)."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    with torch.inference_mode(False), torch.no_grad():
+        for key, tensor in model.state_dict().items():
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(f"{key}:{flat.dtype}:{tuple(tensor.shape)};".encode())
+            digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
+    return digest.hexdigest()

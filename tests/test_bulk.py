@@ -212,6 +212,33 @@ def test_an_interrupted_run_resumed_ends_with_the_outputs_of_an_uninterrupted_on
     assert (whole / "summary.csv").is_file() and len(list(whole.rglob("*_overlay.jpg"))) == 85
 
 
+def test_resume_refuses_a_folder_made_by_another_model_or_with_other_options(capsys, small_folder, photo_tree, tmp_path):
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "predict", small_folder, photo_tree / "2023", "--out", out, "--quiet")
+    assert code == 0, err
+    made = tree(out)
+    other = tmp_path / "other-fcn"
+    retrained = tiny_fcn(seed=1)
+    retrained.eval_size = (128, 96)
+    retrained.save_pretrained(other)
+    for argv, difference in [
+        ((other,), "another model"),
+        ((small_folder, "--tta"), "tta=None, this run asks for tta="),
+        ((small_folder, "--slide"), "mode='whole', this run asks for mode='slide'"),
+        ((small_folder, "--overlay"), "overlay=False, this run asks for overlay=True"),
+        ((small_folder, "--precision", "bf16"), "precision='fp32', this run asks for precision='bf16'"),
+    ]:
+        code, _, err = run(capsys, "predict", argv[0], photo_tree / "2023", "--out", out, "--quiet", "--resume", *argv[1:])
+        assert code == 1 and difference in err and "without --resume" in err, err
+        assert len(err.strip().splitlines()) == 1
+        assert tree(out) == made  # nothing written, nothing removed
+    code, _, err = run(capsys, "predict", small_folder, photo_tree / "2023", "--out", out, "--quiet", "--resume")
+    assert code == 0 and tree(out) == made  # the same model and options resume (here: nothing left to do)
+    (out / ".fcn-zoo" / "made_by.json").unlink()  # as a folder from before the record was kept
+    code, _, err = run(capsys, "predict", small_folder, photo_tree / "2023", "--out", out, "--quiet", "--resume")
+    assert code == 1 and "does not record" in err
+
+
 def _video(path: Path, frames: int = 10, size=(64, 48), rate: int = 5) -> None:
     import av
 

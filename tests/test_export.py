@@ -94,6 +94,20 @@ def test_predict_with_onnxruntime_gives_the_same_labels_and_exports_once(tiny_fo
     with pytest.raises(Asked):
         again.predict(PHOTOS[1], engine="onnxruntime")
     assert len(calls) == 2 and calls[1] != calls[0]
+    # the session kept on the model is keyed on the weights' content: writes torch cannot see count too
+    model.predict(PHOTOS[1], engine="onnxruntime")  # the session of the first graph, kept on the model
+    for edit in (lambda m: m.decode_head.classifier.bias.data.add_(3.0),  # not +1: that graph is cached (again's)
+                 lambda m: m.decode_head.classifier.weight.detach().numpy().__imul__(0.5),
+                 lambda m: setattr(m.decode_head[1], "eps", 0.5)):
+        edit(model)
+        with pytest.raises(Asked):
+            model.predict(PHOTOS[1], engine="onnxruntime")
+    assert len(calls) == 5 and len(set(calls)) == 5
+    elsewhere = calls[0].parents[2] / "elsewhere"
+    with pytest.raises(Asked):  # cache_dir= is where the graph goes
+        model.predict(PHOTOS[1], engine="onnxruntime", cache_dir=elsewhere)
+    assert calls[-1].parent == elsewhere / "onnx"
+
     with pytest.raises(ValueError, match="engine"):
         model.predict(PHOTOS[0], engine="tensorrt")
 

@@ -175,6 +175,33 @@ def test_init_from_a_zoo_name_a_pth_and_a_folder_loads_every_weight(tmp_path, ti
     assert "uploaded" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("source", ["folder", "torchvision"])
+def test_fine_tuning_a_model_without_an_auxiliary_head_trains_the_main_head_alone(tmp_path, source, capsys):
+    if source == "folder":  # a save_pretrained FCN with aux_channels=None
+        init = tmp_path / "no-aux"
+        fcn_zoo.FCN(num_classes=5, backbone="resnet10t", head_channels=16, aux_channels=None).save_pretrained(init)
+    else:  # torchvision's FCN built with aux_loss=False, converted
+        import torchvision
+
+        from fcn_zoo.cli import main
+
+        tv = torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None, num_classes=4, aux_loss=False)
+        torch.save(tv.state_dict(), tmp_path / "fcn_resnet50.pth")
+        init = tmp_path / "tv"
+        assert main(["convert", str(tmp_path / "fcn_resnet50.pth"), "--from", "torchvision", "--out", str(init), "--no-parity"]) == 0
+    assert fcn_zoo.from_pretrained(init).auxiliary_head is None
+    data = make_generic(tmp_path / "data", n_train=2, n_val=1)
+    out = tmp_path / "run"
+    assert train_module.main(["--init", str(init), "--data-root", str(data), "--output-dir", str(out), "--max-iters", "2",
+                              "--batch-size", "2", "--crop-size", "32", *QUICK]) == 0
+    assert "no auxiliary head; the loss is the main head's alone" in capsys.readouterr().err
+    steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if "loss" in line]
+    assert [r["iter"] for r in steps] == [1, 2] and all(r["loss_aux"] == 0 and r["loss"] == r["loss_main"] > 0 for r in steps)
+    assert json.loads((out / "run.json").read_text())["aux_loss_weight"] is None
+    best = fcn_zoo.from_pretrained(out / "best")
+    assert best.num_classes == 3 and best.auxiliary_head is None
+
+
 def test_the_held_out_share_depends_on_the_id_only(tmp_path):
     data = make_generic(tmp_path / "data", n_train=20, n_val=0, val=False, nested=True)
     train, val, how = splits(data, 0.25)

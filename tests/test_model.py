@@ -28,7 +28,8 @@ def test_forward_returns_logits_at_input_size_and_aux_in_training():
 def test_channels_are_read_from_timm_feature_info():
     model = fcn_zoo.FCN(num_classes=4, backbone="resnet18", output_stride=16, head_channels=8, aux_channels=None)
     assert model.decode_head[0].in_channels == 512 and model.auxiliary_head is None
-    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 4, 64, 64)  # train mode, no aux head: one output
+    logits, aux = model(torch.randn(1, 3, 64, 64))  # train mode: the same pair whatever the architecture
+    assert logits.shape == (1, 4, 64, 64) and aux is None
 
 
 def test_bad_arguments_name_themselves():
@@ -57,12 +58,19 @@ def test_fuse_folds_every_batchnorm_and_keeps_the_outputs(tmp_path):
     assert not (tmp_path / "fused").exists()
 
 
-def _bottleneck_fcn() -> fcn_zoo.FCN:
+def _path_layers(fused: fcn_zoo.FCN) -> list:
+    """The fused convolutions an eval forward runs (not the training-only auxiliary head's)."""
+    from fcn_zoo._fusion import ConvAct
+
+    return [m for name, m in fused.named_modules() if isinstance(m, ConvAct) and not name.startswith("auxiliary_head")]
+
+
+def _bottleneck_fcn(seed: int = 0) -> fcn_zoo.FCN:
     from conftest import randomize_batchnorm
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = fcn_zoo.FCN(num_classes=5, backbone="resnet50c", output_stride=8, head_channels=16, aux_channels=8)
-    return randomize_batchnorm(model).eval()
+    return randomize_batchnorm(model, seed).eval()
 
 
 @pytest.mark.parametrize("make", [tiny_fcn, _bottleneck_fcn], ids=["basicblock", "bottleneck"])
@@ -182,7 +190,7 @@ def test_fused_model_under_cpu_bf16_autocast_runs_bf16_kernels_and_keeps_fp32_on
     assert "replaced" not in caplog.text and "fail" not in caplog.text  # no kernel had to be given up
 
 
-def test_if_the_fused_kernels_fail_on_a_machine_the_plain_path_answers_once_warned(monkeypatch, caplog):
+def test_if_the_fused_kernels_fail_each_layer_warns_once_and_answers_through_its_plain_path(monkeypatch, caplog):
     from fcn_zoo import _fusion
 
     model = tiny_fcn()
@@ -194,57 +202,155 @@ def test_if_the_fused_kernels_fail_on_a_machine_the_plain_path_answers_once_warn
         raise RuntimeError("could not create a primitive")
 
     monkeypatch.setattr(_fusion.ConvAct, "_onednn_forward", lambda self, *a: broken())
-    monkeypatch.setattr(_fusion, "_refused", set())
+    monkeypatch.setattr(_fusion, "_warned", set())
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad(), caplog.at_level("WARNING", logger="fcn_zoo._fusion"):
         expected = model(x)
         got = fused(x)
         fused(x)
+    layers = _path_layers(fused)
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max() + 1e-6
-    assert len(calls) == 1  # tried once, then the plain path for every layer and call
-    assert sum("oneDNN fused convolution failed" in r.getMessage() for r in caplog.records) == 1
+    assert len(calls) == len(layers)  # each layer tried once, then its plain path for every later call
+    assert sum("oneDNN fused convolution failed" in r.getMessage() for r in caplog.records) == 1  # one line
+    monkeypatch.undo()
+    other = copy.deepcopy(model).fuse()  # another model is not affected by this one's failures
+    with torch.no_grad():
+        other(x)
+    assert all(m._packed and not m._failed for m in _path_layers(other))
 
 
-# --- fast by default ---------------------------------------------------------------------------------
+# --- one answer in every state: the module is plain, the fast path explicit ------------------------------
 
 
-def _plain(model: fcn_zoo.FCN, x: torch.Tensor) -> torch.Tensor:
-    """The plain module's logits: with autograd on, the fast path never runs."""
+def _fresh(model: fcn_zoo.FCN, x: torch.Tensor) -> torch.Tensor:
+    """What the module's layers compute, from a copy that has never run (nothing cached), with autograd on."""
     with torch.enable_grad():
-        return model(x).detach()
+        return copy.deepcopy(model)(x).detach()
 
 
-def test_cpu_inference_runs_the_fused_twin_by_default_and_equals_the_plain_module():
+def _data_write(model):
+    model.decode_head.classifier.bias.data.add_(5.0)
+
+
+def _numpy_write(model):
+    model.decode_head[0].weight.detach().numpy()[:] *= 0.5
+
+
+def _load_under_inference_mode(model):
+    with torch.inference_mode():  # inference tensors carry no version counter
+        model.load_state_dict(_bottleneck_fcn(seed=1).state_dict())
+
+
+def _swap_layer(model):
+    model.decode_head[2] = torch.nn.GELU()
+
+
+def _batchnorm_eps(model):
+    model.decode_head[1].eps = 0.5
+
+
+def _conv_geometry(model):
+    conv = model.decode_head[3]
+    conv.padding, conv.dilation = (2, 2), (2, 2)
+
+
+STATE_CHANGES = [_data_write, _numpy_write, _load_under_inference_mode, _swap_layer, _batchnorm_eps, _conv_geometry]
+
+
+@pytest.mark.parametrize("change", STATE_CHANGES, ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_the_default_call_answers_for_the_model_as_it_is_now(change, context):
     model = _bottleneck_fcn()
     x = torch.randn(1, 3, 64, 80)
-    expected = _plain(model, x)
-    for context in (torch.inference_mode, torch.no_grad):
-        with context():
-            got = model(x)
-            features = model.forward_features(x)
-        twin = model.__dict__["_fast"][1]
-        assert twin._fused and twin.auxiliary_head is None
-        assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
-        with torch.enable_grad():
-            assert torch.allclose(features, model.decode_head(model.backbone(x)[-1]).detach(), atol=1e-4)
-    assert "_fast" not in "".join(model.state_dict())  # not part of the module
-    assert all(p.requires_grad for p in model.parameters())  # the model itself is untouched
+    with context():
+        before = model(x)
+        model.forward_features(x)
+    change(model)
+    expected = _fresh(model, x)
+    with context():
+        got = model(x)
+        features = model.forward_features(x)
+    assert (expected - before).abs().max() > 1e-3  # the change changes the answer
+    assert torch.equal(got, expected)  # exactly the module's own computation, no rounding of another path
+    with torch.enable_grad():
+        assert torch.equal(features, model.decode_head(model.backbone(x)[-1]).detach())
 
 
-def test_the_twin_never_answers_with_stale_weights():
-    model, other = _bottleneck_fcn(), fcn_zoo.FCN(num_classes=5, backbone="resnet50c", output_stride=8, head_channels=16, aux_channels=8).eval()
+def test_submodules_in_training_mode_train_under_no_grad():
+    model = _bottleneck_fcn()
     x = torch.randn(1, 3, 64, 80)
-    with torch.inference_mode():
-        model(x)  # builds the twin
-    model.load_state_dict(other.state_dict())  # new weights after a fast call
-    with torch.inference_mode():
-        assert torch.allclose(model(x), _plain(other, x), atol=1e-4)
+    dropout = model.decode_head[-2]
+    dropout.p = 0.5
+    dropout.train()  # Monte Carlo dropout on an eval model
     with torch.no_grad():
-        model.decode_head.classifier.bias.add_(1.0)  # an in-place edit
-        assert torch.allclose(model(x), _plain(other, x) + 1.0, atol=1e-4)
-    model.double()  # .to(): another dtype, another twin
+        torch.manual_seed(0)
+        a = model(x)
+        b = model(x)
+        torch.manual_seed(0)
+        again = model(x)
+    assert not torch.equal(a, b) and torch.equal(a, again)  # a draw per call, from torch's RNG
+    torch.manual_seed(0)
+    assert torch.equal(a, _fresh(model, x))
+
+    batchnorm = model.decode_head[1]
+    batchnorm.train()  # recalibrating statistics under no_grad
+    mean = batchnorm.running_mean.clone()
     with torch.inference_mode():
-        assert model(x.double()).dtype == torch.float64
+        model(x)
+    assert not torch.equal(batchnorm.running_mean, mean)
+
+
+def test_a_model_called_with_a_tensor_on_another_device_gets_torchs_error_and_no_other_model_suffers(caplog):
+    elsewhere = _bottleneck_fcn().to("meta")  # the one other device a CPU-only machine has
+    fused_elsewhere = _bottleneck_fcn().fuse().to("meta")
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad(), caplog.at_level("WARNING", logger="fcn_zoo._fusion"):
+        with pytest.raises(RuntimeError, match="device"):
+            elsewhere(x)  # torch's own error
+        fused_elsewhere(x)  # conv2d's answer for such weights, whatever it is: oneDNN is not tried
+        assert "oneDNN" not in caplog.text
+        fused = _bottleneck_fcn().fuse()
+        expected = _fresh(_bottleneck_fcn(), x)
+        got = fused(x)
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert all(m._packed and not m._failed for m in _path_layers(fused))  # oneDNN's kernels ran for the next model
+    assert not any(m._failed for m in _path_layers(fused_elsewhere))
+
+
+def test_threads_calling_one_model_at_once_get_one_answer():
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = _bottleneck_fcn()
+    x = torch.randn(1, 3, 64, 80)
+    expected = _fresh(model, x)
+    sizes = sum(t.numel() for t in model.state_dict().values())
+
+    def call(_):
+        with torch.inference_mode():
+            return model(x)
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(call, range(4)))
+    assert all(torch.equal(a, expected) for a in answers)
+    assert set(model.__dict__) - {"_onnx_session"} == set(copy.copy(model).__dict__)  # nothing kept on the model
+    assert sum(t.numel() for t in model.state_dict().values()) == sizes
+
+
+def test_fuse_in_place_or_as_a_copy():
+    model = _bottleneck_fcn()
+    model.train()
+    x = torch.randn(1, 3, 64, 80)
+    copied = model.fuse(inplace=False)
+    assert copied._fused and copied.auxiliary_head is None and not copied.training
+    assert model.training and not getattr(model, "_fused", False) and model.auxiliary_head is not None
+    assert all(p.requires_grad for p in model.parameters())  # the model itself is untouched
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        assert (copied(x) - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert model.fuse() is model and model._fused and model.fuse() is model  # in place, once
+    with pytest.raises(ValueError, match="inplace=False"):
+        model.fuse(device="cpu")
 
 
 def test_training_hooks_deepcopy_and_pickling_see_the_plain_module(tmp_path):
@@ -252,12 +358,9 @@ def test_training_hooks_deepcopy_and_pickling_see_the_plain_module(tmp_path):
 
     model = _bottleneck_fcn()
     x = torch.randn(1, 3, 64, 80)
-    with torch.inference_mode():
-        model(x)
-    assert "_fast" not in copy.deepcopy(model).__dict__  # no copy of the twin
     restored = pickle.loads(pickle.dumps(model))
-    assert "_fast" not in restored.__dict__ and torch.equal(_plain(restored, x), _plain(model, x))
-    model.save_pretrained(tmp_path / "saved")  # not refused as a fused model would be
+    assert torch.equal(_fresh(restored, x), _fresh(model, x))
+    model.save_pretrained(tmp_path / "saved")
     seen = []
     handle = model.backbone.layer4.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     with torch.inference_mode():
@@ -265,6 +368,5 @@ def test_training_hooks_deepcopy_and_pickling_see_the_plain_module(tmp_path):
     handle.remove()
     assert seen == [(1, 2048, 8, 10)]  # the user's hook on an inner layer fired
     model.train()
-    assert "_fast" not in model.__dict__
     logits, aux = model(x)
     assert logits.shape == aux.shape == (1, 5, 64, 80)

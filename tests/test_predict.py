@@ -289,3 +289,41 @@ def test_arrays_are_documented_as_rgb_where_users_look():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for text in (predict.__doc__, fcn_zoo.FCN.predict.__doc__, readme):
         assert "RGB" in text and "BGR" in text and "cv2" in text
+
+
+def _model_state(model) -> dict:
+    """What a caller can see of a model: each submodule's mode, and each tensor's device, layout and values."""
+    return {
+        "modes": [(name, m.training) for name, m in model.named_modules()],
+        "tensors": {k: (v.device, v.dtype, v.stride(), v.clone()) for k, v in model.state_dict().items()},
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "fused": getattr(model, "_fused", False),
+    }
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return (a["modes"] == b["modes"] and a["requires_grad"] == b["requires_grad"] and a["fused"] == b["fused"]
+            and a["tensors"].keys() == b["tensors"].keys()
+            and all(x[:3] == y[:3] and torch.equal(x[3], y[3]) for x, y in zip(a["tensors"].values(), b["tensors"].values())))
+
+
+@pytest.mark.parametrize("setup", ["training", "mc_dropout", "eval"])
+def test_predict_and_predict_iter_leave_the_model_as_they_found_it(tiny_model, photo, setup):
+    small = photo[::4, ::4]
+    tiny_model.eval_size = (256, 128)
+    with torch.inference_mode():
+        expected = tiny_model.predict(small).labels  # eval mode, the model itself
+    if setup == "training":
+        tiny_model.train()
+    elif setup == "mc_dropout":
+        tiny_model.decode_head[-2].train()
+    before = _model_state(tiny_model)
+    got = [tiny_model.predict(small).labels, tiny_model.predict([small], fuse=True)[0].labels, tiny_model.predict(small, device="cpu").labels]
+    got += [seg.labels for _, seg in tiny_model.predict_iter([small, small])]  # a fused copy per stream
+    got += [seg.labels for _, seg in tiny_model.predict_iter([small], fuse=False)]
+    assert _same_state(_model_state(tiny_model), before)
+    # the protocol runs in eval mode whatever the caller left on (fused copies: float rounding only)
+    assert all((g == expected).mean() > 0.999 for g in got)
+    if setup == "training":  # and training goes on as it was: BatchNorm in training mode, the auxiliary output
+        logits, aux = tiny_model(torch.randn(2, 3, 64, 64))
+        assert aux is not None

@@ -168,28 +168,52 @@ def test_evaluate_command_writes_the_report(tmp_path, tiny_folder):
     assert report["samples_sha256"] == build_dataset("voc", tmp_path / "data", "val").fingerprint()
 
 
-def test_torchrun_with_two_processes(tmp_path):
-    """DDP over two CPU processes (Gloo): losses and the confusion matrix are reduced, rank 0 writes."""
+def _torchrun(out: Path, data: Path, port: int, *extra: str, wait: bool = True):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(port), "-m", "training.train",
+               "--recipe", "fcn_resnet50os8_voc", "--data-root", str(data), "--output-dir", str(out),
+               "--max-iters", "6", "--batch-size", "4", "--checkpoint-interval", "1", *QUICK, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_torchrun_with_two_processes_killed_and_resumed_ends_as_an_uninterrupted_run(tmp_path):
+    """DDP over two CPU processes (Gloo): losses and the confusion matrix are reduced, rank 0 writes; each rank
+    draws its own dropout masks, and a run killed and resumed ends with the weights of an uninterrupted one."""
     make_voc(tmp_path / "data")
     out = tmp_path / "run"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    result = subprocess.run(
-        [str(torchrun), "--nproc-per-node", "2", "--master-port", "29517", "-m", "training.train",
-         "--recipe", "fcn_resnet50os8_voc", "--data-root", str(tmp_path / "data"), "--output-dir", str(out),
-         "--max-iters", "2", "--batch-size", "4", *QUICK],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    result = _torchrun(out, tmp_path / "data", 29517)
     assert result.returncode == 0, result.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
     assert (run["world_size"], run["per_device_batch"], run["accumulation"]) == (2, 2, 1)  # total / processes
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in log if "loss" in r] == [1, 2]
+    assert [r["iter"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
     report = [r for r in log if "mIoU" in r]
     assert len(report) == 1  # written once, by rank 0
     # each rank evaluated half of the val set; the summed matrix equals a one-process evaluation
     single = evaluate(fcn_zoo.from_pretrained(out / "best"), build_dataset("voc", tmp_path / "data", "val"),
                       eval_size=(256, 64), progress=False)
     assert abs(report[0]["mIoU"] - single["mIoU"]) < 1e-9
+    rng = torch.load(out / "ckpt-00000006.pt", weights_only=True)["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])  # one RNG state per rank, not alike
+
+    killed = tmp_path / "killed"
+    process = _torchrun(killed, tmp_path / "data", 29518, wait=False)
+    deadline = time.time() + 240
+    while not (killed / "ckpt-00000002.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "ckpt-00000006.pt").exists(), "the run finished before it could be killed"
+    result = _torchrun(killed, tmp_path / "data", 29519, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr
+    a = torch.load(out / "ckpt-00000006.pt", weights_only=True)["model"]
+    b = torch.load(killed / "ckpt-00000006.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_backbone_weights_from_timm_and_openmmlab_files(tmp_path, monkeypatch):
@@ -243,6 +267,10 @@ def test_backbone_weights_from_timm_and_openmmlab_files(tmp_path, monkeypatch):
     assert all(torch.equal(ours[k], source.state_dict()[k]) for k in ours)
     assert [p.name for p in cached.iterdir()] == [f"resnet18d_v1c-{prefix}.pth"]
     backbones.initialise_backbone(model, "resnet18d", 8, "openmmlab")  # the mirror is gone: from the cache
+    good = (cached / f"resnet18d_v1c-{prefix}.pth").read_bytes()
+    (cached / f"resnet18d_v1c-{prefix}.pth").write_bytes(good[:-8] + b"replaced")  # a cached file changed by hand
+    with pytest.raises(SystemExit, match="its name says .*delete it"):
+        backbones.initialise_backbone(model, "resnet18d", 8, "openmmlab")
     monkeypatch.delitem(backbones.OPENMMLAB_FILES, "resnet18d")
     with pytest.raises(SystemExit, match="not resnet18d; use --backbone-weights timm"):
         backbones.initialise_backbone(model, "resnet18d", 8, "openmmlab")

@@ -37,7 +37,7 @@ def initialise_backbone(model: fcn_zoo.FCN, backbone: str, output_stride: int, w
 
 def openmmlab_file(backbone: str) -> Path:
     """The cached openmmlab V1c file of ``backbone``, downloaded and checked if it is not cached yet."""
-    from fcn_zoo._files import cache_root
+    from fcn_zoo._files import atomic_path, cache_root, sha256_file
     from fcn_zoo.errors import first_line, is_connection_error
     from fcn_zoo.hub import download
 
@@ -50,19 +50,23 @@ def openmmlab_file(backbone: str) -> Path:
     prefix = name.rsplit("-", 1)[1].split(".")[0]
     path = cache_root() / "backbones" / name
     if path.is_file():
-        return path
+        sha256 = sha256_file(path)  # a cached file is checked at each use too: it may have been replaced by hand
+        if sha256.startswith(prefix):
+            return path
+        raise SystemExit(f"--backbone-weights openmmlab: {path} has sha256 {sha256}, its name says {prefix}...; "
+                         "delete it to download it again")
     url = f"{os.environ.get('FCN_ZOO_OPENMMLAB_URL', OPENMMLAB_URL).rstrip('/')}/{name}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        sha256 = download(url, path)
-    except Exception as e:
-        if not (is_connection_error(e) or isinstance(e, OSError)):
-            raise
-        raise SystemExit(f"--backbone-weights openmmlab: {url} could not be downloaded ({first_line(e)}); "
-                         f"put the file at {path}, or use --backbone-weights timm") from e
-    if not sha256.startswith(prefix):
-        path.unlink()
-        raise SystemExit(f"--backbone-weights openmmlab: {url} has sha256 {sha256}, its name says {prefix}...; it was not kept")
+    with atomic_path(path) as tmp:  # checked before it takes the cache's name
+        try:
+            sha256 = download(url, tmp)
+        except Exception as e:
+            if not (is_connection_error(e) or isinstance(e, OSError)):
+                raise
+            raise SystemExit(f"--backbone-weights openmmlab: {url} could not be downloaded ({first_line(e)}); "
+                             f"put the file at {path}, or use --backbone-weights timm") from e
+        if not sha256.startswith(prefix):
+            raise SystemExit(f"--backbone-weights openmmlab: {url} has sha256 {sha256}, its name says {prefix}...; it was not kept")
     return path
 
 

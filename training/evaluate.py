@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from fcn_zoo._files import write_json
+from fcn_zoo._inference import evaluating
 from fcn_zoo.predict import TTA, predict_labels
 
 from .data import IGNORE_INDEX, DatasetLayoutError, build_dataset, detect_layout
@@ -58,26 +59,27 @@ class ConfusionMatrix:
 
 
 def evaluate(model, dataset, *, tta: TTA | None = None, mode: str = "whole", ctx: DistributedContext | None = None,
-             max_samples: int | None = None, progress: bool = True, eval_size: tuple[int, int] | None = None) -> dict:
+             max_samples: int | None = None, progress: bool = True, eval_size: tuple[int, int] | None = None,
+             fuse: bool = True) -> dict:
     """Run the protocol over ``dataset`` (no transforms: raw uint8 images) and return :meth:`ConfusionMatrix.compute`.
 
-    ``eval_size`` replaces the resize bound of the protocol (the dataset's by default)."""
+    ``eval_size`` replaces the resize bound of the protocol (the dataset's by default). ``fuse``: evaluate a
+    fused copy of the model (``model.fuse(inplace=False)``, made for this evaluation: faster, float rounding
+    only); ``model`` itself is left in the modes it had either way."""
     from tqdm.auto import tqdm
 
     ctx = ctx or DistributedContext()
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    net = model.fuse(inplace=False) if fuse else model
     matrix = ConfusionMatrix(model.num_classes, device)
     count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     indices = range(ctx.rank, count, ctx.world_size)
-    with torch.inference_mode():
+    with torch.inference_mode(), evaluating(net):
         for i in tqdm(indices, desc="eval", disable=not progress or not ctx.is_main, leave=False):
             image, label = dataset[i]
-            prediction = predict_labels(model, [image.float()], tta=tta, mode=mode, eval_size=eval_size or dataset.eval_size)[0]
+            prediction = predict_labels(net, [image.float()], tta=tta, mode=mode, eval_size=eval_size or dataset.eval_size)[0]
             matrix.update(prediction, label.to(device))
     matrix.all_reduce()
-    model.train(was_training)
     return matrix.compute()
 
 

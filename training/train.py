@@ -6,11 +6,13 @@
         --device cpu --max-iters 2 --batch-size 2 --crop-size 64 --backbone-weights none
 
 SGD (momentum 0.9, weight decay 5e-4), poly decay (power 0.9, min lr 1e-4) per iteration, cross-entropy +
-0.4 x auxiliary cross-entropy, SyncBatchNorm and DDP over the processes. ``--recipe``: the row's lr,
+0.4 x auxiliary cross-entropy (the main head's alone for a model without an auxiliary head), SyncBatchNorm and DDP over the processes. ``--recipe``: the row's lr,
 epochs, crop and total batch (16, Cityscapes 8), split over the processes with gradient accumulation when
 fewer devices hold it. ``--init``: the fine-tuning defaults of :mod:`training.plan`. bf16 autocast and
 channels_last on GPUs unless ``--fp32``. Checkpoints (model, optimizer, scheduler, iteration, RNG) are
-written atomically every ``--checkpoint-interval`` iterations; ``--resume`` continues from the newest.
+written atomically every ``--checkpoint-interval`` iterations; ``--resume`` continues from the newest. Each
+process seeds its RNG with ``--seed`` plus its rank (dropout differs between GPUs, as in timm), and the
+checkpoint keeps every process's RNG state, so a resumed run ends with the weights of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--head-channels", type=int, help="--recipe: narrower heads than the recipe's 512 (for quick runs)")
     p.add_argument("--device", help="cpu, cuda (default: this process's GPU if any)")
     p.add_argument("--batch-size", type=int, help="total batch over all processes (default: the recipe's, or 8)")
-    p.add_argument("--per-device-batch", type=int, help="images per device per step (default: the reference's, batch / 8; fine-tuning: batch / processes)")
+    p.add_argument("--per-device-batch", type=int, help="images per device per step (default: the total batch / the processes; fewer accumulate gradients over steps)")
     p.add_argument("--crop-size", type=int, nargs="+", help="crop H [W] (default: the recipe's)")
     p.add_argument("--scale", type=int, nargs=2, metavar=("LONG", "SHORT"),
                    help="resize bound of training (times 0.5-2.0) and evaluation (default: the dataset's, e.g. 2048 512)")
@@ -107,7 +109,7 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
     from tqdm.auto import tqdm
 
     out = Path(args.output_dir)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed + ctx.rank)  # per process: each GPU draws its own dropout masks
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
@@ -137,6 +139,9 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
         optimizer, lambda it: ((base_lr - MIN_LR) * (1 - min(it, max_iters) / max_iters) ** POLY_POWER + MIN_LR) / base_lr
     )
     class_weights = torch.tensor(plan.class_weights, device=ctx.device) if plan.class_weights else None
+    aux_loss_on = model.auxiliary_head is not None
+    if not aux_loss_on and ctx.is_main:
+        print(f"{plan.name}: the model has no auxiliary head; the loss is the main head's alone", file=sys.stderr)
 
     state = {"iteration": 0, "best_miou": -1.0, "history": {"loss": [], "miou": []}}
     if args.resume:
@@ -149,6 +154,7 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
         "accumulation": accumulation, "batchnorm_batch": batchnorm_batch, "crop_size": list(plan.crop), "scale": list(plan.scale),
         "iters_per_epoch": iters_per_epoch, "max_iters": max_iters, "lr": base_lr,
         "precision": "bf16" if fast else "fp32", "tf32": bool(on_gpu and torch.backends.cudnn.allow_tf32),
+        "aux_loss_weight": AUX_WEIGHT if aux_loss_on else None,
         "commit": _git_commit(),
     }
     if plan.row is not None and batchnorm_batch != plan.total_batch and ctx.is_main:
@@ -195,9 +201,10 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
                 sync = micro == accumulation - 1 or not ctx.distributed
                 with net.no_sync() if not sync and hasattr(net, "no_sync") else contextlib.nullcontext():
                     with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=fast):
-                        logits, aux = net(images)
+                        logits, aux = net(images)  # aux is None without an auxiliary head
                         main_loss = F.cross_entropy(logits.float(), labels, class_weights, ignore_index=IGNORE_INDEX)
-                        aux_loss = F.cross_entropy(aux.float(), labels, class_weights, ignore_index=IGNORE_INDEX)
+                        aux_loss = (F.cross_entropy(aux.float(), labels, class_weights, ignore_index=IGNORE_INDEX)
+                                    if aux is not None else torch.zeros((), device=ctx.device))
                     ((main_loss + AUX_WEIGHT * aux_loss) / accumulation).backward()
                 losses += torch.stack([main_loss.detach(), aux_loss.detach()]) / accumulation
                 window_images += images.shape[0] * ctx.world_size
@@ -272,16 +279,42 @@ def push_best(folder: Path, repo_id: str) -> None:
     print(f"uploaded {folder} to https://huggingface.co/{repo_id} (commit {getattr(commit, 'oid', commit)})")
 
 
+def rng_state(ctx: DistributedContext) -> dict:
+    """This process's global RNG state: the CPU's and its own GPU's (the transforms and the DataLoader have
+    generators of their own)."""
+    rng = {"torch": torch.get_rng_state()}
+    if ctx.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(ctx.device)
+    return rng
+
+
+def set_rng_state(rng: dict, ctx: DistributedContext) -> None:
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and ctx.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], ctx.device)
+
+
+def _gather_rng(rng: dict, ctx: DistributedContext) -> list[dict]:
+    """Every process's ``rng_state``, in rank order (tensors through a collective, no pickling)."""
+    if not ctx.distributed:
+        return [rng]
+    keys = sorted(rng)
+    sizes = [rng[k].numel() for k in keys]
+    packed = torch.cat([rng[k] for k in keys]).to(ctx.device)  # NCCL gathers GPU tensors only
+    gathered = [torch.empty_like(packed) for _ in range(ctx.world_size)]
+    dist.all_gather(gathered, packed)
+    return [dict(zip(keys, (t.clone() for t in g.cpu().split(sizes)))) for g in gathered]
+
+
 def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict, ctx: DistributedContext, keep: int = 2) -> None:
-    """``ckpt-<iteration>.pt`` written to a temporary file and renamed; the ``keep`` newest are kept."""
+    """``ckpt-<iteration>.pt`` written to a temporary file and renamed; the ``keep`` newest are kept. Every
+    process's RNG state is gathered into it (``rng``: one entry per rank)."""
+    rngs = _gather_rng(rng_state(ctx), ctx)
     if not ctx.is_main:
         return
-    rng = {"torch": torch.get_rng_state()}  # the transforms and the DataLoader have generators of their own
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
     payload = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "state": state, "rng": rng,
+        "state": state, "rng": rngs,
     }
     path = out / f"ckpt-{state['iteration']:08d}.pt"
     try:
@@ -308,9 +341,12 @@ def resume(out: Path, model, optimizer, scheduler, ctx: DistributedContext) -> d
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
-        torch.set_rng_state(payload["rng"]["torch"])
-        if "cuda" in payload["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+        rngs = payload["rng"] if isinstance(payload["rng"], list) else [payload["rng"]]
+        if len(rngs) == ctx.world_size:
+            set_rng_state(rngs[ctx.rank], ctx)
+        elif ctx.is_main:  # another number of processes: each keeps its fresh per-rank seed
+            print(f"{path}: saved by {len(rngs)} process(es), resumed by {ctx.world_size}: dropout draws differ from "
+                  "an uninterrupted run", file=sys.stderr)
         if ctx.is_main:
             print(f"resumed from {path} at iteration {payload['state']['iteration']}", file=sys.stderr)
         return payload["state"]

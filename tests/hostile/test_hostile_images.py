@@ -124,3 +124,22 @@ def test_running_out_of_memory_suggests_sliding_windows(tiny_model, monkeypatch)
     with pytest.raises(fcn_zoo.ImageError, match="mode='slide'") as e:
         tiny_model.predict(PHOTOS[0])
     assert PHOTOS[0].name in str(e.value)
+
+
+@pytest.mark.parametrize("message,oom", [
+    ("CUDA out of memory. Tried to allocate 2.00 GiB", True),
+    ("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1234 bytes", True),
+    ("CUDA error: an illegal memory access was encountered", False),
+    ("memory format channels_last is not supported here", False),
+])
+def test_only_running_out_of_memory_is_reported_as_such(tiny_model, monkeypatch, message, oom):
+    from fcn_zoo.errors import is_out_of_memory
+
+    def fail(*args, **kwargs):
+        raise RuntimeError(message)
+
+    assert is_out_of_memory(RuntimeError(message)) is oom
+    monkeypatch.setattr(tiny_model, "forward_features", fail)
+    with pytest.raises(fcn_zoo.ImageError if oom else RuntimeError) as e:
+        tiny_model.predict(PHOTOS[0])
+    assert ("mode='slide'" in str(e.value)) is oom

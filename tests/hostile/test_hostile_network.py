@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -111,6 +112,22 @@ def test_an_unwritable_cache_is_a_clear_error(tmp_path, monkeypatch, mirror):
         with pytest.raises(fcn_zoo.FCNZooError, match="cache cannot be written.*FCN_ZOO_CACHE"):
             fcn_zoo.from_pretrained(NAME)
     assert blocker.read_text() == "a file where the cache should be"
+
+
+def test_with_an_unwritable_home_cache_dir_holds_everything_the_first_download_writes(tmp_path, monkeypatch, mirror):
+    home = tmp_path / "home-is-a-file"
+    home.write_text("HOME cannot hold a .cache folder")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("FCN_ZOO_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    cache = tmp_path / "mine"
+    with serve_folder(mirror) as url:
+        monkeypatch.setenv("FCN_ZOO_REFERENCE_URL", url)
+        model = fcn_zoo.from_pretrained(NAME, cache_dir=cache)
+    assert model.num_classes == 21
+    assert NAME in json.loads((cache / "known_hashes.json").read_text())  # recorded where it was asked to be
+    assert (cache / "reference" / NAME / "model.safetensors").is_file()
+    assert home.read_text() == "HOME cannot hold a .cache folder"
 
 
 def test_a_repo_revision_that_is_not_cached_offline(tiny_folder, isolated_caches):
