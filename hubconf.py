@@ -7,7 +7,8 @@
 
 import fcn_zoo as _fcn_zoo
 
-dependencies = ["torch", "torchvision", "timm", "huggingface_hub", "safetensors", "PIL", "numpy"]
+# every runtime dependency of pyproject.toml, by import name: torch.hub checks each before loading
+dependencies = ["torch", "torchvision", "timm", "huggingface_hub", "safetensors", "PIL", "numpy", "jinja2", "tqdm"]
 
 
 def _entry_point(name):

@@ -14,14 +14,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .errors import FCNZooError, ImageError, NotCachedError, UnknownModelError, WeightsError
+from .errors import FCNZooError, ImageError, MissingFileError, NotCachedError, UnknownModelError, WeightsError
 from .zoo import CHECKPOINTS, DATASETS, Checkpoint, get_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FCN", "Segmentation", "TTA", "from_pretrained", "list_models", "get_checkpoint", "Checkpoint",
-    "CHECKPOINTS", "DATASETS", "FCNZooError", "ImageError", "NotCachedError", "UnknownModelError",
+    "CHECKPOINTS", "DATASETS", "FCNZooError", "ImageError", "MissingFileError", "NotCachedError", "UnknownModelError",
     "WeightsError", "__version__",
 ]
 

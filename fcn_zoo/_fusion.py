@@ -238,7 +238,8 @@ def fold_batchnorm(model: nn.Module) -> None:
                 conv_name, parent_of_conv, conv = str(len(conv) - 1), conv, conv[-1]
             else:
                 parent_of_conv = parent
-            if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and bn.track_running_stats:
+            # SyncBatchNorm (multi-GPU training) in eval mode is the same affine map
+            if type(conv) is nn.Conv2d and type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) and bn.track_running_stats:
                 setattr(parent_of_conv, conv_name, fuse_conv_bn_eval(conv, bn))
                 setattr(parent, bn_name, nn.Identity())
 

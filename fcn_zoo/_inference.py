@@ -31,7 +31,9 @@ def inference_copy(model: FCN, device: str | torch.device | None = None) -> FCN:
 @contextlib.contextmanager
 def evaluating(module: nn.Module) -> Iterator[nn.Module]:
     """``module`` in eval mode within the block, every submodule's mode as it was afterwards (a model in
-    training mode, or one with a submodule set to train such as MC dropout, comes back as it was)."""
+    training mode, or one with a submodule set to train such as MC dropout, comes back as it was). An eval
+    model is never written to, so threads may share it; a model in training mode is switched for the
+    block, so it is not for several threads at once."""
     modes = [(m, m.training) for m in module.modules()]
     if not any(training for _, training in modes):
         yield module  # nothing to change: concurrent callers of an eval model never write its flags

@@ -75,11 +75,12 @@ def distributed_rank() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def made_by(model: str, weights_sha256: str, outputs: Outputs, options: dict) -> dict:
-    """What makes a folder's outputs: the model (as named, and its weights' sha256), the output kinds and
-    every option of ``options`` that changes an output."""
+def made_by(model: str, state_dict_sha256: str, config: dict, outputs: Outputs, options: dict) -> dict:
+    """What makes a folder's outputs: the model (as named, its state dict's sha256 and its configuration:
+    classes, palette, normalisation, evaluation size), the output kinds and every option of ``options``
+    that changes an output."""
     return {
-        "model": str(model), "weights_sha256": weights_sha256,
+        "model": str(model), "state_dict_sha256": state_dict_sha256, "config": json.loads(json.dumps(config)),
         "outputs": {"overlay": outputs.overlay, "alpha": outputs.alpha, "confidence": outputs.confidence, "masks": outputs.masks},
         "options": {k: _plain_value(options.get(k)) for k in OUTPUT_OPTIONS},
     }
@@ -104,10 +105,14 @@ def check_resumable(folder: Path, made: dict) -> None:
     except ValueError:
         raise FCNZooError(f"--resume: {journal_dir / MADE_BY} is damaged; rerun without --resume, or pass a new --out") from None
     how = "rerun without --resume to remake every output, or pass a new --out"
-    if before.get("weights_sha256") != made["weights_sha256"]:
+    if before.get("state_dict_sha256") != made["state_dict_sha256"]:
         raise FCNZooError(
             f"--resume: {folder} was made by another model ({before.get('model')}, weights sha256 "
-            f"{str(before.get('weights_sha256'))[:12]}...) than {made['model']} (sha256 {made['weights_sha256'][:12]}...); {how}")
+            f"{str(before.get('state_dict_sha256'))[:12]}...) than {made['model']} (sha256 {made['state_dict_sha256'][:12]}...); {how}")
+    for key in sorted(set(made["config"]) | set(before.get("config", {}))):
+        if before.get("config", {}).get(key) != made["config"].get(key):
+            raise FCNZooError(f"--resume: {folder} was made by {before.get('model')} with another {key} in its config.json "
+                              f"than {made['model']} has now; {how}")
     for group in ("outputs", "options"):
         for key, now in made[group].items():
             then = before.get(group, {}).get(key)
@@ -130,10 +135,17 @@ def segment_sources(
     rank, world, _ = distributed_rank()
     if made is not None:
         if resume:
-            check_resumable(outputs.folder, made)
-        (outputs.folder / JOURNAL_DIR).mkdir(parents=True, exist_ok=True)
-        with atomic_path(outputs.folder / JOURNAL_DIR / MADE_BY) as tmp:  # every rank writes the same
-            tmp.write_text(json.dumps(made, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            check_resumable(outputs.folder, made)  # every process, before any writes
+        _barrier(world)
+        if rank == 0:
+            journal_dir = outputs.folder / JOURNAL_DIR
+            if not resume:  # every output is remade: no row of an earlier run may count as done later
+                for old in journal_dir.glob("journal*.jsonl"):
+                    old.unlink()
+            journal_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(journal_dir / MADE_BY) as tmp:
+                tmp.write_text(json.dumps(made, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _barrier(world)
     journal = Journal(outputs.folder, rank)
     rows = journal.read() if resume else {}
     mine = [s for i, s in enumerate(sources) if i % world == rank]
@@ -318,6 +330,17 @@ class Journal:
             tmp.write_text(text, encoding="utf-8")
         for path in self.folder.glob("journal-*.jsonl"):
             path.unlink(missing_ok=True)
+
+
+def _barrier(world: int) -> None:
+    """Wait for every process (under torchrun)."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    dist.barrier()
 
 
 def _gather(totals: Totals, rank: int, world: int) -> Totals:

@@ -21,7 +21,13 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
+TRAINING_VERBS = {"train": "train", "evaluate": "evaluate"}  # run by fcn_zoo_training, which parses their arguments
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TRAINING_VERBS:
+        return _run_training(argv[0], argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     _configure_logging(args.debug)
@@ -33,6 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         _report(e, args.debug)
         return EXIT_FAILED
+
+
+def _run_training(verb: str, argv: list[str]) -> int:
+    """``fcn-zoo train ...`` and ``fcn-zoo evaluate ...``: the training code's own command lines."""
+    import importlib
+
+    _configure_logging("--debug" in argv)
+    try:
+        module = importlib.import_module(f"fcn_zoo_training.{TRAINING_VERBS[verb]}")
+    except ImportError as e:  # the extra's packages, or an installation without the training code
+        print(f"fcn-zoo: error: fcn-zoo {verb} needs {e.name or 'the train extra'}: pip install 'fcn-zoo[train]'", file=sys.stderr)
+        return EXIT_FAILED
+    return module.main(argv, prog=f"fcn-zoo {verb}")
 
 
 def _configure_logging(debug: bool) -> None:
@@ -123,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default 1 on CPU, 8 on GPUs)")
     p.add_argument("--tta", action="store_true", help="flip + multi-scale test-time augmentation")
     p.add_argument("--slide", action="store_true", help="sliding-window inference instead of whole image")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N ... (default cpu)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default cpu)")
     p.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"),
                    help="onnxruntime: CPU only, ~15%% faster, exported once and cached (needs the export extra)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
@@ -156,6 +175,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-models", type=int, default=2, help="models kept loaded at once (default 2)")
     p.set_defaults(func=cmd_demo)
 
+    for verb, what in [("train", "fine-tune on your data, or reproduce a row (fcn-zoo train --help; the train extra)"),
+                       ("evaluate", "mIoU of any model on a dataset (fcn-zoo evaluate --help; the train extra)")]:
+        sub.add_parser(verb, help=what, add_help=False)  # parsed by the training code: see main()
+
     p = sub.add_parser("publish", help="convert, verify and upload zoo rows to the Hugging Face Hub")
     p.add_argument("name", help="a zoo name, or 'all'")
     p.add_argument("--repo-id", help="OWNER/REPO for one name (default: the table's hub_repo_id)")
@@ -173,7 +196,7 @@ def cmd_list(args) -> int:
     rows = [("name", "dataset", "classes", "mIoU", "cached")]
     for name in list_models(args.dataset):
         c = zoo.CHECKPOINTS[name]
-        rows.append((name, c.dataset, str(c.num_classes), f"{c.miou:.2f}", "yes" if is_cached(name, args.cache_dir) else "no"))
+        rows.append((name, c.dataset, str(c.num_classes), f"{c.reference_miou:.2f}", "yes" if is_cached(name, args.cache_dir) else "no"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
@@ -181,7 +204,8 @@ def cmd_list(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .hub import cache_root, cached_folder, reference_download_urls
+    from .downloads import reference_download_urls
+    from .hub import cache_root, cached_folder
 
     c = zoo.get_checkpoint(args.name)
     d = c.data
@@ -236,11 +260,11 @@ def cmd_download(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .bulk import Outputs, distributed_rank, made_by, segment_sources
-    from .hub import from_pretrained
+    from .devices import check_device_options
+    from .hub import source_kind
     from .sources import expand_inputs
-    from .weights import weights_sha256
 
+    # everything that can be told without torch is checked first: a mistake is one line within a second
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise FCNZooError(f"--out {out}: exists and is not a folder; pass a folder for the masks")
@@ -248,13 +272,22 @@ def cmd_predict(args) -> int:
         raise FCNZooError("--compile applies to --engine torch; onnxruntime compiles its graph itself")
     if not 0.0 <= args.alpha <= 1.0:
         raise FCNZooError(f"--alpha {args.alpha}: must be in [0, 1]")
+    source_kind(args.name)  # an unknown name or a missing file, before anything is imported or loaded
+    check_device_options(args.device, args.precision, args.engine)
     found = expand_inputs(args.images, exclude=out)
+
+    from .bulk import Outputs, distributed_rank, made_by, segment_sources
+    from .devices import check_device_available, has_cuda
+    from .hub import from_pretrained
+    from .weights import state_dict_sha256
+
     rank, world, local_rank = distributed_rank()
     device = args.device
-    if world > 1 and (device or ("cuda" if _has_cuda() else "cpu")).startswith("cuda"):
+    if world > 1 and (device or ("cuda" if has_cuda() else "cpu")).startswith("cuda"):
         device = f"cuda:{local_rank}"  # one GPU per process under torchrun
+    check_device_available(device or "cpu")
     model = from_pretrained(args.name, device=device, cache_dir=args.cache_dir)
-    digest = weights_sha256(model)
+    digest = state_dict_sha256(model)
     model.fuse()  # this command owns the model for the whole run: its fast path, in place
     outputs = Outputs(out, args.overlay, args.alpha, args.confidence, args.masks)
     options = {"tta": args.tta or None, "mode": "slide" if args.slide else "whole", "engine": args.engine,
@@ -262,7 +295,7 @@ def cmd_predict(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     totals = segment_sources(
         model, found.sources, outputs, resume=args.resume, not_inputs=len(found.skipped), quiet=args.quiet,
-        made=made_by(args.name, digest, outputs, options), num_workers=args.workers, batch_size=args.batch_size,
+        made=made_by(args.name, digest, model.hub_config(), outputs, options), num_workers=args.workers, batch_size=args.batch_size,
         compile=args.compile, cache_dir=args.cache_dir, **options,
     )
     if rank != 0:
@@ -275,12 +308,6 @@ def cmd_predict(args) -> int:
     if not args.quiet:
         print(line)
     return 0
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def cmd_convert(args) -> int:
@@ -304,14 +331,17 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import FORMATS, export, max_abs_difference
-    from .hub import from_pretrained
+    from .hub import source_kind
 
-    out = Path(args.out or f"{Path(args.name).name.removesuffix('.pth')}{FORMATS[args.fmt]}")
+    out = Path(args.out or f"{Path(args.name).name.removesuffix('.pth')}.{args.fmt}")
     if out.is_dir():
         raise FCNZooError(f"--out {out}: is a folder; pass a file name")
+    source_kind(args.name)  # an unknown name or a missing file, before torch is imported
+    from .export import export, max_abs_difference
+    from .hub import from_pretrained
+
     model = from_pretrained(args.name, cache_dir=args.cache_dir)
-    export(model, out, args.fmt)
+    export(model, out, args.fmt, source=args.name)
     diff = max_abs_difference(model, out, args.fmt)
     check = "not checked (install onnxruntime)" if diff is None else f"max abs logit difference {diff:.2e} vs PyTorch"
     print(f"{out}: written ({check})")

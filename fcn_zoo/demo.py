@@ -72,7 +72,7 @@ def model_choices(names: list[str] | None = None) -> list[tuple[str, str]]:
         row = zoo.CHECKPOINTS.get(name)
         cached = row is not None and is_cached(name)
         if row is not None:
-            label = f"{name} · {row.data.title}, {row.num_classes} classes, mIoU {row.miou:.1f}" + ("" if cached else " (downloads on first use)")
+            label = f"{name} · {row.data.title}, {row.num_classes} classes, mIoU {row.reference_miou:.1f}" + ("" if cached else " (downloads on first use)")
         else:
             label = name
         choices.append((not cached and row is not None, label, name))

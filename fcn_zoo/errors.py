@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import difflib
 
-__all__ = ["FCNZooError", "UnknownModelError", "WeightsError", "ImageError", "NotCachedError", "is_out_of_memory",
-           "is_connection_error", "first_line"]
+__all__ = ["FCNZooError", "UnknownModelError", "WeightsError", "ImageError", "NotCachedError", "MissingFileError",
+           "is_out_of_memory", "is_connection_error", "first_line"]
 
 
 class FCNZooError(Exception):
@@ -37,9 +37,14 @@ class NotCachedError(FCNZooError, FileNotFoundError):
     """Weights that are not on this machine while downloads are disabled."""
 
 
+class MissingFileError(FCNZooError, FileNotFoundError):
+    """A file or folder named by the caller that does not exist."""
+
+
 #: What the allocators say when they run out: CUDA's and MPS's "out of memory", the CPU allocator's
-#: "can't allocate memory" and "not enough memory". An "illegal memory access" is not among them.
-_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")
+#: "can't allocate memory" and "not enough memory", cuDNN's and cuBLAS's workspace "ALLOC_FAILED". An
+#: "illegal memory access" is not among them.
+_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory", "status_alloc_failed")
 
 
 def is_out_of_memory(error: BaseException) -> bool:

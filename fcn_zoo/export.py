@@ -1,8 +1,13 @@
 """Export a model for runtimes without fcn_zoo: ONNX (onnxruntime, TensorRT, OpenVINO, ...).
 
-The exported graph is ``FCN.forward`` in eval mode: a normalised ``(N, 3, H, W)`` float image (RGB, mean
-(123.675, 116.28, 103.53) and std (58.395, 57.12, 57.375) on 0..255 values) -> ``(N, C, H, W)`` logits,
-with batch, height and width dynamic. Resizing to the evaluation size and the argmax stay with the caller.
+The exported graph is ``FCN.forward`` in eval mode: a normalised ``(N, 3, H, W)`` float image ``image`` (RGB,
+``(x - mean) / std`` on 0..255 values) -> ``(N, C, H, W)`` logits ``logits``, with the axes ``batch``,
+``height`` and ``width`` dynamic and named. Resizing to the evaluation size and the argmax stay with the
+caller; what they need is in the file's metadata (``metadata_props``, which onnxruntime reads as
+``session.get_modelmeta().custom_metadata_map``): ``class_names`` and ``palette`` (JSON lists), ``mean``,
+``std``, ``eval_size`` (long, short) and ``crop_size`` (JSON), ``num_classes``, ``output`` (``logits`` at
+the input's size, or ``features`` at the backbone's), ``source`` (the model as named), ``state_dict_sha256``
+and ``fcn_zoo_version``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 from ._files import atomic_path, cache_root, writable
 from ._inference import evaluating, inference_copy
 from .errors import first_line
-from .weights import weights_sha256
+from .weights import state_dict_sha256
 
 __all__ = ["export", "onnx_session", "FORMATS"]
 
@@ -43,20 +48,25 @@ class _Features(torch.nn.Module):
 
 
 def export(
-    model, path: str | os.PathLike, fmt: str = "onnx", *, example_size: tuple[int, int] = (512, 512), features: bool = False
+    model, path: str | os.PathLike, fmt: str = "onnx", *, example_size: tuple[int, int] = (512, 512), features: bool = False,
+    source: str | None = None,
 ) -> Path:
-    """Write ``model`` to ``path`` in ``fmt`` (``onnx``); the file appears only when complete.
+    """Write ``model`` to ``path`` in ``fmt`` (``onnx``), with the metadata of the module docstring; the file
+    appears only when complete.
 
-    ``features=True`` exports ``forward_features`` (logits at the backbone's resolution) instead. The model
-    is exported in eval mode and left in the modes it had. A ``torch.export`` program is not offered: its
-    serialiser cannot yet store the symbolic ``ceil`` that the backbone's shapes need (torch 2.14)."""
+    ``features=True`` exports ``forward_features`` (logits at the backbone's resolution) instead. ``source``:
+    how the model was named (a zoo name, repo id or folder), recorded in the metadata. The model is exported
+    in eval mode and left in the modes it had. A ``torch.export`` program is not offered: its serialiser
+    cannot yet store the symbolic ``ceil`` that the backbone's shapes need (torch 2.14)."""
+    import onnx
+
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     path = Path(path)
     module = _Features(model) if features else model
     x = torch.randn(2, 3, *example_size, device=next(model.parameters()).device)  # batch 2: 1 would be a constant
-    auto = torch.export.Dim.AUTO  # let export find the ranges (the dilated convolutions add guards)
-    dims = {0: auto, 2: auto, 3: auto}
+    # named axes: export finds their ranges itself (the dilated convolutions add guards)
+    dims = {0: "batch", 2: "height", 3: "width"}
     with atomic_path(path) as tmp, _quiet(), evaluating(module):
         # external_data=False: one file that can be copied alone (the default writes the weights beside it,
         # named after the temporary name)
@@ -64,7 +74,29 @@ def export(
             module, (x,), str(tmp), dynamo=True, input_names=["image"], output_names=["logits"],
             dynamic_shapes={"x": dims}, verbose=False, external_data=False,
         )
+        proto = onnx.load(str(tmp))
+        onnx.helper.set_model_props(proto, metadata(model, features=features, source=source))
+        onnx.save(proto, str(tmp))
     return path
+
+
+def metadata(model, *, features: bool = False, source: str | None = None) -> dict[str, str]:
+    """What a user of the exported file needs beside the graph, as ``metadata_props`` strings."""
+    import json
+
+    from . import __version__
+
+    return {
+        "class_names": json.dumps(list(model.class_names)),
+        "palette": json.dumps([list(c) for c in model.palette]),
+        "mean": json.dumps(list(model.mean)), "std": json.dumps(list(model.std)),
+        "eval_size": json.dumps(list(model.eval_size)), "crop_size": json.dumps(list(model.crop_size)),
+        "num_classes": str(model.num_classes),
+        "output": "features" if features else "logits",
+        "source": source or "",
+        "state_dict_sha256": state_dict_sha256(model),
+        "fcn_zoo_version": __version__,
+    }
 
 
 @contextlib.contextmanager
@@ -91,7 +123,7 @@ def max_abs_difference(model, path: Path, fmt: str, size: tuple[int, int] = (256
     """Max abs logit difference of the exported file and ``model`` on a seeded input; ``None`` if no runtime."""
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode(), evaluating(model):
-        expected = model(x)
+        expected = model(x.to(next(model.parameters()).device)).cpu()
     try:
         import onnxruntime
     except ImportError:
@@ -106,7 +138,7 @@ def onnx_session(model, cache_dir: str | os.PathLike | None = None):
 
     The graph is exported once per model and kept in the fcn_zoo cache (``cache_dir``, ``$FCN_ZOO_CACHE`` or
     ``~/.cache/fcn_zoo``: ``onnx/<key>.onnx``), keyed on what it holds: the weights' content
-    (:func:`fcn_zoo.weights.weights_sha256`), the configuration and the module's layers as ``repr`` shows
+    (:func:`fcn_zoo.weights.state_dict_sha256`), the configuration and the module's layers as ``repr`` shows
     them. The session is kept on the model under the same key, so a model whose weights or layers changed
     in any way gets a session of its own. An entry onnxruntime cannot load (cut short, or an older entry
     whose separate weights file is gone) is exported again rather than failing the predict.
@@ -122,7 +154,7 @@ def onnx_session(model, cache_dir: str | os.PathLike | None = None):
     digest = hashlib.sha256(json.dumps(getattr(model, "_hub_mixin_config", None) or {}, sort_keys=True).encode())
     digest.update(repr(model).encode())  # the layers and their settings (eps, padding, dilation, swapped layers)
     digest.update(b"fused" if getattr(model, "_fused", False) else b"plain")
-    digest.update(weights_sha256(model).encode())
+    digest.update(state_dict_sha256(model).encode())
     key = digest.hexdigest()[:32]
     cached = model.__dict__.get("_onnx_session")
     if cached is not None and cached[0] == key:

@@ -16,8 +16,6 @@ download.
 
 from __future__ import annotations
 
-import hashlib
-import http.client
 import json
 import logging
 import os
@@ -25,14 +23,14 @@ import re
 import tempfile
 from pathlib import Path
 
-from ._files import atomic_path, cache_root, sha256_file, writable, write_json
-from .errors import FCNZooError, NotCachedError, UnknownModelError, WeightsError, first_line, is_connection_error
+from ._files import cache_root, sha256_file, writable
+from .downloads import download_reference
+from .errors import (
+    FCNZooError, MissingFileError, NotCachedError, UnknownModelError, WeightsError, first_line, is_connection_error,
+)
 from .zoo import CHECKPOINTS, Checkpoint, checkpoint_for_file
 
-__all__ = [
-    "from_pretrained", "resolve", "cache_root", "is_cached", "cached_folder", "reference_download_urls",
-    "download_reference", "download",
-]
+__all__ = ["from_pretrained", "resolve", "source_kind", "cache_root", "is_cached", "cached_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,33 +99,40 @@ def resolve(
     Downloads and converts as needed; see the module docstring for the order.
     """
     offline = local_files_only or _hub_offline()
+    kind = source_kind(name_or_path)
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    if kind == "folder":
+        return _check_folder(path)
+    if kind == "pth":
+        return _convert_local_pth(path, cache_dir)
+    if kind == "zoo":
+        return _resolve_zoo(CHECKPOINTS[text], revision, cache_dir, offline)
+    repo_id, _, repo_revision = text.partition("@")
+    return _download_hub(repo_id, revision or repo_revision or None, cache_dir, offline)
+
+
+def source_kind(name_or_path: str | os.PathLike) -> str:
+    """What ``name_or_path`` names, told without loading anything: ``"folder"``, ``"pth"`` (a local file),
+    ``"zoo"`` (a row's name) or ``"hub"`` (a repo id, ``owner/name[@revision]``). A missing path, a file of
+    another kind or an unknown name raises the error :func:`resolve` would."""
     text = os.fspath(name_or_path)
     path = Path(text).expanduser()
     if path.is_dir():
-        return _check_folder(path)
+        return "folder"
     if path.is_file():
         if path.suffix in (".pth", ".pt"):
-            return _convert_local_pth(path, cache_dir)
+            return "pth"
         raise WeightsError(
             f"{path}: expected a save_pretrained folder (config.json + model.safetensors) or a reference .pth file"
         )
     if text in CHECKPOINTS:
-        return _resolve_zoo(CHECKPOINTS[text], revision, cache_dir, offline)
-    repo_id, _, repo_revision = text.partition("@")
-    if _REPO_ID.match(repo_id) and not text.endswith((".pth", ".pt", "/")):
-        return _download_hub(repo_id, revision or repo_revision or None, cache_dir, offline)
+        return "zoo"
+    if _REPO_ID.match(text.partition("@")[0]) and not text.endswith((".pth", ".pt", "/")):
+        return "hub"
     if os.sep in text or text.endswith((".pth", ".pt")):
-        raise FileNotFoundError(f"{text}: no such file or folder")
+        raise MissingFileError(f"{text}: no such file or folder")
     raise UnknownModelError(text, sorted(CHECKPOINTS))
-
-
-def reference_download_urls(checkpoint: Checkpoint) -> list[str]:
-    """The URLs a row's reference ``.pth`` is tried at, in order: ``<name>.pth``, then the older
-    ``<name>_train.pth``; ``FCN_ZOO_REFERENCE_URL`` replaces the base if set."""
-    base = os.environ.get("FCN_ZOO_REFERENCE_URL")
-    if not base:
-        return checkpoint.reference_urls
-    return [f"{base.rstrip('/')}/{url.rsplit('/', 1)[1]}" for url in checkpoint.reference_urls]
 
 
 def is_cached(name: str, cache_dir: str | os.PathLike | None = None) -> bool:
@@ -248,112 +253,6 @@ def _check_hub_reachable(repo_id: str, revision: str | None, cache_dir, where: s
             f"{where}: the Hugging Face Hub cannot be reached ({first_line(e)}); "
             "check the network, or set HF_HUB_OFFLINE=1 to use only what is cached"
         ) from e
-
-
-def download_reference(checkpoint: Checkpoint, directory: Path, cache_dir=None) -> tuple[Path, str, str]:
-    """Download a row's reference ``.pth`` into ``directory``; returns ``(path, url, sha256)``.
-
-    ``<name>.pth`` is tried first, then the reference's older name ``<name>_train.pth`` if the server
-    has no file of the first name (404). The sha256 must equal the table's, or, where the table has none
-    yet, the one recorded in the cache (``cache_dir``'s ``known_hashes.json``) by the first download; a file
-    that differs is deleted and refused.
-    """
-    from urllib.error import HTTPError
-
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{checkpoint.name}.pth"
-    urls = reference_download_urls(checkpoint)
-    for i, url in enumerate(urls):
-        logger.info("downloading %s", url)
-        try:
-            sha256 = download(url, path)
-            break
-        except HTTPError as e:
-            if e.code == 404 and i + 1 < len(urls):
-                continue
-            raise FCNZooError(_download_failed(checkpoint, urls[: i + 1], e)) from e
-        except (OSError, ValueError, http.client.HTTPException) as e:  # URLError is an OSError
-            raise FCNZooError(_download_failed(checkpoint, [url], e)) from e
-    writable(cache_root(cache_dir))  # where the hash is recorded: checked before the transfer, not after
-    known = _known_hashes(cache_dir)
-    expected = checkpoint.sha256 or known.get(checkpoint.name)
-    if expected and sha256 != expected:
-        path.unlink(missing_ok=True)
-        if checkpoint.sha256:
-            how = (
-                "it is not the published file; to use it anyway, download it and load the local file "
-                f"(fcn_zoo.from_pretrained('{checkpoint.name}.pth'))"
-            )
-        else:
-            how = (
-                f"if the mirror's file was changed on purpose, delete the \"{checkpoint.name}\" entry of "
-                f"{_known_hashes_path(cache_dir)} and load again to accept it"
-            )
-        raise WeightsError(
-            f"{url}: sha256 {sha256} differs from {expected}, "
-            f"{'published in the table' if checkpoint.sha256 else 'recorded at the first download'}; "
-            f"the file was not used; {how}"
-        )
-    if not expected:
-        _record_hash(checkpoint.name, sha256, cache_dir)
-    return path, url, sha256
-
-
-def _known_hashes_path(cache_dir=None) -> Path:
-    return cache_root(cache_dir) / "known_hashes.json"
-
-
-def _known_hashes(cache_dir=None) -> dict[str, str]:
-    path = _known_hashes_path(cache_dir)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except ValueError as e:
-        raise WeightsError(f"{path}: not valid JSON ({e}); delete it to record hashes anew") from e
-
-
-def _record_hash(name: str, sha256: str, cache_dir=None) -> None:
-    write_json(_known_hashes_path(cache_dir), {**_known_hashes(cache_dir), name: sha256})  # its folder: writable()
-
-
-def download(url: str, path: Path, timeout: float | None = None) -> str:
-    """Download ``url`` to ``path`` with a progress bar; return its sha256.
-
-    ``timeout`` (seconds without data, default ``$FCN_ZOO_DOWNLOAD_TIMEOUT`` or 60) ends a stalled download.
-
-    Unlike ``torch.hub.download_url_to_file`` this checks the received size against Content-Length (a
-    connection cut mid-file is an error, not a short file) and does not wait forever on a silent server.
-    The file appears at ``path`` only when complete.
-    """
-    from urllib.request import Request, urlopen
-
-    from tqdm.auto import tqdm
-
-    if timeout is None:
-        timeout = float(os.environ.get("FCN_ZOO_DOWNLOAD_TIMEOUT", 60))
-    digest = hashlib.sha256()
-    with atomic_path(path) as tmp:
-        with urlopen(Request(url, headers={"User-Agent": "fcn-zoo"}), timeout=timeout) as response, open(tmp, "wb") as f:
-            expected = int(response.headers.get("Content-Length") or 0) or None
-            received = 0
-            with tqdm(total=expected, unit="B", unit_scale=True, unit_divisor=1024, desc=path.name) as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-        if expected is not None and received != expected:
-            raise OSError(f"the connection closed after {received} of {expected} bytes")
-    return digest.hexdigest()
-
-
-def _download_failed(checkpoint: Checkpoint, urls: list[str], error: BaseException) -> str:
-    tried = urls[0] if len(urls) == 1 else f"{' and '.join(urls)} (the reference's older name)"
-    return (
-        f"{checkpoint.name}: downloading {tried} failed ({error}); check the network, "
-        "or set FCN_ZOO_REFERENCE_URL to a mirror that holds the reference .pth files"
-    )
 
 
 def _convert_local_pth(path: Path, cache_dir) -> Path:

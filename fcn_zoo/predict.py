@@ -138,6 +138,9 @@ class Predictor:
             if device.type == "cuda":  # the copy is ours: the layout tensor cores run fastest
                 model.to(memory_format=torch.channels_last)
         elif not _same_device(device, own_device):
+            if compile or engine == "onnxruntime":  # compiled code and sessions are kept per model: not per copy
+                raise ValueError(f"{'compile=True' if compile else 'engine=onnxruntime'} runs the model where it is "
+                                 f"({own_device}); move it first: model.to({str(device)!r})")
             model = inference_copy(model, device)
         self.model = model
         features = None

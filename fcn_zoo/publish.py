@@ -39,7 +39,7 @@ def publish(
     so ``publish all`` resumes where it stopped.
     """
     from .convert import convert_checkpoint
-    from .hub import download_reference
+    from .downloads import download_reference
 
     checkpoint = CHECKPOINTS[name]
     repo_id = repo_id or checkpoint.hub_repo_id

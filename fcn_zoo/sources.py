@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .errors import FCNZooError
+from .errors import FCNZooError, MissingFileError
 
 __all__ = ["Source", "expand_inputs", "VIDEO_SUFFIXES"]
 
@@ -47,8 +47,8 @@ class Expansion:
 
 
 def expand_inputs(inputs: list[str], exclude: str | os.PathLike | None = None) -> Expansion:
-    """The sources named by ``inputs``, in order, each once; raises :class:`FCNZooError` for an empty glob,
-    an unreadable list or an empty result. Walks never enter the folder ``exclude`` (the output folder,
+    """The sources named by ``inputs``, in order, each once; raises :class:`FCNZooError` for a missing path,
+    an empty glob, an unreadable list or an empty result (a missing file named in a list fails alone, later). Walks never enter the folder ``exclude`` (the output folder,
     which may sit inside an input folder: its masks are not inputs)."""
     found: list[tuple[Path, Path]] = []  # (file, anchor folder)
     skipped: list[Path] = []
@@ -86,8 +86,10 @@ def _expand(text: str, base: Path, found: list, skipped: list, lists: tuple) -> 
                 _walk(match, found, skipped)
             elif not _hidden(match.name):
                 found.append((match, _glob_root(path)))
+    elif not path.exists() and not lists:  # named on the command line: a typo, told before anything loads
+        raise MissingFileError(f"{text}: no such file or folder")
     else:
-        found.append((path, path.parent))  # a missing file fails when it is read, with the others going on
+        found.append((path, path.parent))  # a missing file of a list fails when it is read, the others going on
 
 
 def _read_list(path: Path, found: list, skipped: list, lists: tuple) -> None:

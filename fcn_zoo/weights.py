@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
     from .model import FCN
 
-__all__ = ["load_weights", "load_state_dict", "weights_sha256"]
+__all__ = ["load_weights", "load_state_dict", "state_dict_sha256"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +122,10 @@ def _short(items: list[str], limit: int = 8) -> str:
     return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def weights_sha256(model: torch.nn.Module) -> str:
+def state_dict_sha256(model: torch.nn.Module) -> str:
     """Hex sha256 of ``model.state_dict()``: every tensor's name, dtype, shape and bytes, in order. It changes
-    whenever a weight does, however it was changed (``load_state_dict``, in place, ``.data``, NumPy)."""
+    whenever a weight does, however it was changed (``load_state_dict``, in place, ``.data``, NumPy). Not the
+    sha256 of a ``model.safetensors`` file (``weights_sha256`` in provenance), which also hashes its header."""
     import hashlib
 
     import torch

@@ -234,9 +234,22 @@ def test_resume_refuses_a_folder_made_by_another_model_or_with_other_options(cap
         assert tree(out) == made  # nothing written, nothing removed
     code, _, err = run(capsys, "predict", small_folder, photo_tree / "2023", "--out", out, "--quiet", "--resume")
     assert code == 0 and tree(out) == made  # the same model and options resume (here: nothing left to do)
+    # a run without --resume remakes everything: nothing the first model made counts as done afterwards
+    clean = tmp_path / "clean"
+    run(capsys, "predict", other, photo_tree / "2023", "--out", clean, "--quiet")
+    code, _, err = run(capsys, "predict", other, photo_tree / "2023" / "a.jpg", "--out", out, "--quiet")
+    assert code == 0, err
+    code, _, err = run(capsys, "predict", other, photo_tree / "2023", "--out", out, "--quiet", "--resume")
+    assert code == 0, err
+    masks = lambda folder: {k: v for k, v in tree(folder).items() if k.endswith(".png")}  # noqa: E731
+    assert masks(out) == masks(clean) != masks_of_first(made)
     (out / ".fcn-zoo" / "made_by.json").unlink()  # as a folder from before the record was kept
     code, _, err = run(capsys, "predict", small_folder, photo_tree / "2023", "--out", out, "--quiet", "--resume")
     assert code == 1 and "does not record" in err
+
+
+def masks_of_first(made: dict[str, bytes]) -> dict[str, bytes]:
+    return {k: v for k, v in made.items() if k.endswith(".png")}
 
 
 def _video(path: Path, frames: int = 10, size=(64, 48), rate: int = 5) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import fcn_zoo
@@ -184,3 +186,48 @@ def test_a_hub_answering_404_is_one_line_without_httpx_or_retry_chatter(tmp_path
         server.server_close()
     assert result.returncode == 1 and result.stderr.count("\n") == 2, result.stderr  # the error and the summary
     assert "HTTP Request" not in result.stderr and "Retrying" not in result.stderr
+
+
+EARLY = r"""
+import json, sys
+from fcn_zoo.cli import main
+out, photos = sys.argv[1], sys.argv[2]
+cases = [
+    ["fcn_resnet50os8_vco", photos, "--out", out],
+    ["fcn_resnet50os8_voc", out + "-no-such-folder", "--out", out],
+    ["fcn_resnet50os8_voc", photos, "--out", out, "--precision", "fp16"],
+    ["fcn_resnet50os8_voc", photos, "--out", out, "--device", "gpu"],
+    ["fcn_resnet50os8_voc", photos, "--out", out, "--engine", "onnxruntime", "--device", "cuda"],
+    ["runs/x/best", photos, "--out", out],
+]
+codes = [main(["predict", *argv]) for argv in cases]
+print(json.dumps({"codes": codes, "torch": "torch" in sys.modules}))
+"""
+
+
+def test_predict_refuses_mistakes_before_importing_torch_and_creates_nothing(tmp_path):
+    from conftest import DATA
+
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-c", EARLY, str(out), str(DATA)], capture_output=True, text=True)
+    result = json.loads(run.stdout.splitlines()[-1])
+    assert result == {"codes": [1] * 6, "torch": False}, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 6 and all(line.startswith("fcn-zoo: error: ") for line in lines)
+    for line, expected in zip(lines, ["did you mean fcn_resnet50os8_voc", "-no-such-folder: no such file or folder",
+                                      "fp16 is for GPUs", "--device gpu: not a device", "runs on the CPU in fp32",
+                                      "runs/x/best: no such file or folder"]):
+        assert expected in line, line
+    assert not out.exists()
+
+
+def test_a_gpu_that_torch_cannot_see_is_one_line_before_the_weights_load(capsys, tiny_folder, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code = main(["predict", str(tiny_folder), str(PHOTOS[0]), "--out", str(tmp_path / "out"), "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert code == 1 and "--device cuda: torch sees no CUDA GPU here" in err and "use --device cpu" in err
+    assert len(err.strip().splitlines()) == 1 and "RuntimeError" not in err
+    assert not (tmp_path / "out").exists()

@@ -199,7 +199,9 @@ def test_the_wrong_layout_says_which_layout_the_keys_look_like(tmp_path, capsys)
     code = main(["convert", str(tmp_path / "fcn_r50-d8.pth"), "--from", "torchvision", "--out", str(tmp_path / "out")])
     assert code == 1 and "look like the mmseg layout" in capsys.readouterr().err
     # handed to predict, which reads reference files, a torchvision file points to fcn-zoo convert
-    code = main(["predict", str(tmp_path / "fcn_resnet50_coco.pth"), "img.jpg", "--out", str(tmp_path / "masks")])
+    from conftest import PHOTOS
+
+    code = main(["predict", str(tmp_path / "fcn_resnet50_coco.pth"), str(PHOTOS[0]), "--out", str(tmp_path / "masks")])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "fcn-zoo convert" in err and "--from torchvision" in err
 

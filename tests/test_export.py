@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -31,6 +32,17 @@ def test_cli_export_writes_one_self_contained_file_quietly(tiny_folder, tmp_path
     copied = shutil.copy(out, elsewhere / "copied.onnx")
     model = fcn_zoo.from_pretrained(tiny_folder)
     session = onnxruntime.InferenceSession(str(copied), providers=["CPUExecutionProvider"])
+    # the file describes itself: named axes, and what a caller needs to prepare images and read the logits
+    assert session.get_inputs()[0].shape == ["batch", 3, "height", "width"]
+    assert session.get_outputs()[0].shape == ["batch", 21, "height", "width"]
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["class_names"]) == model.class_names and json.loads(meta["palette"])[1] == list(model.palette[1])
+    assert json.loads(meta["mean"]) == list(model.mean) and json.loads(meta["std"]) == list(model.std)
+    assert json.loads(meta["eval_size"]) == list(model.eval_size) and meta["num_classes"] == "21"
+    assert meta["source"] == str(tiny_folder) and meta["output"] == "logits"
+    from fcn_zoo.weights import state_dict_sha256
+
+    assert meta["state_dict_sha256"] == state_dict_sha256(model) and meta["fcn_zoo_version"] == fcn_zoo.__version__
     for shape in [(1, 3, 96, 128), (2, 3, 77, 131)]:
         x = torch.randn(*shape)
         with torch.no_grad():

@@ -35,7 +35,13 @@ def test_fine_tuning_learns_the_users_classes_and_best_stands_alone(tmp_path, ca
         "--init", str(tmp_path / "src"), "--data-root", str(data), "--output-dir", str(out), "--val-fraction", "0.2",
         "--max-iters", "60", "--batch-size", "8", "--lr", "0.05", *QUICK,
     ]) == 0
-    assert "21 classes" in capsys.readouterr().err  # the re-initialised classifiers are logged
+    printed = capsys.readouterr()
+    assert "21 classes" in printed.err  # the re-initialised classifiers are logged
+    last_line = printed.out.strip().splitlines()[-1]  # the run ends saying how it did and where the result is
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if "mIoU" in line]
+    assert f"final mIoU {100 * log[-1]['mIoU']:.2f} (iteration 60)" in last_line
+    assert f"best {100 * max(r['mIoU'] for r in log):.2f}" in last_line
+    assert str(out / "last") in last_line and str(out / "best") in last_line
 
     best = fcn_zoo.from_pretrained(out / "best")
     assert best.class_names == ["background", "box", "ellipse"] and best.palette[1] == (200, 40, 40)

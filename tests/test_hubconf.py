@@ -32,6 +32,14 @@ def test_hubconf_lists_exactly_the_twelve_models_with_documented_signatures():
         assert f"{row.reference_miou:.2f}" in fn.__doc__ and row.data.title in fn.__doc__ and str(row.num_classes) in fn.__doc__
     for dependency in module.dependencies:
         __import__(dependency)
+    # every runtime dependency the package declares is one torch.hub checks
+    import re
+    import tomllib
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    import_names = {"pillow": "PIL", "huggingface-hub": "huggingface_hub"}
+    names = {import_names.get(n, n) for n in (re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0].lower() for d in declared)}
+    assert names == set(module.dependencies)
 
 
 @pytest.mark.parametrize("name", fcn_zoo.list_models())

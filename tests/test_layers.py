@@ -20,11 +20,11 @@ LAYERS = {
     "segmentation": 7, "labels": 7,             # the result; how labels come from logits
     "images": 6, "sources": 6,                  # images in and out; what a command line names
     "export": 5,                                # a model as ONNX, and the sessions that run it
-    "hub": 4,                                   # a name, repo id, folder or .pth becomes a local folder
+    "hub": 4, "downloads": 4,                   # a name, repo id, folder or .pth becomes a local folder
     "convert": 3, "parity": 3,                  # other layouts' state dicts become FCN's
     "model": 2, "weights": 2, "_fusion": 2, "_inference": 2, "cards": 2,  # the nn.Module, loading it, its
                                                 #   kernels, running it without changing it, its card
-    "__init__": 1, "zoo": 1, "errors": 1, "_files": 1,  # data and small helpers
+    "__init__": 1, "zoo": 1, "errors": 1, "_files": 1, "devices": 1,  # data and small helpers
 }
 # FCN.predict, FCN.predict_iter: one-line conveniences that call upward lazily, as STYLE.md allows
 ALLOWED_UPWARD = {("model", "predict"), ("model", "stream")}

@@ -15,7 +15,7 @@ import fcn_zoo
 def test_import_is_lean():
     code = "import sys, fcn_zoo; fcn_zoo.list_models(); print(__import__('json').dumps(sorted(sys.modules)))"
     modules = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
-    heavy = [m for m in modules if m.split(".")[0] in ("torch", "timm", "huggingface_hub", "training", "PIL", "numpy")]
+    heavy = [m for m in modules if m.split(".")[0] in ("torch", "timm", "huggingface_hub", "training", "fcn_zoo_training", "PIL", "numpy")]
     assert heavy == []
 
 
@@ -69,3 +69,50 @@ def test_the_readme_table_shows_each_rows_figures():
     for name, row in fcn_zoo.CHECKPOINTS.items():
         miou = f"{row.miou:.2f}" + (f" / **{row.miou_newest:.2f}**" if row.miou_newest is not None else "")
         assert lines[name].endswith(f"| {miou} | {row.params_m:.1f} M | {row.gflops:.1f} | {row.weights_mb:.1f} MB |"), name
+
+
+def test_the_wheel_holds_the_training_code_and_fine_tuning_runs_from_it_outside_a_checkout(tmp_path, tiny_folder):
+    """What `pip install fcn-zoo` gives, without a venv of its own: the wheel built once, installed with
+    --target, and `fcn-zoo train` / `fcn-zoo evaluate` run from a folder outside the repository."""
+    import os
+    import shutil
+    import zipfile
+    from pathlib import Path
+
+    from datasets import make_generic
+
+    repo = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"  # a copy, so that building leaves nothing in the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, source / name)
+    for folder in ("fcn_zoo", "training"):
+        shutil.copytree(repo / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)], check=True)
+    (wheel,) = (tmp_path / "dist").glob("fcn_zoo-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"fcn_zoo/cli.py", "fcn_zoo_training/train.py", "fcn_zoo_training/evaluate.py", "fcn_zoo_training/generic.py"} <= set(names)
+    assert not [n for n in names if n.startswith(("training/", "tests/", "benchmarks/"))]
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)], check=True)
+
+    elsewhere = tmp_path / "elsewhere"  # no checkout here, and the installed copy comes first on the path
+    make_generic(elsewhere / "data", n_train=2, n_val=1)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    where = subprocess.run([sys.executable, "-c", "import fcn_zoo, fcn_zoo_training; print(fcn_zoo.__file__, fcn_zoo_training.__file__)"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert all(path.startswith(str(site)) for path in where)
+    cli = [sys.executable, "-m", "fcn_zoo.cli"]
+    train = subprocess.run([*cli, "train", "--init", str(tiny_folder), "--data-root", "data", "--output-dir", "runs/mine",
+                            "--max-iters", "1", "--batch-size", "2", "--crop-size", "32", "--device", "cpu", "--no-progress"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert train.returncode == 0, train.stderr[-2000:]
+    assert "final mIoU" in train.stdout and (elsewhere / "runs" / "mine" / "best" / "model.safetensors").is_file()
+    evaluate = subprocess.run([*cli, "evaluate", "runs/mine/best", "--data-root", "data", "--device", "cpu"],
+                              cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert evaluate.returncode == 0, evaluate.stderr[-2000:]
+    assert "mIoU" in evaluate.stdout and (elsewhere / "runs" / "mine" / "eval-best-val" / "eval.json").is_file()
+    bad = subprocess.run([*cli, "train", "--init", str(tiny_folder), "--data-root", "nowhere", "--output-dir", "x"],
+                         cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.strip().startswith("fcn-zoo train: ") and "Traceback" not in bad.stderr

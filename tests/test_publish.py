@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard
 
 import fcn_zoo
 from conftest import serve_folder
-from fcn_zoo import hub, zoo
+from fcn_zoo import downloads, zoo
 from fcn_zoo.cli import main
 from reference import build_reference_fcn, reference_logits, save_reference_checkpoint
 
@@ -103,12 +103,12 @@ def test_a_tampered_reference_file_is_refused_naming_both_hashes(mirror, tmp_pat
     row = zoo.CHECKPOINTS[NAME]
     with serve_folder(served) as url:
         monkeypatch.setenv("FCN_ZOO_REFERENCE_URL", url)
-        _, _, first = hub.download_reference(row, tmp_path / "a")  # the first download records the hash
+        _, _, first = downloads.download_reference(row, tmp_path / "a")  # the first download records the hash
         with open(served / f"{NAME}.pth", "r+b") as f:
             f.seek(1000)
             f.write(b"tampered")
         with pytest.raises(fcn_zoo.WeightsError) as e:
-            hub.download_reference(row, tmp_path / "b")
+            downloads.download_reference(row, tmp_path / "b")
     assert first in str(e.value) and "first download" in str(e.value)
     assert "known_hashes.json" in str(e.value) and "to accept it" in str(e.value)  # how to take a changed mirror file
     assert not (tmp_path / "b" / f"{NAME}.pth").exists()
@@ -118,7 +118,7 @@ def test_a_tampered_reference_file_is_refused_naming_both_hashes(mirror, tmp_pat
     with serve_folder(folder) as url:
         monkeypatch.setenv("FCN_ZOO_REFERENCE_URL", url)
         with pytest.raises(fcn_zoo.WeightsError, match="published in the table"):
-            hub.download_reference(zoo.CHECKPOINTS[NAME], tmp_path / "c")
+            downloads.download_reference(zoo.CHECKPOINTS[NAME], tmp_path / "c")
 
 
 def test_publish_all_needs_a_namespace_not_a_repo_id(capsys, tmp_path):

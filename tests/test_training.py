@@ -157,7 +157,7 @@ def test_confusion_matrix_agrees_with_torchmetrics():
     assert abs(ours["mIoU"] - float(theirs.mean())) < 1e-6
 
 
-def test_evaluate_command_writes_the_report(tmp_path, tiny_folder):
+def test_evaluate_command_writes_the_report(tmp_path, tiny_folder, capsys):
     make_voc(tmp_path / "data")
     from training.evaluate import main
 
@@ -166,6 +166,24 @@ def test_evaluate_command_writes_the_report(tmp_path, tiny_folder):
     assert len(report["IoU"]) == 21 and 0 <= report["mIoU"] <= 1 and report["pixels"] == 4 * 63 * 80
     assert (tmp_path / "eval" / "eval_iou.png").stat().st_size > 0
     assert report["samples_sha256"] == build_dataset("voc", tmp_path / "data", "val").fingerprint()
+    # without --output-dir: beside the model folder, and said
+    assert main([str(tiny_folder), "--dataset", "voc", "--data-root", str(tmp_path / "data"), "--device", "cpu",
+                 "--max-samples", "1"]) == 0
+    beside = tiny_folder.resolve().parent / f"eval-{tiny_folder.name}-val"
+    assert f"wrote {beside / 'eval.json'} and {beside / 'eval_iou.png'}" in capsys.readouterr().out
+    assert json.loads((beside / "eval.json").read_text())["model"] == str(tiny_folder)
+
+
+def test_curves_show_a_single_logged_point(tmp_path):
+    import matplotlib.image
+
+    from training.train import plot_curves
+
+    plot_curves({"loss": [[1, 2.5]], "miou": [[1, 0.3]]}, tmp_path / "one.png")
+    image = matplotlib.image.imread(tmp_path / "one.png")[..., :3]
+    blue = (abs(image - [0x1F / 255, 0x77 / 255, 0xB4 / 255]).max(-1) < 0.05)  # matplotlib's first line colour
+    half = image.shape[1] // 2
+    assert blue[:, :half].sum() > 20 and blue[:, half:].sum() > 20  # the one point is drawn in both panels
 
 
 def _torchrun(out: Path, data: Path, port: int, *extra: str, wait: bool = True):

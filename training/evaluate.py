@@ -110,10 +110,11 @@ def write_report(results: dict, class_names: list[str], out_dir: Path, extra: di
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate") -> int:
+    """The command line (``fcn-zoo evaluate``, or ``python -m training.evaluate`` in a checkout)."""
     import fcn_zoo
 
-    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("model", help="zoo name, Hub repo id, save_pretrained folder or reference .pth")
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--dataset", choices=("generic", *sorted(fcn_zoo.DATASETS)), help="the layout of --data-root (default: detected)")
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tta", action="store_true", help="flip + scales 0.5-1.75")
     parser.add_argument("--device", default=None)
     parser.add_argument("--max-samples", type=int, default=None, help="evaluate the first N samples only")
-    parser.add_argument("--output-dir", default="eval")
+    parser.add_argument("--output-dir", help="where eval.json and eval_iou.png go (default: beside a model folder, "
+                        "runs/mine/eval-best-val for runs/mine/best; else eval/<model>-<split>)")
     args = parser.parse_args(argv)
 
     ctx = init_distributed(args.device)
@@ -135,21 +137,31 @@ def main(argv: list[str] | None = None) -> int:
             val_fraction = _training_val_fraction(args.model)  # the share the training run held out
         dataset = build_dataset(layout, args.data_root, args.split, val_fraction=val_fraction if layout == "generic" else None)
     except DatasetLayoutError as e:
-        raise SystemExit(f"python -m training.evaluate: {e}") from None
+        raise SystemExit(f"{prog}: {e}") from None
     try:
         model = fcn_zoo.from_pretrained(args.model, device=str(ctx.device))
     except fcn_zoo.FCNZooError as e:
-        raise SystemExit(f"python -m training.evaluate: {e}") from None
+        raise SystemExit(f"{prog}: {e}") from None
     if model.num_classes != dataset.num_classes:
-        raise SystemExit(f"python -m training.evaluate: {args.model} predicts {model.num_classes} classes; {args.data_root} has {dataset.num_classes}")
+        raise SystemExit(f"{prog}: {args.model} predicts {model.num_classes} classes; {args.data_root} has {dataset.num_classes}")
     results = evaluate(model, dataset, tta=TTA() if args.tta else None, mode=args.mode, ctx=ctx, max_samples=args.max_samples)
     if ctx.is_main:
-        write_report(results, dataset.class_names, Path(args.output_dir), {
+        out = Path(args.output_dir) if args.output_dir else default_output_dir(args.model, args.split)
+        write_report(results, dataset.class_names, out, {
             "model": args.model, "dataset": layout, "data_root": str(args.data_root), "split": args.split, "mode": args.mode,
             "tta": args.tta, "samples_sha256": dataset.fingerprint(),
         })
+        print(f"wrote {out / 'eval.json'} and {out / 'eval_iou.png'}")
     ctx.close()
     return 0
+
+
+def default_output_dir(model: str, split: str) -> Path:
+    """Beside a model folder (``runs/mine/best`` -> ``runs/mine/eval-best-val``), else ``eval/<model>-<split>``."""
+    folder = Path(model)
+    if folder.is_dir():
+        return folder.resolve().parent / f"eval-{folder.resolve().name}-{split}"
+    return Path("eval") / f"{model.replace('/', '--').replace('@', '-')}-{split}"
 
 
 def _training_val_fraction(model: str) -> float | None:

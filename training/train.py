@@ -47,9 +47,9 @@ POLY_POWER = 0.9
 AUX_WEIGHT = 0.4
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, prog: str = "python -m training.train") -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m training.train", description=__doc__.split("\n")[0],
+        prog=prog, description=__doc__.split("\n")[0],
         epilog=f"Fine-tuning defaults (--init): {FINETUNE_EPOCHS} epochs and at least {FINETUNE_MIN_ITERS} iterations, "
         f"lr {FINETUNE_LR}, batch {FINETUNE_BATCH} (or the training set if smaller), crop {FINETUNE_CROP} (or the "
         "images' size if smaller), resize bound the images' median size (or the --init model's if smaller), "
@@ -81,7 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, help=f"default: the recipe's (0.01), or {FINETUNE_LR} when fine-tuning")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast, no channels_last on GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--num-workers", type=int,
+                   help="data-loading processes per training process (default: on GPUs the cores per process less one, "
+                   "at most 8; on the CPU 0, since the network uses every core)")
     p.add_argument("--checkpoint-interval", type=int, default=1000)
     p.add_argument("--eval-interval", type=int, default=0, help="also evaluate every N iterations (default: only at the end; fine-tuning: 10 times)")
     p.add_argument("--eval-max-samples", type=int, help="evaluate on the first N val samples only")
@@ -93,13 +95,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m training.train") -> int:
+    """The command line (``fcn-zoo train``, or ``python -m training.train`` in a checkout)."""
+    args = parse_args(argv, prog)
+    args.prog = prog
     ctx = init_distributed(args.device)
     try:
         train(args, ctx)
     except DatasetLayoutError as e:  # one line naming the file; nothing was trained
-        raise SystemExit(f"python -m training.train: {e}") from None
+        raise SystemExit(f"{prog}: {e}") from None
     finally:
         ctx.close()
     return 0
@@ -120,6 +124,7 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
         torch.backends.cudnn.allow_tf32 = False
 
     plan = make_plan(args, ctx)  # the data is checked here, before anything is written
+    workers = args.num_workers if args.num_workers is not None else default_workers(ctx)
     out.mkdir(parents=True, exist_ok=True)
     model, train_set, val_set = plan.model, plan.train_set, plan.val_set
     per_device, accumulation, max_iters, iters_per_epoch = plan.per_device, plan.accumulation, plan.max_iters, plan.iters_per_epoch
@@ -183,7 +188,7 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
         indices = (indices * -(-needed // len(indices)))[step_in_epoch * per_device * accumulation:needed]
         loader = DataLoader(
             Subset(train_set, indices), batch_size=per_device, shuffle=False, drop_last=True,
-            num_workers=args.num_workers, pin_memory=on_gpu, persistent_workers=False,
+            num_workers=workers, pin_memory=on_gpu, persistent_workers=False,
             # its own generator: creating the loader must not draw from the global RNG (dropout's), or a
             # resumed run would diverge from an uninterrupted one
             generator=torch.Generator().manual_seed(args.seed * 100003 + epoch),
@@ -257,8 +262,29 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
     if ctx.is_main:
         plot_curves(state["history"], out / "curves.png")
         if args.push_to_hub:
-            push_best(out / "best", args.push_to_hub)
+            push_best(out / "best", args.push_to_hub, getattr(args, "prog", "python -m training.train"))
+        print(final_line(state, out))
     return state
+
+
+def final_line(state: dict, out: Path) -> str:
+    """The run's last line: the final and the best mIoU, and where ``last/`` and ``best/`` are."""
+    scores = state["history"]["miou"]
+    if not scores:
+        return f"{state['iteration']} iterations; no evaluation ran; checkpoints in {out}"
+    final_iter, final = scores[-1]
+    best_iter, best = max(scores, key=lambda s: s[1])
+    return (f"{state['iteration']} iterations: final mIoU {100 * final:.2f} (iteration {final_iter}), best "
+            f"{100 * best:.2f} (iteration {best_iter}); {out / 'last'}, {out / 'best'}")
+
+
+def default_workers(ctx: DistributedContext) -> int:
+    """Loader processes per training process: on GPUs every core this process has but its own, at most 8;
+    on the CPU none, since the network's threads use every core."""
+    if ctx.device.type != "cuda":
+        return 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(8, (os.cpu_count() or 1) // local - 1))
 
 
 def _train_mode(net, model: fcn_zoo.FCN, freeze_backbone: bool) -> None:
@@ -267,7 +293,7 @@ def _train_mode(net, model: fcn_zoo.FCN, freeze_backbone: bool) -> None:
         model.backbone.eval()
 
 
-def push_best(folder: Path, repo_id: str) -> None:
+def push_best(folder: Path, repo_id: str, prog: str = "python -m training.train") -> None:
     """One commit of ``best/`` to the Hub repo ``repo_id`` (created if needed); its URL on stdout."""
     from fcn_zoo.errors import FCNZooError
     from fcn_zoo.publish import upload
@@ -275,7 +301,7 @@ def push_best(folder: Path, repo_id: str) -> None:
     try:
         commit = upload(folder, repo_id, sorted(p.name for p in folder.iterdir() if p.is_file()), None, f"Upload {folder} (fcn-zoo training)")
     except FCNZooError as e:
-        raise SystemExit(f"python -m training.train: {e}") from e
+        raise SystemExit(f"{prog}: {e}") from e
     print(f"uploaded {folder} to https://huggingface.co/{repo_id} (commit {getattr(commit, 'oid', commit)})")
 
 
@@ -291,7 +317,10 @@ def rng_state(ctx: DistributedContext) -> dict:
 def set_rng_state(rng: dict, ctx: DistributedContext) -> None:
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and ctx.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], ctx.device)
+        if isinstance(rng["cuda"], (list, tuple)):  # checkpoints of earlier versions kept every GPU's state
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        else:
+            torch.cuda.set_rng_state(rng["cuda"], ctx.device)
 
 
 def _gather_rng(rng: dict, ctx: DistributedContext) -> list[dict]:
@@ -381,8 +410,8 @@ def plot_curves(history: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    if history["loss"]:
-        a.plot(*zip(*history["loss"]))
+    if history["loss"]:  # with few points each one is marked: a single point is visible, not an empty panel
+        a.plot(*zip(*history["loss"]), marker="o" if len(history["loss"]) < 50 else None)
     a.set_xlabel("iteration")
     a.set_ylabel("loss")
     if history["miou"]:

@@ -71,7 +71,7 @@ def test_a_hub_answering_500_is_a_clear_error(hub_endpoint):
         fcn_zoo.from_pretrained(f"someone/fcn@{COMMIT}")
 
 
-@pytest.mark.parametrize("status,message", [(404, "HTTP Error 404"), (500, "HTTP Error 500"), (None, "timed out")])
+@pytest.mark.parametrize("status,message", [(404, "has no such file"), (500, "HTTP Error 500"), (None, "timed out")])
 def test_reference_download_failures_are_clear_and_leave_nothing(monkeypatch, status, message):
     server, url = answering(status)
     monkeypatch.setenv("FCN_ZOO_REFERENCE_URL", url)
@@ -84,7 +84,10 @@ def test_reference_download_failures_are_clear_and_leave_nothing(monkeypatch, st
     finally:
         server.shutdown()
         server.server_close()
-    assert "FCN_ZOO_REFERENCE_URL" in str(e.value)
+    assert f"FCN_ZOO_REFERENCE_URL={url}" in str(e.value)  # the mirror that was used, named
+    if status == 404:  # both names were asked for, and the advice is about the mirror, not the network
+        assert f"{url}/{NAME}.pth and {url}/{NAME}_train.pth" in str(e.value) and "network" not in str(e.value)
+        assert f"put {NAME}.pth there" in str(e.value)
     assert not hub.is_cached(NAME)
     assert [p for p in hub.cache_root().rglob("*") if p.is_file()] == []
 

@@ -1,0 +1,141 @@
+"""Downloads: a URL to a file (size-checked, stall-limited), and a row's reference ``.pth`` from its release
+page or a mirror (``FCN_ZOO_REFERENCE_URL``), checked against the table's sha256 or the one recorded at the
+first download."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import logging
+import os
+from pathlib import Path
+
+from ._files import atomic_path, cache_root, writable, write_json
+from .errors import FCNZooError, WeightsError
+from .zoo import Checkpoint
+
+__all__ = ["download", "download_reference", "reference_download_urls"]
+
+logger = logging.getLogger(__name__)
+
+
+def reference_download_urls(checkpoint: Checkpoint) -> list[str]:
+    """The URLs a row's reference ``.pth`` is tried at, in order: ``<name>.pth``, then the older
+    ``<name>_train.pth``; ``FCN_ZOO_REFERENCE_URL`` replaces the base if set."""
+    base = os.environ.get("FCN_ZOO_REFERENCE_URL")
+    if not base:
+        return checkpoint.reference_urls
+    return [f"{base.rstrip('/')}/{url.rsplit('/', 1)[1]}" for url in checkpoint.reference_urls]
+
+
+def download_reference(checkpoint: Checkpoint, directory: Path, cache_dir=None) -> tuple[Path, str, str]:
+    """Download a row's reference ``.pth`` into ``directory``; returns ``(path, url, sha256)``.
+
+    ``<name>.pth`` is tried first, then the reference's older name ``<name>_train.pth`` if the server
+    has no file of the first name (404). The sha256 must equal the table's, or, where the table has none
+    yet, the one recorded in the cache (``cache_dir``'s ``known_hashes.json``) by the first download; a file
+    that differs is deleted and refused.
+    """
+    from urllib.error import HTTPError
+
+    writable(cache_root(cache_dir))  # where the hash is recorded: checked before the transfer, not after it
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{checkpoint.name}.pth"
+    urls = reference_download_urls(checkpoint)
+    for i, url in enumerate(urls):
+        logger.info("downloading %s", url)
+        try:
+            sha256 = download(url, path)
+            break
+        except HTTPError as e:
+            if e.code == 404 and i + 1 < len(urls):
+                continue
+            raise FCNZooError(_download_failed(checkpoint, urls[: i + 1], e)) from e
+        except (OSError, ValueError, http.client.HTTPException) as e:  # URLError is an OSError
+            raise FCNZooError(_download_failed(checkpoint, [url], e)) from e
+    known = _known_hashes(cache_dir)
+    expected = checkpoint.sha256 or known.get(checkpoint.name)
+    if expected and sha256 != expected:
+        path.unlink(missing_ok=True)
+        if checkpoint.sha256:
+            how = (
+                "it is not the published file; to use it anyway, download it and load the local file "
+                f"(fcn_zoo.from_pretrained('{checkpoint.name}.pth'))"
+            )
+        else:
+            how = (
+                f"if the mirror's file was changed on purpose, delete the \"{checkpoint.name}\" entry of "
+                f"{_known_hashes_path(cache_dir)} and load again to accept it"
+            )
+        raise WeightsError(
+            f"{url}: sha256 {sha256} differs from {expected}, "
+            f"{'published in the table' if checkpoint.sha256 else 'recorded at the first download'}; "
+            f"the file was not used; {how}"
+        )
+    if not expected:
+        _record_hash(checkpoint.name, sha256, cache_dir)
+    return path, url, sha256
+
+
+def _known_hashes_path(cache_dir=None) -> Path:
+    return cache_root(cache_dir) / "known_hashes.json"
+
+
+def _known_hashes(cache_dir=None) -> dict[str, str]:
+    path = _known_hashes_path(cache_dir)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as e:
+        raise WeightsError(f"{path}: not valid JSON ({e}); delete it to record hashes anew") from e
+
+
+def _record_hash(name: str, sha256: str, cache_dir=None) -> None:
+    write_json(_known_hashes_path(cache_dir), {**_known_hashes(cache_dir), name: sha256})  # its folder: writable()
+
+
+def download(url: str, path: Path, timeout: float | None = None) -> str:
+    """Download ``url`` to ``path`` with a progress bar; return its sha256.
+
+    ``timeout`` (seconds without data, default ``$FCN_ZOO_DOWNLOAD_TIMEOUT`` or 60) ends a stalled download.
+
+    Unlike ``torch.hub.download_url_to_file`` this checks the received size against Content-Length (a
+    connection cut mid-file is an error, not a short file) and does not wait forever on a silent server.
+    The file appears at ``path`` only when complete.
+    """
+    from urllib.request import Request, urlopen
+
+    from tqdm.auto import tqdm
+
+    if timeout is None:
+        timeout = float(os.environ.get("FCN_ZOO_DOWNLOAD_TIMEOUT", 60))
+    digest = hashlib.sha256()
+    with atomic_path(path) as tmp:
+        with urlopen(Request(url, headers={"User-Agent": "fcn-zoo"}), timeout=timeout) as response, open(tmp, "wb") as f:
+            expected = int(response.headers.get("Content-Length") or 0) or None
+            received = 0
+            with tqdm(total=expected, unit="B", unit_scale=True, unit_divisor=1024, desc=path.name) as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+        if expected is not None and received != expected:
+            raise OSError(f"the connection closed after {received} of {expected} bytes")
+    return digest.hexdigest()
+
+
+def _download_failed(checkpoint: Checkpoint, urls: list[str], error: BaseException) -> str:
+    """One line naming the URLs tried and the setting that chose them."""
+    from urllib.error import HTTPError
+
+    tried = urls[0] if len(urls) == 1 else f"{' and '.join(urls)} (the reference's older name)"
+    mirror = os.environ.get("FCN_ZOO_REFERENCE_URL")
+    if isinstance(error, HTTPError) and error.code == 404:
+        where = f"the mirror FCN_ZOO_REFERENCE_URL={mirror}" if mirror else "the reference's release page"
+        return (f"{checkpoint.name}: {where} has no such file ({tried} answered 404); "
+                + (f"put {checkpoint.name}.pth there" if mirror else "set FCN_ZOO_REFERENCE_URL to a mirror that holds it"))
+    setting = f"FCN_ZOO_REFERENCE_URL={mirror} is the mirror used" if mirror else "or set FCN_ZOO_REFERENCE_URL to a mirror"
+    return f"{checkpoint.name}: downloading {tried} failed ({error}); check the network ({setting})"
