@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._files import atomic_path
+from .devices import distributed_rank
 from .errors import FCNZooError, first_line
 from .images import save_image
 from .sources import Source
 from .stream import predict_iter
 
-__all__ = ["Outputs", "Totals", "segment_sources", "distributed_rank", "made_by"]
+__all__ = ["Outputs", "Totals", "segment_sources", "made_by"]
 
 JOURNAL_DIR = ".fcn-zoo"
 MADE_BY = "made_by.json"
@@ -68,11 +69,6 @@ class Totals:
     failed: int = 0
     skipped: int = 0
     elapsed: float = 0.0
-
-
-def distributed_rank() -> tuple[int, int, int]:
-    """``(rank, world size, local rank)`` from torchrun's environment; ``(0, 1, 0)`` outside it."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
 def made_by(model: str, state_dict_sha256: str, config: dict, outputs: Outputs, options: dict) -> dict:

@@ -276,16 +276,17 @@ def cmd_predict(args) -> int:
     check_device_options(args.device, args.precision, args.engine)
     found = expand_inputs(args.images, exclude=out)
 
-    from .bulk import Outputs, distributed_rank, made_by, segment_sources
-    from .devices import check_device_available, has_cuda
-    from .hub import from_pretrained
-    from .weights import state_dict_sha256
+    from .devices import check_device_available, distributed_rank, has_cuda
 
     rank, world, local_rank = distributed_rank()
     device = args.device
     if world > 1 and (device or ("cuda" if has_cuda() else "cpu")).startswith("cuda"):
         device = f"cuda:{local_rank}"  # one GPU per process under torchrun
-    check_device_available(device or "cpu")
+    check_device_available(device or "cpu")  # imports torch alone, not yet what loads and runs models
+
+    from .bulk import Outputs, made_by, segment_sources
+    from .hub import from_pretrained
+    from .weights import state_dict_sha256
     model = from_pretrained(args.name, device=device, cache_dir=args.cache_dir)
     digest = state_dict_sha256(model)
     model.fuse()  # this command owns the model for the whole run: its fast path, in place

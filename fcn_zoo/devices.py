@@ -3,11 +3,17 @@ spelling and what the precision and engine need without importing torch, the GPU
 
 from __future__ import annotations
 
+import os
 import re
 
 from .errors import FCNZooError
 
-__all__ = ["check_device_options", "check_device_available", "has_cuda"]
+__all__ = ["check_device_options", "check_device_available", "has_cuda", "distributed_rank"]
+
+
+def distributed_rank() -> tuple[int, int, int]:
+    """``(rank, world size, local rank)`` from torchrun's environment; ``(0, 1, 0)`` outside it."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 _DEVICE = re.compile(r"^(cpu|cuda|mps|xpu)(:\d+)?$")
 
@@ -28,11 +34,23 @@ def check_device_options(device: str | None, precision: str, engine: str) -> Non
             raise FCNZooError("--engine onnxruntime needs onnxruntime: pip install 'fcn-zoo[export]'")
 
 
+def no_nvidia_driver() -> bool:
+    """Whether this machine certainly has no NVIDIA driver (no ``/dev/nvidia*`` or WSL's ``/dev/dxg`` device, no
+    ``libcuda`` to load): then torch cannot see a CUDA GPU, and that is known without importing it (~2 s)."""
+    import ctypes.util
+    import glob
+
+    return not glob.glob("/dev/nvidia*") and not os.path.exists("/dev/dxg") and ctypes.util.find_library("cuda") is None
+
+
 def check_device_available(device: str) -> None:
     """A GPU asked for that torch cannot see is one line, not the driver's message."""
+    kind, _, index = device.partition(":")
+    if kind == "cuda" and no_nvidia_driver():
+        raise FCNZooError(f"--device {device}: this machine has no NVIDIA driver (no /dev/nvidia*, no libcuda); "
+                          "use --device cpu")
     import torch
 
-    kind, _, index = device.partition(":")
     if kind == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:

@@ -221,13 +221,20 @@ def test_predict_refuses_mistakes_before_importing_torch_and_creates_nothing(tmp
     assert not out.exists()
 
 
-def test_a_gpu_that_torch_cannot_see_is_one_line_before_the_weights_load(capsys, tiny_folder, tmp_path):
+def test_a_gpu_that_torch_cannot_see_is_one_line_before_the_weights_load(capsys, tiny_folder, tmp_path, monkeypatch):
     import torch
+
+    from fcn_zoo import devices
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    code = main(["predict", str(tiny_folder), str(PHOTOS[0]), "--out", str(tmp_path / "out"), "--device", "cuda"])
-    err = capsys.readouterr().err
-    assert code == 1 and "--device cuda: torch sees no CUDA GPU here" in err and "use --device cpu" in err
-    assert len(err.strip().splitlines()) == 1 and "RuntimeError" not in err
-    assert not (tmp_path / "out").exists()
+    argv = ["predict", str(tiny_folder), str(PHOTOS[0]), "--out", str(tmp_path / "out"), "--device", "cuda"]
+    expected = ("no NVIDIA driver" if devices.no_nvidia_driver() else "torch sees no CUDA GPU here",  # told without torch
+                "torch sees no CUDA GPU here")  # a driver but no GPU torch can use: asked of torch
+    for message in expected:
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "--device cuda: " in err and message in err and "use --device cpu" in err, err
+        assert len(err.strip().splitlines()) == 1 and "RuntimeError" not in err
+        assert not (tmp_path / "out").exists()
+        monkeypatch.setattr(devices, "no_nvidia_driver", lambda: False)
