@@ -97,7 +97,8 @@ class FCN(
             it supplies what the arguments below leave out.
         class_names: one name per class.
         palette: one ``(R, G, B)`` colour per class.
-        mean, std: the per-channel normalisation of RGB values in 0..255.
+        mean: the per-channel mean of RGB values in 0..255, subtracted first.
+        std: the per-channel standard deviation the difference is divided by.
         eval_size: the ``(long, short)`` bound of the evaluation resize (keeping the aspect ratio).
         crop_size: the training crop ``(height, width)``, also the window of sliding-window inference.
 

@@ -65,7 +65,8 @@ def predict(
             greyscale, palette, 16-bit and alpha images are converted to RGB (alpha is dropped).
         tta: ``True`` for flip + scales 0.5-1.75, or a :class:`TTA`; default none (the reference protocol).
         mode: ``"whole"`` (the reference protocol) or ``"slide"``: overlapping windows, all in batches.
-        window, stride: the sliding window and its step, ``(h, w)``; default the training crop and 2/3 of it.
+        window: the sliding window ``(h, w)``; default the training crop.
+        stride: the window's step ``(h, w)``; default 2/3 of the window.
         batch_size: images (or windows) per forward pass; default 8 on GPUs, 1 on CPUs (where batching
             does not raise throughput and costs memory: benchmarks/RESULTS.md).
         device: run on this device; default the model's. For another device than the model's a copy of the
