@@ -1,7 +1,7 @@
 """The fcn-zoo demo as a Hugging Face Space runs it: `python app.py` (Gradio, `pip install "fcn-zoo[demo]"`).
 
 FCN_ZOO_DEMO_MODELS (space-separated names) limits the models offered; FCN_ZOO_DEMO_DEVICE picks the device
-(default: cuda when the Space has a GPU, else cpu). See the README's "Demo page" section.
+(default: cuda when the Space has a GPU, else cpu). See the documentation's demo page (docs/demo.md).
 """
 
 import os

@@ -51,14 +51,12 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "fcn_zoo"
 
 
-def writable(folder: Path) -> None:
+def writable(folder: Path, what: str = "the fcn_zoo cache",
+             fix: str = "set FCN_ZOO_CACHE or pass cache_dir= a writable folder") -> None:
     """Create ``folder`` and check that files can be made in it, or say which setting to change."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise FCNZooError(
-            f"{folder}: the fcn_zoo cache cannot be written ({e.strerror or e}); set FCN_ZOO_CACHE or pass "
-            "cache_dir= a writable folder"
-        ) from e
+        raise FCNZooError(f"{folder}: {what} cannot be written ({e.strerror or e}); {fix}") from e

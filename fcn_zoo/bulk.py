@@ -22,23 +22,23 @@ import json
 import os
 import sys
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from ._files import atomic_path
 from .devices import distributed_rank
-from .errors import FCNZooError, first_line
+from .records import JOURNAL_DIR, MADE_BY, Journal, check_resumable, made_by
+from .errors import first_line
 from .images import save_image
 from .sources import Source
 from .stream import predict_iter
 
-__all__ = ["Outputs", "Totals", "segment_sources", "made_by"]
+__all__ = ["Outputs", "Totals", "segment_sources", "made_by"]  # made_by: from fcn_zoo.records, where it lives
 
-JOURNAL_DIR = ".fcn-zoo"
-MADE_BY = "made_by.json"
-#: the options of predict that change a mask, an overlay or a confidence map (batch size, workers, device
-#: and compile change none beyond float rounding)
-OUTPUT_OPTIONS = ("tta", "mode", "window", "stride", "precision", "engine")
+WRITERS = 2  # threads encoding and writing outputs behind the network
+WRITERS_AHEAD = 2 * WRITERS  # results that may wait for them before the network waits in turn
 
 
 @dataclass(frozen=True)
@@ -71,51 +71,6 @@ class Totals:
     elapsed: float = 0.0
 
 
-def made_by(model: str, state_dict_sha256: str, config: dict, outputs: Outputs, options: dict) -> dict:
-    """What makes a folder's outputs: the model (as named, its state dict's sha256 and its configuration:
-    classes, palette, normalisation, evaluation size), the output kinds and every option of ``options``
-    that changes an output."""
-    return {
-        "model": str(model), "state_dict_sha256": state_dict_sha256, "config": json.loads(json.dumps(config)),
-        "outputs": {"overlay": outputs.overlay, "alpha": outputs.alpha, "confidence": outputs.confidence, "masks": outputs.masks},
-        "options": {k: _plain_value(options.get(k)) for k in OUTPUT_OPTIONS},
-    }
-
-
-def _plain_value(value):
-    if hasattr(value, "__dataclass_fields__"):  # a TTA
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(value).items()}
-    return list(value) if isinstance(value, tuple) else value
-
-
-def check_resumable(folder: Path, made: dict) -> None:
-    """Refuse, in one line naming the difference, to resume into ``folder`` if its outputs were made otherwise."""
-    journal_dir = folder / JOURNAL_DIR
-    try:
-        before = json.loads((journal_dir / MADE_BY).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        if any(journal_dir.glob("journal*.jsonl")):
-            raise FCNZooError(f"--resume: {folder} does not record which model and options made its outputs (an older "
-                              "fcn-zoo wrote it); rerun without --resume, or pass a new --out") from None
-        return
-    except ValueError:
-        raise FCNZooError(f"--resume: {journal_dir / MADE_BY} is damaged; rerun without --resume, or pass a new --out") from None
-    how = "rerun without --resume to remake every output, or pass a new --out"
-    if before.get("state_dict_sha256") != made["state_dict_sha256"]:
-        raise FCNZooError(
-            f"--resume: {folder} was made by another model ({before.get('model')}, weights sha256 "
-            f"{str(before.get('state_dict_sha256'))[:12]}...) than {made['model']} (sha256 {made['state_dict_sha256'][:12]}...); {how}")
-    for key in sorted(set(made["config"]) | set(before.get("config", {}))):
-        if before.get("config", {}).get(key) != made["config"].get(key):
-            raise FCNZooError(f"--resume: {folder} was made by {before.get('model')} with another {key} in its config.json "
-                              f"than {made['model']} has now; {how}")
-    for group in ("outputs", "options"):
-        for key, now in made[group].items():
-            then = before.get(group, {}).get(key)
-            if then != now:
-                raise FCNZooError(f"--resume: {folder} was made with {key}={then!r}, this run asks for {key}={now!r}; {how}")
-
-
 def segment_sources(
     model, sources: list[Source], outputs: Outputs, *, resume: bool = False, not_inputs: int = 0,
     quiet: bool = False, echo=print, made: dict | None = None, **options,
@@ -129,19 +84,23 @@ def segment_sources(
     """
     start = time.perf_counter()
     rank, world, _ = distributed_rank()
-    if made is not None:
-        if resume:
+    journal_dir = outputs.folder / JOURNAL_DIR
+    if made is not None or world > 1:
+        if made is not None and resume:
             check_resumable(outputs.folder, made)  # every process, before any writes
         _barrier(world)
         if rank == 0:
-            journal_dir = outputs.folder / JOURNAL_DIR
-            if not resume:  # every output is remade: no row of an earlier run may count as done later
+            if made is not None and not resume:  # every output is remade: no earlier row may count as done later
                 for old in journal_dir.glob("journal*.jsonl"):
                     old.unlink()
+            for old in journal_dir.glob("done-*.json"):  # an earlier run's completion marks
+                old.unlink()
             journal_dir.mkdir(parents=True, exist_ok=True)
-            with atomic_path(journal_dir / MADE_BY) as tmp:
-                tmp.write_text(json.dumps(made, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            if made is not None:
+                with atomic_path(journal_dir / MADE_BY) as tmp:
+                    tmp.write_text(json.dumps(made, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _barrier(world)
+        _leave_group(world)  # from here on the processes meet through files: no collective can time out
     journal = Journal(outputs.folder, rank)
     rows = journal.read() if resume else {}
     mine = [s for i, s in enumerate(sources) if i % world == rank]
@@ -162,22 +121,35 @@ def segment_sources(
         if bar is not None:
             bar.update()
 
+    # encoding and writing run behind the network on threads of their own (PNG and JPEG encoders release the
+    # GIL); at most WRITERS_AHEAD results wait, and they are recorded in input order
+    writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="fcn_zoo-write")
+    behind: deque = deque()
+
+    def settle(limit: int) -> None:
+        while len(behind) > limit or (behind and behind[0][1].done()):
+            source, future = behind.popleft()
+            try:
+                written, row = future.result()
+            except Exception as e:  # a full disk, a folder where a file should go: this source fails alone
+                record(source, _failure(source, e), "")
+                continue
+            record(source, row, f"{source.path} -> {', '.join(map(str, written))} ({_top(row['shares'])})")
+
     if resume:
         _clear_leftovers(outputs.folder, {p for s in todo for p in outputs.paths(s)})
     try:
         images = [s for s in todo if not s.video]
         by_path = iter(images)
-        for (_, result), source in zip(predict_iter(model, [s.path for s in images], errors="yield", **options), by_path):
+        stream = predict_iter(model, [s.path for s in images], errors="yield", confidence=outputs.confidence, **options)
+        for (_, result), source in zip(stream, by_path):
             if isinstance(result, Exception):
+                settle(0)  # what came before it first, in order
                 record(source, _failure(source, result), "")
                 continue
-            try:
-                written = _write_image_outputs(result, source, outputs)
-            except Exception as e:  # a full disk, a folder where a file should go: this source fails alone
-                record(source, _failure(source, e), "")
-                continue
-            row = _row(source, result.size, result.class_shares())
-            record(source, row, f"{source.path} -> {', '.join(map(str, written))} ({_top(row['shares'])})")
+            behind.append((source, writers.submit(_write_and_describe, result, source, outputs)))
+            settle(WRITERS_AHEAD)
+        settle(0)
         for source in (s for s in todo if s.video):
             try:
                 result = _segment_video(model, source, outputs, options)
@@ -188,15 +160,21 @@ def segment_sources(
             paths = ", ".join(map(str, outputs.paths(source)))
             record(source, row, f"{source.path} -> {paths} ({result.frames} frames; {_top(row['shares'])})")
     finally:
+        writers.shutdown(wait=True, cancel_futures=True)  # a write under way finishes (atomically)
         if bar is not None:
             bar.close()
         journal.close()
-    totals = _gather(totals, rank, world)
+    totals = _meet_at_the_end(journal_dir, totals, rank, world)
     if rank == 0:
         _write_summary(outputs.folder, sources, journal.read(), model.class_names)
         journal.compact([s.name for s in sources])
     totals.elapsed = time.perf_counter() - start
     return totals
+
+
+def _write_and_describe(seg, source: Source, outputs: Outputs) -> tuple[list[Path], dict]:
+    written = _write_image_outputs(seg, source, outputs)
+    return written, _row(source, seg.size, seg.class_shares())
 
 
 def _clear_leftovers(folder: Path, targets: set[Path]) -> None:
@@ -280,77 +258,48 @@ def _write_summary(folder: Path, sources: list[Source], rows: dict, class_names:
         tmp.write_text(buffer.getvalue(), encoding="utf-8")
 
 
-class Journal:
-    """Rows of finished sources, one JSON line each, appended and flushed as they finish; this process
-    writes ``journal-<rank>.jsonl``, and reads every process's journal (a torn last line is ignored)."""
-
-    def __init__(self, folder: Path, rank: int):
-        self.folder = folder / JOURNAL_DIR
-        self.path = self.folder / f"journal-{rank}.jsonl"
-        self._file = None
-
-    def read(self) -> dict[str, dict]:
-        rows: dict[str, dict] = {}
-        if not self.folder.is_dir():
-            return rows
-        # the compacted journal of an earlier run first, then this run's: a later row replaces an earlier one
-        paths = [self.folder / "journal.jsonl", *sorted(self.folder.glob("journal-*.jsonl"))]
-        for path in (p for p in paths if p.is_file()):
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # the line a killed process was writing
-                rows[row["name"]] = row
-        return rows
-
-    def append(self, row: dict) -> None:
-        if self._file is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")
-            if self._file.tell():
-                self._file.write("\n")  # after a torn line
-        self._file.write(json.dumps(row, sort_keys=True) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def compact(self, names: list[str]) -> None:
-        """One journal with the final row of each source, in input order, in place of the per-process ones."""
-        rows = self.read()
-        text = "".join(json.dumps(rows[n], sort_keys=True) + "\n" for n in names if n in rows)
-        with atomic_path(self.folder / "journal.jsonl") as tmp:
-            tmp.write_text(text, encoding="utf-8")
-        for path in self.folder.glob("journal-*.jsonl"):
-            path.unlink(missing_ok=True)
-
-
 def _barrier(world: int) -> None:
-    """Wait for every process (under torchrun)."""
+    """Wait for every process (under torchrun), through a gloo group made for the start of the run."""
     if world == 1:
         return
+    import datetime
+
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
+        timeout = float(os.environ.get("FCN_ZOO_DIST_TIMEOUT", 1800))  # seconds; the processes start together
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
     dist.barrier()
 
 
-def _gather(totals: Totals, rank: int, world: int) -> Totals:
-    """Every process's totals summed, after all have finished (their journals complete)."""
+def _leave_group(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def _meet_at_the_end(journal_dir: Path, totals: Totals, rank: int, world: int, poll: float = 0.5) -> Totals:
+    """Every process's totals summed, the first process waiting until all have finished (their journals
+    complete), however long the others take: each writes ``done-<rank>.json`` when it is through, and the
+    first reads them all. No collective, so no timeout can fire while a process is still working."""
     if world == 1:
         return totals
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    counts = torch.tensor([totals.done, totals.failed, totals.skipped], dtype=torch.int64)
-    dist.all_reduce(counts)
-    return Totals(*map(int, counts.tolist()))
+    journal_dir.mkdir(parents=True, exist_ok=True)
+    counts = {"done": totals.done, "failed": totals.failed, "skipped": totals.skipped}
+    with atomic_path(journal_dir / f"done-{rank}.json") as tmp:
+        tmp.write_text(json.dumps(counts), encoding="utf-8")
+    if rank != 0:
+        return totals
+    marks = [journal_dir / f"done-{r}.json" for r in range(world)]
+    while not all(m.is_file() for m in marks):
+        time.sleep(poll)
+    summed = Totals()
+    for mark in marks:
+        counts = json.loads(mark.read_text(encoding="utf-8"))
+        summed.done, summed.failed, summed.skipped = summed.done + counts["done"], summed.failed + counts["failed"], summed.skipped + counts["skipped"]
+        mark.unlink()
+    return summed
 
 
 def _progress(total: int, initial: int, disable: bool):

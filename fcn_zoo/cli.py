@@ -10,94 +10,61 @@ import argparse
 import logging
 import os
 import sys
-import traceback
 from pathlib import Path
 
 from . import list_models, zoo
 from .convert import FORMATS
-from .errors import FCNZooError, first_line
+from .console import configure_logging, report
+from .errors import FCNZooError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
-TRAINING_VERBS = {"train": "train", "evaluate": "evaluate"}  # run by fcn_zoo_training, which parses their arguments
+TRAINING_VERBS = ("train", "evaluate", "prepare")  # run by fcn_zoo_training, which parses their arguments
+#: what the training code imports beyond the package, by import name: told before a run, not at its end
+TRAIN_EXTRA = ("matplotlib", "scipy", "cv2", "tqdm")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in TRAINING_VERBS:
-        return _run_training(argv[0], argv[1:])
+    verb = next((a for a in argv if a != "--debug"), None)
+    if verb in TRAINING_VERBS:
+        debug = "--debug" in argv[:argv.index(verb)] or "--debug" in argv[argv.index(verb) + 1:]
+        rest = [a for a in argv[argv.index(verb) + 1:] if a != "--debug"]
+        return _run_training(verb, rest, debug)
     parser = _parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.debug)
+    configure_logging(args.debug)
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("fcn-zoo: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        _report(e, args.debug)
+        report(e, args.debug)
         return EXIT_FAILED
 
 
-def _run_training(verb: str, argv: list[str]) -> int:
-    """``fcn-zoo train ...`` and ``fcn-zoo evaluate ...``: the training code's own command lines."""
+def _run_training(verb: str, argv: list[str], debug: bool) -> int:
+    """``fcn-zoo train ...``, ``evaluate ...`` and ``prepare ...``: the training code's own command lines."""
     import importlib
+    import importlib.util
 
-    _configure_logging("--debug" in argv)
-    try:
-        module = importlib.import_module(f"fcn_zoo_training.{TRAINING_VERBS[verb]}")
-    except ImportError as e:  # the extra's packages, or an installation without the training code
-        print(f"fcn-zoo: error: fcn-zoo {verb} needs {e.name or 'the train extra'}: pip install 'fcn-zoo[train]'", file=sys.stderr)
+    configure_logging(debug)
+    missing = [name for name in TRAIN_EXTRA if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"fcn-zoo: error: fcn-zoo {verb} needs the train extra ({', '.join(missing)} missing): "
+              "pip install 'fcn-zoo[train]' (in a checkout: pip install -e '.[train]')", file=sys.stderr)
         return EXIT_FAILED
-    return module.main(argv, prog=f"fcn-zoo {verb}")
-
-
-def _configure_logging(debug: bool) -> None:
-    """fcn_zoo's own INFO lines (downloads) on stderr; other libraries' logs only with ``--debug``.
-
-    The root logger is left alone (at WARNING, without a handler of ours), so httpx's request lines and
-    onnxscript's INFO chatter never print, and huggingface_hub's warnings, which it prints through a handler
-    of its own, are not printed twice. huggingface_hub's retry warnings are silenced too: the errors that
-    follow them say what happened, in one line.
-    """
-    ours = logging.getLogger("fcn_zoo")
-    for old in [h for h in ours.handlers if isinstance(h, _StderrHandler)]:
-        ours.removeHandler(old)
-    level = "debug" if debug else "error"
-    os.environ["HF_HUB_VERBOSITY"] = level  # read when huggingface_hub is imported
-    if "huggingface_hub" in sys.modules:
-        logging.getLogger("huggingface_hub").setLevel(level.upper())
-    if debug:
-        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
-    else:
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        ours.addHandler(handler)
-    ours.setLevel(logging.DEBUG if debug else logging.INFO)
-
-
-class _StderrHandler(logging.StreamHandler):
-    """A handler writing to whatever ``sys.stderr`` is when a record comes."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value):
-        pass
-
-
-def _report(error: BaseException, debug: bool) -> None:
-    """One line on stderr (the traceback too with ``--debug``)."""
-    if debug:
-        traceback.print_exception(error)
-    message = first_line(error)
-    if not isinstance(error, (FCNZooError, OSError, ValueError)):
-        message = f"{message} ({type(error).__name__}; --debug shows where)"
-    print(f"fcn-zoo: error: {message}", file=sys.stderr)
+    try:
+        return importlib.import_module(f"fcn_zoo_training.{verb}").main(argv, prog=f"fcn-zoo {verb}")
+    except KeyboardInterrupt:
+        print("fcn-zoo: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # what the training code does not turn into its own one-line exit
+        report(e, debug)
+        return EXIT_FAILED
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -176,7 +143,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     for verb, what in [("train", "fine-tune on your data, or reproduce a row (fcn-zoo train --help; the train extra)"),
-                       ("evaluate", "mIoU of any model on a dataset (fcn-zoo evaluate --help; the train extra)")]:
+                       ("evaluate", "mIoU of any model on a dataset (fcn-zoo evaluate --help; the train extra)"),
+                       ("prepare", "convert a dataset download for training, e.g. SBD (fcn-zoo prepare --help)")]:
         sub.add_parser(verb, help=what, add_help=False)  # parsed by the training code: see main()
 
     p = sub.add_parser("publish", help="convert, verify and upload zoo rows to the Hugging Face Hub")
@@ -282,7 +250,11 @@ def cmd_predict(args) -> int:
     device = args.device
     if world > 1 and (device or ("cuda" if has_cuda() else "cpu")).startswith("cuda"):
         device = f"cuda:{local_rank}"  # one GPU per process under torchrun
-    check_device_available(device or "cpu")  # imports torch alone, not yet what loads and runs models
+    check_device_available(device or "cpu", f"--device {device}")  # torch alone, not yet what runs models
+    if (device or "").startswith("cuda:"):
+        import torch
+
+        torch.cuda.set_device(device)  # this process's GPU, before anything allocates on one
 
     from .bulk import Outputs, made_by, segment_sources
     from .hub import from_pretrained
@@ -338,6 +310,13 @@ def cmd_export(args) -> int:
     if out.is_dir():
         raise FCNZooError(f"--out {out}: is a folder; pass a file name")
     source_kind(args.name)  # an unknown name or a missing file, before torch is imported
+    import importlib.util
+
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise FCNZooError(f"fcn-zoo export needs {' and '.join(missing)}: pip install 'fcn-zoo[export]'")
+    if not out.parent.is_dir():
+        raise FCNZooError(f"--out {out}: the folder {out.parent} does not exist; create it or name another file")
     from .export import export, max_abs_difference
     from .hub import from_pretrained
 
@@ -373,7 +352,7 @@ def _for_each(items: list[str], action, args, what: str, hint: str = "") -> int:
             action(item)
         except Exception as e:
             failed += 1
-            _report(e, args.debug)
+            report(e, args.debug)
     if failed:
         print(f"fcn-zoo: {failed} of {len(items)} {what} failed{hint}", file=sys.stderr)
     return EXIT_FAILED if failed else 0

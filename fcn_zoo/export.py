@@ -25,7 +25,7 @@ from ._inference import evaluating, inference_copy
 from .errors import first_line
 from .weights import state_dict_sha256
 
-__all__ = ["export", "onnx_session", "FORMATS"]
+__all__ = ["export", "metadata", "onnx_session", "FORMATS"]
 
 FORMATS = {"onnx": ".onnx"}
 logger = logging.getLogger(__name__)

@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from ._files import cache_root, sha256_file, writable
+from .devices import check_device_available
 from .downloads import download_reference
 from .errors import (
     FCNZooError, MissingFileError, NotCachedError, UnknownModelError, WeightsError, first_line, is_connection_error,
@@ -76,6 +77,7 @@ def from_pretrained(
         device = torch.device(device or "cpu")
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
+    check_device_available(str(device))  # before anything is downloaded or loaded
     folder = resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     saved = _read_config(folder)
     overrides = {}

@@ -110,7 +110,7 @@ class FCN(
     upsampled bilinearly (``align_corners=False``); in training mode it returns ``(logits, aux_logits)``,
     ``aux_logits`` being ``None`` for a model without an auxiliary head. The module is plain in every mode:
     it computes what its layers say, and nothing is cached between calls. :meth:`fuse` is the fast path,
-    explicit (see the README's "When is it fast").
+    explicit (see "When is it fast" in the Python API docs, docs/python.md).
     """
 
     def __init__(

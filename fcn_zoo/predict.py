@@ -22,7 +22,7 @@ from ._fusion import cpu_has_bf16
 from ._inference import evaluating, inference_copy
 from .errors import ImageError, is_out_of_memory
 from .images import describe, load_image, rgb_uint8, save_image
-from .labels import upsample_argmax
+from .labels import upsample_argmax, upsample_softmax
 from .segmentation import Segmentation
 from .zoo import eval_resize_shape
 
@@ -115,7 +115,7 @@ class Predictor:
 
     def __init__(
         self, model, *, tta=None, mode="whole", window=None, stride=None, batch_size=None, device=None,
-        precision="fp32", engine="torch", compile=False, fuse=False, cache_dir=None,
+        precision="fp32", engine="torch", compile=False, fuse=False, cache_dir=None, confidence=False,
     ):
         if mode not in ("whole", "slide"):
             raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
@@ -154,7 +154,7 @@ class Predictor:
             features = compiled_features(model)
         self.features = _autocast(features or model.forward_features, device, autocast_dtype)
         self.options = {"tta": TTA() if tta is True else (tta or None), "mode": mode, "window": window, "stride": stride}
-        self.batch_size, self.device = batch_size, device
+        self.batch_size, self.device, self.confidence = batch_size, device, confidence
         self.dtype = torch.uint8 if model.num_classes <= 256 else torch.int32
 
     def __call__(
@@ -176,11 +176,15 @@ class Predictor:
                     f"{', '.join(names)}: not enough {self.device.type.upper()} memory to segment it at its evaluation "
                     f"size; {hint}{', a batch_size of 1' if self.batch_size > 1 else ''} or a larger device"
                 ) from e
-            return [
+            segs = [
                 Segmentation(lab.to(self.dtype).cpu().numpy(), model.class_names, model.palette, rgb_uint8(x),
                              [t.cpu() for t in lg])
                 for (x, _), lab, lg in zip(loaded, labels, logits)
             ]
+            if self.confidence:  # on the model's device, where the logits are: only the map comes back
+                for seg, lg in zip(segs, logits):
+                    seg._confidence = upsample_softmax(lg, seg.size).cpu().numpy()
+            return segs
 
 
 def predict_labels(

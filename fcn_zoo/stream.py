@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 def predict_iter(
     model, images: Iterable, *, num_workers: int | None = None, prefetch: int | None = None, errors: str = "raise",
-    fuse: bool = True, **options,
+    fuse: bool = True, confidence: bool = False, **options,
 ) -> Iterator[tuple[object, Segmentation | Exception]]:
     """Segment ``images`` lazily: yields ``(image, Segmentation)`` in input order.
 
@@ -51,13 +51,15 @@ def predict_iter(
             (new weights, modes, layers) is not seen by this stream; ``False`` runs the model itself, in
             eval mode for each batch. A model you ``fuse()``d yourself, ``compile=True`` and
             ``engine="onnxruntime"`` make no copy.
+        confidence: compute each result's :attr:`~fcn_zoo.segmentation.Segmentation.confidence` with its
+            labels, on the model's device (a GPU's time, not the host's), instead of when first asked for.
         **options: as :func:`fcn_zoo.predict.predict` (``tta``, ``mode``, ``batch_size``, ``device``,
             ``precision``, ``engine``, ``compile``...). Consecutive images of equal evaluation size share a
             forward pass, ``batch_size`` at a time.
     """
     if errors not in ("raise", "yield"):
         raise ValueError(f"errors must be 'raise' or 'yield', got {errors!r}")
-    predictor = Predictor(model, fuse=fuse, **options)  # bad options fail here, before anything is read
+    predictor = Predictor(model, fuse=fuse, confidence=confidence, **options)  # bad options fail here, before anything is read
     if num_workers is None:
         idle = (os.cpu_count() or 1) - torch.get_num_threads()
         num_workers = 2 if predictor.device.type != "cpu" else max(0, min(2, idle))
@@ -75,10 +77,13 @@ def _iterate(predictor: Predictor, source, num_workers: int, prefetch: int, erro
     with pool:
         pending: deque = deque()  # (image, future of load_image) in input order
 
+        pin = predictor.device.type == "cuda"  # page-locked: the copy to the GPU overlaps the work before it
+
         def read(image):
             loaded = load_image(image)
             with torch.inference_mode():
-                return loaded, prepare(predictor.model, *loaded)
+                prepared = prepare(predictor.model, *loaded)
+                return loaded, prepared.pin_memory() if pin else prepared
 
         def fill() -> None:
             for image in itertools.islice(source, prefetch - len(pending)):

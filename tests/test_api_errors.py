@@ -1,4 +1,4 @@
-"""Every failure of the public API is the kind the README promises: an ``FCNZooError`` subclass for what the
+"""Every failure of the public API is the kind the docs promise (python.md, safety.md): an ``FCNZooError`` subclass for what the
 user named wrongly (models, files, images), ``ValueError``/``TypeError`` for a bad argument; never a bare
 ``FileNotFoundError``, ``KeyError`` or a library's own exception."""
 
@@ -11,6 +11,12 @@ import fcn_zoo
 from fcn_zoo import errors
 
 IMAGE = np.zeros((40, 50, 3), dtype=np.uint8)
+
+
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _cases(tmp_path, tiny_folder):
@@ -46,6 +52,7 @@ def _cases(tmp_path, tiny_folder):
         ("repo not cached, offline", lambda: fcn_zoo.from_pretrained("someone/fcn", local_files_only=True), errors.NotCachedError),
         ("bad num_classes", lambda: fcn_zoo.from_pretrained(tiny_folder, num_classes=0), ValueError),
         ("bad device", lambda: fcn_zoo.from_pretrained(tiny_folder, device="gpu"), ValueError),
+        ("a GPU that is not there", lambda: fcn_zoo.from_pretrained(tiny_folder, device=f"cuda:{_gpus()}"), errors.FCNZooError),
         ("unknown row", lambda: fcn_zoo.get_checkpoint("fcn_resnet50"), errors.UnknownModelError),
         ("missing image", lambda: model.predict(tmp_path / "missing.jpg"), errors.ImageError),
         ("no images", lambda: model.predict([]), errors.ImageError),

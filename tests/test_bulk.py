@@ -314,3 +314,36 @@ def test_two_torchrun_processes_write_what_one_process_writes(small_folder, phot
     assert one.returncode == 1 and two.returncode != 0, two.stderr[-2000:]  # the truncated JPEG fails in both
     assert tree(tmp_path / "two") == tree(tmp_path / "one")
     assert two.stderr.count("1 of 6 inputs failed") == 1  # one summary, from the first process
+
+
+HELD_BACK = r"""
+import os, sys, time
+import fcn_zoo.bulk as bulk
+if os.environ["RANK"] == "2":  # this process starts its share late: longer than the process group's timeout
+    real = bulk.predict_iter
+    def late(*args, **kwargs):
+        time.sleep(float(os.environ["HOLD"]))
+        yield from real(*args, **kwargs)
+    bulk.predict_iter = late
+from fcn_zoo.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_three_processes_with_one_held_back_past_the_timeout_end_with_one_summary(small_folder, photo_tree, tmp_path):
+    """The processes meet through files at the end, so a slow shard (a long video) cannot make the others time out."""
+    args = ["predict", str(small_folder), str(photo_tree), "--quiet", "--out"]
+    assert main([*args, str(tmp_path / "one")]) == 1  # the truncated JPEG fails
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "FCN_ZOO_DIST_TIMEOUT": "8", "HOLD": "14"}
+    processes = [
+        subprocess.Popen([sys.executable, "-c", HELD_BACK, *args, str(tmp_path / "three")], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in range(3)
+    ]
+    start = time.perf_counter()
+    errs = [p.communicate(timeout=300)[1] for p in processes]
+    assert time.perf_counter() - start > 14  # the held-back process really was behind, past the timeout
+    assert tree(tmp_path / "three") == tree(tmp_path / "one")  # every output, and one summary.csv of them all
+    assert errs[0].count("1 of 6 inputs failed") == 1 and not any("1 of 6" in e for e in errs[1:])
+    assert not any("Traceback" in e or "timed out" in e.lower() for e in errs), errs

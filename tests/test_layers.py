@@ -14,6 +14,7 @@ PACKAGE = Path(fcn_zoo.__file__).parent
 LAYERS = {
     "cli": 12, "publish": 12,                   # entry points: parse, call the API, one line per error
     "bulk": 11, "demo": 11,                     # many inputs into a folder; the demo page
+    "records": 10,                              # what a folder of outputs records about itself
     "video": 10,                                # frames in, overlay video out
     "stream": 9,                                # many images, read ahead while the network runs
     "predict": 8,                               # what happens to an image
@@ -24,7 +25,7 @@ LAYERS = {
     "convert": 3, "parity": 3,                  # other layouts' state dicts become FCN's
     "model": 2, "weights": 2, "_fusion": 2, "_inference": 2, "cards": 2,  # the nn.Module, loading it, its
                                                 #   kernels, running it without changing it, its card
-    "__init__": 1, "zoo": 1, "errors": 1, "_files": 1, "devices": 1,  # data and small helpers
+    "__init__": 1, "zoo": 1, "errors": 1, "_files": 1, "devices": 1, "console": 1,  # data and small helpers
 }
 # FCN.predict, FCN.predict_iter: one-line conveniences that call upward lazily, as STYLE.md allows
 ALLOWED_UPWARD = {("model", "predict"), ("model", "stream")}

@@ -292,3 +292,49 @@ def test_backbone_weights_from_timm_and_openmmlab_files(tmp_path, monkeypatch):
     monkeypatch.delitem(backbones.OPENMMLAB_FILES, "resnet18d")
     with pytest.raises(SystemExit, match="not resnet18d; use --backbone-weights timm"):
         backbones.initialise_backbone(model, "resnet18d", 8, "openmmlab")
+
+
+def test_precision_and_determinism_follow_what_the_device_can_do(monkeypatch):
+    import warnings
+
+    from training.precision import configure_determinism, nondeterministic_ops, training_precision
+
+    ampere = training_precision("cuda", fp32=False, bf16_supported=True)
+    assert (ampere.name, ampere.dtype, ampere.scaler) == ("bf16", torch.bfloat16, False)
+    volta = training_precision("cuda", fp32=False, bf16_supported=False)  # V100, T4: no bf16
+    assert (volta.name, volta.dtype, volta.scaler) == ("fp16", torch.float16, True) and "gradient scaler" in volta.note
+    assert training_precision("cuda", fp32=True, bf16_supported=True).name == "fp32"
+    assert training_precision("cpu", fp32=False, bf16_supported=True) == training_precision("cpu", True, False)
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        configure_determinism(True, torch.device("cuda"))
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert not torch.backends.cudnn.benchmark and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        configure_determinism(False, torch.device("cuda"))
+        assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+        configure_determinism(False, torch.device("cpu"))
+        assert not torch.backends.cudnn.benchmark
+    finally:
+        configure_determinism(False, torch.device("cpu"))
+        torch.backends.cudnn.deterministic = False
+
+    found: list[str] = []
+    with nondeterministic_ops(True, found):  # what torch says under warn_only, once per op
+        for op in ("upsample_bilinear2d_backward_out_cuda", "nll_loss2d_forward_out_cuda_template", "upsample_bilinear2d_backward_out_cuda"):
+            warnings.warn(f"{op} does not have a deterministic implementation, but you set "
+                          "'torch.use_deterministic_algorithms(True, warn_only=True)'", UserWarning)
+        warnings.warn("something else", UserWarning)
+    assert found == ["upsample_bilinear2d_backward_out_cuda", "nll_loss2d_forward_out_cuda_template"]
+
+
+def test_a_deterministic_cpu_run_runs_and_records_its_choices(tmp_path):
+    make_voc(tmp_path / "data")
+    out = tmp_path / "run"
+    run_train("--recipe", "fcn_resnet50os8_voc", "--data-root", str(tmp_path / "data"), "--output-dir", str(out),
+              "--max-iters", "1", "--batch-size", "2", "--deterministic", *QUICK)
+    run = json.loads((out / "run.json").read_text())
+    assert (run["precision"], run["grad_scaler"], run["deterministic"], run["cudnn_benchmark"]) == ("fp32", False, True, False)
+    assert run["loader_workers"] == 0 and "nondeterministic_ops" not in run  # the CPU has a deterministic kernel for each
+    steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if "loss" in line]
+    assert 0 <= steps[0]["loader_wait_share"] <= 1

@@ -3,7 +3,7 @@
 ``--data-root`` is the folder that holds the dataset's own top folder:
 
 - VOC: ``VOCdevkit/VOC2012/{JPEGImages, SegmentationClass, ImageSets/Segmentation/{trainaug,val}.txt}``
-  (the reference layout, SBD labels converted into ``SegmentationClass`` by ``python -m training.prepare sbd``),
+  (the reference layout, SBD labels converted into ``SegmentationClass`` by ``fcn-zoo prepare sbd``),
   or mmsegmentation's: ``SegmentationClassAug`` + ``ImageSets/Segmentation/{train,aug,val}.txt``;
 - ADE20K: ``ADEChallengeData2016/{images,annotations}/{training,validation}``; label 0 is "other" and is
   ignored, label i becomes class i - 1 (reduce zero label);
@@ -77,14 +77,17 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int | tuple[int, int]):
+        """Sample ``index``; ``(epoch, index)`` names the epoch too (what loader processes that live for the
+        whole run are handed: their copy of the dataset never sees :meth:`set_epoch`)."""
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
         image_path, label_path = self.samples[index]
         image = torch.from_numpy(np.array(_open(image_path, "RGB", self.name))).permute(2, 0, 1).contiguous()
         label = torch.from_numpy(self.label(index).astype(np.int64))
         if label.shape != image.shape[1:]:
             raise DatasetLayoutError(f"{label_path}: label is {tuple(label.shape)}, image is {tuple(image.shape[1:])}")
         if self.transforms is not None:
-            generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{self.epoch}/{index}".encode()))
+            generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{epoch}/{index}".encode()))
             image, label = self.transforms(image, label, generator)
         return image, label
 
@@ -246,3 +249,29 @@ def _open(path: Path, mode: str | None, dataset: str) -> Image.Image:
             return img.convert(mode) if mode and img.mode != mode else img
     except (OSError, SyntaxError, ValueError) as e:
         raise DatasetLayoutError(f"{path}: unreadable ({e}); expected {LAYOUTS[dataset]}") from e
+
+
+class RunSampler(torch.utils.data.Sampler):
+    """The ``(epoch, index)`` keys of every sample the rest of a run draws, from iteration ``start`` to ``stop``,
+    ``per_step`` per iteration: in each epoch the permutation of ``sampler`` (a ``DistributedSampler``, set to
+    the epoch), repeated to fill the epoch's iterations as the reference's padded sampler does, and cut where
+    a resumed run starts. One loader iterates it for the whole run, so its processes start once."""
+
+    def __init__(self, sampler, start: int, stop: int, iters_per_epoch: int, per_step: int):
+        self.sampler, self.start, self.stop = sampler, start, stop
+        self.iters_per_epoch, self.per_step = iters_per_epoch, per_step
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start) * self.per_step
+
+    def __iter__(self):
+        it = self.start
+        while it < self.stop:
+            epoch, step = divmod(it, self.iters_per_epoch)
+            self.sampler.set_epoch(epoch)
+            indices = list(self.sampler)
+            needed = self.iters_per_epoch * self.per_step
+            indices = indices * -(-needed // len(indices))
+            end = min(self.iters_per_epoch, step + self.stop - it)
+            yield from ((epoch, i) for i in indices[step * self.per_step:end * self.per_step])
+            it = epoch * self.iters_per_epoch + end

@@ -38,6 +38,10 @@ def init_distributed(device: str | None = None) -> DistributedContext:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     elif device == "cuda":
         device = f"cuda:{local_rank}"
+    from fcn_zoo.devices import check_device_available, check_device_options
+
+    check_device_options(device, "fp32", "torch")  # a misspelt or absent device is one line, not torch's error
+    check_device_available(device, f"--device {device}")
     ctx = DistributedContext(rank, world_size, local_rank, torch.device(device))
     if ctx.device.type == "cuda":
         torch.cuda.set_device(ctx.device)

@@ -1,8 +1,10 @@
 """Evaluate any checkpoint with the reference protocol: mIoU, pixel accuracy, per-class IoU.
 
-    python -m training.evaluate fcn_resnet50os8_voc --data-root /data
-    python -m training.evaluate runs/mine/best --data-root DATA          # your data (training.generic)
-    torchrun --nproc-per-node 8 -m training.evaluate runs/voc/best --data-root /data --tta
+    fcn-zoo evaluate fcn_resnet50os8_voc --data-root /data
+    fcn-zoo evaluate runs/mine/best --data-root DATA          # your data (training.generic)
+    torchrun --nproc-per-node 8 -m fcn_zoo.cli evaluate runs/voc/best --data-root /data --tta
+
+In a checkout, ``python -m training.evaluate`` runs the same code.
 
 The confusion matrix is accumulated on the device and summed across processes. Writes ``eval.json`` and a
 per-class IoU bar chart ``eval_iou.png`` to ``--output-dir``.
@@ -129,7 +131,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
                         "runs/mine/eval-best-val for runs/mine/best; else eval/<model>-<split>)")
     args = parser.parse_args(argv)
 
-    ctx = init_distributed(args.device)
+    from fcn_zoo._files import writable
+    from fcn_zoo.errors import FCNZooError
+
+    out = Path(args.output_dir) if args.output_dir else default_output_dir(args.model, args.split)
+    try:
+        ctx = init_distributed(args.device)
+    except FCNZooError as e:
+        raise SystemExit(f"{prog}: {e}") from None
     try:
         layout = args.dataset or detect_layout(args.data_root)
         val_fraction = args.val_fraction
@@ -144,9 +153,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
         raise SystemExit(f"{prog}: {e}") from None
     if model.num_classes != dataset.num_classes:
         raise SystemExit(f"{prog}: {args.model} predicts {model.num_classes} classes; {args.data_root} has {dataset.num_classes}")
+    if ctx.is_main:
+        try:  # before the evaluation, not after it
+            writable(out, "the report's folder", "pass --output-dir a writable folder")
+        except FCNZooError as e:
+            raise SystemExit(f"{prog}: {e}") from None
     results = evaluate(model, dataset, tta=TTA() if args.tta else None, mode=args.mode, ctx=ctx, max_samples=args.max_samples)
     if ctx.is_main:
-        out = Path(args.output_dir) if args.output_dir else default_output_dir(args.model, args.split)
         write_report(results, dataset.class_names, out, {
             "model": args.model, "dataset": layout, "data_root": str(args.data_root), "split": args.split, "mode": args.mode,
             "tta": args.tta, "samples_sha256": dataset.fingerprint(),

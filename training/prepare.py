@@ -1,6 +1,6 @@
 """Turn downloaded datasets into the layouts training reads.
 
-    python -m training.prepare sbd --sbd /data/benchmark_RELEASE --data-root /data
+    fcn-zoo prepare sbd --sbd /data/benchmark_RELEASE --data-root /data       # python -m training.prepare in a checkout
 
 ``sbd``: the Semantic Boundaries Dataset's ``dataset/cls/<id>.mat`` labels become palette PNGs in
 ``VOCdevkit/VOC2012/SegmentationClass`` (VOC's own labels are kept where both exist), and
@@ -64,8 +64,9 @@ def prepare_sbd(sbd: Path, data_root: Path) -> int:
     return len(trainaug)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.prepare", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m training.prepare") -> int:
+    """The command line (``fcn-zoo prepare``, or ``python -m training.prepare`` in a checkout)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("sbd", help="SBD labels -> VOC SegmentationClass PNGs + trainaug.txt")
     p.add_argument("--sbd", required=True, type=Path, help="the extracted benchmark_RELEASE folder")

@@ -1,8 +1,8 @@
 """Reproduce a row of the zoo with the reference recipe, or fine-tune any FCN on your own data and classes.
 
-    torchrun --nproc-per-node 8 -m training.train --recipe fcn_resnet50os8_voc --data-root /data --output-dir runs/r50os8_voc
-    python -m training.train --init fcn_resnet50os16_voc --data-root DATA --output-dir runs/mine   # DATA: see training.generic
-    python -m training.train --recipe fcn_resnet50os8_voc --data-root /data --output-dir /tmp/run \\
+    torchrun --nproc-per-node 8 -m fcn_zoo.cli train --recipe fcn_resnet50os8_voc --data-root /data --output-dir runs/r50os8_voc
+    fcn-zoo train --init fcn_resnet50os16_voc --data-root DATA --output-dir runs/mine   # DATA: see training.generic
+    fcn-zoo train --recipe fcn_resnet50os8_voc --data-root /data --output-dir /tmp/run \\
         --device cpu --max-iters 2 --batch-size 2 --crop-size 64 --backbone-weights none
 
 SGD (momentum 0.9, weight decay 5e-4), poly decay (power 0.9, min lr 1e-4) per iteration, cross-entropy +
@@ -31,16 +31,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 
 import fcn_zoo
 from fcn_zoo._files import atomic_path, write_json
+from fcn_zoo.errors import FCNZooError
 from fcn_zoo.convert import write_folder
 
-from .data import IGNORE_INDEX, DatasetLayoutError
+from .data import IGNORE_INDEX, DatasetLayoutError, RunSampler
 from .distributed import DistributedContext, init_distributed
 from .evaluate import evaluate
 from .plan import FINETUNE_BATCH, FINETUNE_CROP, FINETUNE_EPOCHS, FINETUNE_LR, FINETUNE_MIN_ITERS, Plan, make_plan
+from .precision import configure_determinism, nondeterministic_ops, training_precision
 
 MIN_LR = 1e-4
 POLY_POWER = 0.9
@@ -90,7 +92,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m training.tr
     p.add_argument("--log-interval", type=int, default=50)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --output-dir")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on GPU)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels where torch has them (the log names the ops it has none for), cuDNN "
+                   "autotuning off; slower on GPUs")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -99,11 +103,18 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.train") 
     """The command line (``fcn-zoo train``, or ``python -m training.train`` in a checkout)."""
     args = parse_args(argv, prog)
     args.prog = prog
-    ctx = init_distributed(args.device)
+    try:
+        ctx = init_distributed(args.device)
+    except FCNZooError as e:  # a device that is not here
+        raise SystemExit(f"{prog}: {e}") from None
     try:
         train(args, ctx)
-    except DatasetLayoutError as e:  # one line naming the file; nothing was trained
+    except (DatasetLayoutError, FCNZooError) as e:  # one line naming the file or setting; nothing was trained
         raise SystemExit(f"{prog}: {e}") from None
+    except SystemExit as e:  # the plan's own one-line refusals, said as this command
+        if isinstance(e.code, str) and not e.code.startswith(f"{prog}:"):
+            raise SystemExit(f"{prog}: {e.code}") from None
+        raise
     finally:
         ctx.close()
     return 0
@@ -114,14 +125,17 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
 
     out = Path(args.output_dir)
     torch.manual_seed(args.seed + ctx.rank)  # per process: each GPU draws its own dropout masks
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
     on_gpu = ctx.device.type == "cuda"
-    fast = on_gpu and not args.fp32
+    configure_determinism(args.deterministic, ctx.device)
+    precision = training_precision(ctx.device.type, args.fp32, on_gpu and torch.cuda.is_bf16_supported())
+    fast = precision.dtype is not None
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision.scaler)
+    nondeterministic: list[str] = []
     if on_gpu and args.fp32:  # full fp32, as the reference trains
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+    if precision.note and ctx.is_main:
+        print(precision.note, file=sys.stderr)
 
     plan = make_plan(args, ctx)  # the data is checked here, before anything is written
     workers = args.num_workers if args.num_workers is not None else default_workers(ctx)
@@ -150,7 +164,7 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
 
     state = {"iteration": 0, "best_miou": -1.0, "history": {"loss": [], "miou": []}}
     if args.resume:
-        state = resume(out, model, optimizer, scheduler, ctx) or state
+        state = resume(out, model, optimizer, scheduler, ctx, scaler) or state
     # BatchNorm normalises over the images of one step on one device, or over all devices with SyncBatchNorm
     # (GPUs); the reference's is the whole total batch, synchronised
     batchnorm_batch = per_device * (ctx.world_size if ctx.distributed and on_gpu else 1)
@@ -158,7 +172,8 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
         **plan.meta, "world_size": ctx.world_size, "total_batch": plan.total_batch, "per_device_batch": per_device,
         "accumulation": accumulation, "batchnorm_batch": batchnorm_batch, "crop_size": list(plan.crop), "scale": list(plan.scale),
         "iters_per_epoch": iters_per_epoch, "max_iters": max_iters, "lr": base_lr,
-        "precision": "bf16" if fast else "fp32", "tf32": bool(on_gpu and torch.backends.cudnn.allow_tf32),
+        "precision": precision.name, "grad_scaler": precision.scaler, "tf32": bool(on_gpu and torch.backends.cudnn.allow_tf32),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark), "deterministic": args.deterministic, "loader_workers": workers,
         "aux_loss_weight": AUX_WEIGHT if aux_loss_on else None,
         "commit": _git_commit(),
     }
@@ -174,88 +189,94 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
     log_file = open(out / "log.jsonl", "a") if ctx.is_main else None
     # as the reference's sampler: a permutation per epoch, padded by repeating its start, split over the processes
     sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed, drop_last=False)
-
     it = state["iteration"]
+    steps = RunSampler(sampler, it, max_iters, iters_per_epoch, per_device * accumulation)
+    # one loader for the whole run: its processes start once and read ahead across epochs
+    loader = DataLoader(
+        train_set, batch_size=per_device, sampler=steps, drop_last=True, num_workers=workers, pin_memory=on_gpu,
+        persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+        # its own generator: creating the loader must not draw from the global RNG (dropout's), or a
+        # resumed run would diverge from an uninterrupted one
+        generator=torch.Generator().manual_seed(args.seed * 100003 + it),
+    )
+    batches = iter(loader)
     bar = tqdm(total=max_iters, initial=it, desc=plan.name, disable=args.no_progress or not ctx.is_main)
-    window_start, window_images = time.perf_counter(), 0
+    window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
     _train_mode(net, model, plan.freeze_backbone)
     while it < max_iters:
-        epoch, step_in_epoch = divmod(it, iters_per_epoch)
-        sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        indices = list(sampler)
-        needed = iters_per_epoch * per_device * accumulation
-        indices = (indices * -(-needed // len(indices)))[step_in_epoch * per_device * accumulation:needed]
-        loader = DataLoader(
-            Subset(train_set, indices), batch_size=per_device, shuffle=False, drop_last=True,
-            num_workers=workers, pin_memory=on_gpu, persistent_workers=False,
-            # its own generator: creating the loader must not draw from the global RNG (dropout's), or a
-            # resumed run would diverge from an uninterrupted one
-            generator=torch.Generator().manual_seed(args.seed * 100003 + epoch),
-        )
-        batches = iter(loader)
-        while it < max_iters and it // iters_per_epoch == epoch:
-            optimizer.zero_grad(set_to_none=True)
-            losses = torch.zeros(2, device=ctx.device)
-            for micro in range(accumulation):
-                images, labels = next(batches)
-                images = images.to(ctx.device, non_blocking=True)
-                labels = labels.to(ctx.device, non_blocking=True)
-                if fast:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                sync = micro == accumulation - 1 or not ctx.distributed
-                with net.no_sync() if not sync and hasattr(net, "no_sync") else contextlib.nullcontext():
-                    with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=fast):
-                        logits, aux = net(images)  # aux is None without an auxiliary head
-                        main_loss = F.cross_entropy(logits.float(), labels, class_weights, ignore_index=IGNORE_INDEX)
-                        aux_loss = (F.cross_entropy(aux.float(), labels, class_weights, ignore_index=IGNORE_INDEX)
-                                    if aux is not None else torch.zeros((), device=ctx.device))
-                    ((main_loss + AUX_WEIGHT * aux_loss) / accumulation).backward()
-                losses += torch.stack([main_loss.detach(), aux_loss.detach()]) / accumulation
-                window_images += images.shape[0] * ctx.world_size
-            optimizer.step()
-            scheduler.step()
-            it += 1
-            bar.update(1)
-            if it % args.log_interval == 0 or it == max_iters:
-                if ctx.distributed:
-                    dist.all_reduce(losses)
-                    losses /= ctx.world_size
-                elapsed = time.perf_counter() - window_start
-                record = {
-                    "iter": it, "epoch": epoch, "loss": float(losses[0] + AUX_WEIGHT * losses[1]),
-                    "loss_main": float(losses[0]), "loss_aux": float(losses[1]),
-                    "lr": optimizer.param_groups[0]["lr"], "images_per_s": window_images / max(elapsed, 1e-9),
-                    "memory_mb": _memory_mb(ctx.device),
-                }
-                state["history"]["loss"].append([it, record["loss"]])
-                if log_file:
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
-                window_start, window_images = time.perf_counter(), 0
-            final = it == max_iters
-            if final or (plan.eval_interval and it % plan.eval_interval == 0):
-                if ctx.distributed:  # BatchNorm statistics are per process without SyncBatchNorm: use rank 0's
-                    for buffer in model.buffers():
-                        dist.broadcast(buffer, 0)
-                results = evaluate(
-                    model, val_set, ctx=ctx, max_samples=args.eval_max_samples, progress=not args.no_progress, eval_size=plan.scale
-                )
-                _train_mode(net, model, plan.freeze_backbone)
-                state["history"]["miou"].append([it, results["mIoU"]])
-                if log_file:
-                    log_file.write(json.dumps({"iter": it, "mIoU": results["mIoU"], "aAcc": results["aAcc"]}) + "\n")
-                    log_file.flush()
-                if results["mIoU"] > state["best_miou"]:
-                    state["best_miou"] = results["mIoU"]
-                    if ctx.is_main:
-                        export_folder(model, plan, results, {**meta, "selected": "best", "iteration": it}, out / "best", repo_id=args.push_to_hub)
-                if final and ctx.is_main:  # the reference reports its last evaluation
-                    export_folder(model, plan, results, {**meta, "selected": "last", "iteration": it}, out / "last", repo_id=args.push_to_hub)
-            state["iteration"] = it
-            if it % args.checkpoint_interval == 0 or final:
-                save_checkpoint(out, model, optimizer, scheduler, state, ctx)
+        epoch = it // iters_per_epoch
+        optimizer.zero_grad(set_to_none=True)
+        losses = torch.zeros(2, device=ctx.device)
+        for micro in range(accumulation):
+            waited = time.perf_counter()
+            images, labels = next(batches)
+            window_wait += time.perf_counter() - waited
+            images = images.to(ctx.device, non_blocking=True)
+            labels = labels.to(ctx.device, non_blocking=True)
+            if fast:
+                images = images.contiguous(memory_format=torch.channels_last)
+            sync = micro == accumulation - 1 or not ctx.distributed
+            with net.no_sync() if not sync and hasattr(net, "no_sync") else contextlib.nullcontext():
+                with torch.autocast(ctx.device.type, dtype=precision.dtype or torch.float32, enabled=fast):
+                    logits, aux = net(images)  # aux is None without an auxiliary head
+                    main_loss = F.cross_entropy(logits.float(), labels, class_weights, ignore_index=IGNORE_INDEX)
+                    aux_loss = (F.cross_entropy(aux.float(), labels, class_weights, ignore_index=IGNORE_INDEX)
+                                if aux is not None else torch.zeros((), device=ctx.device))
+                with nondeterministic_ops(args.deterministic and it == state["iteration"], nondeterministic):
+                    scaler.scale((main_loss + AUX_WEIGHT * aux_loss) / accumulation).backward()
+            losses += torch.stack([main_loss.detach(), aux_loss.detach()]) / accumulation
+            window_images += images.shape[0] * ctx.world_size
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        if nondeterministic and it == state["iteration"] and ctx.is_main:
+            print(f"--deterministic: torch has no deterministic kernel for {', '.join(nondeterministic)} on "
+                  f"{ctx.device.type}; those ops may differ from run to run", file=sys.stderr)
+            write_json(out / "run.json", {**meta, "nondeterministic_ops": nondeterministic, "args": vars(args)})
+        it += 1
+        bar.update(1)
+        if it % args.log_interval == 0 or it == max_iters:
+            if ctx.distributed:
+                dist.all_reduce(losses)
+                losses /= ctx.world_size
+            elapsed = time.perf_counter() - window_start
+            record = {
+                "iter": it, "epoch": epoch, "loss": float(losses[0] + AUX_WEIGHT * losses[1]),
+                "loss_main": float(losses[0]), "loss_aux": float(losses[1]),
+                "lr": optimizer.param_groups[0]["lr"], "images_per_s": window_images / max(elapsed, 1e-9),
+                # the share of the time the loop waited for the loader: near 0, the device bounds the run;
+                # large, the data pipeline does (more --num-workers, or faster storage)
+                "loader_wait_share": window_wait / max(elapsed, 1e-9),
+                "memory_mb": _memory_mb(ctx.device),
+            }
+            state["history"]["loss"].append([it, record["loss"]])
+            if log_file:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
+            window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
+        final = it == max_iters
+        if final or (plan.eval_interval and it % plan.eval_interval == 0):
+            if ctx.distributed:  # BatchNorm statistics are per process without SyncBatchNorm: use rank 0's
+                for buffer in model.buffers():
+                    dist.broadcast(buffer, 0)
+            results = evaluate(
+                model, val_set, ctx=ctx, max_samples=args.eval_max_samples, progress=not args.no_progress, eval_size=plan.scale
+            )
+            _train_mode(net, model, plan.freeze_backbone)
+            state["history"]["miou"].append([it, results["mIoU"]])
+            if log_file:
+                log_file.write(json.dumps({"iter": it, "mIoU": results["mIoU"], "aAcc": results["aAcc"]}) + "\n")
+                log_file.flush()
+            if results["mIoU"] > state["best_miou"]:
+                state["best_miou"] = results["mIoU"]
+                if ctx.is_main:
+                    export_folder(model, plan, results, {**meta, "selected": "best", "iteration": it}, out / "best", repo_id=args.push_to_hub)
+            if final and ctx.is_main:  # the reference reports its last evaluation
+                export_folder(model, plan, results, {**meta, "selected": "last", "iteration": it}, out / "last", repo_id=args.push_to_hub)
+        state["iteration"] = it
+        if it % args.checkpoint_interval == 0 or final:
+            save_checkpoint(out, model, optimizer, scheduler, state, ctx, scaler=scaler)
     bar.close()
     if log_file:
         log_file.close()
@@ -284,7 +305,8 @@ def default_workers(ctx: DistributedContext) -> int:
     if ctx.device.type != "cuda":
         return 0
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return max(1, min(8, (os.cpu_count() or 1) // local - 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # SLURM, cgroups
+    return max(1, min(8, cores // local - 1))
 
 
 def _train_mode(net, model: fcn_zoo.FCN, freeze_backbone: bool) -> None:
@@ -335,7 +357,8 @@ def _gather_rng(rng: dict, ctx: DistributedContext) -> list[dict]:
     return [dict(zip(keys, (t.clone() for t in g.cpu().split(sizes)))) for g in gathered]
 
 
-def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict, ctx: DistributedContext, keep: int = 2) -> None:
+def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict, ctx: DistributedContext, keep: int = 2,
+                    scaler=None) -> None:
     """``ckpt-<iteration>.pt`` written to a temporary file and renamed; the ``keep`` newest are kept. Every
     process's RNG state is gathered into it (``rng``: one entry per rank)."""
     rngs = _gather_rng(rng_state(ctx), ctx)
@@ -343,7 +366,7 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict, ctx: Di
         return
     payload = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "state": state, "rng": rngs,
+        "state": state, "rng": rngs, **({"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {}),
     }
     path = out / f"ckpt-{state['iteration']:08d}.pt"
     try:
@@ -359,7 +382,7 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict, ctx: Di
         old.unlink(missing_ok=True)
 
 
-def resume(out: Path, model, optimizer, scheduler, ctx: DistributedContext) -> dict | None:
+def resume(out: Path, model, optimizer, scheduler, ctx: DistributedContext, scaler=None) -> dict | None:
     """Load the newest checkpoint that reads; a damaged one is skipped (it can only be a copy made by hand)."""
     for path in sorted(out.glob("ckpt-*.pt"), reverse=True):
         try:
@@ -370,6 +393,8 @@ def resume(out: Path, model, optimizer, scheduler, ctx: DistributedContext) -> d
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
+        if scaler is not None and "scaler" in payload:
+            scaler.load_state_dict(payload["scaler"])
         rngs = payload["rng"] if isinstance(payload["rng"], list) else [payload["rng"]]
         if len(rngs) == ctx.world_size:
             set_rng_state(rngs[ctx.rank], ctx)

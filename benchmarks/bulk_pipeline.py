@@ -1,0 +1,104 @@
+"""Does the host keep a device busy? ``fcn-zoo predict DIR``'s path with the network replaced by a stand-in
+that takes a fixed time per image and uses no CPU, as a GPU would (a sleep, which releases the GIL).
+
+    python benchmarks/bulk_pipeline.py [--images 300] [--ms 2 5 20] [--rounds 3] [--profile 5]
+
+300 photos of 500x375 (tests/data photos, cropped and resized) go through ``segment_sources`` exactly as
+the command runs them: read and resized ahead by reader threads, the stand-in "network", labels, and the
+mask PNGs encoded and written behind on writer threads. For each stand-in time per image, images/s of the
+whole path against the stand-in's own rate (1000 / ms), for 0, 1 and 2 reader threads; rounds interleaved,
+median and range. ``--profile MS`` prints where the main thread's time goes at that stand-in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import math
+import pstats
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fcn_zoo  # noqa: E402
+from bulk_cpu import make_photos  # noqa: E402
+from fcn_zoo.bulk import Outputs, segment_sources  # noqa: E402
+from fcn_zoo.sources import expand_inputs  # noqa: E402
+
+
+class StandIn(fcn_zoo.FCN):
+    """An FCN whose network is a fixed time per image without using the CPU: low-resolution logits of the
+    right shape (random, fixed per shape, so that upsampling, argmax and PNG encoding do their real work)."""
+
+    ms = 20.0
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.ms / 1000 * x.shape[0])
+        shape = (x.shape[0], self.num_classes, math.ceil(x.shape[2] / 8), math.ceil(x.shape[3] / 8))
+        cache = self.__dict__.setdefault("_logits", {})
+        if shape not in cache:
+            cache[shape] = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 4
+        return cache[shape]
+
+
+def run(model: StandIn, sources, out: Path, workers: int) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    totals = segment_sources(model, sources, Outputs(out), quiet=True, echo=lambda _: None, num_workers=workers)
+    assert totals.done == len(sources), totals
+    return len(sources) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--ms", type=float, nargs="+", default=[2, 5, 20])
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile", type=float, help="profile the main thread at this stand-in time per image")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = StandIn(num_classes=21, backbone="resnet10t", head_channels=8, aux_channels=None, dataset="voc").eval()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.images} photos 500x375, "
+          f"evaluated at {model.eval_size[0]}x{model.eval_size[1]} (VOC), 21 classes, mask PNGs written")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        make_photos(work / "photos", args.images)
+        sources = expand_inputs([str(work / "photos")]).sources
+        model.ms = 1.0
+        run(model, sources[:10], work / "warm", 0)
+        rates = {(ms, w): [] for ms in args.ms for w in args.workers}
+        for _ in range(args.rounds):
+            for ms in args.ms:
+                for w in args.workers:
+                    model.ms = ms
+                    rates[ms, w].append(run(model, sources, work / "out", w))
+        print(f"\n{'stand-in':>10} {'its rate':>9} {'readers':>8} {'images/s':>9} {'of its rate':>12} {'(range)':>14}")
+        for (ms, w), r in rates.items():
+            own = 1000 / ms
+            print(f"{ms:8.0f} ms {own:7.0f}/s {w:8d} {statistics.median(r):9.1f} {statistics.median(r) / own:12.0%} "
+                  f"({min(r) / own:.0%}-{max(r) / own:.0%})")
+        if args.profile:
+            model.ms = args.profile
+            profiler = cProfile.Profile()
+            profiler.enable()
+            rate = run(model, sources, work / "out", max(args.workers))
+            profiler.disable()
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
+            print(f"\nmain thread at {args.profile:.0f} ms per image, {max(args.workers)} readers: {rate:.1f} images/s "
+                  f"(the profiler slows it); where its time goes, by own time:")
+            print("\n".join(line for line in text.getvalue().splitlines()[6:] if line.strip()))
+
+
+if __name__ == "__main__":
+    main()

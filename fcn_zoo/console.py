@@ -1,0 +1,59 @@
+"""How the command line talks: fcn_zoo's own lines on stderr, other libraries' logs kept quiet unless
+``--debug``, and every error as one line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+
+from .errors import FCNZooError, first_line
+
+__all__ = ["configure_logging", "report"]
+
+
+def configure_logging(debug: bool) -> None:
+    """fcn_zoo's own INFO lines (downloads) on stderr; other libraries' logs only with ``--debug``.
+
+    The root logger is left alone (at WARNING, without a handler of ours), so httpx's request lines and
+    onnxscript's INFO chatter never print, and huggingface_hub's warnings, which it prints through a handler
+    of its own, are not printed twice. huggingface_hub's retry warnings are silenced too: the errors that
+    follow them say what happened, in one line.
+    """
+    ours = logging.getLogger("fcn_zoo")
+    for old in [h for h in ours.handlers if isinstance(h, _StderrHandler)]:
+        ours.removeHandler(old)
+    level = "debug" if debug else "error"
+    os.environ["HF_HUB_VERBOSITY"] = level  # read when huggingface_hub is imported
+    if "huggingface_hub" in sys.modules:
+        logging.getLogger("huggingface_hub").setLevel(level.upper())
+    if debug:
+        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
+    else:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        ours.addHandler(handler)
+    ours.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record comes."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def report(error: BaseException, debug: bool) -> None:
+    """One line on stderr (the traceback too with ``--debug``)."""
+    if debug:
+        traceback.print_exception(error)
+    message = first_line(error)
+    if not isinstance(error, (FCNZooError, OSError, ValueError)):
+        message = f"{message} ({type(error).__name__}; --debug shows where)"
+    print(f"fcn-zoo: error: {message}", file=sys.stderr)
