@@ -35,8 +35,9 @@ from fcn_zoo.sources import expand_inputs  # noqa: E402
 
 
 class StandIn(fcn_zoo.FCN):
-    """An FCN whose network is a fixed time per image without using the CPU: low-resolution logits of the
-    right shape (random, fixed per shape, so that upsampling, argmax and PNG encoding do their real work)."""
+    """An FCN whose network is a fixed time per image without using the CPU, answering low-resolution logits
+    of the right shape that look like a trained model's: background, and a few objects of other classes
+    with noisy borders (fixed per shape), so that upsampling, argmax and PNG encoding do their real work."""
 
     ms = 20.0
 
@@ -45,16 +46,58 @@ class StandIn(fcn_zoo.FCN):
         shape = (x.shape[0], self.num_classes, math.ceil(x.shape[2] / 8), math.ceil(x.shape[3] / 8))
         cache = self.__dict__.setdefault("_logits", {})
         if shape not in cache:
-            cache[shape] = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 4
+            cache[shape] = _scene_logits(shape)
         return cache[shape]
+
+
+def _scene_logits(shape: tuple[int, int, int, int]) -> torch.Tensor:
+    n, classes, h, w = shape
+    g = torch.Generator().manual_seed(0)
+    labels = torch.zeros(n, h, w, dtype=torch.long)
+    for i in range(n):
+        for _ in range(3):  # three objects of random classes in random boxes
+            y, x = int(torch.randint(0, h // 2, (1,), generator=g)), int(torch.randint(0, w // 2, (1,), generator=g))
+            labels[i, y:y + h // 3, x:x + w // 3] = int(torch.randint(1, classes, (1,), generator=g))
+    logits = torch.nn.functional.one_hot(labels, classes).permute(0, 3, 1, 2).float() * 6
+    return logits + torch.randn(shape, generator=g)
 
 
 def run(model: StandIn, sources, out: Path, workers: int) -> float:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    totals = segment_sources(model, sources, Outputs(out), quiet=True, echo=lambda _: None, num_workers=workers)
+    # overlap: labels beside the next forward, as on a GPU (the stand-in is one: its network uses no CPU)
+    totals = segment_sources(model, sources, Outputs(out), quiet=True, echo=lambda _: None, num_workers=workers,
+                             overlap=True)
     assert totals.done == len(sources), totals
     return len(sources) / (time.perf_counter() - start)
+
+
+def stages(model: StandIn, sources) -> None:
+    """What the host does per image, each stage alone on one thread (torch's threads as configured): what
+    the readers, the labels thread and the writers each cost, so that the bound is named."""
+    from fcn_zoo.images import load_image
+    from fcn_zoo.predict import Predictor, prepare
+
+    predictor = Predictor(model.fuse(inplace=False))
+    model.ms = 0.0
+    times = {"read + resize + normalise": [], "labels (upsample + argmax)": [], "mask PNG written": []}
+    for source in sources:
+        t = time.perf_counter()
+        loaded = load_image(source.path)
+        with torch.inference_mode():
+            prepared = prepare(predictor.model, *loaded)
+        times["read + resize + normalise"].append(time.perf_counter() - t)
+        logits = predictor.forward([loaded], [source.name], [prepared])
+        t = time.perf_counter()
+        (seg,) = predictor.finish([loaded], [source.name], logits)
+        times["labels (upsample + argmax)"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        seg.save(Path(tempfile.gettempdir()) / "fcn_zoo_stage.png")
+        times["mask PNG written"].append(time.perf_counter() - t)
+    print(f"\nper image, each stage alone ({len(sources)} images, medians):")
+    for name, ts in times.items():
+        print(f"  {name:28s} {1000 * statistics.median(ts):6.1f} ms")
+    print(f"  {'total host work':28s} {1000 * sum(statistics.median(ts) for ts in times.values()):6.1f} ms")
 
 
 def main() -> None:
@@ -87,6 +130,7 @@ def main() -> None:
             own = 1000 / ms
             print(f"{ms:8.0f} ms {own:7.0f}/s {w:8d} {statistics.median(r):9.1f} {statistics.median(r) / own:12.0%} "
                   f"({min(r) / own:.0%}-{max(r) / own:.0%})")
+        stages(model, sources[:30])
         if args.profile:
             model.ms = args.profile
             profiler = cProfile.Profile()

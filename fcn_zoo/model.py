@@ -223,10 +223,10 @@ class FCN(
             raise ValueError("fuse(device=...) applies to inplace=False; move the model with .to() first")
         if getattr(self, "_fused", False):
             return self
-        self.eval()
         with torch.inference_mode(False), torch.no_grad():  # the new weights are ordinary tensors even when
-            fold_batchnorm(self)  # fuse() is called under inference mode
+            fold_batchnorm(self.eval())  # fuse() is called under inference mode
             fuse_activations(self)
+        self.eval()  # the fused layers too: an eval model is never switched by predict (threads may share it)
         self.requires_grad_(False)
         self._fused = True
         return self

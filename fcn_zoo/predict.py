@@ -9,6 +9,7 @@ bilinear upsampling of the logits straight to the original size, argmax. Reading
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -161,30 +162,44 @@ class Predictor:
         self, loaded: list[tuple[torch.Tensor, bool]], names: list[str], prepared: list[torch.Tensor] | None = None
     ) -> list[Segmentation]:
         """Segment ``loaded`` images (:func:`load_image` results; ``prepared``: the same through :func:`prepare`)."""
+        return self.finish(loaded, names, self.forward(loaded, names, prepared))
+
+    def forward(self, loaded, names: list[str], prepared: list[torch.Tensor] | None = None) -> list[list[torch.Tensor]]:
+        """The network's part: per image its low-resolution logits, on the model's device."""
+        with torch.inference_mode(), evaluating(self.model), self._memory(names):
+            return network_logits(
+                self.model, [x for x, _ in loaded], from_uint8=[f for _, f in loaded], batch_size=self.batch_size,
+                features=self.features, prepared=prepared, **self.options,
+            )
+
+    def finish(self, loaded, names: list[str], logits: list[list[torch.Tensor]]) -> list[Segmentation]:
+        """Labels (and confidence) from :meth:`forward`'s logits, on the model's device; the Segmentations.
+        Any thread may run it, beside the next :meth:`forward`."""
         model = self.model
-        with torch.inference_mode(), evaluating(model):
-            try:
-                labels, logits = labels_and_logits(
-                    model, [x for x, _ in loaded], from_uint8=[f for _, f in loaded], batch_size=self.batch_size,
-                    features=self.features, prepared=prepared, **self.options,
-                )
-            except RuntimeError as e:
-                if not is_out_of_memory(e):
-                    raise
-                hint = "use mode='slide'" if self.options["mode"] == "whole" else "use a smaller window"
-                raise ImageError(
-                    f"{', '.join(names)}: not enough {self.device.type.upper()} memory to segment it at its evaluation "
-                    f"size; {hint}{', a batch_size of 1' if self.batch_size > 1 else ''} or a larger device"
-                ) from e
+        with torch.inference_mode(), self._memory(names):
             segs = [
-                Segmentation(lab.to(self.dtype).cpu().numpy(), model.class_names, model.palette, rgb_uint8(x),
-                             [t.cpu() for t in lg])
-                for (x, _), lab, lg in zip(loaded, labels, logits)
+                Segmentation(upsample_argmax(lg, x.shape[-2:]).to(self.dtype).cpu().numpy(), model.class_names,
+                             model.palette, rgb_uint8(x), [t.cpu() for t in lg])
+                for (x, _), lg in zip(loaded, logits)
             ]
             if self.confidence:  # on the model's device, where the logits are: only the map comes back
                 for seg, lg in zip(segs, logits):
                     seg._confidence = upsample_softmax(lg, seg.size).cpu().numpy()
-            return segs
+        return segs
+
+    @contextlib.contextmanager
+    def _memory(self, names: list[str]):
+        """Running out of memory is the image's error, with what to do."""
+        try:
+            yield
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            hint = "use mode='slide'" if self.options["mode"] == "whole" else "use a smaller window"
+            raise ImageError(
+                f"{', '.join(names)}: not enough {self.device.type.upper()} memory to segment it at its evaluation "
+                f"size; {hint}{', a batch_size of 1' if self.batch_size > 1 else ''} or a larger device"
+            ) from e
 
 
 def predict_labels(
@@ -220,14 +235,24 @@ def labels_and_logits(
     """:func:`predict_labels`, and per image the logits the labels come from (one ``(1, C, h, w)`` tensor, or
     one per TTA scale and flip) before upsampling to the image's size. ``prepared``: the images already
     through :func:`prepare` (done ahead, by another thread), in place of preparing them here."""
+    logits = network_logits(model, images, from_uint8=from_uint8, tta=tta, mode=mode, window=window, stride=stride,
+                            batch_size=batch_size, eval_size=eval_size, features=features, prepared=prepared)
+    return [upsample_argmax(lg, x.shape[-2:]) for x, lg in zip(images, logits)], logits
+
+
+def network_logits(
+    model, images: list[torch.Tensor], *, from_uint8: bool | list[bool] = True, tta: TTA | None = None,
+    mode: str = "whole", window=None, stride=None, batch_size: int = 8, eval_size=None, features=None,
+    prepared: list[torch.Tensor] | None = None,
+) -> list[list[torch.Tensor]]:
+    """The network's part of :func:`labels_and_logits`: per image its logits before upsampling."""
     device = next(model.parameters()).device
     if prepared is not None:
         inputs = [x.to(device, non_blocking=True) for x in prepared]
     else:
         flags = from_uint8 if isinstance(from_uint8, list) else [from_uint8] * len(images)
         inputs = [_preprocess(model, x, flag, device, eval_size or model.eval_size) for x, flag in zip(images, flags)]
-    logits = _logits(model, inputs, tta, mode, window, stride, batch_size, features or model.forward_features)
-    return [upsample_argmax(lg, x.shape[-2:]) for x, lg in zip(images, logits)], logits
+    return _logits(model, inputs, tta, mode, window, stride, batch_size, features or model.forward_features)
 
 
 # --- the protocol --------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 def predict_iter(
     model, images: Iterable, *, num_workers: int | None = None, prefetch: int | None = None, errors: str = "raise",
-    fuse: bool = True, confidence: bool = False, **options,
+    fuse: bool = True, confidence: bool = False, overlap: bool | None = None, **options,
 ) -> Iterator[tuple[object, Segmentation | Exception]]:
     """Segment ``images`` lazily: yields ``(image, Segmentation)`` in input order.
 
@@ -51,6 +51,9 @@ def predict_iter(
             (new weights, modes, layers) is not seen by this stream; ``False`` runs the model itself, in
             eval mode for each batch. A model you ``fuse()``d yourself, ``compile=True`` and
             ``engine="onnxruntime"`` make no copy.
+        overlap: turn a batch's logits into labels on a thread of their own while the network runs the next
+            batch (default: on GPUs, where the network's time is the device's and the host would otherwise
+            idle; on the CPU both would share the same cores).
         confidence: compute each result's :attr:`~fcn_zoo.segmentation.Segmentation.confidence` with its
             labels, on the model's device (a GPU's time, not the host's), instead of when first asked for.
         **options: as :func:`fcn_zoo.predict.predict` (``tta``, ``mode``, ``batch_size``, ``device``,
@@ -68,14 +71,32 @@ def predict_iter(
     prefetch = prefetch or (2 * max(num_workers, predictor.batch_size) if num_workers else predictor.batch_size)
     if prefetch < predictor.batch_size:
         raise ValueError(f"prefetch ({prefetch}) must be at least the batch size ({predictor.batch_size})")
-    return _iterate(predictor, iter(images), num_workers, prefetch, errors)  # a generator: reads nothing yet
+    overlap = predictor.device.type != "cpu" if overlap is None else overlap
+    return _iterate(predictor, iter(images), num_workers, prefetch, errors, overlap)  # a generator: reads nothing yet
 
 
-def _iterate(predictor: Predictor, source, num_workers: int, prefetch: int, errors: str):
+def _iterate(predictor: Predictor, source, num_workers: int, prefetch: int, errors: str, overlap: bool):
     batch_size = predictor.batch_size
     pool = ThreadPoolExecutor(num_workers, thread_name_prefix="fcn_zoo-read") if num_workers else _InPlace()
-    with pool:
+    post = ThreadPoolExecutor(1, thread_name_prefix="fcn_zoo-labels") if overlap else _InPlace()
+    with pool, post:
         pending: deque = deque()  # (image, future of load_image) in input order
+        in_flight: deque = deque()  # (batch, future of its Segmentations), in input order
+
+        def settle(limit: int):
+            """Yield the results of batches in flight, oldest first, until at most ``limit`` are left."""
+            while len(in_flight) > limit or (in_flight and in_flight[0][1].done()):
+                batch, future = in_flight.popleft()
+                try:
+                    segs = future.result()
+                except Exception as e:
+                    if errors == "raise":
+                        raise
+                    for image, _ in batch:
+                        yield _failed(image, e, errors)
+                    continue
+                for (image, _), seg in zip(batch, segs):
+                    yield image, seg
 
         pin = predictor.device.type == "cuda"  # page-locked: the copy to the GPU overlaps the work before it
 
@@ -102,6 +123,7 @@ def _iterate(predictor: Predictor, source, num_workers: int, prefetch: int, erro
                             break  # segment what came before, in order, then report this one
                         pending.popleft()
                         fill()
+                        yield from settle(0)
                         yield _failed(image, e, errors)
                         continue
                     if batch and loaded[1].shape != shape:  # a forward pass takes images of one size
@@ -112,19 +134,19 @@ def _iterate(predictor: Predictor, source, num_workers: int, prefetch: int, erro
                 fill()
                 if not batch:
                     continue
+                loaded, names = [loaded for _, (loaded, _) in batch], [describe(image) for image, _ in batch]
                 try:
-                    segs = predictor(
-                        [loaded for _, (loaded, _) in batch], [describe(image) for image, _ in batch],
-                        [prepared for _, (_, prepared) in batch],
-                    )
+                    logits = predictor.forward(loaded, names, [prepared for _, (_, prepared) in batch])
                 except Exception as e:
                     if errors == "raise":
                         raise
+                    yield from settle(0)
                     for image, _ in batch:
                         yield _failed(image, e, errors)
                     continue
-                for (image, _), seg in zip(batch, segs):
-                    yield image, seg
+                in_flight.append((batch, post.submit(predictor.finish, loaded, names, logits)))
+                yield from settle(1 if overlap else 0)  # one batch's labels beside the next forward
+            yield from settle(0)
         finally:
             for _, future in pending:
                 future.cancel()

@@ -136,7 +136,8 @@ def test_cli_predicts_a_tree_with_a_summary_and_one_line_per_failure(capsys, sma
     assert np.allclose(shares, expected, atol=1e-6)
 
 
-def test_predict_iter_is_ordered_lazy_and_reports_failures_in_place(small_model, tmp_path):
+@pytest.mark.parametrize("overlap", [False, True], ids=["labels-in-turn", "labels-beside-the-next-forward"])
+def test_predict_iter_is_ordered_lazy_and_reports_failures_in_place(small_model, tmp_path, overlap):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
     taken = []
@@ -146,9 +147,9 @@ def test_predict_iter_is_ordered_lazy_and_reports_failures_in_place(small_model,
             taken.append(i)
             yield bad if i == 3 else small(PHOTOS[i % 3], (64 + 8 * (i % 2), 48))
 
-    stream = small_model.predict_iter(images(), num_workers=2, prefetch=4, errors="yield")
+    stream = small_model.predict_iter(images(), num_workers=2, prefetch=4, errors="yield", overlap=overlap)
     first_image, first = next(stream)
-    assert len(taken) <= 4 + 1  # read ahead by at most `prefetch`, not the whole input
+    assert len(taken) <= 4 + 1 + overlap  # read ahead by at most `prefetch` (and one batch in flight), not the whole input
     results = [(first_image, first), *stream]
     assert len(results) == 24 and len(taken) == 24
     assert isinstance(results[3][1], ImageError) and "bad.jpg" in str(results[3][1])
@@ -157,7 +158,7 @@ def test_predict_iter_is_ordered_lazy_and_reports_failures_in_place(small_model,
             assert seg.size == (48, 64 + 8 * (i % 2))
             assert np.array_equal(seg.labels, small_model.predict(image).labels)
     with pytest.raises(ImageError, match="bad.jpg"):
-        list(small_model.predict_iter([PHOTOS[0], bad, PHOTOS[1]]))
+        list(small_model.predict_iter([PHOTOS[0], bad, PHOTOS[1]], overlap=overlap))
 
 
 def test_batched_predict_iter_gives_the_masks_of_one_image_at_a_time(small_model):
