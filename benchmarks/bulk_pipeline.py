@@ -107,7 +107,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", type=float, help="profile the main thread at this stand-in time per image")
+    parser.add_argument("--threads", type=int, help="torch's intra-op threads (default: torch's, one per core)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     model = StandIn(num_classes=21, backbone="resnet10t", head_channels=8, aux_channels=None, dataset="voc").eval()
