@@ -341,7 +341,8 @@ def test_fuse_in_place_or_as_a_copy():
     model.train()
     x = torch.randn(1, 3, 64, 80)
     copied = model.fuse(inplace=False)
-    assert copied._fused and copied.auxiliary_head is None and not copied.training
+    assert copied._fused and copied.auxiliary_head is None
+    assert not any(m.training for m in copied.modules())  # the fused layers too: predict never switches it
     assert model.training and not getattr(model, "_fused", False) and model.auxiliary_head is not None
     assert all(p.requires_grad for p in model.parameters())  # the model itself is untouched
     model.eval()
