@@ -88,7 +88,7 @@ def segment_sources(
     if made is not None or world > 1:
         if made is not None and resume:
             check_resumable(outputs.folder, made)  # every process, before any writes
-        _barrier(world)
+        ours = _barrier(world)
         if rank == 0:
             if made is not None and not resume:  # every output is remade: no earlier row may count as done later
                 for old in journal_dir.glob("journal*.jsonl"):
@@ -100,7 +100,10 @@ def segment_sources(
                 with atomic_path(journal_dir / MADE_BY) as tmp:
                     tmp.write_text(json.dumps(made, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _barrier(world)
-        _leave_group(world)  # from here on the processes meet through files: no collective can time out
+        if ours:  # from here on the processes meet through files: no collective can time out
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     journal = Journal(outputs.folder, rank)
     rows = journal.read() if resume else {}
     mine = [s for i, s in enumerate(sources) if i % world == rank]
@@ -258,25 +261,21 @@ def _write_summary(folder: Path, sources: list[Source], rows: dict, class_names:
         tmp.write_text(buffer.getvalue(), encoding="utf-8")
 
 
-def _barrier(world: int) -> None:
-    """Wait for every process (under torchrun), through a gloo group made for the start of the run."""
+def _barrier(world: int) -> bool:
+    """Wait for every process (under torchrun), through a gloo group made for the start of the run if the
+    caller has none; returns whether it was made here (and so is to be ended here)."""
     if world == 1:
-        return
+        return False
     import datetime
 
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    made = not dist.is_initialized()
+    if made:
         timeout = float(os.environ.get("FCN_ZOO_DIST_TIMEOUT", 1800))  # seconds; the processes start together
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
     dist.barrier()
-
-
-def _leave_group(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    return made
 
 
 def _meet_at_the_end(journal_dir: Path, totals: Totals, rank: int, world: int, poll: float = 0.5) -> Totals:

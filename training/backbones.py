@@ -38,8 +38,8 @@ def initialise_backbone(model: fcn_zoo.FCN, backbone: str, output_stride: int, w
 def openmmlab_file(backbone: str) -> Path:
     """The cached openmmlab V1c file of ``backbone``, downloaded and checked if it is not cached yet."""
     from fcn_zoo._files import atomic_path, cache_root, sha256_file
-    from fcn_zoo.errors import first_line, is_connection_error
     from fcn_zoo.downloads import download
+    from fcn_zoo.errors import first_line, is_connection_error
 
     if backbone not in OPENMMLAB_FILES:
         raise SystemExit(

@@ -34,15 +34,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import fcn_zoo
-from fcn_zoo._files import atomic_path, write_json
+from fcn_zoo._files import write_json
 from fcn_zoo.errors import FCNZooError
-from fcn_zoo.convert import write_folder
 
+from .checkpoints import resume, save_checkpoint
 from .data import IGNORE_INDEX, DatasetLayoutError, RunSampler
 from .distributed import DistributedContext, init_distributed
 from .evaluate import evaluate
-from .plan import FINETUNE_BATCH, FINETUNE_CROP, FINETUNE_EPOCHS, FINETUNE_LR, FINETUNE_MIN_ITERS, Plan, make_plan
+from .plan import FINETUNE_BATCH, FINETUNE_CROP, FINETUNE_EPOCHS, FINETUNE_LR, FINETUNE_MIN_ITERS, make_plan
 from .precision import configure_determinism, nondeterministic_ops, training_precision
+from .results import export_folder, final_line, plot_curves, push_best
 
 MIN_LR = 1e-4
 POLY_POWER = 0.9
@@ -288,17 +289,6 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
     return state
 
 
-def final_line(state: dict, out: Path) -> str:
-    """The run's last line: the final and the best mIoU, and where ``last/`` and ``best/`` are."""
-    scores = state["history"]["miou"]
-    if not scores:
-        return f"{state['iteration']} iterations; no evaluation ran; checkpoints in {out}"
-    final_iter, final = scores[-1]
-    best_iter, best = max(scores, key=lambda s: s[1])
-    return (f"{state['iteration']} iterations: final mIoU {100 * final:.2f} (iteration {final_iter}), best "
-            f"{100 * best:.2f} (iteration {best_iter}); {out / 'last'}, {out / 'best'}")
-
-
 def default_workers(ctx: DistributedContext) -> int:
     """Loader processes per training process: on GPUs every core this process has but its own, at most 8;
     on the CPU none, since the network's threads use every core."""
@@ -313,139 +303,6 @@ def _train_mode(net, model: fcn_zoo.FCN, freeze_backbone: bool) -> None:
     net.train()
     if freeze_backbone:  # a frozen backbone keeps its BatchNorm statistics too
         model.backbone.eval()
-
-
-def push_best(folder: Path, repo_id: str, prog: str = "python -m training.train") -> None:
-    """One commit of ``best/`` to the Hub repo ``repo_id`` (created if needed); its URL on stdout."""
-    from fcn_zoo.errors import FCNZooError
-    from fcn_zoo.publish import upload
-
-    try:
-        commit = upload(folder, repo_id, sorted(p.name for p in folder.iterdir() if p.is_file()), None, f"Upload {folder} (fcn-zoo training)")
-    except FCNZooError as e:
-        raise SystemExit(f"{prog}: {e}") from e
-    print(f"uploaded {folder} to https://huggingface.co/{repo_id} (commit {getattr(commit, 'oid', commit)})")
-
-
-def rng_state(ctx: DistributedContext) -> dict:
-    """This process's global RNG state: the CPU's and its own GPU's (the transforms and the DataLoader have
-    generators of their own)."""
-    rng = {"torch": torch.get_rng_state()}
-    if ctx.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(ctx.device)
-    return rng
-
-
-def set_rng_state(rng: dict, ctx: DistributedContext) -> None:
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and ctx.device.type == "cuda":
-        if isinstance(rng["cuda"], (list, tuple)):  # checkpoints of earlier versions kept every GPU's state
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        else:
-            torch.cuda.set_rng_state(rng["cuda"], ctx.device)
-
-
-def _gather_rng(rng: dict, ctx: DistributedContext) -> list[dict]:
-    """Every process's ``rng_state``, in rank order (tensors through a collective, no pickling)."""
-    if not ctx.distributed:
-        return [rng]
-    keys = sorted(rng)
-    sizes = [rng[k].numel() for k in keys]
-    packed = torch.cat([rng[k] for k in keys]).to(ctx.device)  # NCCL gathers GPU tensors only
-    gathered = [torch.empty_like(packed) for _ in range(ctx.world_size)]
-    dist.all_gather(gathered, packed)
-    return [dict(zip(keys, (t.clone() for t in g.cpu().split(sizes)))) for g in gathered]
-
-
-def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict, ctx: DistributedContext, keep: int = 2,
-                    scaler=None) -> None:
-    """``ckpt-<iteration>.pt`` written to a temporary file and renamed; the ``keep`` newest are kept. Every
-    process's RNG state is gathered into it (``rng``: one entry per rank)."""
-    rngs = _gather_rng(rng_state(ctx), ctx)
-    if not ctx.is_main:
-        return
-    payload = {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "state": state, "rng": rngs, **({"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {}),
-    }
-    path = out / f"ckpt-{state['iteration']:08d}.pt"
-    try:
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
-    except (OSError, RuntimeError) as e:  # a full disk surfaces as either
-        kept = sorted(p.name for p in out.glob("ckpt-*.pt"))
-        raise SystemExit(
-            f"{path}: could not be written ({e}); nothing partial was left and the earlier checkpoints "
-            f"({', '.join(kept) or 'none'}) are intact: free space and rerun with --resume"
-        ) from e
-    for old in sorted(out.glob("ckpt-*.pt"))[:-keep]:
-        old.unlink(missing_ok=True)
-
-
-def resume(out: Path, model, optimizer, scheduler, ctx: DistributedContext, scaler=None) -> dict | None:
-    """Load the newest checkpoint that reads; a damaged one is skipped (it can only be a copy made by hand)."""
-    for path in sorted(out.glob("ckpt-*.pt"), reverse=True):
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a truncated or foreign file
-            print(f"skipping {path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})", file=sys.stderr)
-            continue
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        if scaler is not None and "scaler" in payload:
-            scaler.load_state_dict(payload["scaler"])
-        rngs = payload["rng"] if isinstance(payload["rng"], list) else [payload["rng"]]
-        if len(rngs) == ctx.world_size:
-            set_rng_state(rngs[ctx.rank], ctx)
-        elif ctx.is_main:  # another number of processes: each keeps its fresh per-rank seed
-            print(f"{path}: saved by {len(rngs)} process(es), resumed by {ctx.world_size}: dropout draws differ from "
-                  "an uninterrupted run", file=sys.stderr)
-        if ctx.is_main:
-            print(f"resumed from {path} at iteration {payload['state']['iteration']}", file=sys.stderr)
-        return payload["state"]
-    return None
-
-
-def export_folder(model, plan: Plan, results: dict, meta: dict, folder: Path, repo_id: str | None = None) -> None:
-    """The model as a ``save_pretrained`` folder (``best/`` or ``last/``) whose card carries the measured mIoU,
-    the per-class IoU and the run (for fine-tuning: the init source and the data)."""
-    import shutil
-
-    provenance = {
-        "run": {**meta, "val_samples_sha256": plan.val_set.fingerprint()},
-        "measured_miou": round(100 * results["mIoU"], 2),
-        "per_class_iou": {n: None if v != v else round(100 * v, 2) for n, v in zip(plan.val_set.class_names, results["IoU"])},
-    }
-    fresh = folder.with_name(f"{folder.name}.new")
-    shutil.rmtree(fresh, ignore_errors=True)
-    write_folder(model, fresh, provenance, row=plan.row, mean_iou=provenance["measured_miou"],
-                 eval_dataset=None if plan.row else plan.meta["data"]["name"], repo_id=repo_id)
-    old = folder.with_name(f"{folder.name}.old")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(fresh, folder)  # between the two renames best.old holds the previous best
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def plot_curves(history: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    if history["loss"]:  # with few points each one is marked: a single point is visible, not an empty panel
-        a.plot(*zip(*history["loss"]), marker="o" if len(history["loss"]) < 50 else None)
-    a.set_xlabel("iteration")
-    a.set_ylabel("loss")
-    if history["miou"]:
-        b.plot(*zip(*[(i, 100 * m) for i, m in history["miou"]]), marker="o")
-    b.set_xlabel("iteration")
-    b.set_ylabel("val mIoU (%)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _memory_mb(device: torch.device) -> float:
