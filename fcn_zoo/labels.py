@@ -89,7 +89,8 @@ def upsample_argmax_candidates(logits: torch.Tensor, height: int, width: int, bu
     up_y = (torch.arange(h, device=device) + 1).clamp(max=h - 1)
     up_x = (torch.arange(w, device=device) + 1).clamp(max=w - 1)
     # the four corners of the cell whose top-left corner is (i, j): (i, j), (i, j+1), (i+1, j), (i+1, j+1)
-    corners = torch.stack([logits, logits[:, :, up_x], logits[:, up_y], logits[:, up_y][:, :, up_x]])
+    right, below = logits.index_select(2, up_x), logits.index_select(1, up_y)  # index_select: 5-10x faster than [idx]
+    corners = torch.stack([logits, right, below, right.index_select(1, up_y)])
     floor = corners.amin(0).amax(0)  # per cell, the best worst corner of any class
     ceiling = corners.amax(0)  # per class and cell, its best corner
     count = (ceiling >= floor).sum(0)  # (h, w): how many classes can win in each cell
@@ -97,9 +98,9 @@ def upsample_argmax_candidates(logits: torch.Tensor, height: int, width: int, bu
     if 4 * k * float((count > 1).float().mean()) > classes:  # about as much work as scoring every class
         return None
     # a cell with one candidate: its class wins at each of the cell's pixels; no blending there
-    labels = ceiling.argmax(0)[rows_lo][:, cols_lo]  # (height, width)
+    labels = _expand(ceiling.argmax(0), rows_lo, cols_lo)  # (height, width)
     contested_cells = count.view(-1) > 1
-    contested = contested_cells.view(h, w)[rows_lo][:, cols_lo].view(-1).nonzero().squeeze(1)  # their pixels
+    contested = _expand(contested_cells.view(h, w), rows_lo, cols_lo).view(-1).nonzero().squeeze(1)  # their pixels
     if len(contested) == 0:
         return labels
     # elsewhere blend the k classes with the highest best corner: they include every class that can win.
@@ -108,20 +109,26 @@ def upsample_argmax_candidates(logits: torch.Tensor, height: int, width: int, bu
     cells = contested_cells.nonzero().squeeze(1)
     position = torch.full((h * w,), -1, dtype=torch.long, device=device)
     position[cells] = torch.arange(len(cells), device=device)
-    candidates = ceiling.view(classes, -1)[:, cells].topk(k, dim=0).indices.sort(dim=0).values  # (k, cells)
-    values = corners.view(4, classes, -1)[:, :, cells].gather(1, candidates.expand(4, k, len(cells)))  # (4, k, cells)
+    candidates = ceiling.view(classes, -1).index_select(1, cells).topk(k, dim=0).indices.sort(dim=0).values  # (k, cells)
+    values = corners.view(4, classes, -1).index_select(2, cells).gather(1, candidates.expand(4, k, len(cells)))  # (4, k, cells)
     flat = labels.view(-1)
     chunk = max(1, budget_bytes // (4 * (10 * k + 8)))
     for start in range(0, len(contested), chunk):
         pixels = contested[start:start + chunk]
-        cell = position[rows_lo[pixels // width] * w + cols_lo[pixels % width]]
-        wy, wx = fy[pixels // width], fx[pixels % width]
-        v = values[:, :, cell]  # (4, k, n)
+        row, col = pixels // width, pixels % width
+        cell = position.index_select(0, rows_lo.index_select(0, row) * w + cols_lo.index_select(0, col))
+        wy, wx = fy.index_select(0, row), fx.index_select(0, col)
+        v = values.index_select(2, cell)  # (4, k, n)
         upper = torch.lerp(v[0], v[1], wx)  # along the width at the cell's top row, then its bottom row
         lower = torch.lerp(v[2], v[3], wx)
         best = torch.lerp(upper, lower, wy).argmax(0)  # (n,): index into the candidates
-        flat[pixels] = candidates[:, cell].gather(0, best[None])[0]
+        flat.index_copy_(0, pixels, candidates.index_select(1, cell).gather(0, best[None])[0])
     return labels
+
+
+def _expand(cells: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``cells[rows][:, cols]``: each cell's value at its pixels (columns first, the smaller intermediate)."""
+    return cells.index_select(1, cols).index_select(0, rows)
 
 
 def bilinear_taps(n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -124,7 +124,7 @@ class Predictor:
             raise ValueError(f"engine must be 'torch' or 'onnxruntime', got {engine!r}")
         if compile and engine != "torch":
             raise ValueError("compile=True applies to engine='torch'; onnxruntime compiles its graph itself")
-        own_device = next(model.parameters()).device
+        caller, own_device = model, next(model.parameters()).device
         device = torch.device(device) if device is not None else own_device
         if batch_size is None:
             batch_size = 1 if device.type == "cpu" else 8
@@ -144,6 +144,8 @@ class Predictor:
                 raise ValueError(f"{'compile=True' if compile else 'engine=onnxruntime'} runs the model where it is "
                                  f"({own_device}); move it first: model.to({str(device)!r})")
             model = inference_copy(model, device)
+        # a copy made here is in eval mode throughout and no one else holds it: no modes to check per batch
+        self._owned = model is not caller
         self.model = model
         features = None
         if engine == "onnxruntime":
@@ -166,7 +168,8 @@ class Predictor:
 
     def forward(self, loaded, names: list[str], prepared: list[torch.Tensor] | None = None) -> list[list[torch.Tensor]]:
         """The network's part: per image its low-resolution logits, on the model's device."""
-        with torch.inference_mode(), evaluating(self.model), self._memory(names):
+        modes = contextlib.nullcontext() if self._owned else evaluating(self.model)
+        with torch.inference_mode(), modes, self._memory(names):
             return network_logits(
                 self.model, [x for x, _ in loaded], from_uint8=[f for _, f in loaded], batch_size=self.batch_size,
                 features=self.features, prepared=prepared, **self.options,
@@ -248,7 +251,7 @@ def network_logits(
     """The network's part of :func:`labels_and_logits`: per image its logits before upsampling."""
     device = next(model.parameters()).device
     if prepared is not None:
-        inputs = [x.to(device, non_blocking=True) for x in prepared]
+        inputs = [x if x.device == device else x.to(device, non_blocking=True) for x in prepared]
     else:
         flags = from_uint8 if isinstance(from_uint8, list) else [from_uint8] * len(images)
         inputs = [_preprocess(model, x, flag, device, eval_size or model.eval_size) for x, flag in zip(images, flags)]
@@ -301,7 +304,7 @@ def _logits(model, inputs: list[torch.Tensor], tta: TTA | None, mode, window, st
     for i, x in enumerate(inputs):
         by_shape.setdefault(tuple(x.shape), []).append(i)
     for indices in by_shape.values():  # images of equal evaluation size share a forward pass
-        batch = torch.cat([inputs[i] for i in indices])
+        batch = inputs[indices[0]] if len(indices) == 1 else torch.cat([inputs[i] for i in indices])
         outs = run_tta(batch) if tta else [run(batch)]
         for j, i in enumerate(indices):
             results[i] = [o[j:j + 1].float() for o in outs]
