@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 import fcn_zoo  # noqa: E402
-from datasets import make_voc  # noqa: E402
+from sample_data import make_voc  # noqa: E402
 
 
 class Report:
@@ -228,7 +228,8 @@ def _train(out: Path, args: list[str]) -> str:
     rate = np.median([s["images_per_s"] for s in steps[1:]] or [steps[-1]["images_per_s"]])
     extra = f", non-deterministic ops: {meta['nondeterministic_ops']}" if meta.get("nondeterministic_ops") else ""
     return (f"{meta['precision']}{' + GradScaler' if meta.get('grad_scaler') else ''}, {rate:.1f} images/s, peak "
-            f"{steps[-1]['memory_mb']:.0f} MB, loader wait {steps[-1].get('loader_wait_share', 0):.0%}{extra}")
+            f"{steps[-1]['memory_mb']:.0f} MB, loader wait {steps[-1].get('loader_wait_share', 0):.0%}, data pipeline alone "
+            f"{steps[-1].get('data_images_per_s', 0):.0f} images/s{extra}")
 
 
 def _kill_and_resume(work: Path, args: list[str]) -> str:

@@ -25,7 +25,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     sys.path.insert(0, str(ROOT))
     import torch
-    from datasets import make_generic
+    from sample_data import make_generic
 
     import fcn_zoo
     from training import train

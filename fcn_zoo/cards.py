@@ -129,8 +129,16 @@ matrix. `model.predict(image)` does exactly this. Images are RGB: an OpenCV (BGR
 {%- set run = provenance.run %}
 - Fine-tuned by `training/` at commit {{ run.commit }} from `{{ run.init }}` ({{ run.init_classes }} classes
   {%- if run.reinitialised_classifiers %}; its two classifiers re-initialised for these {{ cfg.num_classes }}{% else %}; every weight loaded{% endif %})
+{%- if run.data.layout == "hub" %}
+- Data: the Hugging Face dataset `{{ run.data.name }}`{% if run.data.config %} ({{ run.data.config }}){% endif %}
+  {%- if run.data.revision %} at revision `{{ run.data.revision }}`{% endif %}, fingerprint `{{ run.data.fingerprint }}`,
+  columns `{{ run.data.columns.image }}` (images) and `{{ run.data.columns.label }}` (masks{% if run.data.reduce_labels %}, labels reduced: 0 ignored, the rest moved down by one{% endif %});
+  {{ run.data.train_images }} train rows of split `{{ run.data.train_split }}` and {{ run.data.val_images }} val rows (val: {{ run.data.val_split }});
+  sha256 of the rows taken: train `{{ run.data.train_sha256 }}`, val `{{ run.data.val_sha256 }}`
+{%- else %}
 - Data: `{{ run.data.name }}` ({{ run.data.layout }} layout), {{ run.data.train_images }} train and {{ run.data.val_images }} val images
   (val: {{ run.data.val_split }}); sha256 of the sorted file lists: train `{{ run.data.train_sha256 }}`, val `{{ run.data.val_sha256 }}`
+{%- endif %}
 - Schedule: {{ run.max_iters }} iterations ({{ run.epochs }} epochs) of total batch {{ run.total_batch }} over {{ run.world_size }} process(es),
   SGD lr {{ run.lr }} with poly decay, crop {{ run.crop_size | join("x") }}, resize bound {{ run.scale | join("x") }} times 0.5-2.0,
   {{ run.precision }}{% if run.freeze_backbone %}, backbone frozen{% endif %}{% if run.class_weights %}, median-frequency class weights{% endif %}

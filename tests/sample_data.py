@@ -115,3 +115,46 @@ def make_generic(root: Path, n_train: int = 8, n_val: int = 4, size=(64, 80), se
         Image.fromarray(image).save(root / "images" / split / f"{name}.jpg", quality=95)
         Image.fromarray(label.astype(np.uint8), mode="L").save(root / "masks" / split / f"{name}.png")
     return root
+
+
+HUB_CLASSES = ["background", "box", "ellipse"]
+
+
+def hub_rows(n: int, size=(64, 80), seed: int = 0, shift: int = 0) -> tuple[list[Image.Image], list[Image.Image]]:
+    """``n`` generated images and their masks as PIL images (mask value = class + ``shift``)."""
+    rng = np.random.default_rng(seed)
+    images, masks = [], []
+    for _ in range(n):
+        image, label = shapes_sample(rng, size, classes=(1, 2))
+        images.append(Image.fromarray(image))
+        masks.append(Image.fromarray((label.astype(np.uint8) + shift), mode="L"))
+    return images, masks
+
+
+def make_hub_dataset(root: Path, splits: dict[str, int], *, columns=("image", "label"), form: str = "parquet",
+                     id2label: list[str] | None = HUB_CLASSES, size=(64, 80), seed: int = 0, shift: int = 0,
+                     masks: dict[str, list[Image.Image]] | None = None) -> Path:
+    """A Hugging Face dataset on disk: ``form="parquet"`` lays it out as a dataset repo (``data/<split>-00000-of-00001.parquet``
+    and ``id2label.json`` at its root), ``form="disk"`` writes it with ``save_to_disk``. ``splits``: rows per
+    split; ``shift`` adds to every mask value (1 for a dataset whose 0 is "other", for --reduce-labels);
+    ``masks``: masks to use in place of the generated ones, per split (the same count)."""
+    import json
+
+    import datasets
+
+    features = datasets.Features({columns[0]: datasets.Image(), columns[1]: datasets.Image()})
+    tables = {}
+    for number, (split, n) in enumerate(splits.items()):
+        images, generated = hub_rows(n, size, seed + number, shift)
+        tables[split] = datasets.Dataset.from_dict(
+            {columns[0]: images, columns[1]: (masks or {}).get(split, generated)}, features=features)
+    root.mkdir(parents=True, exist_ok=True)
+    if form == "disk":
+        datasets.DatasetDict(tables).save_to_disk(str(root))
+    else:
+        (root / "data").mkdir(exist_ok=True)
+        for split, table in tables.items():
+            table.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    if id2label is not None:
+        (root / "id2label.json").write_text(json.dumps({str(i): name for i, name in enumerate(id2label)}))
+    return root

@@ -13,13 +13,14 @@ from PIL import Image
 
 import fcn_zoo
 from conftest import serve_folder
-from datasets import make_generic
+from sample_data import make_generic
 from reference import build_reference_fcn, save_reference_checkpoint
 from training import evaluate as evaluate_module
 from training import train as train_module
-from training.data import build_dataset
+from training.sources import build_dataset
 from training.evaluate import evaluate
-from training.generic import median_frequency_weights, splits
+from training.data import median_frequency_weights
+from training.generic import splits
 
 QUICK = ["--device", "cpu", "--num-workers", "0", "--no-progress", "--log-interval", "1"]
 

@@ -16,7 +16,8 @@ LAYERS = {
     "bulk": 11, "demo": 11,                     # many inputs into a folder; the demo page
     "records": 10,                              # what a folder of outputs records about itself
     "video": 10,                                # frames in, overlay video out
-    "stream": 9,                                # many images, read ahead while the network runs
+    "stream": 9, "batch": 9,                    # many images, read ahead while the network runs; batches
+                                                #   of arrays for Ray Data
     "predict": 8,                               # what happens to an image
     "segmentation": 7, "labels": 7,             # the result; how labels come from logits
     "images": 6, "sources": 6,                  # images in and out; what a command line names
@@ -31,22 +32,27 @@ LAYERS = {
 ALLOWED_UPWARD = {("model", "predict"), ("model", "stream")}
 
 
-def imports() -> set[tuple[str, str]]:
-    """(importer, imported) for every import of one fcn_zoo module by another, wherever it is written."""
+TRAINING = PACKAGE.parent / "training"
+# training/: where data comes from, one module per source behind data.py's interface; sources.py picks one
+DATA_SOURCES = {"layouts", "generic", "hubdata"}
+
+
+def imports(package: Path = PACKAGE, name: str = "fcn_zoo") -> set[tuple[str, str]]:
+    """(importer, imported) for every import of one module of ``package`` by another, wherever it is written."""
     edges = set()
-    for path in PACKAGE.glob("*.py"):
+    for path in package.glob("*.py"):
         for node in _executed(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level == 1:
                 targets = [node.module] if node.module else [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fcn_zoo"):
-                targets = [node.module.removeprefix("fcn_zoo").lstrip(".") or "__init__"]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(name):
+                targets = [node.module.removeprefix(name).lstrip(".") or "__init__"]
             elif isinstance(node, ast.Import):
-                targets = [a.name.removeprefix("fcn_zoo.") for a in node.names if a.name.startswith("fcn_zoo.")]
+                targets = [a.name.removeprefix(f"{name}.") for a in node.names if a.name.startswith(f"{name}.")]
             else:
                 continue
             for target in targets:
                 target = target.split(".")[0]
-                if not (PACKAGE / f"{target}.py").is_file():  # `from . import list_models`
+                if not (package / f"{target}.py").is_file():  # `from . import list_models`
                     target = "__init__"
                 if target != path.stem:
                     edges.add((path.stem, target))
@@ -76,9 +82,23 @@ def test_imports_point_down_only():
     assert upward == ALLOWED_UPWARD
 
 
+def test_training_data_sources_sit_behind_one_interface():
+    """data.py imports no source; a source imports no other source (a shared parser excepted); only
+    sources.py chooses among them."""
+    edges = imports(TRAINING, "training")
+    assert not {b for a, b in edges if a == "data"} & (DATA_SOURCES | {"sources"})
+    assert {(a, b) for a, b in edges if a in DATA_SOURCES and b in DATA_SOURCES} <= {("hubdata", "generic")}
+    assert {a for a, b in edges if b in DATA_SOURCES} <= DATA_SOURCES | {"sources"}
+    _no_cycle(edges)
+
+
 def test_there_is_no_import_cycle():
+    _no_cycle(imports() - ALLOWED_UPWARD)
+
+
+def _no_cycle(edges: set[tuple[str, str]]) -> None:
     graph: dict[str, set[str]] = {}
-    for a, b in imports() - ALLOWED_UPWARD:
+    for a, b in edges:
         graph.setdefault(a, set()).add(b)
     done, path = set(), []
 

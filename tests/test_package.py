@@ -79,7 +79,7 @@ def test_the_wheel_holds_the_training_code_and_fine_tuning_runs_from_it_outside_
     import zipfile
     from pathlib import Path
 
-    from datasets import make_generic
+    from sample_data import make_generic
 
     repo = Path(__file__).resolve().parents[1]
     source = tmp_path / "source"  # a copy, so that building leaves nothing in the checkout

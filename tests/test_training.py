@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import fcn_zoo
-from datasets import make_ade20k, make_cityscapes, make_generic, make_voc
+from sample_data import make_ade20k, make_cityscapes, make_generic, make_voc
 from training import train as train_module
-from training.data import build_dataset
+from training.sources import build_dataset
 from training.evaluate import ConfusionMatrix, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -337,4 +337,4 @@ def test_a_deterministic_cpu_run_runs_and_records_its_choices(tmp_path):
     assert (run["precision"], run["grad_scaler"], run["deterministic"], run["cudnn_benchmark"]) == ("fp32", False, True, False)
     assert run["loader_workers"] == 0 and "nondeterministic_ops" not in run  # the CPU has a deterministic kernel for each
     steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if "loss" in line]
-    assert 0 <= steps[0]["loader_wait_share"] <= 1
+    assert 0 <= steps[0]["loader_wait_share"] <= 1 and steps[0]["data_images_per_s"] > 0

@@ -1,21 +1,18 @@
-"""The three datasets in their real on-disk layouts.
+"""Where training data comes from, behind one interface: a :class:`SegmentationDataset` per split and a
+:class:`TrainingData` for a fine-tuning run. Each kind of source is one module that builds them:
 
-``--data-root`` is the folder that holds the dataset's own top folder:
+- :mod:`training.layouts`: the zoo's datasets in their real layouts (VOC, ADE20K, Cityscapes);
+- :mod:`training.generic`: your own folder (``classes.txt``, ``images/``, ``masks/``);
+- :mod:`training.hubdata`: a Hugging Face dataset (on the Hub, a dataset-repo folder or ``save_to_disk``).
 
-- VOC: ``VOCdevkit/VOC2012/{JPEGImages, SegmentationClass, ImageSets/Segmentation/{trainaug,val}.txt}``
-  (the reference layout, SBD labels converted into ``SegmentationClass`` by ``fcn-zoo prepare sbd``),
-  or mmsegmentation's: ``SegmentationClassAug`` + ``ImageSets/Segmentation/{train,aug,val}.txt``;
-- ADE20K: ``ADEChallengeData2016/{images,annotations}/{training,validation}``; label 0 is "other" and is
-  ignored, label i becomes class i - 1 (reduce zero label);
-- Cityscapes: ``leftImg8bit/{train,val}/<city>/*_leftImg8bit.png`` and
-  ``gtFine/{train,val}/<city>/*_gtFine_labelIds.png``; label ids map to the 19 train ids, the rest is ignored;
-- generic (your own classes): ``classes.txt``, ``images/{train,val}/<id>.jpg``, ``masks/{train,val}/<id>.png``
-  (see :mod:`training.generic`).
+:mod:`training.sources` picks one from the command line. This module imports none of them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +21,6 @@ from PIL import Image
 
 IGNORE_INDEX = 255
 
-# Cityscapes label id -> train id (the 19 evaluated classes); every other id is ignored
-CITYSCAPES_TRAIN_IDS = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
-    27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
-}
-
 LAYOUTS = {
     "voc": "VOCdevkit/VOC2012/{JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/<split>.txt} "
     "(or mmsegmentation's SegmentationClassAug with train.txt + aug.txt)",
@@ -37,8 +28,6 @@ LAYOUTS = {
     "cityscapes": "leftImg8bit/<split>/<city>/<id>_leftImg8bit.png and gtFine/<split>/<city>/<id>_gtFine_labelIds.png",
     "generic": "DATA/classes.txt, DATA/images/{train,val}/<id>.jpg|png and DATA/masks/{train,val}/<id>.png",
 }
-# the folder under --data-root that tells each layout
-MARKERS = {"generic": "classes.txt", "voc": "VOCdevkit", "ade20k": "ADEChallengeData2016", "cityscapes": "leftImg8bit"}
 
 
 class DatasetLayoutError(FileNotFoundError):
@@ -47,6 +36,8 @@ class DatasetLayoutError(FileNotFoundError):
 
 class SegmentationDataset(torch.utils.data.Dataset):
     """Pairs of (image, label map) files, a lookup table from stored label values to train ids, and transforms.
+    Another kind of storage subclasses it, replacing :meth:`image`, :meth:`raw_label`, :meth:`where` and
+    :meth:`fingerprint` (:class:`training.hubdata.HubDataset`).
 
     ``transforms(image, label, generator)`` receives a uint8 ``(3, H, W)`` tensor, an int64 ``(H, W)``
     tensor and a ``torch.Generator`` seeded from (seed, epoch, index): the augmentation of a sample is the
@@ -81,25 +72,35 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """Sample ``index``; ``(epoch, index)`` names the epoch too (what loader processes that live for the
         whole run are handed: their copy of the dataset never sees :meth:`set_epoch`)."""
         epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
-        image_path, label_path = self.samples[index]
-        image = torch.from_numpy(np.array(_open(image_path, "RGB", self.name))).permute(2, 0, 1).contiguous()
+        image = torch.from_numpy(self.image(index)).permute(2, 0, 1).contiguous()
         label = torch.from_numpy(self.label(index).astype(np.int64))
         if label.shape != image.shape[1:]:
-            raise DatasetLayoutError(f"{label_path}: label is {tuple(label.shape)}, image is {tuple(image.shape[1:])}")
+            raise DatasetLayoutError(f"{self.where(index)}: label is {tuple(label.shape)}, image is {tuple(image.shape[1:])}")
         if self.transforms is not None:
             generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{epoch}/{index}".encode()))
             image, label = self.transforms(image, label, generator)
         return image, label
 
+    def image(self, index: int) -> np.ndarray:
+        """Sample ``index``'s image as a uint8 ``(H, W, 3)`` RGB array."""
+        return np.array(_open(self.samples[index][0], "RGB", self.name))
+
+    def raw_label(self, index: int) -> np.ndarray:
+        """Sample ``index``'s label map as stored, a uint8 ``(H, W)`` array."""
+        return read_label(self.samples[index][1], self.name)
+
+    def where(self, index: int) -> str:
+        """Where sample ``index``'s label is, for messages."""
+        return str(self.samples[index][1])
+
     def label(self, index: int) -> np.ndarray:
         """The train ids of sample ``index`` as a uint8 ``(H, W)`` array (255 = ignore), without its image."""
-        label_path = self.samples[index][1]
-        raw = read_label(label_path, self.name)
+        raw = self.raw_label(index)
         invalid = self.invalid[raw]
         if invalid.any():
             bad = np.unique(self.lookup[raw][invalid])
             raise DatasetLayoutError(
-                f"{label_path}: label values {bad.tolist()[:5]} are outside the {self.num_classes} classes "
+                f"{self.where(index)}: label values {bad.tolist()[:5]} are outside the {self.num_classes} classes "
                 f"(0..{self.num_classes - 1}, {IGNORE_INDEX} = ignore)"
             )
         return self.lookup[raw]
@@ -107,8 +108,6 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def fingerprint(self) -> str:
         """sha256 of the list of (image, label) file names (of the sorted ids in the generic layout): which
         files an evaluation used."""
-        import hashlib
-
         if self.ids is not None:
             text = "\n".join(sorted(self.ids))
         else:
@@ -118,6 +117,28 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def class_pixels(self) -> tuple[np.ndarray, np.ndarray]:
         """:func:`class_pixels` of every label of the dataset."""
         return class_pixels((self.label(i) for i in range(len(self))), self.num_classes)
+
+
+@dataclass
+class TrainingData:
+    """What a source gives a fine-tuning run, checked in full: both splits (``transforms`` unset), the class
+    names and colours (``None``: the model's defaults), what ``run.json`` and the card record about the data
+    (``record``), and from the check of every sample the training set's class pixel counts and image sizes."""
+
+    layout: str  # generic, voc, ade20k, cityscapes or hub
+    train: SegmentationDataset
+    val: SegmentationDataset
+    class_names: list[str]
+    palette: list[tuple[int, int, int]] | None
+    record: dict
+    pixels: tuple[np.ndarray, np.ndarray] | None = None  # class_pixels() of the training set, if the check counted them
+    sizes: list[tuple[int, int]] | None = None  # (height, width) of each training image, if the check read them
+
+
+def unit_hash(text: str) -> float:
+    """``text``'s sha256 read as a number in [0, 1): which side of a held-out split a sample falls on, whatever
+    the other samples are."""
+    return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16) / 16**12
 
 
 def class_pixels(labels, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -130,6 +151,18 @@ def class_pixels(labels, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
         pixels += counts
         image_pixels[counts > 0] += counts.sum()
     return pixels, image_pixels
+
+
+def median_frequency_weights(pixels: np.ndarray, image_pixels: np.ndarray) -> list[float]:
+    """Median frequency balancing (Eigen & Fergus 2015): ``median(f) / f_c`` with ``f_c`` the ``pixels`` of
+    class c over the ``image_pixels`` of the images where c occurs; classes that never occur get 1."""
+    present = pixels > 0
+    if not present.any():
+        return [1.0] * len(pixels)
+    frequency = np.where(present, pixels / np.maximum(image_pixels, 1), 0.0)
+    median = float(np.median(frequency[present]))
+    return [round(median / f, 6) if p else 1.0 for f, p in zip(frequency.tolist(), present.tolist())]
+
 
 
 def read_label(path: Path, dataset: str, *, index_modes: tuple[str, ...] | None = None) -> np.ndarray:
@@ -151,97 +184,6 @@ def read_label(path: Path, dataset: str, *, index_modes: tuple[str, ...] | None 
     return raw
 
 
-def detect_layout(root: str | Path) -> str:
-    """Which layout ``root`` holds: generic, voc, ade20k or cityscapes."""
-    root = Path(root)
-    for layout, marker in MARKERS.items():
-        if (root / marker).exists():
-            return layout
-    if not root.is_dir():
-        raise DatasetLayoutError(f"{root}: no such folder")
-    expected = "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items())
-    raise DatasetLayoutError(f"{root}: holds none of the dataset layouts; expected one of {expected}")
-
-
-def build_dataset(dataset: str, root: str | Path, split: str, transforms=None, seed: int = 0,
-                  *, val_fraction: float | None = None) -> SegmentationDataset:
-    """``dataset`` in generic / voc / ade20k / cityscapes; ``split`` train or val (VOC's train is trainaug).
-
-    ``val_fraction``: the generic layout without ``images/val`` holds out this share of the images."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if dataset == "generic":
-        from .generic import read_classes, splits
-
-        return generic_dataset(splits(root, val_fraction)[split == "val"], read_classes(root).names, transforms, seed)
-    builders = {"voc": _voc, "ade20k": _ade20k, "cityscapes": _cityscapes}
-    if dataset not in builders:
-        raise ValueError(f"unknown dataset {dataset!r}; use one of {', '.join(builders)}")
-    samples, lookup = builders[dataset](Path(root), split)
-    if not samples:
-        raise DatasetLayoutError(f"{root}: no {dataset} {split} samples found; expected {LAYOUTS[dataset]}")
-    missing = [p for pair in samples for p in pair if not p.is_file()]
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise DatasetLayoutError(f"{missing[0]}: missing{more}; expected {LAYOUTS[dataset]}")
-    return SegmentationDataset(dataset, samples, lookup, transforms, seed)
-
-
-def generic_dataset(samples: list[tuple[str, Path, Path]], class_names: list[str], transforms=None, seed: int = 0) -> SegmentationDataset:
-    """The generic layout's ``(id, image, mask)`` samples (:func:`training.generic.splits`) as a dataset."""
-    return SegmentationDataset(
-        "generic", [(image, mask) for _, image, mask in samples], np.arange(256, dtype=np.uint8), transforms, seed,
-        class_names=class_names, ids=[i for i, _, _ in samples],
-    )
-
-
-def _voc(root: Path, split: str):
-    base = root / "VOCdevkit" / "VOC2012"
-    sets = base / "ImageSets" / "Segmentation"
-    lookup = np.arange(256, dtype=np.uint8)  # VOC PNGs store class ids, 255 = ignore
-
-    def pairs(ids_file: Path, label_dir: str):
-        ids = _read_ids(ids_file, "voc")
-        return [(base / "JPEGImages" / f"{i}.jpg", base / label_dir / f"{i}.png") for i in ids]
-
-    if split == "val":
-        return pairs(sets / "val.txt", "SegmentationClass"), lookup
-    # told apart by the label folders: mmsegmentation's converter also writes a trainaug.txt, but its SBD
-    # labels are in SegmentationClassAug, listed by aug.txt
-    if (base / "SegmentationClassAug").is_dir() and (sets / "aug.txt").is_file():  # mmsegmentation's layout
-        return pairs(sets / "train.txt", "SegmentationClass") + pairs(sets / "aug.txt", "SegmentationClassAug"), lookup
-    if (sets / "trainaug.txt").is_file():  # the reference layout: SBD labels converted into SegmentationClass
-        return pairs(sets / "trainaug.txt", "SegmentationClass"), lookup
-    raise DatasetLayoutError(f"{sets / 'trainaug.txt'}: missing (nor aug.txt + SegmentationClassAug); expected {LAYOUTS['voc']}")
-
-
-def _ade20k(root: Path, split: str):
-    base = root / "ADEChallengeData2016"
-    folder = {"train": "training", "val": "validation"}[split]
-    images = sorted((base / "images" / folder).glob("*.jpg"))
-    lookup = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-    lookup[1:151] = np.arange(150)  # reduce zero label
-    return [(p, base / "annotations" / folder / f"{p.stem}.png") for p in images], lookup
-
-
-def _cityscapes(root: Path, split: str):
-    images = sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))
-    lookup = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-    for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():
-        lookup[label_id] = train_id
-    samples = [
-        (p, root / "gtFine" / split / p.parent.name / p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png"))
-        for p in images
-    ]
-    return samples, lookup
-
-
-def _read_ids(path: Path, dataset: str) -> list[str]:
-    if not path.is_file():
-        raise DatasetLayoutError(f"{path}: missing; expected {LAYOUTS[dataset]}")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
 def _open(path: Path, mode: str | None, dataset: str) -> Image.Image:
     try:
         with Image.open(path) as img:
@@ -249,6 +191,36 @@ def _open(path: Path, mode: str | None, dataset: str) -> Image.Image:
             return img.convert(mode) if mode and img.mode != mode else img
     except (OSError, SyntaxError, ValueError) as e:
         raise DatasetLayoutError(f"{path}: unreadable ({e}); expected {LAYOUTS[dataset]}") from e
+
+
+class TimedSamples(torch.utils.data.Dataset):
+    """``dataset`` with the time each loader process spends making samples counted in shared memory: the data
+    pipeline's own rate (decoding, augmenting), which training logs beside the step's to say which one
+    bounds the run. ``workers``: the loader's processes (0: the samples are made in this process)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, workers: int):
+        self.dataset = dataset
+        self.clock = torch.zeros(max(workers, 1), 2, dtype=torch.float64).share_memory_()  # per process: seconds, samples
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        import time
+
+        start = time.perf_counter()
+        sample = self.dataset[key]
+        info = torch.utils.data.get_worker_info()
+        self.clock[info.id if info is not None else 0] += torch.tensor([time.perf_counter() - start, 1.0], dtype=torch.float64)
+        return sample
+
+    def rate(self, since: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
+        """Samples per second the loader's processes make together when none waits (each one's samples over
+        its seconds, summed), since the ``clock`` returned by an earlier call; and the clock now."""
+        now = self.clock.clone()
+        seconds, samples = (now - since if since is not None else now).unbind(1)
+        busy = seconds > 0
+        return float((samples[busy] / seconds[busy]).sum()), now
 
 
 class RunSampler(torch.utils.data.Sampler):

@@ -2,6 +2,7 @@
 
     fcn-zoo evaluate fcn_resnet50os8_voc --data-root /data
     fcn-zoo evaluate runs/mine/best --data-root DATA          # your data (training.generic)
+    fcn-zoo evaluate runs/mine/best --dataset-name segments/sidewalk-semantic   # a Hugging Face dataset (training.hubdata)
     torchrun --nproc-per-node 8 -m fcn_zoo.cli evaluate runs/voc/best --data-root /data --tta
 
 In a checkout, ``python -m training.evaluate`` runs the same code.
@@ -23,8 +24,9 @@ from fcn_zoo._files import write_json
 from fcn_zoo._inference import evaluating
 from fcn_zoo.predict import TTA, predict_labels
 
-from .data import IGNORE_INDEX, DatasetLayoutError, build_dataset, detect_layout
+from .data import IGNORE_INDEX, DatasetLayoutError
 from .distributed import DistributedContext, init_distributed
+from .sources import add_hub_arguments, evaluation_data
 
 
 class ConfusionMatrix:
@@ -118,11 +120,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("model", help="zoo name, Hub repo id, save_pretrained folder or reference .pth")
-    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--data-root", help="a folder in one of the layouts (or --dataset-name)")
     parser.add_argument("--dataset", choices=("generic", *sorted(fcn_zoo.DATASETS)), help="the layout of --data-root (default: detected)")
     parser.add_argument("--split", default="val", choices=("train", "val"))
     parser.add_argument("--val-fraction", type=float, default=None,
-                        help="generic layout without images/val: the held-out share (default: the one the model's training run used)")
+                        help="without images/val or a validation split: the held-out share (default: the one the model's "
+                        "training run used)")
+    add_hub_arguments(parser, evaluation=True)
     parser.add_argument("--mode", default="whole", choices=("whole", "slide"))
     parser.add_argument("--tta", action="store_true", help="flip + scales 0.5-1.75")
     parser.add_argument("--device", default=None)
@@ -140,19 +144,23 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
     except FCNZooError as e:
         raise SystemExit(f"{prog}: {e}") from None
     try:
-        layout = args.dataset or detect_layout(args.data_root)
         val_fraction = args.val_fraction
-        if val_fraction is None and not (Path(args.data_root) / "images" / "val").is_dir():
+        if val_fraction is None and not (args.data_root and (Path(args.data_root) / "images" / "val").is_dir()):
             val_fraction = _training_val_fraction(args.model)  # the share the training run held out
-        dataset = build_dataset(layout, args.data_root, args.split, val_fraction=val_fraction if layout == "generic" else None)
+        dataset, layout = evaluation_data(args, val_fraction)
     except DatasetLayoutError as e:
         raise SystemExit(f"{prog}: {e}") from None
+    except SystemExit as e:  # options that do not go together, said as this command
+        if isinstance(e.code, str):
+            raise SystemExit(f"{prog}: {e.code}") from None
+        raise
     try:
         model = fcn_zoo.from_pretrained(args.model, device=str(ctx.device))
     except fcn_zoo.FCNZooError as e:
         raise SystemExit(f"{prog}: {e}") from None
     if model.num_classes != dataset.num_classes:
-        raise SystemExit(f"{prog}: {args.model} predicts {model.num_classes} classes; {args.data_root} has {dataset.num_classes}")
+        raise SystemExit(f"{prog}: {args.model} predicts {model.num_classes} classes; "
+                         f"{args.data_root or args.dataset_name} has {dataset.num_classes}")
     if ctx.is_main:
         try:  # before the evaluation, not after it
             writable(out, "the report's folder", "pass --output-dir a writable folder")
@@ -161,7 +169,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
     results = evaluate(model, dataset, tta=TTA() if args.tta else None, mode=args.mode, ctx=ctx, max_samples=args.max_samples)
     if ctx.is_main:
         write_report(results, dataset.class_names, out, {
-            "model": args.model, "dataset": layout, "data_root": str(args.data_root), "split": args.split, "mode": args.mode,
+            "model": args.model, "dataset": layout, "data_root": args.data_root, "dataset_name": args.dataset_name,
+            "revision": args.revision, "split": getattr(dataset, "split", args.split), "mode": args.mode,
             "tta": args.tta, "samples_sha256": dataset.fingerprint(),
         })
         print(f"wrote {out / 'eval.json'} and {out / 'eval_iou.png'}")

@@ -11,14 +11,13 @@ images never moves the others.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .data import IGNORE_INDEX, LAYOUTS, DatasetLayoutError, class_pixels, read_label
+from .data import IGNORE_INDEX, LAYOUTS, DatasetLayoutError, SegmentationDataset, TrainingData, class_pixels, read_label, unit_hash
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 LAYOUT = LAYOUTS["generic"]
@@ -36,6 +35,14 @@ def read_classes(root: str | Path) -> Classes:
     path = Path(root) / "classes.txt"
     if not path.is_file():
         raise DatasetLayoutError(f"{path}: missing; write one class name per line, in index order ({LAYOUT})")
+    return read_classes_file(path)
+
+
+def read_classes_file(path: str | Path) -> Classes:
+    """A ``classes.txt`` file anywhere (``--classes FILE``): a name per line, optionally ``R G B``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetLayoutError(f"{path}: no such file; write one class name per line, in index order")
     names, colours = [], []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         text = line.strip()
@@ -114,14 +121,34 @@ def splits(root: str | Path, val_fraction: float | None) -> tuple[list, list, st
         raise DatasetLayoutError(f"{root / 'images'}: {len(pool)} image; at least 2 are needed to hold some out for validation")
     # an id goes to val when its hash, read as a number in [0, 1), is below the fraction: the share is
     # val_fraction on average, and an image's side never depends on the other images
-    ranked = sorted(pool, key=lambda sample: _unit_hash(sample[0]))
-    val = {i for i, _, _ in ranked if _unit_hash(i) < val_fraction} or {ranked[0][0]}
+    ranked = sorted(pool, key=lambda sample: unit_hash(sample[0]))
+    val = {i for i, _, _ in ranked if unit_hash(i) < val_fraction} or {ranked[0][0]}
     val.discard(ranked[-1][0])  # at least one image to train on
     return [s for s in pool if s[0] not in val], [s for s in pool if s[0] in val], f"held out {val_fraction:g}"
 
 
-def _unit_hash(text: str) -> float:
-    return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16) / 16**12
+def load(root: str | Path, val_fraction: float | None, progress: bool = False, seed: int = 0) -> TrainingData:
+    """Your folder as a fine-tuning run's data: the classes, both splits, every mask checked (:func:`scan`)."""
+    root = Path(root)
+    classes = read_classes(root)
+    train_pairs, val_pairs, val_source = splits(root, val_fraction)
+    checked = scan(train_pairs, len(classes.names), progress)
+    scan(val_pairs, len(classes.names), progress)
+    train, val = generic_dataset(train_pairs, classes.names, None, seed), generic_dataset(val_pairs, classes.names)
+    record = {
+        "name": root.resolve().name, "layout": "generic", "train_images": len(train), "val_images": len(val),
+        "val_split": val_source, "train_sha256": train.fingerprint(), "val_sha256": val.fingerprint(),  # of the sorted id lists
+    }
+    return TrainingData("generic", train, val, classes.names, classes.palette, record,
+                        (checked.pixels, checked.image_pixels), checked.sizes)
+
+
+def generic_dataset(samples: list[tuple[str, Path, Path]], class_names: list[str], transforms=None, seed: int = 0) -> SegmentationDataset:
+    """The generic layout's ``(id, image, mask)`` samples (:func:`splits`) as a dataset."""
+    return SegmentationDataset(
+        "generic", [(image, mask) for _, image, mask in samples], np.arange(256, dtype=np.uint8), transforms, seed,
+        class_names=class_names, ids=[i for i, _, _ in samples],
+    )
 
 
 @dataclass
@@ -160,17 +187,6 @@ def scan(samples: list[tuple[str, Path, Path]], num_classes: int, progress: bool
 
     pixels, image_pixels = class_pixels(checked_masks(), num_classes)
     return Scan(pixels, image_pixels, sizes)
-
-
-def median_frequency_weights(pixels: np.ndarray, image_pixels: np.ndarray) -> list[float]:
-    """Median frequency balancing (Eigen & Fergus 2015): ``median(f) / f_c`` with ``f_c`` the ``pixels`` of
-    class c over the ``image_pixels`` of the images where c occurs; classes that never occur get 1."""
-    present = pixels > 0
-    if not present.any():
-        return [1.0] * len(pixels)
-    frequency = np.where(present, pixels / np.maximum(image_pixels, 1), 0.0)
-    median = float(np.median(frequency[present]))
-    return [round(median / f, 6) if p else 1.0 for f, p in zip(frequency.tolist(), present.tolist())]
 
 
 def _files(folder: Path, suffixes: set[str]) -> list[Path]:

@@ -13,12 +13,12 @@ import argparse
 import statistics
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import fcn_zoo
 
-from .data import SegmentationDataset, build_dataset, detect_layout, generic_dataset
+from .data import SegmentationDataset, median_frequency_weights
 from .distributed import DistributedContext
+from .sources import build_dataset, check_source, finetune_data
 from .transforms import train_transforms
 
 REFERENCE_GPUS = 8  # the table's rows were trained on 8 GPUs: the iterations per epoch are counted over 8
@@ -64,9 +64,10 @@ def make_plan(args: argparse.Namespace, ctx: DistributedContext) -> Plan:
 
 
 def recipe_plan(args: argparse.Namespace, ctx: DistributedContext) -> Plan:
-    for option in ("val_fraction", "class_weights", "dataset"):
+    for option in ("val_fraction", "class_weights", "dataset", "dataset_name"):
         if getattr(args, option) not in (None, "none"):
             raise SystemExit(f"--{option.replace('_', '-')} is for fine-tuning (--init); a --recipe run uses the row's dataset as the reference does")
+    check_source(args)
     row = fcn_zoo.get_checkpoint(args.recipe)
     data = row.data
     total_batch = args.batch_size or row.batch_size
@@ -89,51 +90,27 @@ def recipe_plan(args: argparse.Namespace, ctx: DistributedContext) -> Plan:
 
 
 def finetune_plan(args: argparse.Namespace, ctx: DistributedContext) -> Plan:
-    from .generic import read_classes, scan, splits
-
     for option in ("backbone", "head_channels"):
         if getattr(args, option):
             raise SystemExit(f"--{option.replace('_', '-')} comes from --init {args.init}: the architecture is the source's")
     if args.backbone_weights is not None:
         raise SystemExit(f"--backbone-weights does not apply with --init: every weight comes from {args.init}")
-    root = Path(args.data_root)
-    layout = args.dataset or detect_layout(root)
     log = _logger(ctx)
-
     # the data first, all of it: a malformed dataset fails here, before a model is loaded or a step taken
-    if layout == "generic":
-        classes = read_classes(root)
-        train_pairs, val_pairs, val_source = splits(root, args.val_fraction)
-        names, palette = classes.names, classes.palette
-        progress = not args.no_progress and ctx.is_main
-        checked = scan(train_pairs, len(names), progress)
-        scan(val_pairs, len(names), progress)
-        counts, sizes = (checked.pixels, checked.image_pixels), checked.sizes
-        train_set, val_set = generic_dataset(train_pairs, names, None, args.seed), generic_dataset(val_pairs, names)
-    else:
-        if args.val_fraction is not None:
-            raise SystemExit(f"--val-fraction is for the generic layout; {layout} has its own val split")
-        known = fcn_zoo.DATASETS[layout]
-        names, palette, val_source, counts, sizes = list(known.classes), list(known.palette), "val", None, None
-        train_set, val_set = build_dataset(layout, root, "train", None, args.seed), build_dataset(layout, root, "val")
-    data = {
-        "name": root.resolve().name if layout == "generic" else fcn_zoo.DATASETS[layout].title, "layout": layout,
-        "train_images": len(train_set), "val_images": len(val_set), "val_split": val_source,
-        "train_sha256": train_set.fingerprint(), "val_sha256": val_set.fingerprint(),  # of the sorted id lists
-    }
+    data = finetune_data(args, progress=not args.no_progress and ctx.is_main)
+    train_set, val_set, names = data.train, data.val, data.class_names
     weights = None
     if args.class_weights == "auto":
-        from .generic import median_frequency_weights
-
-        weights = median_frequency_weights(*(counts if counts is not None else train_set.class_pixels()))
+        weights = median_frequency_weights(*(data.pixels if data.pixels is not None else train_set.class_pixels()))
         log(f"class weights (median frequency): {', '.join(f'{n} {w:.3g}' for n, w in zip(names, weights))}")
 
     model, source_classes = load_init(args.init, len(names), log)
     model.class_names = list(names)
-    if palette is not None:
-        model.palette = [tuple(c) for c in palette]
-    model.dataset = layout if layout != "generic" else None
-    scale = tuple(args.scale) if args.scale else (fcn_zoo.DATASETS[layout].eval_size if layout != "generic" else _native_scale(sizes, model.eval_size))
+    if data.palette is not None:
+        model.palette = [tuple(c) for c in data.palette]
+    known = fcn_zoo.DATASETS.get(data.layout)
+    model.dataset = data.layout if known else None
+    scale = tuple(args.scale) if args.scale else (known.eval_size if known else _native_scale(data.sizes, model.eval_size))
     crop = _crop(args) or (min(FINETUNE_CROP, scale[1]),) * 2
     model.eval_size, model.crop_size = scale, crop
     train_set.transforms = train_transforms(scale, crop, model.mean, model.std)
@@ -145,12 +122,12 @@ def finetune_plan(args: argparse.Namespace, ctx: DistributedContext) -> Plan:
     max_iters = args.max_iters or max(epochs * iters_per_epoch, FINETUNE_MIN_ITERS)
     meta = {
         "init": str(args.init), "init_classes": source_classes, "reinitialised_classifiers": source_classes != len(names),
-        "data": data, "epochs": round(max_iters / iters_per_epoch, 2), "lr": args.lr or FINETUNE_LR,
+        "data": data.record, "epochs": round(max_iters / iters_per_epoch, 2), "lr": args.lr or FINETUNE_LR,
         "freeze_backbone": args.freeze_backbone, "class_weights": weights, "val_fraction": args.val_fraction,
         "backbone_weights": f"--init {args.init}",
     }
     return Plan(
-        data["name"], None, model, train_set, val_set, total_batch, per_device, _accumulation(total_batch, per_device, ctx),
+        data.record["name"], None, model, train_set, val_set, total_batch, per_device, _accumulation(total_batch, per_device, ctx),
         crop, scale, iters_per_epoch, max_iters, args.lr or FINETUNE_LR, args.eval_interval or max(1, max_iters // 10),
         class_weights=weights, freeze_backbone=args.freeze_backbone, meta=meta,
     )

@@ -38,12 +38,13 @@ from fcn_zoo._files import write_json
 from fcn_zoo.errors import FCNZooError
 
 from .checkpoints import resume, save_checkpoint
-from .data import IGNORE_INDEX, DatasetLayoutError, RunSampler
+from .data import IGNORE_INDEX, DatasetLayoutError, RunSampler, TimedSamples
 from .distributed import DistributedContext, init_distributed
 from .evaluate import evaluate
 from .plan import FINETUNE_BATCH, FINETUNE_CROP, FINETUNE_EPOCHS, FINETUNE_LR, FINETUNE_MIN_ITERS, make_plan
 from .precision import configure_determinism, nondeterministic_ops, training_precision
 from .results import export_folder, final_line, plot_curves, push_best
+from .sources import add_hub_arguments
 
 MIN_LR = 1e-4
 POLY_POWER = 0.9
@@ -61,11 +62,13 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m training.tr
     what = p.add_argument_group("what to train")
     what.add_argument("--recipe", choices=fcn_zoo.list_models(), help="the zoo row to reproduce with the reference recipe")
     what.add_argument("--init", metavar="SOURCE", help="fine-tune: a zoo name, Hub repo id, save_pretrained folder or reference .pth")
-    p.add_argument("--data-root", required=True,
-                   help="your data (classes.txt, images/, masks/) or the folder holding VOCdevkit, ADEChallengeData2016 or leftImg8bit + gtFine")
+    p.add_argument("--data-root",
+                   help="your data (classes.txt, images/, masks/) or the folder holding VOCdevkit, ADEChallengeData2016 or "
+                   "leftImg8bit + gtFine (or --dataset-name)")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--dataset", choices=("generic", "voc", "ade20k", "cityscapes"), help="the layout of --data-root (default: detected)")
-    p.add_argument("--val-fraction", type=float, help="without images/val: hold out this share of the images, chosen by id (e.g. 0.1)")
+    p.add_argument("--val-fraction", type=float, help="without images/val (or a validation split): hold out this share of "
+                   "the images, chosen by id or row (e.g. 0.1)")
     p.add_argument("--class-weights", choices=("none", "auto"), default="none", help="auto: median frequency balancing of the loss")
     p.add_argument("--freeze-backbone", action="store_true", help="train the heads only (backbone weights and BatchNorm statistics fixed)")
     p.add_argument("--push-to-hub", metavar="OWNER/REPO", help="upload best/ to this Hub repo at the end (needs hf auth login)")
@@ -73,6 +76,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m training.tr
                    "'timm' (timm's V1c ImageNet weights), 'none', or a file")
     p.add_argument("--backbone", help="--recipe: another timm backbone than the recipe's (e.g. resnet18d for quick runs)")
     p.add_argument("--head-channels", type=int, help="--recipe: narrower heads than the recipe's 512 (for quick runs)")
+    add_hub_arguments(p)
     p.add_argument("--device", help="cpu, cuda (default: this process's GPU if any)")
     p.add_argument("--batch-size", type=int, help="total batch over all processes (default: the recipe's, or 8)")
     p.add_argument("--per-device-batch", type=int, help="images per device per step (default: the total batch / the processes; fewer accumulate gradients over steps)")
@@ -193,8 +197,9 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
     it = state["iteration"]
     steps = RunSampler(sampler, it, max_iters, iters_per_epoch, per_device * accumulation)
     # one loader for the whole run: its processes start once and read ahead across epochs
+    timed = TimedSamples(train_set, workers)
     loader = DataLoader(
-        train_set, batch_size=per_device, sampler=steps, drop_last=True, num_workers=workers, pin_memory=on_gpu,
+        timed, batch_size=per_device, sampler=steps, drop_last=True, num_workers=workers, pin_memory=on_gpu,
         persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
         # its own generator: creating the loader must not draw from the global RNG (dropout's), or a
         # resumed run would diverge from an uninterrupted one
@@ -203,6 +208,7 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
     batches = iter(loader)
     bar = tqdm(total=max_iters, initial=it, desc=plan.name, disable=args.no_progress or not ctx.is_main)
     window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
+    _, data_clock = timed.rate()
     _train_mode(net, model, plan.freeze_backbone)
     while it < max_iters:
         epoch = it // iters_per_epoch
@@ -241,6 +247,7 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
                 dist.all_reduce(losses)
                 losses /= ctx.world_size
             elapsed = time.perf_counter() - window_start
+            data_rate, data_clock = timed.rate(data_clock)
             record = {
                 "iter": it, "epoch": epoch, "loss": float(losses[0] + AUX_WEIGHT * losses[1]),
                 "loss_main": float(losses[0]), "loss_aux": float(losses[1]),
@@ -248,6 +255,9 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
                 # the share of the time the loop waited for the loader: near 0, the device bounds the run;
                 # large, the data pipeline does (more --num-workers, or faster storage)
                 "loader_wait_share": window_wait / max(elapsed, 1e-9),
+                # what the data pipeline alone makes (its processes' samples over their busy time, all
+                # processes): above images_per_s, the device bounds the run
+                "data_images_per_s": data_rate * ctx.world_size,
                 "memory_mb": _memory_mb(ctx.device),
             }
             state["history"]["loss"].append([it, record["loss"]])

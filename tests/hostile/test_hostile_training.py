@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets import make_voc
+from sample_data import make_voc
 from training import train as train_module
 
 QUICK = ["--recipe", "fcn_resnet50os8_voc", "--device", "cpu", "--backbone-weights", "none", "--backbone", "resnet10t",

@@ -1,0 +1,124 @@
+"""Batches of images in, label maps out: one callable class for Ray Data's ``map_batches`` (inference beyond
+one machine: streaming, retries, CPU and GPU stages), or any loop over dicts of arrays.
+
+    import ray
+    from fcn_zoo.batch import Segmenter
+
+    ds = ray.data.read_images("s3://bucket/photos", mode="RGB", include_paths=True)
+    ds = ds.map_batches(Segmenter, fn_constructor_kwargs={"model": "fcn_resnet50os16_voc"}, batch_size=8,
+                        num_gpus=1, compute=ray.data.ActorPoolStrategy(size=4))
+
+Each actor loads the model once, on its device (its GPU where Ray gives it one, else the CPU), and segments
+with the protocol of :meth:`FCN.predict <fcn_zoo.FCN.predict>` (the same labels). Nothing here imports Ray: the class takes and
+returns plain dicts of NumPy arrays, the format of Ray Data batches.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+__all__ = ["Segmenter"]
+
+IMAGE_COLUMNS = ("image", "bytes", "path")  # read_images, read_binary_files, a table of paths
+
+
+class Segmenter:
+    """Segment the images of a batch: ``{"image": ...}`` in, ``{"labels": ..., "shares": ...}`` out.
+
+    Args:
+        model: a zoo name, Hub repo id, ``save_pretrained`` folder or reference ``.pth`` (loaded once, here), or
+            an :class:`~fcn_zoo.FCN`.
+        column: the batch's image column (default: the first of ``image``, ``bytes``, ``path``). Its values
+            may be RGB arrays ``(H, W, 3)`` (a stacked ``(N, H, W, 3)`` array too), encoded image bytes, paths,
+            or Hugging Face ``Image`` cells (``{"bytes": ..., "path": ...}``).
+        device: default the GPU where there is one (under Ray, the one the actor was given), else the CPU.
+        confidence: also return ``confidence``: each pixel's largest class probability, float16 ``(H, W)``.
+        **options: as :func:`fcn_zoo.predict.predict` (``tta``, ``mode``, ``precision``, ``batch_size``...).
+
+    The result keeps the batch's other columns (``path``...) and adds ``labels`` (a uint8 ``(H, W)`` label map
+    per image, int32 beyond 256 classes) and ``shares`` (per image, each class's share of its pixels, in the
+    order of :attr:`class_names`). The image column is dropped (unless it is ``path``), so it is not carried further.
+    """
+
+    def __init__(self, model="fcn_resnet50os16_voc", *, column: str | None = None, device: str | None = None,
+                 confidence: bool = False, **options):
+        import torch
+
+        from .model import FCN
+        from .predict import Predictor
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if not isinstance(model, FCN):
+            from .hub import from_pretrained
+
+            model = from_pretrained(model, device=device)
+        self.predictor = Predictor(model, fuse=True, confidence=confidence, device=device, **options)
+        self.class_names = list(model.class_names)
+        self.column = column
+        self.confidence = confidence
+
+    def __call__(self, batch: dict) -> dict:
+        from .images import load_image
+
+        column = self.column or next((c for c in IMAGE_COLUMNS if c in batch), None)
+        if column is None or column not in batch:
+            raise KeyError(f"the batch has no image column {self.column or ' / '.join(IMAGE_COLUMNS)!r} "
+                           f"(its columns: {', '.join(batch)}); pass Segmenter(column=...)")
+        values = list(batch[column])
+        names = _names(batch, column, len(values))
+        loaded = [load_image(_decodable(value, name)) for value, name in zip(values, names)]
+        segs = []
+        size = self.predictor.batch_size
+        for start in range(0, len(loaded), size):
+            segs += self.predictor(loaded[start:start + size], names[start:start + size])
+        out = {k: v for k, v in batch.items() if k != column or k == "path"}  # paths stay: they name the rows
+        out["labels"] = _column([seg.labels for seg in segs])
+        out["shares"] = np.array([_shares(seg.labels, len(self.class_names)) for seg in segs], dtype=np.float32)
+        if self.confidence:
+            out["confidence"] = _column([seg.confidence.astype(np.float16) for seg in segs])
+        return out
+
+
+def _names(batch: dict, column: str, n: int) -> list[str]:
+    """What to call each image in messages: its path where the batch has one."""
+    if column != "path" and "path" in batch:
+        return [str(p) for p in batch["path"]]
+    if column == "path":
+        return [str(p) for p in batch[column]]
+    return [f"row {i} of the batch" for i in range(n)]
+
+
+def _decodable(value, name: str):
+    """A batch cell as something :func:`fcn_zoo.images.load_image` reads."""
+    from PIL import Image
+
+    from .errors import ImageError
+
+    if isinstance(value, dict):  # a Hugging Face Image cell
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            return Image.open(io.BytesIO(bytes(value)))
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"{name}: cannot read these bytes as an image ({e})") from e
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        value = np.asarray(value.tolist())
+    if isinstance(value, np.str_):
+        value = str(value)
+    return value
+
+
+def _shares(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    return np.bincount(labels.ravel(), minlength=num_classes)[:num_classes] / max(labels.size, 1)
+
+
+def _column(arrays: list[np.ndarray]) -> np.ndarray:
+    """One array per row: stacked where the shapes agree, else an object array (Ray's variable-shaped tensors)."""
+    if len({a.shape for a in arrays}) == 1:
+        return np.stack(arrays)
+    column = np.empty(len(arrays), dtype=object)
+    column[:] = arrays
+    return column

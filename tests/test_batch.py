@@ -1,0 +1,103 @@
+"""fcn_zoo.batch.Segmenter: batches of images (arrays, bytes, paths, Hugging Face cells) to label maps with
+predict's protocol, alone and under Ray Data's map_batches."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import fcn_zoo
+from conftest import PHOTOS, tiny_fcn
+from fcn_zoo.batch import Segmenter
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Six photos of two sizes (so that a batch holds images of unequal size)."""
+    folder = tmp_path_factory.mktemp("photos")
+    paths = []
+    for i in range(6):
+        size = (120, 90) if i % 2 else (96, 128)
+        path = folder / f"photo{i}.jpg"
+        Image.open(PHOTOS[i % len(PHOTOS)]).convert("RGB").resize(size).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory):
+    """The tiny FCN evaluated at its photos' own size (a bound of 128x96), so that each image takes milliseconds."""
+    folder = tmp_path_factory.mktemp("small") / "small-fcn"
+    model = tiny_fcn()
+    model.eval_size = (128, 96)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _expected(model_folder, paths):
+    model = fcn_zoo.from_pretrained(model_folder)
+    return {str(p): model.predict(p).labels for p in paths}
+
+
+def test_every_kind_of_cell_gives_predicts_labels(small_folder, photos):
+    expected = _expected(small_folder, photos)
+    assert len({int(v) for labels in expected.values() for v in np.unique(labels)}) > 1  # not one flat class
+    segmenter = Segmenter(small_folder, device="cpu", confidence=True)
+    paths = [str(p) for p in photos]
+    batches = {
+        "arrays": {"image": np.array([np.asarray(Image.open(p)) for p in paths], dtype=object), "path": np.array(paths)},
+        "bytes": {"bytes": np.array([open(p, "rb").read() for p in paths], dtype=object), "path": np.array(paths)},
+        "paths": {"path": np.array(paths)},
+        "hf cells": {"image": np.array([{"bytes": open(p, "rb").read(), "path": None} for p in paths]), "path": np.array(paths)},
+    }
+    for kind, batch in batches.items():
+        out = segmenter(batch)
+        assert list(out["path"]) == paths, kind  # other columns are kept; the image column is not
+        assert "image" not in out and "bytes" not in out
+        for path, labels, shares, confidence in zip(paths, out["labels"], out["shares"], out["confidence"]):
+            assert labels.dtype == np.uint8 and np.array_equal(labels, expected[path]), (kind, path)
+            counts = np.bincount(labels.ravel(), minlength=21) / labels.size
+            assert np.allclose(shares, counts) and abs(shares.sum() - 1) < 1e-5
+            assert confidence.dtype == np.float16 and confidence.shape == labels.shape
+            assert float(confidence.min()) >= 1 / 21 - 1e-3 and float(confidence.max()) <= 1.0
+    assert segmenter.class_names == fcn_zoo.from_pretrained(small_folder).class_names
+
+
+def test_a_stacked_batch_and_a_missing_column(small_folder, photos):
+    tiny_model = fcn_zoo.from_pretrained(small_folder)
+    same = [p for p in photos if Image.open(p).size == (96, 128)]
+    stacked = np.stack([np.asarray(Image.open(p)) for p in same])  # (N, H, W, 3): read_images with equal sizes
+    out = Segmenter(tiny_model)({"image": stacked})
+    assert out["labels"].shape == (len(same), 128, 96) and out["shares"].shape == (len(same), 21)
+    for labels, path in zip(out["labels"], same):
+        assert np.array_equal(labels, tiny_model.predict(path).labels)
+    with pytest.raises(KeyError, match=r"no image column 'image / bytes / path' \(its columns: photo\)"):
+        Segmenter(tiny_model)({"photo": stacked})
+
+
+def test_no_ray_at_import():
+    code = "import sys, fcn_zoo, fcn_zoo.batch; print(any(m == 'ray' or m.startswith('ray.') for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_ray_data_map_batches_gives_predicts_labels(small_folder, photos):
+    """A local Ray (2 CPUs): read_images, map_batches over an actor pool, the labels of predict."""
+    ray = pytest.importorskip("ray", reason="the ray extra (pip install 'fcn-zoo[ray]')")
+    expected = _expected(small_folder, photos)
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False,
+             configure_logging=False)
+    try:
+        ds = ray.data.read_images([str(p) for p in photos], mode="RGB", include_paths=True)
+        ds = ds.map_batches(Segmenter, fn_constructor_kwargs={"model": str(small_folder), "device": "cpu"}, batch_size=3,
+                            num_cpus=1, compute=ray.data.ActorPoolStrategy(size=1))
+        rows = ds.take_all()
+    finally:
+        ray.shutdown()
+    assert sorted(row["path"] for row in rows) == sorted(str(p) for p in photos)
+    for row in rows:
+        assert np.array_equal(row["labels"], expected[row["path"]]), row["path"]
+        assert row["shares"].shape == (21,)

@@ -1,0 +1,345 @@
+"""A Hugging Face dataset as training and evaluation data (the ``datasets`` extra: ``pip install 'fcn-zoo[datasets]'``).
+
+    fcn-zoo train --init fcn_resnet50os16_voc --dataset-name segments/sidewalk-semantic --val-fraction 0.1 --output-dir runs/sidewalk
+    fcn-zoo train --init fcn_resnet50os16_ade20k --dataset-name scene_parse_150 --revision refs/convert/parquet \\
+        --reduce-labels --id2label ade20k-id2label.json --output-dir runs/ade
+    fcn-zoo evaluate runs/sidewalk/best --dataset-name segments/sidewalk-semantic
+
+``--dataset-name`` is a Hub dataset id, a local folder laid out as a dataset repo (parquet files under
+``data/``, ``id2label.json`` at its root) or a ``save_to_disk`` folder; the last two load offline. A dataset
+has one image column and one mask column (an ``Image`` feature holding one class index per pixel), found by
+their usual names (``image``/``pixel_values``, ``label``/``annotation``/``mask``) unless named. Class names
+come from ``--id2label``, ``--classes``, the dataset's ``id2label.json`` or a ``ClassLabel`` feature of the
+mask column; colours from ``--classes``, else the masks' own palette (palette PNGs), else the model's.
+``--reduce-labels`` ignores mask value 0 and moves every other value down by one, as transformers' does
+(ADE20K's 0 is "other"); the class names then name the values after it. Without a validation split,
+``--val-fraction`` holds out train rows chosen by their index.
+
+Every row's mask is checked before training starts, as for a folder: its size against its image's, its
+values against the classes, and that it is not a colour image; an error names the split and the row.
+Loader processes read the rows they are given from the memory-mapped Arrow files: under ``torchrun`` each
+process reads only the rows its sampler hands it (its shard), for training and for evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .data import IGNORE_INDEX, DatasetLayoutError, SegmentationDataset, TrainingData, class_pixels, unit_hash
+
+IMAGE_COLUMNS = ("image", "pixel_values", "img")
+LABEL_COLUMNS = ("label", "annotation", "mask", "semantic_segmentation", "segmentation")
+VAL_SPLITS = ("validation", "val", "valid")
+MASK_MODES = ("L", "P", "I", "I;16", "I;16B", "1")  # PIL modes that hold one index per pixel
+
+
+class HubDataset(SegmentationDataset):
+    """The rows ``rows`` of one split of a ``datasets.Dataset``: its image and mask columns, read undecoded
+    (bytes or paths) and opened here, and the lookup of mask values to train ids."""
+
+    def __init__(self, name: str, split: str, table, rows: list[int], columns: tuple[str, str], lookup: np.ndarray,
+                 class_names: list[str], transforms=None, seed: int = 0):
+        super().__init__("hub", [], lookup, transforms, seed, class_names=class_names)
+        self.dataset_name, self.split, self.rows, self.columns = name, split, rows, columns
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _cell(self, index: int, column: str) -> Image.Image:
+        value = self.table[self.rows[index]][column]
+        return _open_cell(value, f"{self.where(index)}: column {column!r}")
+
+    def image(self, index: int) -> np.ndarray:
+        image = self._cell(index, self.columns[0])
+        return np.array(image.convert("RGB") if image.mode != "RGB" else image)
+
+    def raw_label(self, index: int) -> np.ndarray:
+        return _mask_values(self._cell(index, self.columns[1]), self.where(index))
+
+    def where(self, index: int) -> str:
+        return f"{self.dataset_name} split {self.split!r} row {self.rows[index]}"
+
+    def fingerprint(self) -> str:
+        """sha256 of the dataset's fingerprint, the split and the rows taken: which rows an evaluation used."""
+        text = f"{getattr(self.table, '_fingerprint', '')}\n{self.split}\n{','.join(map(str, self.rows))}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def load(args: argparse.Namespace, progress: bool = False, seed: int = 0) -> TrainingData:
+    """Both splits of ``--dataset-name``, every row checked; what the run records about them."""
+    source = _Source(args)
+    (train_split, train_rows), (val_split, val_rows, val_source) = source.splits(args.val_fraction)
+    if args.max_train_samples:
+        train_rows = train_rows[:args.max_train_samples]
+    train = source.dataset(train_split, train_rows, seed)
+    val = source.dataset(val_split, val_rows)
+    sizes = []
+    pixels = class_pixels(_checked(train, progress, sizes), len(source.names))
+    for _ in _checked(val, progress, []):
+        pass
+    local = Path(source.name).exists()
+    record = {
+        "name": Path(source.name).resolve().name if local else source.name, "layout": "hub", "local_folder": local, "config": args.dataset_config, "revision": args.revision,
+        "fingerprint": getattr(source.tables[train_split], "_fingerprint", None),
+        "columns": {"image": source.columns[0], "label": source.columns[1]}, "reduce_labels": bool(args.reduce_labels),
+        "train_split": train_split, "train_images": len(train), "val_images": len(val), "val_split": val_source,
+        "train_sha256": train.fingerprint(), "val_sha256": val.fingerprint(),
+    }
+    return TrainingData("hub", train, val, source.names, source.palette, record, pixels, sizes)
+
+
+def load_split(args: argparse.Namespace, split: str, val_fraction: float | None) -> HubDataset:
+    """One side (``train`` or ``val``) of ``--dataset-name``, for an evaluation. ``val_fraction``: the share of
+    train held out where the dataset has no validation split."""
+    source = _Source(args)
+    (train_split, train_rows), (val_split, val_rows, _) = source.splits(val_fraction)
+    dataset = source.dataset(train_split, train_rows) if split == "train" else source.dataset(val_split, val_rows)
+    if not len(dataset):
+        raise DatasetLayoutError(f"{source.name} split {dataset.split!r} has no rows")
+    return dataset
+
+
+class _Source:
+    """The dataset ``--dataset-name`` names, opened: its splits, columns, classes and mask lookup."""
+
+    def __init__(self, args: argparse.Namespace):
+        datasets = _import_datasets()
+        self.name = args.dataset_name
+        self.args = args
+        self.tables = _open_dataset(datasets, args)
+        self.train_split = args.train_split or "train"
+        if self.train_split not in self.tables:
+            raise DatasetLayoutError(f"{self.name}: no split {self.train_split!r} (it has {', '.join(self.tables)}); "
+                                     "name one with --train-split")
+        table = self.tables[self.train_split]
+        self.columns = _columns(table, args, f"{self.name} split {self.train_split!r}")
+        for split, other in self.tables.items():  # undecoded: bytes or paths, opened one by one
+            missing = [c for c in self.columns if c not in other.column_names]
+            if missing:
+                continue  # a split without masks (a test split) is not used
+            self.tables[split] = other.select_columns(list(self.columns)).cast_column(
+                self.columns[0], datasets.Image(decode=False)).cast_column(self.columns[1], datasets.Image(decode=False))
+        self.names, self.palette = _classes(args, table, self.columns[1])
+        if len(self.names) > IGNORE_INDEX:
+            raise DatasetLayoutError(f"{self.name}: {len(self.names)} classes; masks hold 0..254 (255 = ignore)")
+        if self.palette is None:
+            self.palette = _mask_palette(self.tables[self.train_split], self.columns[1], len(self.names))
+        self.lookup = reduce_labels_lookup() if args.reduce_labels else np.arange(256, dtype=np.uint8)
+
+    def splits(self, val_fraction: float | None):
+        """``(train split, rows)`` and ``(val split, rows, how val was chosen)``."""
+        train_rows = list(range(len(self.tables[self.train_split])))
+        named = self.args.val_split or next((s for s in VAL_SPLITS if s in self.tables), None)
+        if self.args.val_split and self.args.val_split not in self.tables:
+            raise DatasetLayoutError(f"{self.name}: no split {self.args.val_split!r} (it has {', '.join(self.tables)})")
+        if named is not None and val_fraction is None:
+            if self.columns[1] not in self.tables[named].column_names:
+                raise DatasetLayoutError(f"{self.name} split {named!r} has no column {self.columns[1]!r}: its masks are not "
+                                         "published; hold out part of train with --val-fraction 0.1")
+            return (self.train_split, train_rows), (named, list(range(len(self.tables[named]))), named)
+        if named is not None and self.args.val_split:
+            raise SystemExit(f"--val-split {named} and --val-fraction both choose the val rows; give one")
+        if val_fraction is None:
+            raise DatasetLayoutError(f"{self.name}: no validation split (it has {', '.join(self.tables)}); hold out part "
+                                     "of train with --val-fraction 0.1, or name a split with --val-split")
+        if not 0 < val_fraction < 1:
+            raise DatasetLayoutError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+        if len(train_rows) < 2:
+            raise DatasetLayoutError(f"{self.name} split {self.train_split!r}: {len(train_rows)} row; at least 2 are "
+                                     "needed to hold some out for validation")
+        # a row goes to val when the hash of its index is below the fraction (as the folder layout does by id)
+        val = {i for i in train_rows if unit_hash(str(i)) < val_fraction} or {min(train_rows, key=lambda i: unit_hash(str(i)))}
+        val.discard(max(train_rows, key=lambda i: unit_hash(str(i))))  # at least one row to train on
+        return ((self.train_split, [i for i in train_rows if i not in val]),
+                (self.train_split, sorted(val), f"held out {val_fraction:g} of {self.train_split}"))
+
+    def dataset(self, split: str, rows: list[int], seed: int = 0) -> HubDataset:
+        return HubDataset(self.name, split, self.tables[split], rows, self.columns, self.lookup, self.names, None, seed)
+
+
+def reduce_labels_lookup() -> np.ndarray:
+    """Mask value -> train id under ``--reduce-labels``: 0 -> 255 (ignored), v -> v - 1, 255 stays ignored."""
+    lookup = np.arange(256, dtype=np.int64) - 1
+    lookup[0] = IGNORE_INDEX
+    lookup[IGNORE_INDEX] = IGNORE_INDEX
+    return lookup.astype(np.uint8)
+
+
+def _checked(dataset: HubDataset, progress: bool, sizes: list):
+    """Every row's train ids, after checking its mask against its image (size) and the classes (values)."""
+    from tqdm.auto import tqdm
+
+    if not len(dataset):
+        raise DatasetLayoutError(f"{dataset.dataset_name} split {dataset.split!r} has no rows")
+    for index in tqdm(range(len(dataset)), desc=f"checking {dataset.split}", disable=not progress, leave=False):
+        image = dataset._cell(index, dataset.columns[0])  # the header only: the pixels are not decoded
+        label = dataset.label(index)
+        if label.shape != (image.height, image.width):
+            raise DatasetLayoutError(f"{dataset.where(index)}: the mask is {label.shape[1]}x{label.shape[0]}, "
+                                     f"its image {image.width}x{image.height}")
+        sizes.append((image.height, image.width))
+        yield label
+
+
+def _import_datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise DatasetLayoutError("--dataset-name needs the datasets library: pip install 'fcn-zoo[datasets]'") from None
+    return datasets
+
+
+def _open_dataset(datasets, args: argparse.Namespace) -> dict:
+    """``{split: Dataset}`` of ``--dataset-name``: a ``save_to_disk`` folder, a dataset-repo folder or a Hub id."""
+    name, path = args.dataset_name, Path(args.dataset_name)
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # its "Generating train split" bars: our own say what is checked
+    try:
+        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+            loaded = datasets.load_from_disk(str(path))
+        else:
+            loaded = datasets.load_dataset(name, args.dataset_config, revision=args.revision)
+    except Exception as e:  # the library's own errors are many; each becomes one line naming the dataset
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = ""
+        empty = re.search(r'Instruction "([^"]+)" corresponds to no data', text)
+        if empty:  # the library's words for a split without rows
+            raise DatasetLayoutError(f"{name} split {empty.group(1)!r} has no rows") from None
+        if "scripts are no longer supported" in text.lower():
+            hint = "; script datasets load from their parquet conversion: --revision refs/convert/parquet"
+        elif "config" in text.lower() and args.dataset_config is None:
+            hint = "; name one with --dataset-config"
+        raise DatasetLayoutError(f"--dataset-name {name}: cannot load it ({text}){hint}") from None
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+    if isinstance(loaded, datasets.Dataset):
+        loaded = {"train": loaded}
+    if not loaded:
+        raise DatasetLayoutError(f"--dataset-name {name}: the dataset has no splits")
+    return dict(loaded)
+
+
+def _columns(table, args: argparse.Namespace, where: str) -> tuple[str, str]:
+    names = table.column_names
+
+    def pick(given: str | None, usual: tuple[str, ...], what: str, flag: str) -> str:
+        if given:
+            if given not in names:
+                raise DatasetLayoutError(f"{where}: no column {given!r} for {flag} (its columns: {', '.join(names)})")
+            return given
+        found = next((c for c in usual if c in names and _is_image(table.features[c])), None)
+        if found is None:
+            raise DatasetLayoutError(f"{where}: no {what} column among its columns ({', '.join(names)}); "
+                                     f"name it with {flag}")
+        return found
+
+    image = pick(args.image_column, IMAGE_COLUMNS, "image", "--image-column")
+    label = pick(args.label_column, LABEL_COLUMNS, "mask", "--label-column")
+    if image == label:
+        raise DatasetLayoutError(f"{where}: the image and the mask cannot both be column {image!r}")
+    for column in (image, label):
+        if not _is_image(table.features[column]):
+            raise DatasetLayoutError(f"{where}: column {column!r} holds {table.features[column]!r}, not images")
+    return image, label
+
+
+def _is_image(feature) -> bool:
+    return type(feature).__name__ == "Image"
+
+
+def _classes(args: argparse.Namespace, table, label_column: str) -> tuple[list[str], list | None]:
+    """Class names and colours: ``--id2label``, ``--classes``, the dataset's ``id2label.json``, or a
+    ``ClassLabel`` feature of the mask column."""
+    if args.id2label and args.classes:
+        raise SystemExit("--id2label and --classes both give the class names; give one")
+    if args.classes:
+        from .generic import read_classes_file
+
+        classes = read_classes_file(args.classes)
+        return classes.names, classes.palette
+    if args.id2label:
+        return _read_id2label(Path(args.id2label)), None
+    local = Path(args.dataset_name) / "id2label.json"
+    if local.is_file():
+        return _read_id2label(local), None
+    if not Path(args.dataset_name).exists():  # a Hub id: its repo's id2label.json
+        found = _hub_id2label(args.dataset_name, args.revision)
+        if found is not None:
+            return _read_id2label(found), None
+    feature = table.features[label_column]
+    names = getattr(getattr(feature, "feature", feature), "names", None)
+    if names:
+        return list(names), None
+    raise DatasetLayoutError(f"{args.dataset_name}: no class names (no id2label.json in the dataset); give --id2label FILE "
+                             "(JSON {\"0\": \"name\", ...}) or --classes FILE (one name per line)")
+
+
+def _hub_id2label(repo: str, revision: str | None) -> str | None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return hf_hub_download(repo, "id2label.json", repo_type="dataset", revision=revision)
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        return None
+
+
+def _read_id2label(path: Path) -> list[str]:
+    """``{"0": "name", "1": ...}``: the names of classes 0..n-1, every index present."""
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+        ids = {int(k): str(v) for k, v in mapping.items()}
+    except (OSError, ValueError, AttributeError) as e:
+        raise DatasetLayoutError(f"{path}: not an id2label JSON object {{\"0\": \"name\", ...}} ({e})") from None
+    missing = sorted(set(range(len(ids))) - set(ids))
+    if not ids or missing:
+        raise DatasetLayoutError(f"{path}: class ids must be 0..{len(ids) - 1}" + (f"; {missing[0]} is missing" if missing else ""))
+    return [ids[i] for i in range(len(ids))]
+
+
+def _mask_palette(table, column: str, num_classes: int) -> list[tuple[int, int, int]] | None:
+    """The colours of palette-PNG masks (the first row's palette), if they are such."""
+    if not len(table):
+        return None
+    mask = _open_cell(table[0][column], f"row 0 column {column!r}")
+    palette = mask.getpalette() if mask.mode == "P" else None
+    if not palette or len(palette) < 3 * num_classes:
+        return None
+    return [tuple(palette[3 * i:3 * i + 3]) for i in range(num_classes)]
+
+
+def _open_cell(value, where: str) -> Image.Image:
+    """An undecoded ``Image`` cell (``{"bytes": ..., "path": ...}``) opened with PIL (lazily: the header)."""
+    try:
+        if isinstance(value, dict) and value.get("bytes") is not None:
+            return Image.open(io.BytesIO(value["bytes"]))
+        if isinstance(value, dict) and value.get("path"):
+            return Image.open(value["path"])
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetLayoutError(f"{where}: unreadable as an image ({e})") from None
+    raise DatasetLayoutError(f"{where}: empty (no image)")
+
+
+def _mask_values(mask: Image.Image, where: str) -> np.ndarray:
+    if mask.mode not in MASK_MODES:
+        raise DatasetLayoutError(f"{where}: the mask is a colour image (mode {mask.mode}); a mask holds one class index "
+                                 "per pixel (an 8-bit grey or palette PNG): convert its colours to class indices")
+    raw = np.array(mask)
+    if raw.dtype != np.uint8:
+        if raw.size and (raw.min() < 0 or raw.max() > 255):
+            raise DatasetLayoutError(f"{where}: mask values must be 0..255, found {raw.min()}..{raw.max()}")
+        raw = raw.astype(np.uint8)
+    return raw
+
+
+__all__ = ["HubDataset", "load", "load_split", "reduce_labels_lookup"]
