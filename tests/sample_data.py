@@ -133,11 +133,12 @@ def hub_rows(n: int, size=(64, 80), seed: int = 0, shift: int = 0) -> tuple[list
 
 def make_hub_dataset(root: Path, splits: dict[str, int], *, columns=("image", "label"), form: str = "parquet",
                      id2label: list[str] | None = HUB_CLASSES, size=(64, 80), seed: int = 0, shift: int = 0,
-                     masks: dict[str, list[Image.Image]] | None = None) -> Path:
+                     masks: dict[str, list[Image.Image]] | None = None, palette: list[int] | None = None) -> Path:
     """A Hugging Face dataset on disk: ``form="parquet"`` lays it out as a dataset repo (``data/<split>-00000-of-00001.parquet``
     and ``id2label.json`` at its root), ``form="disk"`` writes it with ``save_to_disk``. ``splits``: rows per
     split; ``shift`` adds to every mask value (1 for a dataset whose 0 is "other", for --reduce-labels);
-    ``masks``: masks to use in place of the generated ones, per split (the same count)."""
+    ``masks``: masks to use in place of the generated ones, per split (the same count); ``palette``: the
+    generated masks are palette PNGs with these colours (a flat list R, G, B, ...)."""
     import json
 
     import datasets
@@ -146,6 +147,10 @@ def make_hub_dataset(root: Path, splits: dict[str, int], *, columns=("image", "l
     tables = {}
     for number, (split, n) in enumerate(splits.items()):
         images, generated = hub_rows(n, size, seed + number, shift)
+        if palette is not None:
+            generated = [m.convert("P") for m in generated]
+            for m in generated:
+                m.putpalette(palette)
         tables[split] = datasets.Dataset.from_dict(
             {columns[0]: images, columns[1]: (masks or {}).get(split, generated)}, features=features)
     root.mkdir(parents=True, exist_ok=True)

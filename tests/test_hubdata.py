@@ -136,9 +136,12 @@ def test_a_malformed_row_is_refused_before_training(tmp_path, source, case):
 
 
 def test_reduce_labels_is_applied_before_the_class_check(tmp_path, source):
-    """Masks whose 0 is "other" and classes 1..3 (ADE20K's convention): without --reduce-labels value 3 is
-    outside the three classes; with it the values become 255, 0, 1, 2 and training starts."""
-    data = make_hub_dataset(tmp_path / "ade", {"train": 8, "validation": 4}, shift=1)
+    """Masks whose 0 is "other" and classes 1..3 (ADE20K's convention), palette PNGs: without
+    --reduce-labels value 3 is outside the three classes; with it the values become 255, 0, 1, 2, training
+    starts, and best/ takes the colours of mask values 1..3 from the masks' palette."""
+    colours = [(9, 9, 9), (10, 20, 30), (40, 50, 60), (70, 80, 90)]
+    data = make_hub_dataset(tmp_path / "ade", {"train": 8, "validation": 4}, shift=1,
+                            palette=[c for rgb in colours for c in rgb] + [0, 0, 0] * 252)
     with pytest.raises(SystemExit, match=r"split 'train' row \d+: label values \[3\] are outside the 3 classes"):
         train_module.main(["--init", str(source), "--dataset-name", str(data), "--output-dir", str(tmp_path / "a"),
                            "--max-iters", "1", *QUICK])
@@ -146,6 +149,7 @@ def test_reduce_labels_is_applied_before_the_class_check(tmp_path, source):
                               "--output-dir", str(tmp_path / "b"), "--max-iters", "1", "--batch-size", "2", *QUICK]) == 0
     record = json.loads((tmp_path / "b" / "run.json").read_text())["data"]
     assert record["reduce_labels"] is True
+    assert fcn_zoo.from_pretrained(tmp_path / "b" / "best").palette == colours[1:]
 
 
 @pytest.mark.parametrize("case", ["empty split", "no columns", "no classes", "no validation"])

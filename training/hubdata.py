@@ -131,8 +131,9 @@ class _Source:
         self.names, self.palette = _classes(args, table, self.columns[1])
         if len(self.names) > IGNORE_INDEX:
             raise DatasetLayoutError(f"{self.name}: {len(self.names)} classes; masks hold 0..254 (255 = ignore)")
-        if self.palette is None:
-            self.palette = _mask_palette(self.tables[self.train_split], self.columns[1], len(self.names))
+        if self.palette is None:  # class i is mask value i, or i + 1 under --reduce-labels
+            self.palette = _mask_palette(self.tables[self.train_split], self.columns[1], len(self.names),
+                                         1 if args.reduce_labels else 0)
         self.lookup = reduce_labels_lookup() if args.reduce_labels else np.arange(256, dtype=np.uint8)
 
     def splits(self, val_fraction: float | None):
@@ -307,15 +308,15 @@ def _read_id2label(path: Path) -> list[str]:
     return [ids[i] for i in range(len(ids))]
 
 
-def _mask_palette(table, column: str, num_classes: int) -> list[tuple[int, int, int]] | None:
-    """The colours of palette-PNG masks (the first row's palette), if they are such."""
+def _mask_palette(table, column: str, num_classes: int, offset: int) -> list[tuple[int, int, int]] | None:
+    """The colours of palette-PNG masks (the first row's palette) for values ``offset`` on, if they are such."""
     if not len(table):
         return None
     mask = _open_cell(table[0][column], f"row 0 column {column!r}")
     palette = mask.getpalette() if mask.mode == "P" else None
-    if not palette or len(palette) < 3 * num_classes:
+    if not palette or len(palette) < 3 * (num_classes + offset):
         return None
-    return [tuple(palette[3 * i:3 * i + 3]) for i in range(num_classes)]
+    return [tuple(palette[3 * i:3 * i + 3]) for i in range(offset, num_classes + offset)]
 
 
 def _open_cell(value, where: str) -> Image.Image:
