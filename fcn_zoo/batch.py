@@ -9,7 +9,7 @@ one machine: streaming, retries, CPU and GPU stages), or any loop over dicts of 
                         num_gpus=1, compute=ray.data.ActorPoolStrategy(size=4))
 
 Each actor loads the model once, on its device (its GPU where Ray gives it one, else the CPU), and segments
-with the protocol of :meth:`FCN.predict <fcn_zoo.FCN.predict>` (the same labels). Nothing here imports Ray: the class takes and
+with the protocol of :meth:`FCN.predict <fcn_zoo.FCN.predict>` on a fused copy, as ``fcn-zoo predict`` does. Nothing here imports Ray: the class takes and
 returns plain dicts of NumPy arrays, the format of Ray Data batches.
 """
 
@@ -35,6 +35,8 @@ class Segmenter:
             or Hugging Face ``Image`` cells (``{"bytes": ..., "path": ...}``).
         device: default the GPU where there is one (under Ray, the one the actor was given), else the CPU.
         confidence: also return ``confidence``: each pixel's largest class probability, float16 ``(H, W)``.
+        fuse: run a fused copy of the model (BatchNorm folded into the convolutions), as ``predict_iter`` and
+            ``fcn-zoo predict`` do: faster, float rounding only; ``False`` runs the model as it is.
         **options: as :func:`fcn_zoo.predict.predict` (``tta``, ``mode``, ``precision``, ``batch_size``...).
 
     The result keeps the batch's other columns (``path``...) and adds ``labels`` (a uint8 ``(H, W)`` label map
@@ -43,7 +45,7 @@ class Segmenter:
     """
 
     def __init__(self, model="fcn_resnet50os16_voc", *, column: str | None = None, device: str | None = None,
-                 confidence: bool = False, **options):
+                 confidence: bool = False, fuse: bool = True, **options):
         import torch
 
         from .model import FCN
@@ -55,7 +57,7 @@ class Segmenter:
             from .hub import from_pretrained
 
             model = from_pretrained(model, device=device)
-        self.predictor = Predictor(model, fuse=True, confidence=confidence, device=device, **options)
+        self.predictor = Predictor(model, fuse=fuse, confidence=confidence, device=device, **options)
         self.class_names = list(model.class_names)
         self.column = column
         self.confidence = confidence
@@ -101,7 +103,9 @@ def _decodable(value, name: str):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray, memoryview)):
         try:
-            return Image.open(io.BytesIO(bytes(value)))
+            image = Image.open(io.BytesIO(bytes(value)))
+            image.load()  # the whole body now, so that a truncated file is this row's error
+            return image
         except (OSError, SyntaxError, ValueError) as e:
             raise ImageError(f"{name}: cannot read these bytes as an image ({e})") from e
     if isinstance(value, np.ndarray) and value.dtype == object:

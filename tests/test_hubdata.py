@@ -4,6 +4,7 @@ that refuse a malformed dataset before training starts. Offline: the datasets ar
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -114,13 +115,18 @@ def _bad_masks(case: str) -> tuple[dict, list[str]]:
     if case == "values":
         masks[3] = Image.fromarray(np.full((64, 80), 7, dtype=np.uint8), mode="L")
         return {"validation": masks}, ["split 'validation' row 3", "[7]", "3 classes"]
+    if case == "truncated":  # a whole header, half a body
+        encoded = io.BytesIO()
+        masks[3].save(encoded, format="PNG")
+        masks[3] = {"bytes": encoded.getvalue()[:len(encoded.getvalue()) // 2], "path": None}
+        return {"validation": masks}, ["split 'validation' row 3", "column 'label'", "does not decode"]
     if case == "colour":
         masks[3] = masks[3].convert("RGB")
         return {"validation": masks}, ["split 'validation' row 3", "colour image", "RGB"]
     raise ValueError(case)
 
 
-@pytest.mark.parametrize("case", ["size", "values", "colour"])
+@pytest.mark.parametrize("case", ["size", "values", "colour", "truncated"])
 def test_a_malformed_row_is_refused_before_training(tmp_path, source, case):
     masks, expected = _bad_masks(case)
     data = make_hub_dataset(tmp_path / "bad", {"train": 6, "validation": 6}, masks=masks)
@@ -145,6 +151,12 @@ def test_reduce_labels_is_applied_before_the_class_check(tmp_path, source):
     with pytest.raises(SystemExit, match=r"split 'train' row \d+: label values \[3\] are outside the 3 classes"):
         train_module.main(["--init", str(source), "--dataset-name", str(data), "--output-dir", str(tmp_path / "a"),
                            "--max-iters", "1", *QUICK])
+    _, masks = hub_rows(4, seed=1, shift=1)
+    masks[2] = Image.fromarray(np.full((64, 80), 9, dtype=np.uint8), mode="L")
+    beyond = make_hub_dataset(tmp_path / "beyond", {"train": 8, "validation": 4}, shift=1, masks={"validation": masks})
+    with pytest.raises(SystemExit, match=r"split 'validation' row 2: label values \[9\] after --reduce-labels \[8\] are outside"):
+        train_module.main(["--init", str(source), "--dataset-name", str(beyond), "--reduce-labels",
+                           "--output-dir", str(tmp_path / "c"), "--max-iters", "1", *QUICK])
     assert train_module.main(["--init", str(source), "--dataset-name", str(data), "--reduce-labels",
                               "--output-dir", str(tmp_path / "b"), "--max-iters", "1", "--batch-size", "2", *QUICK]) == 0
     record = json.loads((tmp_path / "b" / "run.json").read_text())["data"]
@@ -178,3 +190,35 @@ def test_data_root_and_dataset_name_exclude_each_other(tmp_path, source):
     with pytest.raises(SystemExit, match="--reduce-labels is for --dataset-name"):
         train_module.main(["--init", str(source), "--data-root", str(tmp_path), "--reduce-labels",
                            "--output-dir", str(tmp_path / "run"), *QUICK])
+
+
+def test_named_columns_and_an_id2label_file(tmp_path, source):
+    data = make_hub_dataset(tmp_path / "d", {"train": 6, "valid": 2}, columns=("photo", "target"), id2label=None)
+    (tmp_path / "names.json").write_text(json.dumps({"0": "sky", "1": "roof", "2": "dome"}))
+    out = tmp_path / "run"
+    assert train_module.main(["--init", str(source), "--dataset-name", str(data), "--image-column", "photo",
+                              "--label-column", "target", "--id2label", str(tmp_path / "names.json"),
+                              "--output-dir", str(out), "--max-iters", "1", "--batch-size", "2", *QUICK]) == 0
+    record = json.loads((out / "run.json").read_text())["data"]
+    assert record["columns"] == {"image": "photo", "label": "target"} and record["val_split"] == "valid"
+    assert fcn_zoo.from_pretrained(out / "best").class_names == ["sky", "roof", "dome"]
+
+
+def test_the_held_out_share_applies_only_where_there_is_no_validation_split(tmp_path, source):
+    """A run that held out train rows (--val-fraction) is evaluated on another dataset's own validation
+    split, not on held-out rows of it; --val-fraction where a validation split exists is refused."""
+    plain = make_hub_dataset(tmp_path / "plain", {"train": 12}, seed=3)
+    out = tmp_path / "run"
+    assert train_module.main(["--init", str(source), "--dataset-name", str(plain), "--val-fraction", "0.25",
+                              "--output-dir", str(out), "--max-iters", "1", "--batch-size", "2", *QUICK]) == 0
+    split = make_hub_dataset(tmp_path / "split", {"train": 4, "validation": 3})
+    for data, expected in ((split, "validation"), (plain, "held out 0.25 of train")):
+        assert evaluate_module.main([str(out / "best"), "--dataset-name", str(data), "--device", "cpu",
+                                     "--output-dir", str(tmp_path / data.name)]) == 0
+        assert json.loads((tmp_path / data.name / "eval.json").read_text())["split"] == expected
+    with pytest.raises(SystemExit, match="has a validation split \\('validation'\\): drop --val-fraction"):
+        train_module.main(["--init", str(source), "--dataset-name", str(split), "--val-fraction", "0.25",
+                           "--output-dir", str(tmp_path / "again"), "--max-iters", "1", *QUICK])
+    with pytest.raises(SystemExit, match="--max-train-samples must be at least 1, got 0"):
+        train_module.main(["--init", str(source), "--dataset-name", str(split), "--max-train-samples", "0",
+                           "--output-dir", str(tmp_path / "again"), "--max-iters", "1", *QUICK])

@@ -44,6 +44,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
     same whichever worker loads it and whether or not training was resumed.
     """
 
+    lookup_note = ""  # how stored values become train ids, for messages (" after --reduce-labels")
+
     def __init__(self, name: str, samples: list[tuple[Path, Path]], lookup: np.ndarray, transforms=None, seed: int = 0,
                  *, class_names: list[str] | None = None, ids: list[str] | None = None):
         from fcn_zoo.zoo import DATASETS
@@ -98,9 +100,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
         raw = self.raw_label(index)
         invalid = self.invalid[raw]
         if invalid.any():
-            bad = np.unique(self.lookup[raw][invalid])
+            stored = np.unique(raw[invalid]).tolist()[:5]
+            mapped = np.unique(self.lookup[raw][invalid]).tolist()[:5]
+            after = f"{self.lookup_note} {mapped}" if mapped != stored else ""
             raise DatasetLayoutError(
-                f"{self.where(index)}: label values {bad.tolist()[:5]} are outside the {self.num_classes} classes "
+                f"{self.where(index)}: label values {stored}{after} are outside the {self.num_classes} classes "
                 f"(0..{self.num_classes - 1}, {IGNORE_INDEX} = ignore)"
             )
         return self.lookup[raw]

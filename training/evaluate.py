@@ -144,10 +144,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
     except FCNZooError as e:
         raise SystemExit(f"{prog}: {e}") from None
     try:
-        val_fraction = args.val_fraction
-        if val_fraction is None and not (args.data_root and (Path(args.data_root) / "images" / "val").is_dir()):
-            val_fraction = _training_val_fraction(args.model)  # the share the training run held out
-        dataset, layout = evaluation_data(args, val_fraction)
+        dataset, layout = evaluation_data(args, _training_val_fraction(args.model))  # the share its training held out
     except DatasetLayoutError as e:
         raise SystemExit(f"{prog}: {e}") from None
     except SystemExit as e:  # options that do not go together, said as this command
@@ -170,7 +167,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
     if ctx.is_main:
         write_report(results, dataset.class_names, out, {
             "model": args.model, "dataset": layout, "data_root": args.data_root, "dataset_name": args.dataset_name,
-            "revision": args.revision, "split": getattr(dataset, "split", args.split), "mode": args.mode,
+            "revision": args.revision, "split": getattr(dataset, "description", args.split), "mode": args.mode,
             "tta": args.tta, "samples_sha256": dataset.fingerprint(),
         })
         print(f"wrote {out / 'eval.json'} and {out / 'eval_iou.png'}")

@@ -9,16 +9,17 @@
 ``data/``, ``id2label.json`` at its root) or a ``save_to_disk`` folder; the last two load offline. A dataset
 has one image column and one mask column (an ``Image`` feature holding one class index per pixel), found by
 their usual names (``image``/``pixel_values``, ``label``/``annotation``/``mask``) unless named. Class names
-come from ``--id2label``, ``--classes``, the dataset's ``id2label.json`` or a ``ClassLabel`` feature of the
-mask column; colours from ``--classes``, else the masks' own palette (palette PNGs), else the model's.
+come from ``--id2label``, ``--classes`` or the dataset's ``id2label.json``; colours from ``--classes``, else
+the masks' own palette (palette PNGs), else the ``--init`` model's (the VOC colour map where its class count
+differs).
 ``--reduce-labels`` ignores mask value 0 and moves every other value down by one, as transformers' does
 (ADE20K's 0 is "other"); the class names then name the values after it. Without a validation split,
 ``--val-fraction`` holds out train rows chosen by their index.
 
 Every row's mask is checked before training starts, as for a folder: its size against its image's, its
 values against the classes, and that it is not a colour image; an error names the split and the row.
-Loader processes read the rows they are given from the memory-mapped Arrow files: under ``torchrun`` each
-process reads only the rows its sampler hands it (its shard), for training and for evaluation.
+Under ``torchrun`` every process checks every row (they all stop on the same error), then reads only the
+rows its sampler hands it (its shard) from the memory-mapped Arrow files, for training and evaluation.
 """
 
 from __future__ import annotations
@@ -46,10 +47,13 @@ class HubDataset(SegmentationDataset):
     (bytes or paths) and opened here, and the lookup of mask values to train ids."""
 
     def __init__(self, name: str, split: str, table, rows: list[int], columns: tuple[str, str], lookup: np.ndarray,
-                 class_names: list[str], transforms=None, seed: int = 0):
+                 class_names: list[str], transforms=None, seed: int = 0, *, description: str | None = None,
+                 reduce_labels: bool = False):
         super().__init__("hub", [], lookup, transforms, seed, class_names=class_names)
         self.dataset_name, self.split, self.rows, self.columns = name, split, rows, columns
+        self.description = description or split  # the split, or "held out 0.1 of train"
         self.table = table
+        self.lookup_note = " after --reduce-labels" if reduce_labels else ""
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -60,10 +64,13 @@ class HubDataset(SegmentationDataset):
 
     def image(self, index: int) -> np.ndarray:
         image = self._cell(index, self.columns[0])
-        return np.array(image.convert("RGB") if image.mode != "RGB" else image)
+        try:
+            return np.array(image.convert("RGB") if image.mode != "RGB" else image)
+        except (OSError, SyntaxError, ValueError) as e:  # a body that does not decode past its header
+            raise DatasetLayoutError(f"{self.where(index)}: column {self.columns[0]!r} does not decode ({e})") from None
 
     def raw_label(self, index: int) -> np.ndarray:
-        return _mask_values(self._cell(index, self.columns[1]), self.where(index))
+        return _mask_values(self._cell(index, self.columns[1]), f"{self.where(index)}: column {self.columns[1]!r}")
 
     def where(self, index: int) -> str:
         return f"{self.dataset_name} split {self.split!r} row {self.rows[index]}"
@@ -78,15 +85,17 @@ def load(args: argparse.Namespace, progress: bool = False, seed: int = 0) -> Tra
     """Both splits of ``--dataset-name``, every row checked; what the run records about them."""
     source = _Source(args)
     (train_split, train_rows), (val_split, val_rows, val_source) = source.splits(args.val_fraction)
-    if args.max_train_samples:
+    if args.max_train_samples is not None:
+        if args.max_train_samples < 1:
+            raise DatasetLayoutError(f"--max-train-samples must be at least 1, got {args.max_train_samples}")
         train_rows = train_rows[:args.max_train_samples]
     train = source.dataset(train_split, train_rows, seed)
-    val = source.dataset(val_split, val_rows)
+    val = source.dataset(val_split, val_rows, description=val_source)
     sizes = []
     pixels = class_pixels(_checked(train, progress, sizes), len(source.names))
     for _ in _checked(val, progress, []):
         pass
-    local = Path(source.name).exists()
+    local = Path(source.name).exists()  # a folder: its basename names it (the card's metadata wants a Hub id)
     record = {
         "name": Path(source.name).resolve().name if local else source.name, "layout": "hub", "local_folder": local, "config": args.dataset_config, "revision": args.revision,
         "fingerprint": getattr(source.tables[train_split], "_fingerprint", None),
@@ -97,12 +106,16 @@ def load(args: argparse.Namespace, progress: bool = False, seed: int = 0) -> Tra
     return TrainingData("hub", train, val, source.names, source.palette, record, pixels, sizes)
 
 
-def load_split(args: argparse.Namespace, split: str, val_fraction: float | None) -> HubDataset:
+def load_split(args: argparse.Namespace, split: str, val_fraction: float | None, inherited: float | None) -> HubDataset:
     """One side (``train`` or ``val``) of ``--dataset-name``, for an evaluation. ``val_fraction``: the share of
-    train held out where the dataset has no validation split."""
+    train held out (given), ``inherited``: the one the model's training run held out (the default), both only
+    where the dataset has no validation split."""
     source = _Source(args)
-    (train_split, train_rows), (val_split, val_rows, _) = source.splits(val_fraction)
-    dataset = source.dataset(train_split, train_rows) if split == "train" else source.dataset(val_split, val_rows)
+    (train_split, train_rows), (val_split, val_rows, val_source) = source.splits(val_fraction, inherited)
+    if split == "train":
+        dataset = source.dataset(train_split, train_rows)
+    else:
+        dataset = source.dataset(val_split, val_rows, description=val_source)
     if not len(dataset):
         raise DatasetLayoutError(f"{source.name} split {dataset.split!r} has no rows")
     return dataset
@@ -128,30 +141,42 @@ class _Source:
                 continue  # a split without masks (a test split) is not used
             self.tables[split] = other.select_columns(list(self.columns)).cast_column(
                 self.columns[0], datasets.Image(decode=False)).cast_column(self.columns[1], datasets.Image(decode=False))
-        self.names, self.palette = _classes(args, table, self.columns[1])
+        self.names, self.palette = _classes(args)
         if len(self.names) > IGNORE_INDEX:
             raise DatasetLayoutError(f"{self.name}: {len(self.names)} classes; masks hold 0..254 (255 = ignore)")
         if self.palette is None:  # class i is mask value i, or i + 1 under --reduce-labels
             self.palette = _mask_palette(self.tables[self.train_split], self.columns[1], len(self.names),
-                                         1 if args.reduce_labels else 0)
+                                         1 if args.reduce_labels else 0, f"{self.name} split {self.train_split!r}")
         self.lookup = reduce_labels_lookup() if args.reduce_labels else np.arange(256, dtype=np.uint8)
 
-    def splits(self, val_fraction: float | None):
-        """``(train split, rows)`` and ``(val split, rows, how val was chosen)``."""
+    def splits(self, val_fraction: float | None, inherited: float | None = None):
+        """``(train split, rows)`` and ``(val split, rows, how val was chosen)``. ``val_fraction``: given on the
+        command line; ``inherited``: the share the model's training run held out (an evaluation's default),
+        taken only where the dataset has no validation split."""
         train_rows = list(range(len(self.tables[self.train_split])))
-        named = self.args.val_split or next((s for s in VAL_SPLITS if s in self.tables), None)
-        if self.args.val_split and self.args.val_split not in self.tables:
-            raise DatasetLayoutError(f"{self.name}: no split {self.args.val_split!r} (it has {', '.join(self.tables)})")
-        if named is not None and val_fraction is None:
-            if self.columns[1] not in self.tables[named].column_names:
-                raise DatasetLayoutError(f"{self.name} split {named!r} has no column {self.columns[1]!r}: its masks are not "
-                                         "published; hold out part of train with --val-fraction 0.1")
+        labelled = [s for s in self.tables if self.columns[1] in self.tables[s].column_names]
+        if self.args.val_split:
+            named = self.args.val_split
+            if named not in self.tables:
+                raise DatasetLayoutError(f"{self.name}: no split {named!r} (it has {', '.join(self.tables)})")
+            if named not in labelled:
+                raise DatasetLayoutError(f"{self.name} split {named!r} has no column {self.columns[1]!r} (no masks); "
+                                         "hold out part of train with --val-fraction 0.1 in place of --val-split")
+            if val_fraction is not None:
+                raise SystemExit(f"--val-split {named} and --val-fraction both choose the val rows; give one")
             return (self.train_split, train_rows), (named, list(range(len(self.tables[named]))), named)
-        if named is not None and self.args.val_split:
-            raise SystemExit(f"--val-split {named} and --val-fraction both choose the val rows; give one")
+        named = next((s for s in VAL_SPLITS if s in labelled), None)
+        if named is not None:
+            if val_fraction is not None:
+                raise DatasetLayoutError(f"{self.name} has a validation split ({named!r}): drop --val-fraction, which "
+                                         "holds out train rows only where there is none")
+            return (self.train_split, train_rows), (named, list(range(len(self.tables[named]))), named)
+        val_fraction = val_fraction if val_fraction is not None else inherited
         if val_fraction is None:
-            raise DatasetLayoutError(f"{self.name}: no validation split (it has {', '.join(self.tables)}); hold out part "
-                                     "of train with --val-fraction 0.1, or name a split with --val-split")
+            unlabelled = [s for s in VAL_SPLITS if s in self.tables]
+            why = f"its {unlabelled[0]!r} split has no masks" if unlabelled else "no validation split"
+            raise DatasetLayoutError(f"{self.name}: {why} (it has {', '.join(self.tables)}); hold out part of train "
+                                     "with --val-fraction 0.1, or name a split with --val-split")
         if not 0 < val_fraction < 1:
             raise DatasetLayoutError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
         if len(train_rows) < 2:
@@ -163,8 +188,9 @@ class _Source:
         return ((self.train_split, [i for i in train_rows if i not in val]),
                 (self.train_split, sorted(val), f"held out {val_fraction:g} of {self.train_split}"))
 
-    def dataset(self, split: str, rows: list[int], seed: int = 0) -> HubDataset:
-        return HubDataset(self.name, split, self.tables[split], rows, self.columns, self.lookup, self.names, None, seed)
+    def dataset(self, split: str, rows: list[int], seed: int = 0, description: str | None = None) -> HubDataset:
+        return HubDataset(self.name, split, self.tables[split], rows, self.columns, self.lookup, self.names, None, seed,
+                          description=description, reduce_labels=bool(self.args.reduce_labels))
 
 
 def reduce_labels_lookup() -> np.ndarray:
@@ -206,9 +232,14 @@ def _open_dataset(datasets, args: argparse.Namespace) -> dict:
     datasets.disable_progress_bars()  # its "Generating train split" bars: our own say what is checked
     try:
         if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+            if args.revision or args.dataset_config:
+                raise DatasetLayoutError(f"--dataset-name {name}: a save_to_disk folder has one revision and "
+                                         "configuration; drop --revision and --dataset-config")
             loaded = datasets.load_from_disk(str(path))
         else:
             loaded = datasets.load_dataset(name, args.dataset_config, revision=args.revision)
+    except DatasetLayoutError:
+        raise
     except Exception as e:  # the library's own errors are many; each becomes one line naming the dataset
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = ""
@@ -258,9 +289,9 @@ def _is_image(feature) -> bool:
     return type(feature).__name__ == "Image"
 
 
-def _classes(args: argparse.Namespace, table, label_column: str) -> tuple[list[str], list | None]:
-    """Class names and colours: ``--id2label``, ``--classes``, the dataset's ``id2label.json``, or a
-    ``ClassLabel`` feature of the mask column."""
+def _classes(args: argparse.Namespace) -> tuple[list[str], list | None]:
+    """Class names and colours: ``--id2label``, ``--classes`` or the dataset's ``id2label.json``. (A mask
+    column is an ``Image`` feature: it carries no class names of its own.)"""
     if args.id2label and args.classes:
         raise SystemExit("--id2label and --classes both give the class names; give one")
     if args.classes:
@@ -277,22 +308,23 @@ def _classes(args: argparse.Namespace, table, label_column: str) -> tuple[list[s
         found = _hub_id2label(args.dataset_name, args.revision)
         if found is not None:
             return _read_id2label(found), None
-    feature = table.features[label_column]
-    names = getattr(getattr(feature, "feature", feature), "names", None)
-    if names:
-        return list(names), None
     raise DatasetLayoutError(f"{args.dataset_name}: no class names (no id2label.json in the dataset); give --id2label FILE "
                              "(JSON {\"0\": \"name\", ...}) or --classes FILE (one name per line)")
 
 
 def _hub_id2label(repo: str, revision: str | None) -> str | None:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    from fcn_zoo.errors import first_line
 
     try:
         return hf_hub_download(repo, "id2label.json", repo_type="dataset", revision=revision)
     except (EntryNotFoundError, LocalEntryNotFoundError):
         return None
+    except (HfHubHTTPError, OSError) as e:
+        raise DatasetLayoutError(f"--dataset-name {repo}: cannot fetch its id2label.json ({first_line(e)}); "
+                                 "give the class names with --id2label FILE or --classes FILE") from None
 
 
 def _read_id2label(path: Path) -> list[str]:
@@ -308,11 +340,11 @@ def _read_id2label(path: Path) -> list[str]:
     return [ids[i] for i in range(len(ids))]
 
 
-def _mask_palette(table, column: str, num_classes: int, offset: int) -> list[tuple[int, int, int]] | None:
+def _mask_palette(table, column: str, num_classes: int, offset: int, where: str) -> list[tuple[int, int, int]] | None:
     """The colours of palette-PNG masks (the first row's palette) for values ``offset`` on, if they are such."""
     if not len(table):
         return None
-    mask = _open_cell(table[0][column], f"row 0 column {column!r}")
+    mask = _open_cell(table[0][column], f"{where} row 0: column {column!r}")
     palette = mask.getpalette() if mask.mode == "P" else None
     if not palette or len(palette) < 3 * (num_classes + offset):
         return None
@@ -335,7 +367,10 @@ def _mask_values(mask: Image.Image, where: str) -> np.ndarray:
     if mask.mode not in MASK_MODES:
         raise DatasetLayoutError(f"{where}: the mask is a colour image (mode {mask.mode}); a mask holds one class index "
                                  "per pixel (an 8-bit grey or palette PNG): convert its colours to class indices")
-    raw = np.array(mask)
+    try:
+        raw = np.array(mask)
+    except (OSError, SyntaxError, ValueError) as e:  # a body that does not decode past its header
+        raise DatasetLayoutError(f"{where}: does not decode ({e})") from None
     if raw.dtype != np.uint8:
         if raw.size and (raw.min() < 0 or raw.max() > 255):
             raise DatasetLayoutError(f"{where}: mask values must be 0..255, found {raw.min()}..{raw.max()}")

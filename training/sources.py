@@ -73,14 +73,14 @@ def check_source(args: argparse.Namespace) -> None:
         given = [o for o in HUB_OPTIONS if getattr(args, o, None) not in (None, False)]
         if given:
             raise SystemExit(f"--{given[0].replace('_', '-')} is for --dataset-name; --data-root reads its own layout")
+    elif args.dataset:
+        raise SystemExit("--dataset names a --data-root layout; a --dataset-name dataset has its own")
 
 
 def finetune_data(args: argparse.Namespace, progress: bool) -> TrainingData:
     """Both splits of the data a fine-tuning run names, every sample checked before a model is loaded."""
     check_source(args)
     if args.dataset_name:
-        if args.dataset:
-            raise SystemExit("--dataset names a --data-root layout; a --dataset-name dataset has its own")
         from . import hubdata
 
         return hubdata.load(args, progress=progress, seed=args.seed)
@@ -101,16 +101,20 @@ def finetune_data(args: argparse.Namespace, progress: bool) -> TrainingData:
     return TrainingData(layout, train, val, list(known.classes), list(known.palette), record)
 
 
-def evaluation_data(args: argparse.Namespace, val_fraction: float | None) -> tuple[SegmentationDataset, str]:
-    """The split ``args.split`` (train or val) of the data an evaluation names, and its layout. ``val_fraction``:
-    the share held out where the data has no val split (the one the model's training run used)."""
+def evaluation_data(args: argparse.Namespace, inherited: float | None) -> tuple[SegmentationDataset, str]:
+    """The split ``args.split`` (train or val) of the data an evaluation names, and its layout. Where the data
+    has no val split, ``--val-fraction`` holds out that share of train, else ``inherited`` (the share the
+    model's training run held out)."""
     check_source(args)
     if args.dataset_name:
         from . import hubdata
 
-        return hubdata.load_split(args, args.split, val_fraction), "hub"
+        return hubdata.load_split(args, args.split, args.val_fraction, inherited), "hub"
     layout = args.dataset or detect_layout(args.data_root)
-    return build_dataset(layout, args.data_root, args.split, val_fraction=val_fraction if layout == "generic" else None), layout
+    fraction = args.val_fraction
+    if fraction is None and not (Path(args.data_root) / "images" / "val").is_dir():
+        fraction = inherited
+    return build_dataset(layout, args.data_root, args.split, val_fraction=fraction if layout == "generic" else None), layout
 
 
 __all__ = ["add_hub_arguments", "build_dataset", "check_source", "detect_layout", "evaluation_data", "finetune_data"]
