@@ -57,6 +57,10 @@ def _run_training(verb: str, argv: list[str], debug: bool) -> int:
         print(f"fcn-zoo: error: fcn-zoo {verb} needs the train extra ({', '.join(missing)} missing): "
               "pip install 'fcn-zoo[train]' (in a checkout: pip install -e '.[train]')", file=sys.stderr)
         return EXIT_FAILED
+    if any(a == "--dataset-name" or a.startswith("--dataset-name=") for a in argv) and importlib.util.find_spec("datasets") is None:
+        print(f"fcn-zoo: error: fcn-zoo {verb} --dataset-name needs the datasets extra: pip install 'fcn-zoo[datasets]' "
+              "(in a checkout: pip install -e '.[datasets]')", file=sys.stderr)
+        return EXIT_FAILED
     try:
         return importlib.import_module(f"fcn_zoo_training.{verb}").main(argv, prog=f"fcn-zoo {verb}")
     except KeyboardInterrupt:

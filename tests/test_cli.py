@@ -238,3 +238,15 @@ def test_a_gpu_that_torch_cannot_see_is_one_line_before_the_weights_load(capsys,
         assert len(err.strip().splitlines()) == 1 and "RuntimeError" not in err
         assert not (tmp_path / "out").exists()
         monkeypatch.setattr(devices, "no_cuda_device", lambda: None)
+
+
+def test_train_with_a_dataset_name_says_which_extra_is_missing(monkeypatch, capsys):
+    """Without the datasets library, one line before any training code is imported."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else real(name, *a))
+    assert main(["train", "--init", "x", "--dataset-name", "segments/sidewalk-semantic", "--output-dir", "o"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("fcn-zoo: error: fcn-zoo train --dataset-name needs the datasets extra: pip install "
+                   "'fcn-zoo[datasets]' (in a checkout: pip install -e '.[datasets]')")
