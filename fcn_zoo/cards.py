@@ -130,7 +130,7 @@ matrix. `model.predict(image)` does exactly this. Images are RGB: an OpenCV (BGR
 - Fine-tuned by `training/` at commit {{ run.commit }} from `{{ run.init }}` ({{ run.init_classes }} classes
   {%- if run.reinitialised_classifiers %}; its two classifiers re-initialised for these {{ cfg.num_classes }}{% else %}; every weight loaded{% endif %})
 {%- if run.data.layout == "hub" %}
-- Data: the Hugging Face dataset `{{ run.data.name }}`{% if run.data.config %} ({{ run.data.config }}){% endif %}
+- Data: {% if run.data.local_folder %}a Hugging Face dataset folder{% else %}the Hugging Face dataset{% endif %} `{{ run.data.name }}`{% if run.data.config %} ({{ run.data.config }}){% endif %}
   {%- if run.data.revision %} at revision `{{ run.data.revision }}`{% endif %}, fingerprint `{{ run.data.fingerprint }}`,
   columns `{{ run.data.columns.image }}` (images) and `{{ run.data.columns.label }}` (masks{% if run.data.reduce_labels %}, labels reduced: 0 ignored, the rest moved down by one{% endif %});
   {{ run.data.train_images }} train rows of split `{{ run.data.train_split }}` and {{ run.data.val_images }} val rows (val: {{ run.data.val_split }});

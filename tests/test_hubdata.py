@@ -57,7 +57,7 @@ def test_fine_tuning_on_a_parquet_dataset_folder(tmp_path, source, capsys):
     assert record["columns"] == {"image": "image", "label": "label"}
     assert (record["train_images"], record["val_images"], record["val_split"]) == (32, 8, "validation")
     card = (out / "best" / "README.md").read_text()
-    assert f"the Hugging Face dataset `{data.name}`" in card and record["fingerprint"] in card
+    assert f"a Hugging Face dataset folder `{data.name}`" in card and record["fingerprint"] in card
     assert "columns `image` (images) and `label` (masks)" in card and "| ellipse |" in card
 
     capsys.readouterr()
@@ -121,12 +121,16 @@ def _bad_masks(case: str) -> tuple[dict, list[str]]:
         masks[3] = {"bytes": encoded.getvalue()[:len(encoded.getvalue()) // 2], "path": None}
         return {"validation": masks}, ["split 'validation' row 3", "column 'label'", "does not decode"]
     if case == "colour":
-        masks[3] = masks[3].convert("RGB")
+        grey = np.asarray(masks[3])
+        masks[3] = Image.fromarray(np.stack([grey * 60, grey * 20, grey * 90], axis=-1).astype(np.uint8), mode="RGB")
         return {"validation": masks}, ["split 'validation' row 3", "colour image", "RGB"]
+    if case == "grey stored as colour":
+        masks[3] = masks[3].convert("RGB")
+        return {"validation": masks}, ["split 'validation' row 3", "three equal channels", "mask.convert('L')"]
     raise ValueError(case)
 
 
-@pytest.mark.parametrize("case", ["size", "values", "colour", "truncated"])
+@pytest.mark.parametrize("case", ["size", "values", "colour", "grey stored as colour", "truncated"])
 def test_a_malformed_row_is_refused_before_training(tmp_path, source, case):
     masks, expected = _bad_masks(case)
     data = make_hub_dataset(tmp_path / "bad", {"train": 6, "validation": 6}, masks=masks)
@@ -164,9 +168,22 @@ def test_reduce_labels_is_applied_before_the_class_check(tmp_path, source):
     assert fcn_zoo.from_pretrained(tmp_path / "b" / "best").palette == colours[1:]
 
 
-@pytest.mark.parametrize("case", ["empty split", "no columns", "no classes", "no validation"])
+@pytest.mark.parametrize("case", ["empty split", "no columns", "no classes", "no validation", "bytes columns", "no folder"])
 def test_dataset_level_refusals_name_what_to_do(tmp_path, source, case):
-    if case == "empty split":
+    data = None
+    if case == "bytes columns":  # parquet written without Image features (pandas): the images are plain bytes
+        import datasets as hf
+
+        (tmp_path / "d" / "data").mkdir(parents=True)
+        images, masks = hub_rows(2)
+        encoded = [[_png(i) for i in images], [_png(m) for m in masks]]
+        hf.Dataset.from_dict({"image": encoded[0], "label": encoded[1]}).to_parquet(str(tmp_path / "d" / "data" / "train-00000-of-00001.parquet"))
+        data = tmp_path / "d"
+        expected = "column 'image' holds Value('binary'), not images; if it holds encoded images or paths, cast it first"
+    elif case == "no folder":
+        data = "./no-such-dataset-folder"
+        expected = "--dataset-name ./no-such-dataset-folder: no such folder"
+    elif case == "empty split":
         data = make_hub_dataset(tmp_path / "d", {"train": 4, "validation": 0})
         expected = "split 'validation' has no rows"
     elif case == "no columns":
@@ -182,6 +199,12 @@ def test_dataset_level_refusals_name_what_to_do(tmp_path, source, case):
         train_module.main(["--init", str(source), "--dataset-name", str(data), "--output-dir", str(tmp_path / "run"),
                            "--max-iters", "1", *QUICK])
     assert expected in str(refused.value.code), refused.value.code
+
+
+def _png(image: Image.Image) -> bytes:
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG")
+    return encoded.getvalue()
 
 
 def test_data_root_and_dataset_name_exclude_each_other(tmp_path, source):
@@ -222,3 +245,19 @@ def test_the_held_out_share_applies_only_where_there_is_no_validation_split(tmp_
     with pytest.raises(SystemExit, match="--max-train-samples must be at least 1, got 0"):
         train_module.main(["--init", str(source), "--dataset-name", str(split), "--max-train-samples", "0",
                            "--output-dir", str(tmp_path / "again"), "--max-iters", "1", *QUICK])
+
+
+def test_evaluate_says_a_bad_row_in_one_line(tmp_path):
+    """Evaluation reads each row as it goes: a mask of the wrong size is one line naming the row, and no
+    report is written."""
+    _, masks = hub_rows(3, seed=1)
+    masks[1] = masks[1].resize((40, 30))
+    data = make_hub_dataset(tmp_path / "d", {"train": 2, "validation": 3}, masks={"validation": masks})
+    torch.manual_seed(0)
+    fcn_zoo.FCN(num_classes=3, backbone="resnet10t", head_channels=8, aux_channels=None).save_pretrained(tmp_path / "m")
+    with pytest.raises(SystemExit) as refused:
+        evaluate_module.main([str(tmp_path / "m"), "--dataset-name", str(data), "--device", "cpu",
+                              "--output-dir", str(tmp_path / "eval")])
+    assert str(refused.value.code) == (f"python -m training.evaluate: {data} split 'validation' row 1: the label is "
+                                       "40x30, its image 80x64")
+    assert not (tmp_path / "eval" / "eval.json").exists()

@@ -77,7 +77,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         image = torch.from_numpy(self.image(index)).permute(2, 0, 1).contiguous()
         label = torch.from_numpy(self.label(index).astype(np.int64))
         if label.shape != image.shape[1:]:
-            raise DatasetLayoutError(f"{self.where(index)}: label is {tuple(label.shape)}, image is {tuple(image.shape[1:])}")
+            raise DatasetLayoutError(f"{self.where(index)}: the label is {label.shape[1]}x{label.shape[0]}, its image "
+                                     f"{image.shape[2]}x{image.shape[1]}")
         if self.transforms is not None:
             generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{epoch}/{index}".encode()))
             image, label = self.transforms(image, label, generator)

@@ -163,7 +163,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
             writable(out, "the report's folder", "pass --output-dir a writable folder")
         except FCNZooError as e:
             raise SystemExit(f"{prog}: {e}") from None
-    results = evaluate(model, dataset, tta=TTA() if args.tta else None, mode=args.mode, ctx=ctx, max_samples=args.max_samples)
+    try:
+        results = evaluate(model, dataset, tta=TTA() if args.tta else None, mode=args.mode, ctx=ctx, max_samples=args.max_samples)
+    except DatasetLayoutError as e:  # a sample that does not read: nothing was written
+        raise SystemExit(f"{prog}: {e}") from None
     if ctx.is_main:
         write_report(results, dataset.class_names, out, {
             "model": args.model, "dataset": layout, "data_root": args.data_root, "dataset_name": args.dataset_name,

@@ -97,7 +97,8 @@ def load(args: argparse.Namespace, progress: bool = False, seed: int = 0) -> Tra
         pass
     local = Path(source.name).exists()  # a folder: its basename names it (the card's metadata wants a Hub id)
     record = {
-        "name": Path(source.name).resolve().name if local else source.name, "layout": "hub", "local_folder": local, "config": args.dataset_config, "revision": args.revision,
+        "name": Path(source.name).resolve().name if local else source.name, "layout": "hub", "local_folder": local,
+        "config": args.dataset_config, "revision": args.revision,
         "fingerprint": getattr(source.tables[train_split], "_fingerprint", None),
         "columns": {"image": source.columns[0], "label": source.columns[1]}, "reduce_labels": bool(args.reduce_labels),
         "train_split": train_split, "train_images": len(train), "val_images": len(val), "val_split": val_source,
@@ -228,6 +229,8 @@ def _import_datasets():
 def _open_dataset(datasets, args: argparse.Namespace) -> dict:
     """``{split: Dataset}`` of ``--dataset-name``: a ``save_to_disk`` folder, a dataset-repo folder or a Hub id."""
     name, path = args.dataset_name, Path(args.dataset_name)
+    if name.startswith((".", "/", "~")) and not path.expanduser().exists():  # meant as a folder, not a Hub id
+        raise DatasetLayoutError(f"--dataset-name {name}: no such folder")
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # its "Generating train split" bars: our own say what is checked
     try:
@@ -271,6 +274,9 @@ def _columns(table, args: argparse.Namespace, where: str) -> tuple[str, str]:
             return given
         found = next((c for c in usual if c in names and _is_image(table.features[c])), None)
         if found is None:
+            near = next((c for c in usual if c in names), None)
+            if near is not None:  # the name is there, its feature is not Image (bytes from pandas, a ClassLabel)
+                _not_images(where, near, table.features[near])
             raise DatasetLayoutError(f"{where}: no {what} column among its columns ({', '.join(names)}); "
                                      f"name it with {flag}")
         return found
@@ -281,8 +287,15 @@ def _columns(table, args: argparse.Namespace, where: str) -> tuple[str, str]:
         raise DatasetLayoutError(f"{where}: the image and the mask cannot both be column {image!r}")
     for column in (image, label):
         if not _is_image(table.features[column]):
-            raise DatasetLayoutError(f"{where}: column {column!r} holds {table.features[column]!r}, not images")
+            _not_images(where, column, table.features[column])
     return image, label
+
+
+def _not_images(where: str, column: str, feature) -> None:
+    hint = ""
+    if type(feature).__name__ == "Value" and getattr(feature, "dtype", "") in ("binary", "large_binary", "string"):
+        hint = f"; if it holds encoded images or paths, cast it first: ds.cast_column({column!r}, datasets.Image())"
+    raise DatasetLayoutError(f"{where}: column {column!r} holds {feature!r}, not images{hint}")
 
 
 def _is_image(feature) -> bool:
@@ -365,6 +378,10 @@ def _open_cell(value, where: str) -> Image.Image:
 
 def _mask_values(mask: Image.Image, where: str) -> np.ndarray:
     if mask.mode not in MASK_MODES:
+        channels = np.asarray(mask.convert("RGB")) if mask.mode in ("RGB", "RGBA") else None
+        if channels is not None and (channels == channels[..., :1]).all():
+            raise DatasetLayoutError(f"{where}: the mask is stored as colour (mode {mask.mode}) with three equal "
+                                     "channels; save the masks as grey images (mask.convert('L'))")
         raise DatasetLayoutError(f"{where}: the mask is a colour image (mode {mask.mode}); a mask holds one class index "
                                  "per pixel (an 8-bit grey or palette PNG): convert its colours to class indices")
     try:
