@@ -261,3 +261,74 @@ def test_evaluate_says_a_bad_row_in_one_line(tmp_path):
     assert str(refused.value.code) == (f"python -m training.evaluate: {data} split 'validation' row 1: the label is "
                                        "40x30, its image 80x64")
     assert not (tmp_path / "eval" / "eval.json").exists()
+
+
+def test_under_torchrun_each_process_checks_its_share_of_the_rows(tmp_path, source):
+    """Two gloo processes: a bad row in the second one's share (odd rows) stops both with its line; on a
+    good dataset the class weights from the shares' pixel counts equal one process's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "datasets_cache")}
+
+    def run(data: Path, out: Path, port: int) -> subprocess.CompletedProcess:
+        return subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(port), "-m", "training.train",
+                               "--init", str(source), "--dataset-name", str(data), "--output-dir", str(out),
+                               "--class-weights", "auto", "--max-iters", "1", "--batch-size", "2", *QUICK],
+                              cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+
+    masks, expected = _bad_masks("size")
+    bad = make_hub_dataset(tmp_path / "bad", {"train": 6, "validation": 6}, masks=masks)
+    refused = run(bad, tmp_path / "refused", 29531)
+    assert refused.returncode != 0 and not (tmp_path / "refused" / "log.jsonl").exists()
+    lines = [line for line in refused.stderr.splitlines() if "split 'validation' row 3: the mask is 40x30" in line]
+    assert len(lines) == 2, refused.stderr[-2000:]  # both processes, the same line
+
+    good = make_hub_dataset(tmp_path / "good", {"train": 9, "validation": 4}, seed=5)
+    assert run(good, tmp_path / "two", 29532).returncode == 0
+    assert train_module.main(["--init", str(source), "--dataset-name", str(good), "--output-dir", str(tmp_path / "one"),
+                              "--class-weights", "auto", "--max-iters", "1", "--batch-size", "2", *QUICK]) == 0
+    weights = [json.loads((tmp_path / name / "run.json").read_text())["class_weights"] for name in ("one", "two")]
+    assert weights[0] == weights[1] and len(set(weights[0])) > 1
+
+
+def test_each_process_reads_only_its_rows_and_the_shares_add_up(tmp_path, monkeypatch):
+    """Process 0 of 2 checks the even rows only: a bad odd row is not its to find (the other process's
+    error reaches it through the gather), a bad even row is; the two shares' pixel counts and sizes add
+    up to one process's."""
+    import torch.distributed as dist
+
+    from training import hubdata
+
+    masks, _ = _bad_masks("size")  # validation row 3 is bad
+    data = make_hub_dataset(tmp_path / "d", {"train": 7, "validation": 6}, masks=masks)
+    args = train_module.parse_args(["--init", "x", "--dataset-name", str(data), "--output-dir", "o"])
+    source = hubdata._Source(args)
+    (train_split, train_rows), (val_split, val_rows, _) = source.splits(None)
+    train, val = source.dataset(train_split, train_rows), source.dataset(val_split, val_rows)
+    good_val = source.dataset(val_split, [0, 1, 2, 4, 5])  # row 3 left out
+
+    others: list = []  # what the other process would have found
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, mine: out.__setitem__(slice(None), [mine, *others]))
+    others[:] = [(None, (np.zeros(3, np.int64), np.zeros(3, np.int64)), [])]
+    hubdata._check_shard(train, val, 3, False, (0, 2))  # rows 0, 2, 4 of validation: no error here
+    others[:] = [("the other process's error", (np.zeros(3, np.int64), np.zeros(3, np.int64)), [])]
+    with pytest.raises(hubdata.DatasetLayoutError, match="the other process's error"):
+        hubdata._check_shard(train, val, 3, False, (0, 2))
+    with pytest.raises(hubdata.DatasetLayoutError, match="row 3: the mask is 40x30"):
+        hubdata._check_shard(train, val, 3, False, (1, 2))  # rows 1, 3, 5: its own error
+
+    found = []  # each process's own findings, as it hands them to the gather
+    empty = (None, (np.zeros(3, np.int64), np.zeros(3, np.int64)), [])
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, mine: (found.append(mine), out.__setitem__(slice(None), [mine, empty])))
+    for rank in (0, 1):
+        hubdata._check_shard(train, good_val, 3, False, (rank, 2))
+    whole_pixels, whole_sizes = hubdata._check_shard(train, good_val, 3, False, (0, 1))
+    assert [len(sizes) for _, _, sizes in found] == [4, 3]  # rows 0, 2, 4, 6 and 1, 3, 5 of train
+    for i in range(2):
+        assert np.array_equal(found[0][1][i] + found[1][1][i], whole_pixels[i])
+    assert [size for _, size in sorted(found[0][2] + found[1][2])] == whole_sizes

@@ -18,8 +18,9 @@ differs).
 
 Every row's mask is checked before training starts, as for a folder: its size against its image's, its
 values against the classes, and that it is not a colour image; an error names the split and the row.
-Under ``torchrun`` every process checks every row (they all stop on the same error), then reads only the
-rows its sampler hands it (its shard) from the memory-mapped Arrow files, for training and evaluation.
+Under ``torchrun`` each process checks its share of the rows (and all stop on the first error any finds),
+then reads only the rows its sampler hands it from the memory-mapped Arrow files, for training and
+evaluation.
 """
 
 from __future__ import annotations
@@ -81,8 +82,10 @@ class HubDataset(SegmentationDataset):
         return hashlib.sha256(text.encode()).hexdigest()
 
 
-def load(args: argparse.Namespace, progress: bool = False, seed: int = 0) -> TrainingData:
-    """Both splits of ``--dataset-name``, every row checked; what the run records about them."""
+def load(args: argparse.Namespace, progress: bool = False, seed: int = 0, shard: tuple[int, int] = (0, 1)) -> TrainingData:
+    """Both splits of ``--dataset-name``, every row checked; what the run records about them. ``shard``:
+    ``(rank, world size)`` under torchrun: each process checks its share of the rows, and all of them stop
+    on the first error any finds."""
     source = _Source(args)
     (train_split, train_rows), (val_split, val_rows, val_source) = source.splits(args.val_fraction)
     if args.max_train_samples is not None:
@@ -91,10 +94,7 @@ def load(args: argparse.Namespace, progress: bool = False, seed: int = 0) -> Tra
         train_rows = train_rows[:args.max_train_samples]
     train = source.dataset(train_split, train_rows, seed)
     val = source.dataset(val_split, val_rows, description=val_source)
-    sizes = []
-    pixels = class_pixels(_checked(train, progress, sizes), len(source.names))
-    for _ in _checked(val, progress, []):
-        pass
+    pixels, sizes = _check_shard(train, val, len(source.names), progress, shard)
     local = Path(source.name).exists()  # a folder: its basename names it (the card's metadata wants a Hub id)
     record = {
         "name": Path(source.name).resolve().name if local else source.name, "layout": "hub", "local_folder": local,
@@ -202,13 +202,41 @@ def reduce_labels_lookup() -> np.ndarray:
     return lookup.astype(np.uint8)
 
 
-def _checked(dataset: HubDataset, progress: bool, sizes: list):
-    """Every row's train ids, after checking its mask against its image (size) and the classes (values)."""
+def _check_shard(train: HubDataset, val: HubDataset, num_classes: int, progress: bool, shard: tuple[int, int]):
+    """Check rows ``rank, rank + world, ...`` of both splits here and gather what every process found: the
+    first error (raised by all), the training set's class pixels (summed) and image sizes (in row order)."""
+    rank, world = shard
+    error, pixels, sizes = None, (np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64)), []
+    try:
+        for dataset in (train, val):
+            if not len(dataset):
+                raise DatasetLayoutError(f"{dataset.dataset_name} split {dataset.split!r} has no rows")
+        found = []
+        pixels = class_pixels(_checked(train, progress, found, range(rank, len(train), world)), num_classes)
+        sizes = list(zip(range(rank, len(train), world), found))
+        for _ in _checked(val, progress, [], range(rank, len(val), world)):
+            pass
+    except DatasetLayoutError as e:
+        error = str(e)
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (error, pixels, sizes))
+        error = next((e for e, _, _ in gathered if e), None)
+        pixels = tuple(sum(p[i] for _, p, _ in gathered) for i in range(2))
+        sizes = sorted(s for _, _, part in gathered for s in part)
+    if error:
+        raise DatasetLayoutError(error)
+    return pixels, [size for _, size in sorted(sizes)]
+
+
+def _checked(dataset: HubDataset, progress: bool, sizes: list, indices: range):
+    """The train ids of rows ``indices``, after checking each mask against its image (size) and the classes
+    (values); their image sizes appended to ``sizes``."""
     from tqdm.auto import tqdm
 
-    if not len(dataset):
-        raise DatasetLayoutError(f"{dataset.dataset_name} split {dataset.split!r} has no rows")
-    for index in tqdm(range(len(dataset)), desc=f"checking {dataset.split}", disable=not progress, leave=False):
+    for index in tqdm(indices, desc=f"checking {dataset.split}", disable=not progress, leave=False):
         image = dataset._cell(index, dataset.columns[0])  # the header only: the pixels are not decoded
         label = dataset.label(index)
         if label.shape != (image.height, image.width):

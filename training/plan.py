@@ -97,7 +97,7 @@ def finetune_plan(args: argparse.Namespace, ctx: DistributedContext) -> Plan:
         raise SystemExit(f"--backbone-weights does not apply with --init: every weight comes from {args.init}")
     log = _logger(ctx)
     # the data first, all of it: a malformed dataset fails here, before a model is loaded or a step taken
-    data = finetune_data(args, progress=not args.no_progress and ctx.is_main)
+    data = finetune_data(args, progress=not args.no_progress and ctx.is_main, shard=(ctx.rank, ctx.world_size))
     train_set, val_set, names = data.train, data.val, data.class_names
     weights = None
     if args.class_weights == "auto":

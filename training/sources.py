@@ -77,13 +77,14 @@ def check_source(args: argparse.Namespace) -> None:
         raise SystemExit("--dataset names a --data-root layout; a --dataset-name dataset has its own")
 
 
-def finetune_data(args: argparse.Namespace, progress: bool) -> TrainingData:
-    """Both splits of the data a fine-tuning run names, every sample checked before a model is loaded."""
+def finetune_data(args: argparse.Namespace, progress: bool, shard: tuple[int, int] = (0, 1)) -> TrainingData:
+    """Both splits of the data a fine-tuning run names, every sample checked before a model is loaded
+    (``shard``: this process's ``(rank, world size)``; a Hub dataset's rows are checked in shares)."""
     check_source(args)
     if args.dataset_name:
         from . import hubdata
 
-        return hubdata.load(args, progress=progress, seed=args.seed)
+        return hubdata.load(args, progress=progress, seed=args.seed, shard=shard)
     root = Path(args.data_root)
     layout = args.dataset or detect_layout(root)
     if layout == "generic":
