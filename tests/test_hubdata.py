@@ -264,7 +264,7 @@ def test_evaluate_says_a_bad_row_in_one_line(tmp_path):
 
 
 def test_under_torchrun_each_process_checks_its_share_of_the_rows(tmp_path, source):
-    """Two gloo processes: a bad row in the second one's share (odd rows) stops both with its line; on a
+    """Two gloo processes: a bad row in the second one's share (odd rows) stops the run with its line; on a
     good dataset the class weights from the shares' pixel counts equal one process's."""
     import os
     import subprocess
@@ -286,7 +286,8 @@ def test_under_torchrun_each_process_checks_its_share_of_the_rows(tmp_path, sour
     refused = run(bad, tmp_path / "refused", 29531)
     assert refused.returncode != 0 and not (tmp_path / "refused" / "log.jsonl").exists()
     lines = [line for line in refused.stderr.splitlines() if "split 'validation' row 3: the mask is 40x30" in line]
-    assert len(lines) == 2, refused.stderr[-2000:]  # both processes, the same line
+    # the same line from each process that says it before torchrun stops the other (which one first is a race)
+    assert lines and len(set(line.split(": ", 1)[-1] for line in lines)) == 1, refused.stderr[-2000:]
 
     good = make_hub_dataset(tmp_path / "good", {"train": 9, "validation": 4}, seed=5)
     assert run(good, tmp_path / "two", 29532).returncode == 0

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 
 IGNORE_INDEX = 255
+MASK_MODES = ("L", "P", "I", "I;16", "I;16B", "1")  # PIL modes that hold one index per pixel
 
 LAYOUTS = {
     "voc": "VOCdevkit/VOC2012/{JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/<split>.txt} "
@@ -140,6 +142,46 @@ class TrainingData:
     sizes: list[tuple[int, int]] | None = None  # (height, width) of each training image, if the check read them
 
 
+@dataclass
+class Classes:
+    names: list[str]
+    palette: list[tuple[int, int, int]] | None  # None: no colours given
+
+
+def read_classes_file(path: str | Path) -> Classes:
+    """A ``classes.txt`` file anywhere (``--classes FILE``): a name per line, optionally ``R G B``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetLayoutError(f"{path}: no such file; write one class name per line, in index order")
+    names, colours = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        parts = text.split()
+        if len(parts) >= 4 and all(p.isdigit() for p in parts[-3:]):
+            rgb = tuple(int(p) for p in parts[-3:])
+            if max(rgb) > 255:
+                raise DatasetLayoutError(f"{path}:{number}: colour {rgb} is outside 0..255")
+            names.append(" ".join(parts[:-3]))
+            colours.append(rgb)
+        else:
+            names.append(text)
+            colours.append(None)
+    if not names:
+        raise DatasetLayoutError(f"{path}: no class names; write one per line, in index order")
+    if len(names) > IGNORE_INDEX:
+        raise DatasetLayoutError(f"{path}: {len(names)} classes; masks hold 0..254 (255 = ignore)")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DatasetLayoutError(f"{path}: class names appear twice: {', '.join(duplicates)}")
+    given = [c is not None for c in colours]
+    if any(given) and not all(given):
+        line = given.index(False) + 1
+        raise DatasetLayoutError(f"{path}: class {line - 1} ({names[line - 1]}) has no colour; give R G B on every line or on none")
+    return Classes(names, colours if all(given) else None)
+
+
 def unit_hash(text: str) -> float:
     """``text``'s sha256 read as a number in [0, 1): which side of a held-out split a sample falls on, whatever
     the other samples are."""
@@ -171,20 +213,31 @@ def median_frequency_weights(pixels: np.ndarray, image_pixels: np.ndarray) -> li
 
 
 def read_label(path: Path, dataset: str, *, index_modes: tuple[str, ...] | None = None) -> np.ndarray:
-    """A label PNG as a uint8 ``(H, W)`` array of its stored values; 16-bit PNGs must hold 0..255.
-    ``index_modes``: the PIL modes accepted (a colour PNG is then an error saying to convert it)."""
-    image = _open(path, None, dataset)
+    """A label PNG as a uint8 ``(H, W)`` array of its stored values (:func:`mask_values`)."""
+    return mask_values(_open(path, None, dataset), str(path), index_modes)
+
+
+def mask_values(image: Image.Image, where: str, index_modes: tuple[str, ...] | None = None) -> np.ndarray:
+    """A mask image as a uint8 ``(H, W)`` array of its stored values; 16-bit masks must hold 0..255.
+    ``index_modes``: the PIL modes accepted (a colour image is then an error saying what to do)."""
     if index_modes is not None and image.mode not in index_modes:
+        rgb = np.asarray(image.convert("RGB")) if image.mode in ("RGB", "RGBA") else None
+        if rgb is not None and (rgb == rgb[..., :1]).all():  # grey values saved as colour
+            what = f"(mode {image.mode}) with three equal channels; save the masks as grey images (mask.convert('L'))"
+        else:
+            what = f"(mode {image.mode}); convert colours to class indices"
         raise DatasetLayoutError(
-            f"{path}: a mask holds one class index per pixel (an 8-bit grey or palette PNG), got mode {image.mode}; "
-            "convert colours to class indices"
+            f"{where}: a mask holds one class index per pixel (an 8-bit grey or palette PNG), got a colour image {what}"
         )
-    raw = np.array(image)
+    try:
+        raw = np.array(image)
+    except (OSError, SyntaxError, ValueError) as e:  # a body that does not decode past its header
+        raise DatasetLayoutError(f"{where}: does not decode ({e})") from None
     if raw.ndim != 2:
-        raise DatasetLayoutError(f"{path}: a label map must have one channel, got shape {raw.shape}")
+        raise DatasetLayoutError(f"{where}: a label map must have one channel, got shape {raw.shape}")
     if raw.dtype != np.uint8:  # 16-bit or 32-bit PNGs: the values must still be 0..255
         if raw.size and (raw.min() < 0 or raw.max() > 255):
-            raise DatasetLayoutError(f"{path}: label values must be 0..255, found {raw.min()}..{raw.max()}")
+            raise DatasetLayoutError(f"{where}: label values must be 0..255, found {raw.min()}..{raw.max()}")
         raw = raw.astype(np.uint8)
     return raw
 
@@ -211,8 +264,6 @@ class TimedSamples(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        import time
-
         start = time.perf_counter()
         sample = self.dataset[key]
         info = torch.utils.data.get_worker_info()

@@ -17,17 +17,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .data import IGNORE_INDEX, LAYOUTS, DatasetLayoutError, SegmentationDataset, TrainingData, class_pixels, read_label, unit_hash
+from .data import (IGNORE_INDEX, LAYOUTS, MASK_MODES, Classes, DatasetLayoutError, SegmentationDataset, TrainingData, class_pixels,
+                   read_classes_file, read_label, unit_hash)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 LAYOUT = LAYOUTS["generic"]
-MASK_MODES = ("L", "P", "I", "I;16", "I;16B", "1")  # PIL modes that hold one index per pixel
-
-
-@dataclass
-class Classes:
-    names: list[str]
-    palette: list[tuple[int, int, int]] | None  # None: no colours given
 
 
 def read_classes(root: str | Path) -> Classes:
@@ -36,40 +30,6 @@ def read_classes(root: str | Path) -> Classes:
     if not path.is_file():
         raise DatasetLayoutError(f"{path}: missing; write one class name per line, in index order ({LAYOUT})")
     return read_classes_file(path)
-
-
-def read_classes_file(path: str | Path) -> Classes:
-    """A ``classes.txt`` file anywhere (``--classes FILE``): a name per line, optionally ``R G B``."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetLayoutError(f"{path}: no such file; write one class name per line, in index order")
-    names, colours = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        parts = text.split()
-        if len(parts) >= 4 and all(p.isdigit() for p in parts[-3:]):
-            rgb = tuple(int(p) for p in parts[-3:])
-            if max(rgb) > 255:
-                raise DatasetLayoutError(f"{path}:{number}: colour {rgb} is outside 0..255")
-            names.append(" ".join(parts[:-3]))
-            colours.append(rgb)
-        else:
-            names.append(text)
-            colours.append(None)
-    if not names:
-        raise DatasetLayoutError(f"{path}: no class names; write one per line, in index order")
-    if len(names) > IGNORE_INDEX:
-        raise DatasetLayoutError(f"{path}: {len(names)} classes; masks hold 0..254 (255 = ignore)")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise DatasetLayoutError(f"{path}: class names appear twice: {', '.join(duplicates)}")
-    given = [c is not None for c in colours]
-    if any(given) and not all(given):
-        line = given.index(False) + 1
-        raise DatasetLayoutError(f"{path}: class {line - 1} ({names[line - 1]}) has no colour; give R G B on every line or on none")
-    return Classes(names, colours if all(given) else None)
 
 
 def is_generic(root: str | Path) -> bool:

@@ -27,20 +27,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
-import json
-import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .data import IGNORE_INDEX, DatasetLayoutError, SegmentationDataset, TrainingData, class_pixels, unit_hash
+from .data import (IGNORE_INDEX, MASK_MODES, DatasetLayoutError, SegmentationDataset, TrainingData, class_pixels,
+                   mask_values, unit_hash)
+from . import hubopen
 
-IMAGE_COLUMNS = ("image", "pixel_values", "img")
-LABEL_COLUMNS = ("label", "annotation", "mask", "semantic_segmentation", "segmentation")
 VAL_SPLITS = ("validation", "val", "valid")
-MASK_MODES = ("L", "P", "I", "I;16", "I;16B", "1")  # PIL modes that hold one index per pixel
 
 
 class HubDataset(SegmentationDataset):
@@ -54,14 +50,16 @@ class HubDataset(SegmentationDataset):
         self.dataset_name, self.split, self.rows, self.columns = name, split, rows, columns
         self.description = description or split  # the split, or "held out 0.1 of train"
         self.table = table
+        # one view per column, so that reading a row's image does not read its mask too, nor the reverse
+        self._by_column = {c: table.select_columns([c]) for c in columns}
         self.lookup_note = " after --reduce-labels" if reduce_labels else ""
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def _cell(self, index: int, column: str) -> Image.Image:
-        value = self.table[self.rows[index]][column]
-        return _open_cell(value, f"{self.where(index)}: column {column!r}")
+        value = self._by_column[column][self.rows[index]][column]
+        return hubopen.open_cell(value, f"{self.where(index)}: column {column!r}")
 
     def image(self, index: int) -> np.ndarray:
         image = self._cell(index, self.columns[0])
@@ -71,7 +69,7 @@ class HubDataset(SegmentationDataset):
             raise DatasetLayoutError(f"{self.where(index)}: column {self.columns[0]!r} does not decode ({e})") from None
 
     def raw_label(self, index: int) -> np.ndarray:
-        return _mask_values(self._cell(index, self.columns[1]), f"{self.where(index)}: column {self.columns[1]!r}")
+        return mask_values(self._cell(index, self.columns[1]), f"{self.where(index)}: column {self.columns[1]!r}", MASK_MODES)
 
     def where(self, index: int) -> str:
         return f"{self.dataset_name} split {self.split!r} row {self.rows[index]}"
@@ -126,28 +124,28 @@ class _Source:
     """The dataset ``--dataset-name`` names, opened: its splits, columns, classes and mask lookup."""
 
     def __init__(self, args: argparse.Namespace):
-        datasets = _import_datasets()
+        datasets = hubopen.import_datasets()
         self.name = args.dataset_name
         self.args = args
-        self.tables = _open_dataset(datasets, args)
+        self.tables = hubopen.open_dataset(datasets, args)
         self.train_split = args.train_split or "train"
         if self.train_split not in self.tables:
             raise DatasetLayoutError(f"{self.name}: no split {self.train_split!r} (it has {', '.join(self.tables)}); "
                                      "name one with --train-split")
         table = self.tables[self.train_split]
-        self.columns = _columns(table, args, f"{self.name} split {self.train_split!r}")
+        self.columns = hubopen.columns(table, args, f"{self.name} split {self.train_split!r}")
         for split, other in self.tables.items():  # undecoded: bytes or paths, opened one by one
             missing = [c for c in self.columns if c not in other.column_names]
             if missing:
                 continue  # a split without masks (a test split) is not used
             self.tables[split] = other.select_columns(list(self.columns)).cast_column(
                 self.columns[0], datasets.Image(decode=False)).cast_column(self.columns[1], datasets.Image(decode=False))
-        self.names, self.palette = _classes(args)
+        self.names, self.palette = hubopen.classes(args)
         if len(self.names) > IGNORE_INDEX:
             raise DatasetLayoutError(f"{self.name}: {len(self.names)} classes; masks hold 0..254 (255 = ignore)")
         if self.palette is None:  # class i is mask value i, or i + 1 under --reduce-labels
-            self.palette = _mask_palette(self.tables[self.train_split], self.columns[1], len(self.names),
-                                         1 if args.reduce_labels else 0, f"{self.name} split {self.train_split!r}")
+            self.palette = hubopen.mask_palette(self.tables[self.train_split], self.columns[1], len(self.names),
+                                                 1 if args.reduce_labels else 0, f"{self.name} split {self.train_split!r}")
         self.lookup = reduce_labels_lookup() if args.reduce_labels else np.arange(256, dtype=np.uint8)
 
     def splits(self, val_fraction: float | None, inherited: float | None = None):
@@ -244,183 +242,6 @@ def _checked(dataset: HubDataset, progress: bool, sizes: list, indices: range):
                                      f"its image {image.width}x{image.height}")
         sizes.append((image.height, image.width))
         yield label
-
-
-def _import_datasets():
-    try:
-        import datasets
-    except ImportError:
-        raise DatasetLayoutError("--dataset-name needs the datasets library: pip install 'fcn-zoo[datasets]'") from None
-    return datasets
-
-
-def _open_dataset(datasets, args: argparse.Namespace) -> dict:
-    """``{split: Dataset}`` of ``--dataset-name``: a ``save_to_disk`` folder, a dataset-repo folder or a Hub id."""
-    name, path = args.dataset_name, Path(args.dataset_name)
-    if name.startswith((".", "/", "~")) and not path.expanduser().exists():  # meant as a folder, not a Hub id
-        raise DatasetLayoutError(f"--dataset-name {name}: no such folder")
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # its "Generating train split" bars: our own say what is checked
-    try:
-        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-            if args.revision or args.dataset_config:
-                raise DatasetLayoutError(f"--dataset-name {name}: a save_to_disk folder has one revision and "
-                                         "configuration; drop --revision and --dataset-config")
-            loaded = datasets.load_from_disk(str(path))
-        else:
-            loaded = datasets.load_dataset(name, args.dataset_config, revision=args.revision)
-    except DatasetLayoutError:
-        raise
-    except Exception as e:  # the library's own errors are many; each becomes one line naming the dataset
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = ""
-        empty = re.search(r'Instruction "([^"]+)" corresponds to no data', text)
-        if empty:  # the library's words for a split without rows
-            raise DatasetLayoutError(f"{name} split {empty.group(1)!r} has no rows") from None
-        if "scripts are no longer supported" in text.lower():
-            hint = "; script datasets load from their parquet conversion: --revision refs/convert/parquet"
-        elif "config" in text.lower() and args.dataset_config is None:
-            hint = "; name one with --dataset-config"
-        raise DatasetLayoutError(f"--dataset-name {name}: cannot load it ({text}){hint}") from None
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
-    if isinstance(loaded, datasets.Dataset):
-        loaded = {"train": loaded}
-    if not loaded:
-        raise DatasetLayoutError(f"--dataset-name {name}: the dataset has no splits")
-    return dict(loaded)
-
-
-def _columns(table, args: argparse.Namespace, where: str) -> tuple[str, str]:
-    names = table.column_names
-
-    def pick(given: str | None, usual: tuple[str, ...], what: str, flag: str) -> str:
-        if given:
-            if given not in names:
-                raise DatasetLayoutError(f"{where}: no column {given!r} for {flag} (its columns: {', '.join(names)})")
-            return given
-        found = next((c for c in usual if c in names and _is_image(table.features[c])), None)
-        if found is None:
-            near = next((c for c in usual if c in names), None)
-            if near is not None:  # the name is there, its feature is not Image (bytes from pandas, a ClassLabel)
-                _not_images(where, near, table.features[near])
-            raise DatasetLayoutError(f"{where}: no {what} column among its columns ({', '.join(names)}); "
-                                     f"name it with {flag}")
-        return found
-
-    image = pick(args.image_column, IMAGE_COLUMNS, "image", "--image-column")
-    label = pick(args.label_column, LABEL_COLUMNS, "mask", "--label-column")
-    if image == label:
-        raise DatasetLayoutError(f"{where}: the image and the mask cannot both be column {image!r}")
-    for column in (image, label):
-        if not _is_image(table.features[column]):
-            _not_images(where, column, table.features[column])
-    return image, label
-
-
-def _not_images(where: str, column: str, feature) -> None:
-    hint = ""
-    if type(feature).__name__ == "Value" and getattr(feature, "dtype", "") in ("binary", "large_binary", "string"):
-        hint = f"; if it holds encoded images or paths, cast it first: ds.cast_column({column!r}, datasets.Image())"
-    raise DatasetLayoutError(f"{where}: column {column!r} holds {feature!r}, not images{hint}")
-
-
-def _is_image(feature) -> bool:
-    return type(feature).__name__ == "Image"
-
-
-def _classes(args: argparse.Namespace) -> tuple[list[str], list | None]:
-    """Class names and colours: ``--id2label``, ``--classes`` or the dataset's ``id2label.json``. (A mask
-    column is an ``Image`` feature: it carries no class names of its own.)"""
-    if args.id2label and args.classes:
-        raise SystemExit("--id2label and --classes both give the class names; give one")
-    if args.classes:
-        from .generic import read_classes_file
-
-        classes = read_classes_file(args.classes)
-        return classes.names, classes.palette
-    if args.id2label:
-        return _read_id2label(Path(args.id2label)), None
-    local = Path(args.dataset_name) / "id2label.json"
-    if local.is_file():
-        return _read_id2label(local), None
-    if not Path(args.dataset_name).exists():  # a Hub id: its repo's id2label.json
-        found = _hub_id2label(args.dataset_name, args.revision)
-        if found is not None:
-            return _read_id2label(found), None
-    raise DatasetLayoutError(f"{args.dataset_name}: no class names (no id2label.json in the dataset); give --id2label FILE "
-                             "(JSON {\"0\": \"name\", ...}) or --classes FILE (one name per line)")
-
-
-def _hub_id2label(repo: str, revision: str | None) -> str | None:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
-
-    from fcn_zoo.errors import first_line
-
-    try:
-        return hf_hub_download(repo, "id2label.json", repo_type="dataset", revision=revision)
-    except (EntryNotFoundError, LocalEntryNotFoundError):
-        return None
-    except (HfHubHTTPError, OSError) as e:
-        raise DatasetLayoutError(f"--dataset-name {repo}: cannot fetch its id2label.json ({first_line(e)}); "
-                                 "give the class names with --id2label FILE or --classes FILE") from None
-
-
-def _read_id2label(path: Path) -> list[str]:
-    """``{"0": "name", "1": ...}``: the names of classes 0..n-1, every index present."""
-    try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
-        ids = {int(k): str(v) for k, v in mapping.items()}
-    except (OSError, ValueError, AttributeError) as e:
-        raise DatasetLayoutError(f"{path}: not an id2label JSON object {{\"0\": \"name\", ...}} ({e})") from None
-    missing = sorted(set(range(len(ids))) - set(ids))
-    if not ids or missing:
-        raise DatasetLayoutError(f"{path}: class ids must be 0..{len(ids) - 1}" + (f"; {missing[0]} is missing" if missing else ""))
-    return [ids[i] for i in range(len(ids))]
-
-
-def _mask_palette(table, column: str, num_classes: int, offset: int, where: str) -> list[tuple[int, int, int]] | None:
-    """The colours of palette-PNG masks (the first row's palette) for values ``offset`` on, if they are such."""
-    if not len(table):
-        return None
-    mask = _open_cell(table[0][column], f"{where} row 0: column {column!r}")
-    palette = mask.getpalette() if mask.mode == "P" else None
-    if not palette or len(palette) < 3 * (num_classes + offset):
-        return None
-    return [tuple(palette[3 * i:3 * i + 3]) for i in range(offset, num_classes + offset)]
-
-
-def _open_cell(value, where: str) -> Image.Image:
-    """An undecoded ``Image`` cell (``{"bytes": ..., "path": ...}``) opened with PIL (lazily: the header)."""
-    try:
-        if isinstance(value, dict) and value.get("bytes") is not None:
-            return Image.open(io.BytesIO(value["bytes"]))
-        if isinstance(value, dict) and value.get("path"):
-            return Image.open(value["path"])
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetLayoutError(f"{where}: unreadable as an image ({e})") from None
-    raise DatasetLayoutError(f"{where}: empty (no image)")
-
-
-def _mask_values(mask: Image.Image, where: str) -> np.ndarray:
-    if mask.mode not in MASK_MODES:
-        channels = np.asarray(mask.convert("RGB")) if mask.mode in ("RGB", "RGBA") else None
-        if channels is not None and (channels == channels[..., :1]).all():
-            raise DatasetLayoutError(f"{where}: the mask is stored as colour (mode {mask.mode}) with three equal "
-                                     "channels; save the masks as grey images (mask.convert('L'))")
-        raise DatasetLayoutError(f"{where}: the mask is a colour image (mode {mask.mode}); a mask holds one class index "
-                                 "per pixel (an 8-bit grey or palette PNG): convert its colours to class indices")
-    try:
-        raw = np.array(mask)
-    except (OSError, SyntaxError, ValueError) as e:  # a body that does not decode past its header
-        raise DatasetLayoutError(f"{where}: does not decode ({e})") from None
-    if raw.dtype != np.uint8:
-        if raw.size and (raw.min() < 0 or raw.max() > 255):
-            raise DatasetLayoutError(f"{where}: mask values must be 0..255, found {raw.min()}..{raw.max()}")
-        raw = raw.astype(np.uint8)
-    return raw
 
 
 __all__ = ["HubDataset", "load", "load_split", "reduce_labels_lookup"]
