@@ -370,9 +370,14 @@ def _floats(values, what: str) -> tuple[float, float, float]:
     return tuple(float(v) for v in values)
 
 
+#: The largest eval_size or crop_size side a config may ask for: 8192 x 8192 already needs tens of GB of
+#: activations, and every photo is resized to the eval size, so a larger one only runs out of memory.
+MAX_SIDE = 8192
+
+
 def _pair(values, what: str) -> tuple[int, int]:
-    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
-        raise ValueError(f"{what} must be two positive integers, got {values!r}")
+    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_SIDE for v in values):
+        raise ValueError(f"{what} must be two integers from 1 to {MAX_SIDE}, got {values!r}")
     return int(values[0]), int(values[1])
 
 

@@ -50,8 +50,11 @@ def load_state_dict(
     With ``new_classes`` (the caller asked for another ``num_classes``), the classifiers are skipped and
     logged when their shapes differ from ``state_dict``'s only in the number of classes; otherwise that is
     an error like any other shape. Floating-point tensors may be stored in any float precision (they are
-    cast); a float parameter stored as integers, or the reverse, is an error.
+    cast); a float parameter stored as integers, or the reverse, is an error. Without ``strict``, the tensors
+    the file lacks are freshly initialised (and named in a warning); every other one is the file's.
     """
+    import torch
+
     expected = model.state_dict()
     classifier_keys = {
         f"{head}.{len(getattr(model, head)) - 1}.{p}"
@@ -92,6 +95,8 @@ def load_state_dict(
             "%s has %d classes; the model has %d: the classifiers (%s) are freshly initialised for fine-tuning",
             source, old, model.num_classes, ", ".join(reinit),
         )
+    if missing:  # only without strict: those tensors keep a fresh initialisation
+        logger.warning("%s lacks %d tensor(s) of the model, freshly initialised: %s", source, len(missing), _short(missing))
     kept = {k: v for k, v in state_dict.items() if k not in reinit}
     if not _on_meta(model):
         model.load_state_dict(kept, strict=False)
@@ -103,8 +108,18 @@ def load_state_dict(
     device = next((t.device for t in kept.values()), "cpu")
     for module in model.modules():
         if _on_meta(module, recurse=False):
+            # reset_parameters initialises the whole module: the tensors the file gave it are put back after
+            loaded = {name: t.detach() for name, t in _own_tensors(module) if not t.is_meta}  # to_empty swaps .data
             module.to_empty(device=device, recurse=False)
             module.reset_parameters()
+            with torch.no_grad():
+                for name, tensor in _own_tensors(module):
+                    if name in loaded:
+                        tensor.copy_(loaded[name])
+
+
+def _own_tensors(module):
+    return [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
 
 
 def _on_meta(module, recurse: bool = True) -> bool:

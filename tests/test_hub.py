@@ -189,6 +189,26 @@ def test_loading_is_strict_and_names_the_keys(tiny_folder, tmp_path):
         fcn_zoo.from_pretrained(broken)
 
 
+def test_loading_without_strict_fills_only_the_tensors_the_file_lacks(tmp_path, caplog):
+    """A file without backbone.bn1.bias: with strict=False that one tensor is freshly initialised (0) and
+    named in a warning; bn1's weight and running statistics, and every other tensor, are the file's."""
+    model = tiny_fcn()
+    with torch.no_grad():
+        model.backbone.bn1.weight.fill_(3.0)
+    model.save_pretrained(tmp_path / "partial")
+    state = load_file(tmp_path / "partial" / "model.safetensors")
+    del state["backbone.bn1.bias"]
+    save_file(state, tmp_path / "partial" / "model.safetensors")
+
+    with caplog.at_level(logging.WARNING, logger="fcn_zoo.weights"):
+        loaded = fcn_zoo.FCN.from_pretrained(tmp_path / "partial", strict=False)
+    assert torch.all(loaded.backbone.bn1.weight == 3.0)
+    assert torch.all(loaded.backbone.bn1.bias == 0)
+    ours = loaded.state_dict()
+    assert all(torch.equal(ours[k], state[k]) for k in state)
+    assert "lacks 1 tensor(s) of the model, freshly initialised: backbone.bn1.bias" in caplog.text
+
+
 def test_save_pretrained_round_trip_keeps_config_and_logits(tmp_path):
     model = tiny_fcn(num_classes=19, dataset="cityscapes")
     model.save_pretrained(tmp_path / "saved")

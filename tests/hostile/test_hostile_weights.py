@@ -92,6 +92,20 @@ def test_a_bad_config_is_refused(broken, config, message):
         fcn_zoo.from_pretrained(broken)
 
 
+@pytest.mark.parametrize("key", ["eval_size", "crop_size"])
+def test_a_config_asking_for_a_huge_size_is_refused_naming_the_file_and_the_key(broken, key):
+    """65536 x 65536 would run every photo out of memory: one line naming config.json and the key; 8192 a
+    side is taken."""
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, key: [65536, 65536]}))
+    with pytest.raises(fcn_zoo.WeightsError) as refused:
+        fcn_zoo.from_pretrained(broken)
+    assert str(refused.value) == (f"{broken}: config.json does not describe a valid FCN: {key} must be two integers "
+                                  "from 1 to 8192, got [65536, 65536]")
+    (broken / "config.json").write_text(json.dumps({**config, key: [8192, 8192]}))
+    assert getattr(fcn_zoo.from_pretrained(broken), key) == (8192, 8192)
+
+
 def test_a_checkpoint_for_another_number_of_classes_is_refused_unless_asked(broken):
     config = json.loads((broken / "config.json").read_text())
     (broken / "config.json").write_text(json.dumps({**config, "num_classes": 19, "dataset": "cityscapes"}))
