@@ -6,7 +6,7 @@ one machine: streaming, retries, CPU and GPU stages), or any loop over dicts of 
 
     ds = ray.data.read_images("s3://bucket/photos", mode="RGB", include_paths=True)
     ds = ds.map_batches(Segmenter, fn_constructor_kwargs={"model": "fcn_resnet50os16_voc"}, batch_size=8,
-                        num_gpus=1, compute=ray.data.ActorPoolStrategy(size=4))
+                        num_gpus=1, compute=ray.data.ActorPoolStrategy(size=4))  # 4 GPUs; CPUs: docs/python.md
 
 Each actor loads the model once, on its device (its GPU where Ray gives it one, else the CPU), and segments
 with the protocol of :meth:`FCN.predict <fcn_zoo.FCN.predict>` on a fused copy, as ``fcn-zoo predict`` does. Nothing here imports Ray: the class takes and
@@ -40,8 +40,15 @@ class Segmenter:
         **options: as :func:`fcn_zoo.predict.predict` (``tta``, ``mode``, ``precision``, ``batch_size``...).
 
     The result keeps the batch's other columns (``path``...) and adds ``labels`` (a uint8 ``(H, W)`` label map
-    per image, int32 beyond 256 classes) and ``shares`` (per image, each class's share of its pixels, in the
-    order of :attr:`class_names`). The image column is dropped (unless it is ``path``), so it is not carried further.
+    per image, int32 beyond 256 classes), ``shares`` (per image, each class's share of its pixels, in the
+    order of :attr:`class_names`) and ``error``. The image column is dropped (unless it is ``path``), so it is
+    not carried further.
+
+    A failure is its row's, never the batch's: ``error`` is ``""`` for a row segmented, else one line naming
+    the image and what went wrong (unreadable, not an image, out of memory...); such a row's ``labels`` is an
+    empty ``(0, 0)`` array of the labels' dtype, its ``shares`` zeros and its ``confidence`` an empty
+    ``(0, 0)`` float16 array, and the other rows are segmented as usual. A forward pass that fails for a whole
+    batch is retried one image at a time, so that only the images that fail alone are marked.
     """
 
     def __init__(self, model="fcn_resnet50os16_voc", *, column: str | None = None, device: str | None = None,
@@ -71,17 +78,45 @@ class Segmenter:
                            f"(its columns: {', '.join(batch)}); pass Segmenter(column=...)")
         values = list(batch[column])
         names = _names(batch, column, len(values))
-        loaded = [load_image(_decodable(value, name)) for value, name in zip(values, names)]
-        segs = []
+        segs: list = [None] * len(values)
+        errors = [""] * len(values)
+        loaded = {}
+        for i, (value, name) in enumerate(zip(values, names)):
+            try:
+                loaded[i] = load_image(_decodable(value, name))
+            except Exception as e:
+                errors[i] = _error_line(name, e)
+        rows = list(loaded)
         size = self.predictor.batch_size
-        for start in range(0, len(loaded), size):
-            segs += self.predictor(loaded[start:start + size], names[start:start + size])
+        for start in range(0, len(rows), size):
+            chunk = rows[start:start + size]
+            for i, seg in zip(chunk, self._segment(chunk, loaded, names, errors)):
+                segs[i] = seg
+        num_classes = len(self.class_names)
+        no_labels = np.zeros((0, 0), dtype=np.uint8 if num_classes <= 256 else np.int32)  # a failed row's
         out = {k: v for k, v in batch.items() if k != column or k == "path"}  # paths stay: they name the rows
-        out["labels"] = _column([seg.labels for seg in segs])
-        out["shares"] = np.array([_shares(seg.labels, len(self.class_names)) for seg in segs], dtype=np.float32)
+        out["labels"] = _column([no_labels if seg is None else seg.labels for seg in segs])
+        out["shares"] = np.zeros((len(segs), num_classes), dtype=np.float32)
+        for row, seg in zip(out["shares"], segs):
+            if seg is not None:
+                row[:] = _shares(seg.labels, num_classes)
         if self.confidence:
-            out["confidence"] = _column([seg.confidence.astype(np.float16) for seg in segs])
+            out["confidence"] = _column([np.zeros((0, 0), np.float16) if seg is None else seg.confidence.astype(np.float16)
+                                         for seg in segs])
+        out["error"] = np.array(errors, dtype=object)
         return out
+
+    def _segment(self, rows: list[int], loaded: dict, names: list[str], errors: list[str]) -> list:
+        """The Segmentations of ``rows`` (``None`` for a row that fails, its line in ``errors``). A forward pass
+        of several images that fails (out of memory, one image the network cannot take) is retried one image at
+        a time, so that only the images that fail alone are marked."""
+        try:
+            return self.predictor([loaded[i] for i in rows], [names[i] for i in rows])
+        except Exception as e:
+            if len(rows) > 1:
+                return [self._segment([i], loaded, names, errors)[0] for i in rows]
+            errors[rows[0]] = _error_line(names[rows[0]], e)
+            return [None]
 
 
 def _names(batch: dict, column: str, n: int) -> list[str]:
@@ -91,6 +126,14 @@ def _names(batch: dict, column: str, n: int) -> list[str]:
     if column == "path":
         return [str(p) for p in batch[column]]
     return [f"row {i} of the batch" for i in range(n)]
+
+
+def _error_line(name: str, error: Exception) -> str:
+    """A row's error: one line that names its image."""
+    from .errors import first_line
+
+    message = first_line(error)
+    return message if name in message else f"{name}: {message}"
 
 
 def _decodable(value, name: str):

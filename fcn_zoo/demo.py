@@ -91,7 +91,7 @@ def segment(models: ModelCache, image_path, name: str, tta: bool, slide: bool, p
     shown = Path(image_path).name
     try:
         with Image.open(image_path) as probe:
-            width, height = probe.size
+            width, height = displayed_size(probe)
     except Image.DecompressionBombError:
         raise gr.Error(f"{shown} is too large to decode safely; the demo takes photos up to {MAX_PIXELS / 1e6:.0f} MP: resize it first.") from None
     except Exception as e:
@@ -109,8 +109,18 @@ def segment(models: ModelCache, image_path, name: str, tta: bool, slide: bool, p
         raise gr.Error(f"{shown}: {first_line(e)}") from None
     seconds = time.perf_counter() - start
     confidence = Image.fromarray(np.round(seg.confidence * 255).astype(np.uint8))
+    height, width = seg.size  # as segmented: the photo as displayed
     timing = f"{seconds:.2f} s on {model_device(model)}, {width}x{height}" + (", TTA" if tta else "") + (", sliding windows" if slide else "")
     return seg.overlay(alpha=opacity), seg.colorize(), legend(seg), confidence, timing, seg
+
+
+def displayed_size(image) -> tuple[int, int]:
+    """An opened PIL image's ``(width, height)`` as displayed, without decoding its pixels: a phone photo whose
+    EXIF orientation turns it a quarter (5 to 8) is shown, and segmented, the other way round."""
+    width, height = image.size
+    if image.format == "PNG" and "exif" not in image.info:
+        return width, height  # a PNG's EXIF may follow its pixels: finding it would decode the whole photo
+    return (height, width) if image.getexif().get(0x0112) in (5, 6, 7, 8) else (width, height)
 
 
 def reblend(seg, opacity: float):

@@ -2,6 +2,11 @@
 frame rate), and optionally one palette PNG per frame. Decoding and encoding are PyAV's (the ``video``
 extra: ``pip install "fcn-zoo[video]"``); frames stream through :func:`fcn_zoo.stream.predict_iter`, so a
 long clip needs the memory of a few frames, not of the clip.
+
+Frames are seen as a player shows them, as photos are after their EXIF orientation: a clip's display matrix
+(a phone's portrait clip is stored landscape, with a quarter turn to apply) is applied before segmenting, so
+masks, sizes and shares are of the upright frames, and the overlay video holds upright frames and no display
+matrix of its own.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ CODECS = ("libx264", "h264", "mpeg4")
 
 @dataclass
 class VideoResult:
-    """What :func:`segment_video` wrote: the frame size and count, and each class's share of all pixels."""
+    """What :func:`segment_video` wrote: the frame size as displayed and the frame count, and each class's
+    share of all pixels."""
 
     width: int
     height: int
@@ -40,7 +46,8 @@ def segment_video(
 ) -> VideoResult:
     """Segment every frame of the video at ``path``; write the class colours blended over the frames to
     ``overlay_path`` (an ``.mp4``) and, with ``masks_dir``, ``<masks_dir>/<frame>.png`` palette masks
-    numbered from ``000000``. Both appear whole or not at all. ``options`` as
+    numbered from ``000000``. Both appear whole or not at all. Frames are segmented, masked and overlaid as
+    displayed (the clip's display matrix applied; the overlay is written upright, without one). ``options`` as
     :func:`fcn_zoo.stream.predict_iter` (the clip runs on a fused copy of the model unless ``fuse=False``)."""
     av = _import_av()
     path = Path(path)
@@ -87,9 +94,39 @@ def segment_video(
 def _frames(av, source, stream, path: Path) -> Iterator[np.ndarray]:
     try:
         for frame in source.decode(stream):
-            yield frame.to_ndarray(format="rgb24")
+            yield _displayed(frame.to_ndarray(format="rgb24"), _display_matrix(frame))
     except av.FFmpegError as e:
         raise ImageError(f"{path}: cannot decode this video ({e})") from e
+
+
+def _display_matrix(frame) -> np.ndarray | None:
+    """The frame's display matrix (FFmpeg's 9 int32 values), ``None`` where it has none."""
+    for side_data in frame.side_data:
+        if getattr(side_data.type, "name", None) == "DISPLAYMATRIX":
+            return np.frombuffer(bytes(side_data), dtype=np.int32)[:9]
+    return None
+
+
+def _displayed(rgb: np.ndarray, matrix: np.ndarray | None) -> np.ndarray:
+    """A decoded ``(H, W, 3)`` frame as a player shows it: turned and mirrored by FFmpeg's display ``matrix``
+    (to the nearest quarter turn, the turns phones record, as FFmpeg's autorotation turns them); ``rgb`` itself
+    without a matrix.
+
+    The matrix maps a stored pixel ``(x, y)`` to ``(a x + c y, b x + d y)`` plus an offset, with ``a, b, c, d``
+    its entries 0, 1, 3 and 4 (``libavutil/display.h``). ``PyAV``'s ``frame.rotation`` alone would lose
+    the mirrorings: a horizontal flip reads as a half turn."""
+    if matrix is None:
+        return rgb
+    a, b, c, d = (int(v) for v in (matrix[0], matrix[1], matrix[3], matrix[4]))
+    if abs(b) + abs(c) > abs(a) + abs(d):  # a quarter turn: stored rows are displayed columns
+        rgb, flip_rows, flip_cols = rgb.transpose(1, 0, 2), b < 0, c < 0
+    else:
+        flip_rows, flip_cols = d < 0, a < 0
+    if flip_rows:
+        rgb = rgb[::-1]
+    if flip_cols:
+        rgb = rgb[:, ::-1]
+    return np.ascontiguousarray(rgb)
 
 
 @contextlib.contextmanager

@@ -79,26 +79,85 @@ def test_a_stacked_batch_and_a_missing_column(small_folder, photos):
         Segmenter(tiny_model)({"photo": stacked})
 
 
+def test_an_unreadable_image_is_its_rows_error_and_the_others_are_segmented(small_folder, photos, tmp_path):
+    expected = _expected(small_folder, photos[:2])
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a photo")
+    good = [open(p, "rb").read() for p in photos[:2]]
+    paths = [str(photos[0]), str(tmp_path / "missing.jpg"), str(text), str(photos[1]), "cut.jpg"]
+    cells = {"path": np.array(paths),
+             "bytes": np.array([good[0], b"", text.read_bytes(), good[1], good[1][:200]], dtype=object)}
+    segmenter = Segmenter(small_folder, device="cpu", confidence=True, batch_size=2)
+    for column in ("path", "bytes"):
+        out = segmenter({column: cells[column], "path": cells["path"]})
+        bad = [1, 2, 4]
+        for i in bad:  # one line that names the image
+            assert out["error"][i].startswith(paths[i] + ": ") and "\n" not in out["error"][i], (column, out["error"][i])
+            assert out["labels"][i].shape == (0, 0) and out["labels"][i].dtype == np.uint8
+            assert out["confidence"][i].shape == (0, 0) and out["confidence"][i].dtype == np.float16
+            assert not out["shares"][i].any()
+        for i, path in ((0, paths[0]), (3, paths[3])):
+            assert out["error"][i] == "" and np.array_equal(out["labels"][i], expected[path]), (column, path)
+            assert abs(out["shares"][i].sum() - 1) < 1e-5
+        assert out["shares"].shape == (5, 21) and list(out["path"]) == paths
+    assert "cannot read" in out["error"][4]  # a truncated JPEG, not only a missing file
+
+
+def test_a_failed_forward_pass_is_retried_one_image_at_a_time(small_folder, photos):
+    """Out of memory for a batch of three: each image again alone; only the one that fails alone is marked."""
+    segmenter = Segmenter(small_folder, device="cpu", batch_size=3)
+    predictor, calls = segmenter.predictor, []
+
+    def flaky(loaded, names):
+        calls.append(len(names))
+        if len(names) > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
+        if names == [str(photos[1])]:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return predictor(loaded, names)
+
+    segmenter.predictor = flaky
+    flaky.batch_size = 3
+    paths = [str(p) for p in photos[:4]]
+    out = segmenter({"path": np.array(paths)})
+    assert calls == [3, 1, 1, 1, 1]  # the batch of three, each of them alone, then the fourth image
+    assert list(out["error"]) == ["", f"{paths[1]}: CUDA out of memory. Tried to allocate 1.00 GiB", "", ""]
+    expected = _expected(small_folder, photos[:4])
+    for i in (0, 2, 3):
+        assert np.array_equal(out["labels"][i], expected[paths[i]])
+    assert out["labels"][1].shape == (0, 0) and not out["shares"][1].any()
+
+
 def test_no_ray_at_import():
     pytest.importorskip("ray", reason="without Ray installed there is nothing to import")
     code = "import sys, fcn_zoo, fcn_zoo.batch; print(any(m == 'ray' or m.startswith('ray.') for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
-def test_ray_data_map_batches_gives_predicts_labels(small_folder, photos):
-    """A local Ray (2 CPUs): read_images, map_batches over an actor pool, the labels of predict."""
+def test_ray_data_map_batches_gives_predicts_labels_and_a_row_per_failure(small_folder, photos, tmp_path):
+    """A local Ray (2 CPUs): read_images, map_batches over an actor pool, the labels of predict; a table of
+    paths with an unreadable file among them gives that row's error and the others' labels."""
     ray = pytest.importorskip("ray", reason="the ray extra (pip install 'fcn-zoo[ray]')")
     expected = _expected(small_folder, photos)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(photos[0].read_bytes()[:150])
+    listed = [str(photos[0]), str(broken), str(photos[1])]
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False,
              configure_logging=False)
     try:
+        kwargs = dict(fn_constructor_kwargs={"model": str(small_folder), "device": "cpu"}, batch_size=3,
+                      num_cpus=1, compute=ray.data.ActorPoolStrategy(size=1))
         ds = ray.data.read_images([str(p) for p in photos], mode="RGB", include_paths=True)
-        ds = ds.map_batches(Segmenter, fn_constructor_kwargs={"model": str(small_folder), "device": "cpu"}, batch_size=3,
-                            num_cpus=1, compute=ray.data.ActorPoolStrategy(size=1))
-        rows = ds.take_all()
+        rows = ds.map_batches(Segmenter, **kwargs).take_all()
+        table = ray.data.from_items([{"path": p} for p in listed]).map_batches(Segmenter, **kwargs).take_all()
     finally:
         ray.shutdown()
     assert sorted(row["path"] for row in rows) == sorted(str(p) for p in photos)
     for row in rows:
         assert np.array_equal(row["labels"], expected[row["path"]]), row["path"]
-        assert row["shares"].shape == (21,)
+        assert row["shares"].shape == (21,) and row["error"] == ""
+    by_path = {row["path"]: row for row in table}
+    assert sorted(by_path) == sorted(listed)
+    assert by_path[str(broken)]["error"].startswith(f"{broken}: ") and by_path[str(broken)]["labels"].shape == (0, 0)
+    for path in listed[::2]:
+        assert by_path[path]["error"] == "" and np.array_equal(by_path[path]["labels"], expected[path]), path

@@ -101,6 +101,27 @@ def test_bad_uploads_are_a_message_and_the_page_keeps_serving(page, tmp_path, mo
     assert _segment(client, PHOTOS[1])[4].endswith("x".join(map(str, Image.open(PHOTOS[1]).size)))  # still serving
 
 
+def test_a_phone_photo_is_reported_at_its_displayed_size(tmp_path, tiny_model):
+    """A JPEG stored 112x72 whose EXIF turns it upright (orientation 6) is shown, and segmented, 72x112."""
+    from PIL import ImageOps
+
+    from fcn_zoo.demo import displayed_size, segment
+
+    stored = Image.open(PHOTOS[0]).convert("RGB").resize((112, 72))
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        for suffix in (".jpg", ".png", ".webp"):
+            path = tmp_path / f"phone{orientation}{suffix}"
+            stored.save(path, exif=exif)
+            with Image.open(path) as probe:
+                assert displayed_size(probe) == ImageOps.exif_transpose(Image.open(path)).size, path.name
+    tiny_model.eval_size = (128, 96)
+    timing, seg = segment(ModelCache(loader=lambda name: tiny_model), str(tmp_path / "phone6.jpg"), "tiny",
+                          False, False, "fp32", 0.5)[4:]
+    assert seg.labels.shape == (112, 72) and timing.endswith(", 72x112")
+
+
 def test_the_model_cache_keeps_the_most_recently_used():
     loads = []
     cache = ModelCache(capacity=2, loader=lambda name: loads.append(name) or object())
