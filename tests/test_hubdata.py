@@ -313,23 +313,59 @@ def test_each_process_reads_only_its_rows_and_the_shares_add_up(tmp_path, monkey
     train, val = source.dataset(train_split, train_rows), source.dataset(val_split, val_rows)
     good_val = source.dataset(val_split, [0, 1, 2, 4, 5])  # row 3 left out
 
-    others: list = []  # what the other process would have found
+    others: list = []  # what the other process would have found: (its error, its share)
     monkeypatch.setattr(dist, "all_gather_object", lambda out, mine: out.__setitem__(slice(None), [mine, *others]))
-    others[:] = [(None, (np.zeros(3, np.int64), np.zeros(3, np.int64)), [])]
+    others[:] = [(None, ((np.zeros(3, np.int64), np.zeros(3, np.int64)), []))]
     hubdata._check_shard(train, val, 3, False, (0, 2))  # rows 0, 2, 4 of validation: no error here
-    others[:] = [("the other process's error", (np.zeros(3, np.int64), np.zeros(3, np.int64)), [])]
+    others[:] = [(("layout", "the other process's error"), None)]
     with pytest.raises(hubdata.DatasetLayoutError, match="the other process's error"):
         hubdata._check_shard(train, val, 3, False, (0, 2))
     with pytest.raises(hubdata.DatasetLayoutError, match="row 3: the mask is 40x30"):
         hubdata._check_shard(train, val, 3, False, (1, 2))  # rows 1, 3, 5: its own error
 
     found = []  # each process's own findings, as it hands them to the gather
-    empty = (None, (np.zeros(3, np.int64), np.zeros(3, np.int64)), [])
-    monkeypatch.setattr(dist, "all_gather_object", lambda out, mine: (found.append(mine), out.__setitem__(slice(None), [mine, empty])))
+    empty = (None, ((np.zeros(3, np.int64), np.zeros(3, np.int64)), []))
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, mine: (found.append(mine[1]), out.__setitem__(slice(None), [mine, empty])))
     for rank in (0, 1):
         hubdata._check_shard(train, good_val, 3, False, (rank, 2))
     whole_pixels, whole_sizes = hubdata._check_shard(train, good_val, 3, False, (0, 1))
-    assert [len(sizes) for _, _, sizes in found] == [4, 3]  # rows 0, 2, 4, 6 and 1, 3, 5 of train
+    assert [len(sizes) for _, sizes in found] == [4, 3]  # rows 0, 2, 4, 6 and 1, 3, 5 of train
     for i in range(2):
-        assert np.array_equal(found[0][1][i] + found[1][1][i], whole_pixels[i])
-    assert [size for _, size in sorted(found[0][2] + found[1][2])] == whole_sizes
+        assert np.array_equal(found[0][0][i] + found[1][0][i], whole_pixels[i])
+    assert [size for _, size in sorted(found[0][1] + found[1][1])] == whole_sizes
+
+
+@pytest.mark.parametrize("given,chosen", [
+    (["--train-split", "validation"], "the validation split"),
+    (["--train-split", "validation", "--val-split", "validation"], "--val-split"),
+])
+def test_a_split_chosen_for_both_training_and_validation_is_refused(tmp_path, source, given, chosen):
+    """Validating on the rows trained on inflates the mIoU: --train-split validation (which the default
+    validation split would be) or the same split named twice is one line saying what to do, before training."""
+    data = make_hub_dataset(tmp_path / "d", {"train": 4, "validation": 6})
+    with pytest.raises(SystemExit) as refused:
+        train_module.main(["--init", str(source), "--dataset-name", str(data), *given,
+                           "--output-dir", str(tmp_path / "run"), "--max-iters", "1", *QUICK])
+    assert str(refused.value.code) == (
+        f"python -m training.train: {data}: split 'validation' is both the training split (--train-split) and {chosen}, "
+        "so the mIoU would be measured on the rows trained on; name another with --val-split, or hold out part of "
+        "'validation' with --val-fraction 0.1")
+    assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_training_on_the_validation_split_holds_out_part_of_it_or_validates_on_another(tmp_path):
+    """What the refusal offers: --val-fraction holds rows of the training split out (disjoint from the rows
+    trained on), and --val-split names another split."""
+    from training import hubdata
+
+    data = make_hub_dataset(tmp_path / "d", {"train": 4, "validation": 6})
+
+    def splits(*given):
+        args = train_module.parse_args(["--init", "x", "--dataset-name", str(data), "--output-dir", "o", *given])
+        return hubdata._Source(args).splits(args.val_fraction)
+
+    (train_split, train_rows), (val_split, val_rows, how) = splits("--train-split", "validation", "--val-fraction", "0.5")
+    assert train_split == val_split == "validation" and how == "held out 0.5 of validation"
+    assert train_rows and val_rows and not set(train_rows) & set(val_rows) and len(train_rows) + len(val_rows) == 6
+    (train_split, train_rows), (val_split, val_rows, how) = splits("--train-split", "validation", "--val-split", "train")
+    assert (train_split, len(train_rows), val_split, len(val_rows), how) == ("validation", 6, "train", 4, "train")

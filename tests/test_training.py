@@ -174,6 +174,65 @@ def test_evaluate_command_writes_the_report(tmp_path, tiny_folder, capsys):
     assert json.loads((beside / "eval.json").read_text())["model"] == str(tiny_folder)
 
 
+def _two_ranks(argv: list[str], module: str, timeout: float = 120, setup: str = "") -> list[tuple[int, str]]:
+    """``main(argv)`` of ``training.<module>`` as ranks 0 and 1 of a gloo group, each a plain process with
+    the environment torchrun sets (torchrun itself would stop one process when the other fails; processes on
+    two nodes are not stopped): each one's exit status and last line of stderr."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = f"import sys\n{setup}\nfrom training.{module} import main\nsys.exit(main({argv!r}))"
+    processes = [subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+             "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank)},
+    ) for rank in (0, 1)]
+    deadline, ended = time.monotonic() + timeout, []
+    for process in processes:
+        try:
+            _, err = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for p in processes:
+                p.kill()
+            pytest.fail(f"a process still waits {timeout:.0f} s after the start: an error did not reach every rank")
+        ended.append((process.returncode, (err.strip().splitlines() or [""])[-1]))
+    return ended
+
+
+def test_an_error_in_one_process_reaches_every_process(tmp_path, tiny_folder):
+    """A decompression bomb among the rows only rank 1 checks (a Hugging Face dataset is checked in shares):
+    rank 0 stops too, saying it in one line, rather than in the gather, waiting for a process that has gone
+    (NCCL: until its timeout; gloo here: a crash that names neither the row nor the error)."""
+    pytest.importorskip("datasets", reason="the datasets extra (pip install 'fcn-zoo[datasets]')")
+    from sample_data import hub_rows, make_hub_dataset
+
+    _, masks = hub_rows(4)
+    masks[1] = masks[1].resize((160, 128))  # 20480 pixels: over twice the 6000 allowed below
+    data = make_hub_dataset(tmp_path / "bomb", {"train": 4, "validation": 2}, masks={"train": masks})
+    ended = _two_ranks(["--init", str(tiny_folder), "--dataset-name", str(data), "--output-dir", str(tmp_path / "run"),
+                        "--max-iters", "1", "--device", "cpu", "--num-workers", "0", "--no-progress"],
+                       "train", setup="from PIL import Image; Image.MAX_IMAGE_PIXELS = 6000")
+    assert all(status != 0 for status, _ in ended), ended
+    said = ended[0][1]
+    assert said.startswith("python -m training.train: ") and "exceeds limit of 12000 pixels" in said, ended
+    assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_evaluate_under_two_processes_stops_both_when_the_report_cannot_be_written(tmp_path, tiny_folder):
+    """Rank 0 writes the report: when its folder cannot be made, rank 1 says so too, in the same line,
+    rather than evaluating and waiting for rank 0 in the reduction."""
+    make_voc(tmp_path / "data", n_train=1, n_val=2)
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / "eval"
+    ended = _two_ranks([str(tiny_folder), "--dataset", "voc", "--data-root", str(tmp_path / "data"), "--device", "cpu",
+                        "--output-dir", str(out)], "evaluate")
+    assert [status for status, _ in ended] == [1, 1], ended
+    assert ended[0][1] == ended[1][1], ended
+    assert ended[0][1].startswith(f"python -m training.evaluate: {out}: the report's folder cannot be written"), ended
+
+
 def test_curves_show_a_single_logged_point(tmp_path):
     import matplotlib.image
 

@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
     from fcn_zoo._files import writable
     from fcn_zoo.errors import FCNZooError
 
+    from .distributed import shared_step
+
     out = Path(args.output_dir) if args.output_dir else default_output_dir(args.model, args.split)
     try:
         ctx = init_distributed(args.device)
@@ -158,11 +160,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
     if model.num_classes != dataset.num_classes:
         raise SystemExit(f"{prog}: {args.model} predicts {model.num_classes} classes; "
                          f"{args.data_root or args.dataset_name} has {dataset.num_classes}")
-    if ctx.is_main:
-        try:  # before the evaluation, not after it
-            writable(out, "the report's folder", "pass --output-dir a writable folder")
-        except FCNZooError as e:
-            raise SystemExit(f"{prog}: {e}") from None
+    try:  # before the evaluation, not after it; rank 0 writes the report, and every process learns it cannot
+        shared_step(lambda: writable(out, "the report's folder", "pass --output-dir a writable folder") if ctx.is_main else None,
+                    ctx.world_size)
+    except FCNZooError as e:
+        raise SystemExit(f"{prog}: {e}") from None
     try:
         results = evaluate(model, dataset, tta=TTA() if args.tta else None, mode=args.mode, ctx=ctx, max_samples=args.max_samples)
     except DatasetLayoutError as e:  # a sample that does not read: nothing was written

@@ -35,6 +35,7 @@ from PIL import Image
 from .data import (IGNORE_INDEX, MASK_MODES, DatasetLayoutError, SegmentationDataset, TrainingData, class_pixels,
                    mask_values, unit_hash)
 from . import hubopen
+from .distributed import shared_step
 
 VAL_SPLITS = ("validation", "val", "valid")
 
@@ -82,27 +83,31 @@ class HubDataset(SegmentationDataset):
 
 def load(args: argparse.Namespace, progress: bool = False, seed: int = 0, shard: tuple[int, int] = (0, 1)) -> TrainingData:
     """Both splits of ``--dataset-name``, every row checked; what the run records about them. ``shard``:
-    ``(rank, world size)`` under torchrun: each process checks its share of the rows, and all of them stop
-    on the first error any finds."""
+    ``(rank, world size)`` under torchrun: each process opens the dataset and checks its share of the rows,
+    and all of them stop on the first error any finds."""
+    source, train, val = shared_step(lambda: _open(args, seed), shard[1])
+    pixels, sizes = _check_shard(train, val, len(source.names), progress, shard)
+    local = Path(source.name).exists()  # a folder: its basename names it (the card's metadata wants a Hub id)
+    record = {
+        "name": Path(source.name).resolve().name if local else source.name, "layout": "hub", "local_folder": local,
+        "config": args.dataset_config, "revision": args.revision,
+        "fingerprint": getattr(source.tables[train.split], "_fingerprint", None),
+        "columns": {"image": source.columns[0], "label": source.columns[1]}, "reduce_labels": bool(args.reduce_labels),
+        "train_split": train.split, "train_images": len(train), "val_images": len(val), "val_split": val.description,
+        "train_sha256": train.fingerprint(), "val_sha256": val.fingerprint(),
+    }
+    return TrainingData("hub", train, val, source.names, source.palette, record, pixels, sizes)
+
+
+def _open(args: argparse.Namespace, seed: int) -> tuple[_Source, HubDataset, HubDataset]:
+    """The dataset, and its training and validation rows."""
     source = _Source(args)
     (train_split, train_rows), (val_split, val_rows, val_source) = source.splits(args.val_fraction)
     if args.max_train_samples is not None:
         if args.max_train_samples < 1:
             raise DatasetLayoutError(f"--max-train-samples must be at least 1, got {args.max_train_samples}")
         train_rows = train_rows[:args.max_train_samples]
-    train = source.dataset(train_split, train_rows, seed)
-    val = source.dataset(val_split, val_rows, description=val_source)
-    pixels, sizes = _check_shard(train, val, len(source.names), progress, shard)
-    local = Path(source.name).exists()  # a folder: its basename names it (the card's metadata wants a Hub id)
-    record = {
-        "name": Path(source.name).resolve().name if local else source.name, "layout": "hub", "local_folder": local,
-        "config": args.dataset_config, "revision": args.revision,
-        "fingerprint": getattr(source.tables[train_split], "_fingerprint", None),
-        "columns": {"image": source.columns[0], "label": source.columns[1]}, "reduce_labels": bool(args.reduce_labels),
-        "train_split": train_split, "train_images": len(train), "val_images": len(val), "val_split": val_source,
-        "train_sha256": train.fingerprint(), "val_sha256": val.fingerprint(),
-    }
-    return TrainingData("hub", train, val, source.names, source.palette, record, pixels, sizes)
+    return source, source.dataset(train_split, train_rows, seed), source.dataset(val_split, val_rows, description=val_source)
 
 
 def load_split(args: argparse.Namespace, split: str, val_fraction: float | None, inherited: float | None) -> HubDataset:
@@ -163,14 +168,18 @@ class _Source:
                                          "hold out part of train with --val-fraction 0.1 in place of --val-split")
             if val_fraction is not None:
                 raise SystemExit(f"--val-split {named} and --val-fraction both choose the val rows; give one")
+            if named == self.train_split:
+                raise self._same_split("--val-split")
             return (self.train_split, train_rows), (named, list(range(len(self.tables[named]))), named)
-        named = next((s for s in VAL_SPLITS if s in labelled), None)
+        named = next((s for s in VAL_SPLITS if s in labelled and s != self.train_split), None)
         if named is not None:
             if val_fraction is not None:
                 raise DatasetLayoutError(f"{self.name} has a validation split ({named!r}): drop --val-fraction, which "
                                          "holds out train rows only where there is none")
             return (self.train_split, train_rows), (named, list(range(len(self.tables[named]))), named)
         val_fraction = val_fraction if val_fraction is not None else inherited
+        if val_fraction is None and self.train_split in VAL_SPLITS and self.train_split in labelled:
+            raise self._same_split("the validation split")
         if val_fraction is None:
             unlabelled = [s for s in VAL_SPLITS if s in self.tables]
             why = f"its {unlabelled[0]!r} split has no masks" if unlabelled else "no validation split"
@@ -186,6 +195,13 @@ class _Source:
         val.discard(max(train_rows, key=lambda i: unit_hash(str(i))))  # at least one row to train on
         return ((self.train_split, [i for i in train_rows if i not in val]),
                 (self.train_split, sorted(val), f"held out {val_fraction:g} of {self.train_split}"))
+
+    def _same_split(self, chosen: str) -> DatasetLayoutError:
+        """A split chosen to train on and to validate on: its mIoU would be measured on the rows trained on."""
+        split = self.train_split
+        return DatasetLayoutError(f"{self.name}: split {split!r} is both the training split (--train-split) and {chosen}, "
+                                  "so the mIoU would be measured on the rows trained on; name another with --val-split, "
+                                  f"or hold out part of {split!r} with --val-fraction 0.1")
 
     def dataset(self, split: str, rows: list[int], seed: int = 0, description: str | None = None) -> HubDataset:
         return HubDataset(self.name, split, self.tables[split], rows, self.columns, self.lookup, self.names, None, seed,
@@ -204,29 +220,20 @@ def _check_shard(train: HubDataset, val: HubDataset, num_classes: int, progress:
     """Check rows ``rank, rank + world, ...`` of both splits here and gather what every process found: the
     first error (raised by all), the training set's class pixels (summed) and image sizes (in row order)."""
     rank, world = shard
-    error, pixels, sizes = None, (np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64)), []
-    try:
+
+    def check():
         for dataset in (train, val):
             if not len(dataset):
                 raise DatasetLayoutError(f"{dataset.dataset_name} split {dataset.split!r} has no rows")
         found = []
         pixels = class_pixels(_checked(train, progress, found, range(rank, len(train), world)), num_classes)
-        sizes = list(zip(range(rank, len(train), world), found))
         for _ in _checked(val, progress, [], range(rank, len(val), world)):
             pass
-    except DatasetLayoutError as e:
-        error = str(e)
-    if world > 1:
-        import torch.distributed as dist
+        return pixels, list(zip(range(rank, len(train), world), found))
 
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, (error, pixels, sizes))
-        error = next((e for e, _, _ in gathered if e), None)
-        pixels = tuple(sum(p[i] for _, p, _ in gathered) for i in range(2))
-        sizes = sorted(s for _, _, part in gathered for s in part)
-    if error:
-        raise DatasetLayoutError(error)
-    return pixels, [size for _, size in sorted(sizes)]
+    shares = shared_step(check, world, gather=True)
+    pixels = tuple(sum(p[i] for p, _ in shares) for i in range(2))
+    return pixels, [size for _, size in sorted(s for _, part in shares for s in part)]
 
 
 def _checked(dataset: HubDataset, progress: bool, sizes: list, indices: range):

@@ -39,7 +39,7 @@ from fcn_zoo.errors import FCNZooError
 
 from .checkpoints import resume, save_checkpoint
 from .data import IGNORE_INDEX, DatasetLayoutError, RunSampler, TimedSamples
-from .distributed import DistributedContext, init_distributed
+from .distributed import DistributedContext, init_distributed, shared_step
 from .evaluate import evaluate
 from .plan import FINETUNE_BATCH, FINETUNE_CROP, FINETUNE_EPOCHS, FINETUNE_LR, FINETUNE_MIN_ITERS, make_plan
 from .precision import configure_determinism, nondeterministic_ops, training_precision
@@ -142,7 +142,9 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
     if precision.note and ctx.is_main:
         print(precision.note, file=sys.stderr)
 
-    plan = make_plan(args, ctx)  # the data is checked here, before anything is written
+    # the data is checked here, before anything is written; an error in any process (a row, a download) stops
+    # every process here, not in the first collective after it
+    plan = shared_step(lambda: make_plan(args, ctx), ctx.world_size)
     workers = args.num_workers if args.num_workers is not None else default_workers(ctx)
     out.mkdir(parents=True, exist_ok=True)
     model, train_set, val_set = plan.model, plan.train_set, plan.val_set
