@@ -1,44 +1,68 @@
 """``fcn-zoo predict`` over many inputs: outputs named after the inputs' folders, a progress bar, a summary,
 resumption, and the inputs shared out over the processes ``torchrun`` starts.
 
-Each source's outputs are written atomically, then a line is appended to this process's journal
-(``--out/.fcn-zoo/journal-<rank>.jsonl``): its size, class shares, or the reason it failed. A source is
-complete when its outputs exist and the journal says so; ``--resume`` skips complete sources, so a run cut
-short (Ctrl-C, ``kill -9``, a lost node) and continued ends with the outputs of one uninterrupted run. What
-made the outputs (the model, its weights' sha256 and every option that changes an output) is recorded in
-``--out/.fcn-zoo/made_by.json``; ``--resume`` refuses a folder made otherwise, naming the difference. At the
-end the first process writes ``--out/summary.csv`` in input order and compacts the journals into one.
+Before anything is written, every source's outputs are checked to lie inside ``--out``, away from fcn-zoo's
+own files there, and apart from every other source's. Where two sources' outputs would meet (``x.jpg`` and
+``x_confidence.jpg`` with ``--confidence`` both make ``x_confidence.png``; the frame masks of a video
+``clips/drive.mp4`` would go into the folder ``drive/`` that the images of ``clips/drive/`` fill), those
+sources keep their suffix in their name (``x.jpg.png``; ``drive.mp4/000000.png``); where even that would not
+keep them apart, the run is refused in one line naming both. Nothing is removed that the run did not make
+for that source: frame masks are made in a folder of fcn-zoo's own, then moved into place, one by one
+beside whatever an existing folder holds.
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1) process ``r`` of ``n`` takes the sources ``r, r + n, ...`` (a video
-is one source) on its own device (``cuda:<LOCAL_RANK>`` where there are GPUs), and the processes meet at
-the end (a gloo barrier) so that one summary covers them all.
+Each source's outputs are written atomically, then a line is appended to this process's journal
+(``--out/.fcn-zoo/journal-<rank>.jsonl``): its size, class shares, or the reason it failed, stamped with the
+run and its place in it. A source is complete when its outputs exist and its newest row (by stamp,
+whichever process wrote it) says so; ``--resume`` skips complete sources, so a run cut short (Ctrl-C,
+``kill -9``, a lost node) and continued ends with the outputs of one uninterrupted run. What made the
+outputs (the model, its weights' sha256 and every option that changes an output) is recorded in
+``--out/.fcn-zoo/made_by.json``; ``--resume`` refuses a folder made otherwise, naming the difference. At the
+end the first process writes ``--out/summary.csv`` in input order, row by row, and compacts the journals
+into one.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the first process alone names the inputs and writes them to
+``--out/.fcn-zoo/inputs.jsonl``; the others read that list, so every process works from the same one, and
+a process that cannot see it (``--out`` on each node's own disk) stops the run at its start, in one line.
+Each source goes to process ``hash(name) mod n`` (:func:`shard`; a video is one source), so adding inputs
+moves no other, and runs on that process's device (``cuda:<LOCAL_RANK>`` where there are GPUs). At the
+end the processes meet through files: each writes ``done-<rank>.json`` when it is through and, until
+then, rewrites ``alive-<rank>.json`` every few seconds from a thread of its own; the first waits as long
+as every other shows signs of life (a long video is no reason to stop) and names, in one line, any that
+has shown none for ``FCN_ZOO_DIST_TIMEOUT`` seconds (default 1800).
 """
 
 from __future__ import annotations
 
 import csv
-import io
+import hashlib
 import json
 import os
+import posixpath
+import shutil
 import sys
+import tempfile
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ._files import atomic_path
 from .devices import distributed_rank
-from .records import JOURNAL_DIR, MADE_BY, Journal, check_resumable, made_by
-from .errors import first_line
+from .errors import FCNZooError, first_line
 from .images import save_image
+from .records import (
+    INPUTS, JOURNAL_DIR, MADE_BY, Journal, check_resumable, made_by, next_run, read_inputs, write_inputs,
+)
 from .sources import Source
 from .stream import predict_iter
 
-__all__ = ["Outputs", "Totals", "segment_sources", "made_by"]  # made_by: from fcn_zoo.records, where it lives
+__all__ = ["Outputs", "Totals", "segment_sources", "shard", "made_by"]  # made_by: from fcn_zoo.records, where it lives
 
 WRITERS = 2  # threads encoding and writing outputs behind the network
 WRITERS_AHEAD = 2 * WRITERS  # results that may wait for them before the network waits in turn
+RESERVED = (JOURNAL_DIR, "summary.csv")  # fcn-zoo's own names in --out, which no input's output may take
 
 
 @dataclass(frozen=True)
@@ -51,24 +75,37 @@ class Outputs:
     confidence: bool = False
     masks: bool = False  # videos: one palette PNG per frame
 
-    def paths(self, source: Source) -> list[Path]:
-        base = self.folder / source.name
+    def names(self, source: Source) -> list[str]:
+        """The outputs of ``source``, relative to ``folder`` (``/``-separated, normalised): an image's mask,
+        then its overlay and confidence map; a video's overlay, then the folder of its frame masks."""
         if source.video:
-            return [base.with_name(base.name + "_overlay.mp4")] + ([base] if self.masks else [])
-        paths = [base.with_name(base.name + ".png")]
-        if self.overlay:
-            paths.append(base.with_name(base.name + "_overlay.jpg"))
-        if self.confidence:
-            paths.append(base.with_name(base.name + "_confidence.png"))
-        return paths
+            ends = ["_overlay.mp4"] + ([""] if self.masks else [])
+        else:
+            ends = [".png"] + (["_overlay.jpg"] if self.overlay else []) + (["_confidence.png"] if self.confidence else [])
+        return [posixpath.normpath(source.name + end) for end in ends]
+
+    def paths(self, source: Source) -> list[Path]:
+        """:meth:`names` under ``folder``."""
+        return [self.folder / name for name in self.names(source)]
 
 
 @dataclass
 class Totals:
+    """What a run did, over all its processes: sources segmented (``done``) and failed, sources an earlier
+    run had completed (``already``, with ``--resume``), and files of walked folders that are neither images
+    nor videos (``skipped``)."""
+
     done: int = 0
     failed: int = 0
     skipped: int = 0
+    already: int = 0
     elapsed: float = 0.0
+
+
+def shard(name: str, world: int) -> int:
+    """The process, of ``world``, that segments the source named ``name``: by a hash of the name, so that
+    adding or removing inputs moves no other input to another process."""
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "big") % world
 
 
 def segment_sources(
@@ -77,42 +114,29 @@ def segment_sources(
 ) -> Totals:
     """Segment ``sources`` into ``outputs``; returns what this run did (over all processes).
 
+    Under ``torchrun`` the first process's ``sources`` are every process's (the others may pass ``[]``).
     ``not_inputs``: files found in walked folders that are neither images nor videos (counted as skipped).
     ``echo``: called with one line per source done or failed (unless ``quiet``). ``made``: what makes the
     outputs (:func:`made_by`): recorded in the folder, and with ``resume`` checked against what it records.
-    ``options``: as :func:`fcn_zoo.predict.predict`.
+    ``options``: as :func:`fcn_zoo.predict.predict`. Raises :class:`FCNZooError`, before anything is
+    written, where an output would lie outside ``outputs.folder`` or two sources' outputs cannot be kept
+    apart, and at the end where another process stopped without finishing its share.
     """
     start = time.perf_counter()
     rank, world, _ = distributed_rank()
-    journal_dir = outputs.folder / JOURNAL_DIR
-    if made is not None or world > 1:
-        if made is not None and resume:
-            check_resumable(outputs.folder, made)  # every process, before any writes
-        ours = _barrier(world)
-        if rank == 0:
-            if made is not None and not resume:  # every output is remade: no earlier row may count as done later
-                for old in journal_dir.glob("journal*.jsonl"):
-                    old.unlink()
-            for old in journal_dir.glob("done-*.json"):  # an earlier run's completion marks
-                old.unlink()
-            journal_dir.mkdir(parents=True, exist_ok=True)
-            if made is not None:
-                with atomic_path(journal_dir / MADE_BY) as tmp:
-                    tmp.write_text(json.dumps(made, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        _barrier(world)
-        if ours:  # from here on the processes meet through files: no collective can time out
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
     journal = Journal(outputs.folder, rank)
-    rows = journal.read() if resume else {}
-    mine = [s for i, s in enumerate(sources) if i % world == rank]
-    todo = [s for s in mine if not (rows.get(s.name, {}).get("status") == "ok" and all(p.exists() for p in outputs.paths(s)))]
-    totals = Totals(skipped=len(mine) - len(todo) + (not_inputs if rank == 0 else 0))
-    bar = _progress(len(mine), initial=len(mine) - len(todo), disable=quiet or rank != 0)
+    plan = _begin(sources, outputs, journal, rank, world, resume, made)
+    journal.run = plan.run
+    mine = [s for s in plan.sources if shard(s.name, world) == rank] if world > 1 else plan.sources
+    todo = [s for s in mine if not (s.name in plan.done and all(p.exists() for p in outputs.paths(s)))]
+    totals = Totals(skipped=not_inputs if rank == 0 else 0, already=len(mine) - len(todo))
+    bar = _progress(len(mine), initial=totals.already, disable=quiet or rank != 0)
+    alive = _Heartbeat(outputs.folder / JOURNAL_DIR, rank, plan.run) if world > 1 and rank != 0 else None
 
     def record(source: Source, row: dict, line: str) -> None:
-        journal.append(row)
+        row = journal.append(row)
+        if rank == 0:
+            plan.rows[source.name] = row
         if row["status"] == "ok":
             totals.done += 1
             if not quiet:
@@ -139,9 +163,9 @@ def segment_sources(
                 continue
             record(source, row, f"{source.path} -> {', '.join(map(str, written))} ({_top(row['shares'])})")
 
-    if resume:
-        _clear_leftovers(outputs.folder, {p for s in todo for p in outputs.paths(s)})
     try:
+        if resume:
+            _clear_leftovers(outputs.folder, {p for s in todo for p in outputs.paths(s)})
         images = [s for s in todo if not s.video]
         by_path = iter(images)
         stream = predict_iter(model, [s.path for s in images], errors="yield", confidence=outputs.confidence, **options)
@@ -167,12 +191,157 @@ def segment_sources(
         if bar is not None:
             bar.close()
         journal.close()
-    totals = _meet_at_the_end(journal_dir, totals, rank, world)
+        if alive is not None:
+            alive.stop()
+    totals, missing = _meet_at_the_end(outputs.folder / JOURNAL_DIR, totals, rank, world, plan.run)
     if rank == 0:
-        _write_summary(outputs.folder, sources, journal.read(), model.class_names)
-        journal.compact([s.name for s in sources])
+        if world > 1:
+            journal.read_new(plan.rows)  # the other processes' rows of this run, read once
+            (outputs.folder / JOURNAL_DIR / INPUTS).unlink(missing_ok=True)
+        _write_summary(outputs.folder, plan.sources, plan.rows, model.class_names)
+        if not missing:  # a process still writing (a slow disk, not a dead one) keeps its journal
+            journal.compact([s.name for s in plan.sources], plan.rows)
+    if missing:
+        many = len(missing) > 1
+        raise FCNZooError(
+            f"process{'es' if many else ''} {', '.join(map(str, missing))} of {world} stopped before finishing "
+            f"(no sign of {'them' if many else 'it'} for {_timeout():g} s, FCN_ZOO_DIST_TIMEOUT): "
+            f"{outputs.folder / 'summary.csv'} lacks what {'they' if many else 'it'} had left; rerun with --resume to finish"
+        )
     totals.elapsed = time.perf_counter() - start
     return totals
+
+
+@dataclass
+class _Plan:
+    """A run's start, as every process sees it."""
+
+    sources: list[Source]  # named apart and inside --out, in input order
+    done: set[str]  # names an earlier run's journal records as done (--resume)
+    rows: dict[str, dict]  # the first process: each source's newest row so far (others: empty)
+    run: int  # this run's stamp (records.next_run)
+
+
+def _begin(sources: list[Source], outputs: Outputs, journal: Journal, rank: int, world: int, resume: bool,
+           made: dict | None) -> _Plan:
+    """The start of a run: the first (or only) process checks and prepares everything (:func:`_prepare`);
+    under torchrun it tells the others the run's stamp or its one-line error through a gloo group, and they
+    read its list of inputs from ``--out``; a process that cannot is named, in one line, to all of them."""
+    if world == 1:
+        return _prepare(sources, outputs, journal, resume, made, world)
+    import torch.distributed as dist
+
+    ours = _join(rank, world)
+    try:
+        plan, error, told = None, None, [None, None]  # [the run's stamp, the first process's error]
+        if rank == 0:
+            try:
+                plan = _prepare(sources, outputs, journal, resume, made, world)
+                told = [plan.run, None]
+            except Exception as e:  # told to the others, then raised here
+                error, told = e, [None, first_line(e)]
+        _together(rank, world, dist.broadcast_object_list, told, src=0)
+        if error is not None:
+            raise error
+        if told[1] is not None:
+            raise FCNZooError(told[1])
+        if rank != 0:
+            shared = read_inputs(outputs.folder, told[0])
+            plan = _Plan(*shared, rows={}, run=told[0]) if shared is not None else None
+        sees = [None] * world
+        _together(rank, world, dist.all_gather_object, sees, plan is not None)
+        blind = [str(r) for r, ok in enumerate(sees) if not ok]
+        if blind:
+            raise FCNZooError(
+                f"--out {outputs.folder} is not shared by every process: process{'es' if len(blind) > 1 else ''} "
+                f"{', '.join(blind)} of {world} cannot see {outputs.folder / JOURNAL_DIR / INPUTS}, which process 0 "
+                "wrote; on several machines, pass an --out on a file system that all of them mount")
+        return plan
+    finally:
+        if ours:  # from here on the processes meet through files: no collective can time out
+            dist.destroy_process_group()
+
+
+def _prepare(sources: list[Source], outputs: Outputs, journal: Journal, resume: bool, made: dict | None,
+             world: int) -> _Plan:
+    """What the first process does before anything is segmented: outputs kept inside ``--out`` and apart
+    (:func:`_apart`), ``--resume`` checked, earlier marks cleared, ``made_by.json`` written, the journal read
+    (once, with ``--resume``) and, under torchrun, the list of inputs written for the others."""
+    folder, journal_dir = outputs.folder, outputs.folder / JOURNAL_DIR
+    sources = _apart(sources, outputs)
+    if made is not None and resume:
+        check_resumable(folder, made)
+    if made is not None and not resume:  # every output is remade: no earlier row may count as done later
+        for old in journal_dir.glob("journal*.jsonl"):
+            old.unlink()
+    for old in [*journal_dir.glob("done-*.json"), *journal_dir.glob("alive-*.json")]:  # an earlier run's marks
+        old.unlink()
+    for old in journal_dir.glob("frames-*"):  # frame masks a killed run was making (_segment_video)
+        shutil.rmtree(old, ignore_errors=True)
+    if made is not None or world > 1:
+        journal_dir.mkdir(parents=True, exist_ok=True)
+    if made is not None:
+        with atomic_path(journal_dir / MADE_BY) as tmp:
+            tmp.write_text(json.dumps(made, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if resume:
+        rows = journal.read()
+    else:
+        rows = {}
+        journal.mark()
+    run = next_run(rows)
+    done = {name for name, row in rows.items() if row.get("status") == "ok"}
+    if world > 1:
+        write_inputs(folder, run, sources, done)
+    return _Plan(sources, done, rows, run)
+
+
+def _apart(sources: list[Source], outputs: Outputs) -> list[Source]:
+    """``sources`` with every output inside ``outputs.folder``, none taking fcn-zoo's own names there
+    (``.fcn-zoo``, ``summary.csv``), and no two sources' outputs meeting (see :func:`_meetings`): sources
+    whose outputs would meet keep their suffix in their name, as ``x.jpg`` and ``x.png`` side by side do.
+    Raises :class:`FCNZooError`, in one line naming the input (both, for a meeting), where that cannot be."""
+    for source in sources:
+        for name in outputs.names(source):
+            if name in (".", "..") or name.startswith("../") or posixpath.isabs(name):
+                raise FCNZooError(f"{source.path}: its output {outputs.folder / name} would lie outside --out "
+                                  f"{outputs.folder}; give it a name inside --out")
+            if name.split("/")[0] in RESERVED:
+                raise FCNZooError(f"{source.path}: its output {outputs.folder / name} would take fcn-zoo's own "
+                                  f"{name.split('/')[0]}; rename the input, or give it another name")
+    renamed, _ = _meetings(sources, outputs)
+    if not renamed:
+        return sources
+    sources = [replace(s, name=_relative_input(s)) if i in renamed else s for i, s in enumerate(sources)]
+    _, met = _meetings(sources, outputs)
+    if met is not None:
+        a, b, name = met
+        raise FCNZooError(f"{sources[a].path} and {sources[b].path}: both would write {outputs.folder / name}; "
+                          "rename one of them, or give each its own --out")
+    return sources
+
+
+def _meetings(sources: list[Source], outputs: Outputs) -> tuple[set[int], tuple[int, int, str] | None]:
+    """Where sources' outputs meet: two with the same output, or one's output inside another's (the folder
+    of a video's frame masks). Returns the sources to rename (both of a shared output; the outer one of a
+    nested pair) and the first meeting (the two sources' indices and the output)."""
+    owner: dict[str, int] = {}
+    renamed: set[int] = set()
+    first = None
+    for i, source in enumerate(sources):
+        for name in outputs.names(source):
+            j = owner.setdefault(name, i)
+            if j != i:
+                renamed.update((i, j))
+                first = first or (j, i, name)
+    for name, i in owner.items():
+        parent = posixpath.dirname(name)
+        while parent:
+            j = owner.get(parent)
+            if j is not None and j != i:
+                renamed.add(j)
+                first = first or (j, i, parent)
+            parent = posixpath.dirname(parent)
+    return renamed, first
 
 
 def _write_and_describe(seg, source: Source, outputs: Outputs) -> tuple[list[Path], dict]:
@@ -215,11 +384,40 @@ def _write_image_outputs(seg, source: Source, outputs: Outputs) -> list[Path]:
 
 
 def _segment_video(model, source: Source, outputs: Outputs, options: dict):
+    """The overlay video, and with ``outputs.masks`` the frame masks: made in a folder of fcn-zoo's own
+    (``--out/.fcn-zoo/frames-*``), then moved to ``--out/<name>/``, whole where that folder does not exist,
+    else one file at a time, so that nothing already in it is removed."""
     from .video import segment_video
 
     paths = outputs.paths(source)
-    return segment_video(model, source.path, paths[0], masks_dir=paths[1] if outputs.masks else None,
-                         alpha=outputs.alpha, **options)
+    if not outputs.masks:
+        return segment_video(model, source.path, paths[0], alpha=outputs.alpha, **options)
+    folder = paths[1]
+    if folder.exists() and not folder.is_dir():
+        raise FCNZooError(f"{folder}: exists and is not a folder, so the frame masks of {source.path} cannot go "
+                          "there; move it, or pass another --out")
+    (outputs.folder / JOURNAL_DIR).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=outputs.folder / JOURNAL_DIR, prefix="frames-"))
+    try:
+        result = segment_video(model, source.path, paths[0], masks_dir=staging / "frames", alpha=outputs.alpha,
+                               **options)
+        _move_frames(staging / "frames", folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # fcn-zoo's own, and by now empty unless this failed
+    return result
+
+
+def _move_frames(frames: Path, folder: Path) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if not folder.exists():
+        try:
+            frames.rename(folder)
+            return
+        except OSError:  # made meanwhile: merge below
+            if not folder.is_dir():
+                raise
+    for frame in sorted(frames.iterdir()):
+        os.replace(frame, folder / frame.name)
 
 
 def _row(source: Source, size: tuple[int, int], shares: dict[str, float], frames: int | None = None) -> dict:
@@ -247,58 +445,123 @@ def _top(shares: dict[str, float]) -> str:
 
 def _write_summary(folder: Path, sources: list[Source], rows: dict, class_names: list[str]) -> None:
     """``summary.csv``: one row per source in input order: its path relative to the inputs' common folder,
-    kind, size, frames (videos), status, error, then the share of each class (0 where absent)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "kind", "width", "height", "frames", "status", "error", *class_names])
-    for source in sources:
-        row = rows.get(source.name)
-        if row is None:  # not reached in this run (another process failed before it)
-            continue
-        cells = [row["path"], row["kind"], row["width"], row["height"], row["frames"], row["status"], row["error"]]
-        writer.writerow(["" if c is None else c for c in cells] + [f"{row['shares'].get(n, 0.0):.6f}" for n in class_names])
+    kind, size, frames (videos), status, error, then the share of each class (0 where absent). Written row
+    by row into a temporary file that then takes its name."""
     with atomic_path(folder / "summary.csv") as tmp:
-        tmp.write_text(buffer.getvalue(), encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(["path", "kind", "width", "height", "frames", "status", "error", *class_names])
+            for source in sources:
+                row = rows.get(source.name)
+                if row is None:  # not reached (another process stopped before it)
+                    continue
+                cells = [row["path"], row["kind"], row["width"], row["height"], row["frames"], row["status"], row["error"]]
+                writer.writerow(["" if c is None else c for c in cells]
+                                + [f"{row['shares'].get(n, 0.0):.6f}" for n in class_names])
 
 
-def _barrier(world: int) -> bool:
-    """Wait for every process (under torchrun), through a gloo group made for the start of the run if the
-    caller has none; returns whether it was made here (and so is to be ended here)."""
-    if world == 1:
-        return False
+def _timeout() -> float:
+    """Seconds the processes of a run wait for one another: at the start, and for a sign of life at the end."""
+    return float(os.environ.get("FCN_ZOO_DIST_TIMEOUT", 1800))
+
+
+def _join(rank: int, world: int) -> bool:
+    """Join the processes' gloo group for the start of the run, unless the caller has a group; returns
+    whether it was made here (and so is to be ended here)."""
     import datetime
 
     import torch.distributed as dist
 
-    made = not dist.is_initialized()
-    if made:
-        timeout = float(os.environ.get("FCN_ZOO_DIST_TIMEOUT", 1800))  # seconds; the processes start together
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
-    dist.barrier()
-    return made
+    if dist.is_initialized():
+        return False
+    try:
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=_timeout()))
+    except Exception as e:
+        raise FCNZooError(f"process {rank} of {world}: the processes did not all start within {_timeout():g} s "
+                          f"(FCN_ZOO_DIST_TIMEOUT; {first_line(e)}); see the other processes' errors") from e
+    return True
 
 
-def _meet_at_the_end(journal_dir: Path, totals: Totals, rank: int, world: int, poll: float = 0.5) -> Totals:
-    """Every process's totals summed, the first process waiting until all have finished (their journals
-    complete), however long the others take: each writes ``done-<rank>.json`` when it is through, and the
-    first reads them all. No collective, so no timeout can fire while a process is still working."""
+def _together(rank: int, world: int, collective, *args, **kwargs) -> None:
+    try:
+        collective(*args, **kwargs)
+    except Exception as e:  # a process that stopped or never came
+        raise FCNZooError(f"process {rank} of {world}: the processes did not all meet at the start "
+                          f"({first_line(e)}); see the other processes' errors") from e
+
+
+class _Heartbeat:
+    """This process's sign of life for the first one, which waits for it at the end: ``alive-<rank>.json``
+    rewritten every few seconds by a thread of its own, whatever the process is busy with (a long video)."""
+
+    def __init__(self, journal_dir: Path, rank: int, run: int):
+        self._path = journal_dir / f"alive-{rank}.json"
+        self._run = run
+        self._stop = threading.Event()
+        self._beat(0)
+        every = max(0.2, min(10.0, _timeout() / 8))
+        self._thread = threading.Thread(target=self._loop, args=(every,), name="fcn_zoo-alive", daemon=True)
+        self._thread.start()
+
+    def _loop(self, every: float) -> None:
+        beats = 0
+        while not self._stop.wait(every):
+            beats += 1
+            try:
+                self._beat(beats)
+            except OSError:  # a full disk: the first process may name this one, which is better than failing it
+                pass
+
+    def _beat(self, beats: int) -> None:
+        with atomic_path(self._path) as tmp:
+            tmp.write_text(json.dumps({"run": self._run, "beat": beats}), encoding="utf-8")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _meet_at_the_end(journal_dir: Path, totals: Totals, rank: int, world: int, run: int,
+                     poll: float = 0.25) -> tuple[Totals, list[int]]:
+    """Every process's totals summed, and (the first process) the processes that stopped without finishing.
+
+    Each other process writes ``done-<rank>.json`` when it is through; the first waits for them all, as long
+    as each keeps rewriting its ``alive-<rank>.json`` (:class:`_Heartbeat`), and gives up on one that has not
+    for ``FCN_ZOO_DIST_TIMEOUT`` seconds. No collective: a slow process is waited for, a dead one named."""
     if world == 1:
-        return totals
-    journal_dir.mkdir(parents=True, exist_ok=True)
-    counts = {"done": totals.done, "failed": totals.failed, "skipped": totals.skipped}
-    with atomic_path(journal_dir / f"done-{rank}.json") as tmp:
-        tmp.write_text(json.dumps(counts), encoding="utf-8")
+        return totals, []
+    keys = ("done", "failed", "skipped", "already")
     if rank != 0:
-        return totals
-    marks = [journal_dir / f"done-{r}.json" for r in range(world)]
-    while not all(m.is_file() for m in marks):
-        time.sleep(poll)
-    summed = Totals()
-    for mark in marks:
-        counts = json.loads(mark.read_text(encoding="utf-8"))
-        summed.done, summed.failed, summed.skipped = summed.done + counts["done"], summed.failed + counts["failed"], summed.skipped + counts["skipped"]
-        mark.unlink()
-    return summed
+        with atomic_path(journal_dir / f"done-{rank}.json") as tmp:
+            tmp.write_text(json.dumps({"run": run, **{k: getattr(totals, k) for k in keys}}), encoding="utf-8")
+        return totals, []
+    summed, missing, timeout = replace(totals), [], _timeout()
+    waiting = {r: (None, time.monotonic()) for r in range(1, world)}  # rank -> (last sign of life, seen when)
+    while waiting:
+        for r, (seen, since) in list(waiting.items()):
+            mark = _read_json(journal_dir / f"done-{r}.json")
+            if mark is not None and mark.get("run") == run:
+                for k in keys:
+                    setattr(summed, k, getattr(summed, k) + mark[k])
+                del waiting[r]
+            elif (beat := _read_json(journal_dir / f"alive-{r}.json")) != seen:
+                waiting[r] = (beat, time.monotonic())
+            elif time.monotonic() - since > timeout:
+                missing.append(r)
+                del waiting[r]
+        if waiting:
+            time.sleep(poll)
+    for r in range(1, world):
+        (journal_dir / f"done-{r}.json").unlink(missing_ok=True)
+        (journal_dir / f"alive-{r}.json").unlink(missing_ok=True)
+    return summed, missing
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def _progress(total: int, initial: int, disable: bool):

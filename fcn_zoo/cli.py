@@ -177,8 +177,15 @@ def cmd_list(args) -> int:
 
 def cmd_info(args) -> int:
     from .downloads import reference_download_urls
-    from .hub import cache_root, cached_folder
+    from .hub import cache_root, cached_folder, source_kind
 
+    kind = source_kind(args.name)  # an unknown name is one line with suggestions
+    if kind == "folder":
+        _print_fields(_folder_fields(Path(args.name)))
+        return 0
+    if kind != "zoo":
+        raise FCNZooError(f"{args.name}: fcn-zoo info describes zoo names and save_pretrained folders; make a folder "
+                          "of it first (fcn-zoo download for a Hub repo, fcn-zoo convert for a .pth) and pass that")
     c = zoo.get_checkpoint(args.name)
     d = c.data
     h, w = d.typical_eval_shape
@@ -204,10 +211,64 @@ def cmd_info(args) -> int:
         ("reference", f"{urls[0]} (or {urls[1].rsplit('/', 1)[1]}, its older name)"),
         ("classes", "; ".join(d.classes)),
     ]
+    _print_fields(fields)
+    return 0
+
+
+def _folder_fields(folder: Path) -> list[tuple[str, str]]:
+    """What a save_pretrained folder's ``config.json`` and ``model.safetensors`` say, read without torch."""
+    import json
+    import math
+
+    from safetensors import safe_open
+
+    from .hub import resolve
+
+    resolve(folder)  # one line naming what the folder lacks
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise FCNZooError(f"{config_path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise FCNZooError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+
+    def get(key: str):
+        return config.get(key, "not recorded")
+
+    def size(key: str) -> str:
+        return "x".join(map(str, config[key])) if isinstance(config.get(key), list) else "not recorded"
+
+    weights = folder / "model.safetensors"
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    try:
+        with safe_open(weights, framework="numpy") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except Exception as e:  # safetensors' own error types
+        raise FCNZooError(f"{weights}: not a readable safetensors file ({e})") from e
+    inference = sum(math.prod(s) for k, s in shapes.items() if not k.startswith("auxiliary_head.") and not k.endswith(buffers))
+    dataset = zoo.DATASETS.get(config.get("dataset"))
+    classes = config.get("class_names") or []
+    aux = config.get("aux_channels")
+    return [
+        ("folder", str(folder)),
+        ("backbone", f"{get('backbone')} (timm), output stride {get('output_stride')}"),
+        ("head", f"FCN head, {get('num_convs')} conv3x3 of {get('head_channels')} channels"
+                 + (f"; auxiliary head of {aux} channels (training only)" if aux else "; no auxiliary head")),
+        ("dataset", f"{dataset.title if dataset else 'not recorded'}, {get('num_classes')} classes"),
+        ("crop size", size("crop_size")),
+        ("evaluation", f"whole image, single scale, resize keeping ratio to {size('eval_size')}"),
+        ("normalisation", f"mean {get('mean')}, std {get('std')} (RGB values in 0..255)"),
+        ("parameters", f"{inference / 1e6:.2f} M at inference"),
+        ("weights", f"{weights.name}, {weights.stat().st_size / 1e6:.1f} MB"),
+        ("classes", "; ".join(map(str, classes)) or "not recorded"),
+    ]
+
+
+def _print_fields(fields: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in fields)
     for k, v in fields:
         print(f"{k.ljust(width)}  {v}")
-    return 0
 
 
 def cmd_demo(args) -> int:
@@ -232,7 +293,7 @@ def cmd_download(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .devices import check_device_options
+    from .devices import check_device_options, distributed_rank
     from .hub import source_kind
     from .sources import expand_inputs
 
@@ -246,11 +307,12 @@ def cmd_predict(args) -> int:
         raise FCNZooError(f"--alpha {args.alpha}: must be in [0, 1]")
     source_kind(args.name)  # an unknown name or a missing file, before anything is imported or loaded
     check_device_options(args.device, args.precision, args.engine)
-    found = expand_inputs(args.images, exclude=out)
-
-    from .devices import check_device_available, distributed_rank, has_cuda
-
     rank, world, local_rank = distributed_rank()
+    # under torchrun the first process alone looks for the inputs; the others work from its list (bulk.py)
+    found = expand_inputs(args.images, exclude=out) if rank == 0 else None
+
+    from .devices import check_device_available, has_cuda
+
     device = args.device
     if world > 1 and (device or ("cuda" if has_cuda() else "cpu")).startswith("cuda"):
         device = f"cuda:{local_rank}"  # one GPU per process under torchrun
@@ -271,13 +333,15 @@ def cmd_predict(args) -> int:
                "precision": args.precision}
     out.mkdir(parents=True, exist_ok=True)
     totals = segment_sources(
-        model, found.sources, outputs, resume=args.resume, not_inputs=len(found.skipped), quiet=args.quiet,
+        model, found.sources if found else [], outputs, resume=args.resume,
+        not_inputs=len(found.skipped) if found else 0, quiet=args.quiet,
         made=made_by(args.name, digest, model.hub_config(), outputs, options), num_workers=args.workers, batch_size=args.batch_size,
         compile=args.compile, cache_dir=args.cache_dir, **options,
     )
-    if rank != 0:
-        return EXIT_FAILED if totals.failed else 0
-    line = (f"{totals.done} done, {totals.failed} failed, {totals.skipped} skipped in {totals.elapsed:.1f} s; "
+    if rank != 0:  # its failed inputs are told by the first process, in the end line and its exit status:
+        return 0  # torchrun would end every process (the first one writing the summary) at a non-zero exit
+    already = f", {totals.already} already done" if totals.already else ""  # by an earlier run (--resume)
+    line = (f"{totals.done} done{already}, {totals.failed} failed, {totals.skipped} skipped in {totals.elapsed:.1f} s; "
             f"{out / 'summary.csv'}")
     if totals.failed:
         print(f"fcn-zoo: {totals.failed} of {totals.done + totals.failed} inputs failed ({line})", file=sys.stderr)

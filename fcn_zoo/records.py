@@ -1,19 +1,24 @@
 """What a folder of ``fcn-zoo predict`` outputs records about itself, under ``--out/.fcn-zoo``: the journal of
-finished sources (one JSON line each, per process) and ``made_by.json``, what made the outputs, which
-``--resume`` checks before it continues."""
+finished sources (one JSON line each, per process), ``made_by.json``, what made the outputs, which
+``--resume`` checks before it continues, and ``inputs.jsonl``, the run's inputs as its first process named
+them, which the other processes of a ``torchrun`` read instead of looking for inputs themselves."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from ._files import atomic_path
 from .errors import FCNZooError
+from .sources import Source
 
-__all__ = ["JOURNAL_DIR", "MADE_BY", "Journal", "made_by", "check_resumable"]
+__all__ = ["JOURNAL_DIR", "MADE_BY", "INPUTS", "Journal", "made_by", "check_resumable", "next_run", "write_inputs",
+           "read_inputs"]
 
 JOURNAL_DIR = ".fcn-zoo"
 MADE_BY = "made_by.json"
+INPUTS = "inputs.jsonl"  # the run's inputs as the first process named them, for the others
 #: the options of predict that change a mask, an overlay or a confidence map (batch size, workers, device
 #: and compile change none beyond float rounding)
 OUTPUT_OPTIONS = ("tta", "mode", "window", "stride", "precision", "engine")
@@ -67,49 +72,137 @@ def check_resumable(folder: Path, made: dict) -> None:
                 raise FCNZooError(f"--resume: {folder} was made with {key}={then!r}, this run asks for {key}={now!r}; {how}")
 
 
+def next_run(rows: dict[str, dict]) -> int:
+    """A stamp for a new run's rows: the time in nanoseconds, or one past the newest run in ``rows`` where
+    the clock reads earlier (a clock set back), so that a later run's rows always win."""
+    newest = max((_stamp(row)[0] for row in rows.values()), default=0)
+    return max(time.time_ns(), newest + 1)
+
+
+def _stamp(row: dict) -> tuple[int, int]:
+    stamp = row.get("stamp")
+    if isinstance(stamp, list) and len(stamp) == 2 and all(isinstance(v, int) for v in stamp):
+        return stamp[0], stamp[1]
+    return 0, 0  # a row from before stamps: older than any stamped one
+
+
 class Journal:
     """Rows of finished sources, one JSON line each, appended and flushed as they finish; this process
-    writes ``journal-<rank>.jsonl``, and reads every process's journal (a torn last line is ignored)."""
+    writes ``journal-<rank>.jsonl``, and :meth:`read` replays every process's journal (a torn last line is
+    ignored).
 
-    def __init__(self, folder: Path, rank: int):
+    Each row is stamped ``[run, sequence]``: the run's stamp (:func:`next_run`, the same in every process of
+    a run) and the row's place among this process's rows. An input's row with the newest stamp wins,
+    whichever process wrote it and in whichever file: an input failed by process 1 of a two-process run and
+    redone by a one-process ``--resume`` is done, though ``journal-1.jsonl`` still holds its failure.
+    """
+
+    def __init__(self, folder: Path, rank: int, run: int = 0):
         self.folder = folder / JOURNAL_DIR
         self.path = self.folder / f"journal-{rank}.jsonl"
+        self.run = run
+        self._sequence = 0
         self._file = None
+        self._read_to: dict[str, int] = {}  # file name -> bytes already replayed (or there at the start)
 
     def read(self) -> dict[str, dict]:
+        """Every input's newest row, from the compacted journal of earlier runs and every process's own."""
         rows: dict[str, dict] = {}
-        if not self.folder.is_dir():
-            return rows
-        # the compacted journal of an earlier run first, then this run's: a later row replaces an earlier one
-        paths = [self.folder / "journal.jsonl", *sorted(self.folder.glob("journal-*.jsonl"))]
-        for path in (p for p in paths if p.is_file()):
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # the line a killed process was writing
-                rows[row["name"]] = row
+        self._read_to = {}
+        if self.folder.is_dir():
+            for path in [self.folder / "journal.jsonl", *sorted(self.folder.glob("journal-*.jsonl"))]:
+                if path.is_file():
+                    self._read_to[path.name] = _replay(path, 0, rows)
         return rows
 
-    def append(self, row: dict) -> None:
+    def mark(self) -> None:
+        """Note where every process's journal ends now, without reading it: :meth:`read_new` starts there."""
+        self._read_to = {p.name: p.stat().st_size for p in self.folder.glob("journal-*.jsonl")} if self.folder.is_dir() else {}
+
+    def read_new(self, rows: dict[str, dict]) -> None:
+        """Add to ``rows`` what the other processes appended since :meth:`read` or :meth:`mark` (this
+        process's own rows are the caller's already)."""
+        for path in sorted(self.folder.glob("journal-*.jsonl")):
+            if path != self.path:
+                _replay(path, self._read_to.get(path.name, 0), rows)
+
+    def append(self, row: dict) -> dict:
+        """Write ``row`` stamped; returns it as written."""
         if self._file is None:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
             if self._file.tell():
                 self._file.write("\n")  # after a torn line
+        row = {**row, "stamp": [self.run, self._sequence]}
+        self._sequence += 1
         self._file.write(json.dumps(row, sort_keys=True) + "\n")
         self._file.flush()
+        return row
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
 
-    def compact(self, names: list[str]) -> None:
-        """One journal with the final row of each source, in input order, in place of the per-process ones."""
-        rows = self.read()
-        text = "".join(json.dumps(rows[n], sort_keys=True) + "\n" for n in names if n in rows)
+    def compact(self, names: list[str], rows: dict[str, dict]) -> None:
+        """One journal with the final row of each of ``names`` (from ``rows``), in input order, in place of
+        the per-process ones. Written line by line; the rows keep their stamps, so a stop between the two
+        steps leaves the same replay."""
         with atomic_path(self.folder / "journal.jsonl") as tmp:
-            tmp.write_text(text, encoding="utf-8")
+            with open(tmp, "w", encoding="utf-8") as f:
+                for name in names:
+                    if name in rows:
+                        f.write(json.dumps(rows[name], sort_keys=True) + "\n")
         for path in self.folder.glob("journal-*.jsonl"):
             path.unlink(missing_ok=True)
+
+
+def _replay(path: Path, offset: int, rows: dict[str, dict]) -> int:
+    """Replay the rows of ``path`` from byte ``offset`` into ``rows`` (an input's newest stamp wins, a tie
+    going to the later line); returns where the file ended."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # the line a killed process was writing
+            if not isinstance(row, dict) or not isinstance(row.get("name"), str):
+                continue
+            old = rows.get(row["name"])
+            if old is None or _stamp(row) >= _stamp(old):
+                rows[row["name"]] = row
+        return f.tell()
+
+
+def write_inputs(folder: Path, run: int, sources: list[Source], done: set[str]) -> Path:
+    """The run's inputs, as the first process named them, for the others (``--out/.fcn-zoo/inputs.jsonl``):
+    a first line with the run's stamp, then one line per source (path, name, video, and whether an earlier
+    run's journal says it is done). Written line by line, atomically; returns its path."""
+    path = folder / JOURNAL_DIR / INPUTS
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"run": run, "inputs": len(sources)}) + "\n")
+            for s in sources:
+                f.write(json.dumps([str(s.path), s.name, s.video, s.name in done]) + "\n")
+    return path
+
+
+def read_inputs(folder: Path, run: int) -> tuple[list[Source], set[str]] | None:
+    """What :func:`write_inputs` wrote for the run stamped ``run``: the sources and the names done before;
+    ``None`` where this process cannot see that file (an ``--out`` on another machine's disk, or an earlier
+    run's list there)."""
+    try:
+        with open(folder / JOURNAL_DIR / INPUTS, encoding="utf-8") as f:
+            head = json.loads(f.readline() or "null")
+            if not isinstance(head, dict) or head.get("run") != run:
+                return None
+            sources, done = [], set()
+            for line in f:
+                path, name, video, finished = json.loads(line)
+                sources.append(Source(Path(path), name, video))
+                if finished:
+                    done.add(name)
+    except (OSError, ValueError):
+        return None
+    return (sources, done) if len(sources) == head.get("inputs") else None

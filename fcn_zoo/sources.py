@@ -7,8 +7,8 @@ suffix), a glob (``"photos/**/*.jpg"``, quoted so that the shell leaves it alone
 file of such inputs, one per line, relative to the list's folder (blank lines and ``#`` comments skipped).
 
 Output names keep the inputs' folder structure: a file found in a folder INPUT (or by a glob) is named by
-its path relative to that folder (or the glob's fixed part), without its suffix; a file named directly by
-its own name. Where two inputs would share a name (``a/x.jpg`` and ``b/x.jpg`` given as two folders or two
+its path relative to that folder (or the glob's fixed part, or the folder holding both where a match climbs
+above it with ``..``), without its suffix; a file named directly by its own name. Where two inputs would share a name (``a/x.jpg`` and ``b/x.jpg`` given as two folders or two
 files), every input is named from the deepest folder that holds them all instead (``a/x``, ``b/x``); where
 two would still share one (``x.jpg`` and ``x.png`` side by side), those keep their suffix (``x.jpg``, ``x.png``).
 """
@@ -80,12 +80,13 @@ def _expand(text: str, base: Path, found: list, skipped: list, lists: tuple) -> 
         matches = sorted(glob.glob(str(path), recursive=True))
         if not matches:
             raise FCNZooError(f"{text}: no file matches this pattern")
+        root = _glob_root(path)
         for match in matches:
             match = Path(match)
             if match.is_dir():
                 _walk(match, found, skipped)
             elif not _hidden(match.name):
-                found.append((match, _glob_root(path)))
+                found.append((match, _holding(root, match)))
     elif not path.exists() and not lists:  # named on the command line: a typo, told before anything loads
         raise MissingFileError(f"{text}: no such file or folder")
     else:
@@ -165,6 +166,17 @@ def _glob_root(pattern: Path) -> Path:
             break
         parts.append(part)
     return Path(*parts) if parts else Path(".")
+
+
+def _holding(folder: Path, path: Path) -> Path:
+    """``folder``, or where ``path`` climbs out of it (a glob's ``..`` after a wildcard,
+    ``photos/*/../../x.jpg``), the deepest folder that holds both: a name never starts with ``..``."""
+    folder_abs, parent = os.path.abspath(folder), os.path.dirname(os.path.abspath(path))
+    try:
+        common = os.path.commonpath([folder_abs, parent])
+    except ValueError:  # different drives
+        return Path(parent)
+    return folder if common == folder_abs else Path(common)
 
 
 def _hidden(name: str) -> bool:

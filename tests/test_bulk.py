@@ -4,6 +4,7 @@ laziness, confidence maps, the summary, resumption after kill -9, videos, and to
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import socket
@@ -20,10 +21,11 @@ from PIL import Image
 
 import fcn_zoo
 from conftest import PHOTOS, tiny_fcn
+from fcn_zoo.bulk import Outputs, segment_sources, shard
 from fcn_zoo.cli import main
 from fcn_zoo.errors import FCNZooError, ImageError
 from fcn_zoo.predict import _preprocess, load_image
-from fcn_zoo.sources import expand_inputs
+from fcn_zoo.sources import Source, expand_inputs
 
 
 def small(photo: Path, size=(96, 72)) -> Image.Image:
@@ -72,7 +74,12 @@ def run(capsys, *argv):
 
 
 def tree(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file under ``folder`` by its relative path; the journal's rows without their stamps (a run's time)."""
+    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    if ".fcn-zoo/journal.jsonl" in files:
+        rows = [json.loads(line) for line in files[".fcn-zoo/journal.jsonl"].splitlines()]
+        files[".fcn-zoo/journal.jsonl"] = [{k: v for k, v in row.items() if k != "stamp"} for row in rows]
+    return files
 
 
 def test_a_folder_is_walked_and_named_by_its_structure(photo_tree):
@@ -87,7 +94,7 @@ def test_an_output_folder_inside_the_input_folder_is_not_an_input(capsys, small_
     assert code == 0 and "2 done, 0 failed, 0 skipped" in stdout, err
     # the second run walks past the first run's masks, under the input folder
     code, stdout, err = run(capsys, "predict", small_folder, photo_tree / "2023", "--out", out, "--resume")
-    assert code == 0 and "0 done, 0 failed, 2 skipped" in stdout, err
+    assert code == 0 and "0 done, 2 already done, 0 failed, 0 skipped" in stdout, err  # "skipped": not images
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["a.png", "june/b.png"]
 
 
@@ -348,3 +355,194 @@ def test_three_processes_with_one_held_back_past_the_timeout_end_with_one_summar
     assert tree(tmp_path / "three") == tree(tmp_path / "one")  # every output, and one summary.csv of them all
     assert errs[0].count("1 of 6 inputs failed") == 1 and not any("1 of 6" in e for e in errs[1:])
     assert not any("Traceback" in e or "timed out" in e.lower() for e in errs), errs
+
+
+def test_an_input_failed_by_another_process_and_redone_by_one_is_done_in_the_summary(capsys, small_folder, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    small(PHOTOS[0]).save(photos / "a.jpg")
+    (photos / "b.jpg").write_bytes((photos / "a.jpg").read_bytes()[:150])  # truncated
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "predict", small_folder, photos, "--out", out, "--quiet")
+    assert code == 1 and "b.jpg" in err
+    # as process 1 of a two-process run leaves its journal when the run stops before its end
+    (out / ".fcn-zoo" / "journal.jsonl").rename(out / ".fcn-zoo" / "journal-1.jsonl")
+    small(PHOTOS[1]).save(photos / "b.jpg")  # fixed, then redone by one process, which writes journal-0.jsonl
+    code, stdout, err = run(capsys, "predict", small_folder, photos, "--out", out, "--resume")
+    assert code == 0 and "1 done, 1 already done, 0 failed, 0 skipped" in stdout, err
+    with open(out / "summary.csv", newline="") as f:
+        assert [(r["path"], r["status"]) for r in csv.DictReader(f)] == [("a.jpg", "ok"), ("b.jpg", "ok")]
+    code, stdout, err = run(capsys, "predict", small_folder, photos, "--out", out, "--resume")
+    assert code == 0 and "0 done, 2 already done" in stdout, err
+
+
+def test_resume_reads_the_journal_once(capsys, small_folder, photo_tree, tmp_path, monkeypatch):
+    import builtins
+    import io
+
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "predict", small_folder, photo_tree / "2023", "--out", out, "--quiet")
+    assert code == 0, err
+    (out / "a.png").unlink()  # one input to redo
+    reads = []
+    real = io.open
+
+    def spying(file, mode="r", *args, **kwargs):
+        if Path(os.fspath(file)).name.startswith("journal") and not set(mode) & set("wax+"):
+            reads.append(Path(file).name)
+        return real(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", spying)
+    monkeypatch.setattr(builtins, "open", spying)
+    code, stdout, err = run(capsys, "predict", small_folder, photo_tree / "2023", "--out", out, "--resume")
+    assert code == 0 and "1 done, 1 already done" in stdout, err
+    assert reads == ["journal.jsonl"]
+
+
+def test_the_summary_is_written_row_by_row(tmp_path):
+    """A million rows must not be held twice over as one string: the peak is a row's, not the file's."""
+    import tracemalloc
+
+    from fcn_zoo.bulk import _write_summary
+
+    classes = [f"class {i}" for i in range(50)]
+    sources = [Source(Path(f"p{i}.jpg"), f"p{i}", False) for i in range(4000)]
+    rows = {s.name: {"path": f"{s.name}.jpg", "kind": "image", "width": 640, "height": 480, "frames": None,
+                     "status": "ok", "error": "", "shares": {c: 1 / 50 for c in classes}} for s in sources}
+    tracemalloc.start()
+    try:
+        _write_summary(tmp_path, sources, rows, classes)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    size = (tmp_path / "summary.csv").stat().st_size
+    assert size > 1_000_000 and peak < size / 4
+    with open(tmp_path / "summary.csv", newline="") as f:
+        assert sum(1 for _ in csv.DictReader(f)) == 4000
+
+
+def test_inputs_whose_outputs_would_meet_are_named_apart_before_anything_is_written(capsys, small_folder, small_model, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    small(PHOTOS[0]).save(photos / "x.jpg")
+    small(PHOTOS[1]).save(photos / "x_confidence.jpg")  # with --confidence, x.jpg's map would be x_confidence.png
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "predict", small_folder, photos, "--out", out, "--confidence", "--quiet")
+    assert code == 0, err
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "x.jpg.png", "x.jpg_confidence.png", "x_confidence.jpg.png", "x_confidence.jpg_confidence.png"]
+    for photo in photos.iterdir():
+        assert np.array_equal(np.asarray(Image.open(out / f"{photo.name}.png")), small_model.predict(photo).labels)
+    # where keeping the suffix is not enough (a caller naming two sources alike): refused, naming both
+    alike = [Source(photos / "x.jpg", "x", False), Source(tmp_path / "x.jpg", "x", False)]
+    with pytest.raises(FCNZooError) as refused:
+        segment_sources(small_model, alike, Outputs(tmp_path / "refused"), quiet=True)
+    assert str(photos / "x.jpg") in str(refused.value) and str(tmp_path / "x.jpg") in str(refused.value)
+    assert "\n" not in str(refused.value) and not (tmp_path / "refused").exists()
+
+
+def test_a_video_beside_a_folder_of_its_name_removes_nothing(capsys, small_folder, small_model, tmp_path):
+    pytest.importorskip("av")
+    clips = tmp_path / "clips"
+    (clips / "drive").mkdir(parents=True)
+    _video(clips / "drive.mp4", frames=3)
+    small(PHOTOS[0]).save(clips / "drive" / "000000.jpg")  # a photo with a frame mask's name
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "predict", small_folder, clips, "--out", out, "--masks", "--quiet")
+    assert code == 0, err
+    photo_mask = np.asarray(Image.open(out / "drive" / "000000.png"))
+    assert np.array_equal(photo_mask, small_model.predict(clips / "drive" / "000000.jpg").labels)
+    assert sorted(p.name for p in (out / "drive.mp4").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    assert (out / "drive.mp4_overlay.mp4").is_file()
+    # the video alone, into a folder of its name that holds a file of someone else's: the masks go beside it
+    (out / "drive" / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, "predict", small_folder, clips / "drive.mp4", "--out", out, "--masks", "--quiet")
+    assert code == 0, err
+    assert (out / "drive" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (out / "drive").iterdir()) == ["000000.png", "000001.png", "000002.png", "notes.txt"]
+    assert not list((out / ".fcn-zoo").glob("frames-*"))
+
+
+def test_a_glob_climbing_above_its_fixed_part_writes_inside_out(capsys, small_folder, small_model, tmp_path):
+    (tmp_path / "photos" / "2023").mkdir(parents=True)
+    small(PHOTOS[0]).save(tmp_path / "x1.jpg")
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "predict", small_folder, f"{tmp_path}/photos/*/../../x*.jpg", "--out", out, "--quiet")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "photos", "x1.jpg"]  # nothing beside the input
+    assert (out / "x1.png").is_file()
+    # a caller's name that climbs out of --out: refused in one line, nothing written
+    with pytest.raises(FCNZooError, match="outside --out") as refused:
+        segment_sources(small_model, [Source(tmp_path / "x1.jpg", "../../x1", False)], Outputs(tmp_path / "o2"), quiet=True)
+    assert "\n" not in str(refused.value) and str(tmp_path / "x1.jpg") in str(refused.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "photos", "x1.jpg"]
+
+
+def test_adding_inputs_moves_no_other_to_another_process():
+    names = [f"2024/IMG_{i:04d}" for i in range(400)]
+    before = {n: shard(n, 4) for n in names}
+    after = {n: shard(n, 4) for n in ["2023/first", *names, "2025/last"]}
+    assert all(after[n] == before[n] for n in names)
+    assert min(list(before.values()).count(r) for r in range(4)) > 60  # each process has a fair share
+
+
+ONE_DIES = r"""
+import os, sys
+import fcn_zoo.bulk as bulk
+if os.environ["RANK"] == os.environ["DIES"]:  # this process stops dead once the run has started
+    def dead(*args, **kwargs):
+        os._exit(3)
+        yield
+    bulk.predict_iter = dead
+from fcn_zoo.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _start(command: list[str], world: int, env: dict, argv=lambda rank: [], cwd=lambda rank: None) -> list[tuple[int, str]]:
+    """Run ``command`` as ``world`` processes of one run, as torchrun would; their exit codes and stderr."""
+    env = {**os.environ, **env, "OMP_NUM_THREADS": "1", "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    processes = [subprocess.Popen([*command, *argv(r)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=cwd(r),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    try:
+        return [(p.communicate(timeout=120)[1], p.returncode)[::-1] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+
+
+def test_a_process_that_dies_is_named_and_every_process_works_from_the_first_ones_list(small_folder, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    names = [f"p{i}" for i in range(8)]
+    for i, name in enumerate(names):
+        small(PHOTOS[i % 3], (48 + 8 * (i % 4), 36)).save(photos / f"{name}.jpg")
+    assert {shard(n, 3) for n in names} == {0, 1, 2}
+    elsewhere = tmp_path / "elsewhere"  # what process 1 alone is told: it takes process 0's list instead
+    elsewhere.mkdir()
+    small(PHOTOS[0]).save(elsewhere / "q.jpg")
+    out = tmp_path / "out"
+    args = ["predict", str(small_folder), "--quiet", "--out", str(out)]
+    ends = _start([sys.executable, "-c", ONE_DIES, *args], 3, {"FCN_ZOO_DIST_TIMEOUT": "5", "DIES": "2"},
+                  argv=lambda r: [str(elsewhere if r == 1 else photos)])
+    (code0, err0), (code1, err1), (code2, _) = ends
+    assert code0 == 1 and code1 == 0 and code2 == 3, ends
+    assert err0.count("\n") == 1 and "process 2 of 3 stopped before finishing" in err0 and "--resume" in err0, err0
+    assert sorted(p.stem for p in out.glob("*.png")) == [n for n in names if shard(n, 3) != 2]
+    with open(out / "summary.csv", newline="") as f:
+        assert [r["path"] for r in csv.DictReader(f)] == [f"{n}.jpg" for n in names if shard(n, 3) != 2]
+    assert main([*args, str(photos), "--resume"]) == 0  # one process finishes what the dead one left
+    assert sorted(p.stem for p in out.glob("*.png")) == names
+
+
+def test_an_out_that_the_processes_do_not_share_is_said_at_the_start(small_folder, photo_tree, tmp_path):
+    nodes = [tmp_path / "node0", tmp_path / "node1"]  # each process's own disk: "--out masks" is another folder
+    for node in nodes:
+        node.mkdir()
+    ends = _start([sys.executable, "-m", "fcn_zoo.cli", "predict", str(small_folder), str(photo_tree / "2023"), "--out",
+                   "masks"], 2, {"FCN_ZOO_DIST_TIMEOUT": "30"}, cwd=lambda r: nodes[r])
+    for code, err in ends:
+        assert code == 1 and err.count("\n") == 1, ends
+        assert "is not shared by every process: process 1 of 2 cannot see" in err
+    assert not [p for node in nodes for p in node.rglob("*.png")]

@@ -49,6 +49,18 @@ def test_info_describes_a_row(capsys):
     assert "nothing-listens-here/fcn_resnet50os16_cityscapes.pth" in out  # FCN_ZOO_REFERENCE_URL applies
 
 
+def test_info_describes_a_save_pretrained_folder_from_its_config(capsys, tiny_folder, tiny_model, tmp_path):
+    code, out, err = run(capsys, "info", str(tiny_folder))
+    assert code == 0, err
+    assert "resnet18d (timm), output stride 8" in out and "PASCAL VOC 2012, 21 classes" in out
+    assert "background; aeroplane; bicycle" in out and "512x512" in out
+    params = sum(p.numel() for n, p in tiny_model.named_parameters() if not n.startswith("auxiliary_head."))
+    assert f"{params / 1e6:.2f} M at inference" in out
+    (tmp_path / "empty").mkdir()
+    code, out, err = run(capsys, "info", str(tmp_path / "empty"))
+    assert code == 1 and out == "" and err.count("\n") == 1 and "lacks config.json" in err
+
+
 def test_unknown_name_is_one_line_with_suggestions(capsys):
     code, out, err = run(capsys, "info", "fcn_resnet50_voc")
     assert code == 1 and out == ""
@@ -70,7 +82,7 @@ def test_predict_writes_masks_and_overlays(capsys, tiny_folder, tmp_path):
 
 
 def test_predict_passes_precision_and_compile_through(capsys, tiny_folder, tmp_path, monkeypatch):
-    from fcn_zoo.predict import Predictor
+    from fcn_zoo.engine import Predictor
 
     seen = []
     real = Predictor.__init__
