@@ -127,12 +127,8 @@ def main() -> None:
             reader_rates.append(len(sources[part]) / (time.perf_counter() - t))
         # where the time of one photo goes: the network alone against the whole predict (read, resize,
         # network, labels, Segmentation), so that what overlapping can win is bounded
-        from fcn_zoo.images import load_image
-        from fcn_zoo.predict import _preprocess
-
-        x, from_uint8 = load_image(photos[0])
         with torch.inference_mode():
-            batch = _preprocess(fused, x, from_uint8, torch.device("cpu"), fused.eval_size)
+            batch = fcn_zoo.preprocess(fused, photos[0])
             network, whole = [], []
             for _ in range(5):
                 t = time.perf_counter()

@@ -105,17 +105,18 @@ def run(model: StandIn, sources, out: Path, workers: int) -> float:
 def stages(model: StandIn, sources) -> None:
     """What the host does per image, each stage alone on one thread (torch's threads as configured): what
     the readers, the labels thread and the writers each cost, so that the bound is named."""
-    from fcn_zoo.images import load_image
-    from fcn_zoo.predict import Predictor, prepare
+    from fcn_zoo.images import read_image
+    from fcn_zoo.engine import Predictor
+    from fcn_zoo.protocol import prepare
 
     predictor = Predictor(model.fuse(inplace=False))
     model.ms = 0.0
     times = {"read + resize + normalise": [], "labels (upsample + argmax)": [], "mask PNG written": []}
     for source in sources:
         t = time.perf_counter()
-        loaded = load_image(source.path)
+        loaded = read_image(source.path)
         with torch.inference_mode():
-            prepared = prepare(predictor.model, *loaded)
+            prepared = prepare(predictor.model, loaded)
         times["read + resize + normalise"].append(time.perf_counter() - t)
         logits = predictor.forward([loaded], [source.name], [prepared])
         t = time.perf_counter()

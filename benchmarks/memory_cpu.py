@@ -62,7 +62,7 @@ def worker(contender: str, weights: str, name: str, size: tuple[int, int]) -> di
         if contender == "fcn_zoo predict":
             labels = model.predict(frame).labels
         else:  # the protocol as most implementations write it: resize, forward, full-size score map, argmax
-            from fcn_zoo.predict import eval_resize_shape
+            from fcn_zoo.zoo import eval_resize_shape
 
             mean = torch.tensor(row.data.mean).view(1, 3, 1, 1)
             std = torch.tensor(row.data.std).view(1, 3, 1, 1)

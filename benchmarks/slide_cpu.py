@@ -16,7 +16,7 @@ import time
 import torch
 
 import fcn_zoo
-from fcn_zoo.predict import _preprocess, _slide
+from fcn_zoo.protocol import _preprocess, _slide
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     frame = torch.randint(0, 256, (3, *args.size)).float()
     times = {"one window per forward": [], "all windows in one batch": []}
     with torch.inference_mode():
-        x = _preprocess(model, frame, True, torch.device("cpu"), row.data.eval_size)
+        x = _preprocess(model, frame, torch.device("cpu"), row.data.eval_size)
         _slide(model.forward_features, x, row.crop_size, None, batch_size=16)  # warm-up
         for _ in range(args.runs):
             for name, batch in (("one window per forward", 1), ("all windows in one batch", 16)):

@@ -20,7 +20,7 @@ from .zoo import CHECKPOINTS, DATASETS, Checkpoint, get_checkpoint
 __version__ = "0.1.0"
 
 __all__ = [
-    "FCN", "Segmentation", "TTA", "from_pretrained", "list_models", "get_checkpoint", "Checkpoint",
+    "FCN", "Segmentation", "TTA", "from_pretrained", "preprocess", "read_image", "list_models", "get_checkpoint", "Checkpoint",
     "CHECKPOINTS", "DATASETS", "FCNZooError", "ImageError", "MissingFileError", "NotCachedError", "UnknownModelError",
     "WeightsError", "__version__",
 ]
@@ -28,14 +28,19 @@ __all__ = [
 _LAZY = {
     "FCN": "model",
     "from_pretrained": "hub",
-    "Segmentation": "predict",
-    "TTA": "predict",
+    "Segmentation": "segmentation",
+    "TTA": "protocol",
+    "preprocess": "predict",
+    "read_image": "images",
 }
 
 if TYPE_CHECKING:
     from .hub import from_pretrained
     from .model import FCN
-    from .predict import TTA, Segmentation
+    from .images import read_image
+    from .predict import preprocess
+    from .protocol import TTA
+    from .segmentation import Segmentation
 
 
 def list_models(dataset: str | None = None) -> list[str]:

@@ -26,9 +26,30 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .errors import is_out_of_memory
 
-__all__ = ["ConvAct", "fold_batchnorm", "fuse_activations", "input_splits", "onednn_available"]
+__all__ = ["ConvAct", "fuse", "fold_batchnorm", "fuse_activations", "input_splits", "onednn_available"]
 
 logger = logging.getLogger(__name__)
+
+
+def fuse(model: nn.Module, *, inplace: bool = True, device: str | torch.device | None = None) -> nn.Module:
+    """:meth:`fcn_zoo.FCN.fuse`: ``model`` fused in place, or (``inplace=False``) a fused inference copy of it
+    on ``device``, ``model`` left untouched."""
+    from ._inference import inference_copy
+
+    if not inplace:
+        copied = inference_copy(model, device)
+        return copied if getattr(copied, "_fused", False) else fuse(copied)
+    if device is not None:
+        raise ValueError("fuse(device=...) applies to inplace=False; move the model with .to() first")
+    if getattr(model, "_fused", False):
+        return model
+    with torch.inference_mode(False), torch.no_grad():  # the new weights are ordinary tensors even when
+        fold_batchnorm(model.eval())  # fuse() is called under inference mode
+        fuse_activations(model)
+    model.eval()  # the fused layers too: an eval model is never switched by predict (threads may share it)
+    model.requires_grad_(False)
+    model._fused = True
+    return model
 
 
 def onednn_available(dtype: torch.dtype = torch.float32) -> bool:

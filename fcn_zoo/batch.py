@@ -15,9 +15,9 @@ returns plain dicts of NumPy arrays, the format of Ray Data batches.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
+
+from .images import read_image
 
 __all__ = ["Segmenter"]
 
@@ -56,7 +56,7 @@ class Segmenter:
         import torch
 
         from .model import FCN
-        from .predict import Predictor
+        from .engine import Predictor
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -70,8 +70,6 @@ class Segmenter:
         self.confidence = confidence
 
     def __call__(self, batch: dict) -> dict:
-        from .images import load_image
-
         column = self.column or next((c for c in IMAGE_COLUMNS if c in batch), None)
         if column is None or column not in batch:
             raise KeyError(f"the batch has no image column {self.column or ' / '.join(IMAGE_COLUMNS)!r} "
@@ -80,18 +78,13 @@ class Segmenter:
         names = _names(batch, column, len(values))
         segs: list = [None] * len(values)
         errors = [""] * len(values)
-        loaded = {}
-        for i, (value, name) in enumerate(zip(values, names)):
-            try:
-                loaded[i] = load_image(_decodable(value, name))
-            except Exception as e:
-                errors[i] = _error_line(name, e)
-        rows = list(loaded)
-        size = self.predictor.batch_size
-        for start in range(0, len(rows), size):
-            chunk = rows[start:start + size]
-            for i, seg in zip(chunk, self._segment(chunk, loaded, names, errors)):
-                segs[i] = seg
+        rows = self.predictor.stream(range(len(values)), read=lambda i: read_image(_cell(values[i]), names[i]),
+                                     name=names.__getitem__, num_workers=0, errors="yield")
+        for i, result in rows:
+            if isinstance(result, Exception):
+                errors[i] = _error_line(names[i], result)
+            else:
+                segs[i] = result
         num_classes = len(self.class_names)
         no_labels = np.zeros((0, 0), dtype=np.uint8 if num_classes <= 256 else np.int32)  # a failed row's
         out = {k: v for k, v in batch.items() if k != column or k == "path"}  # paths stay: they name the rows
@@ -105,18 +98,6 @@ class Segmenter:
                                          for seg in segs])
         out["error"] = np.array(errors, dtype=object)
         return out
-
-    def _segment(self, rows: list[int], loaded: dict, names: list[str], errors: list[str]) -> list:
-        """The Segmentations of ``rows`` (``None`` for a row that fails, its line in ``errors``). A forward pass
-        of several images that fails (out of memory, one image the network cannot take) is retried one image at
-        a time, so that only the images that fail alone are marked."""
-        try:
-            return self.predictor([loaded[i] for i in rows], [names[i] for i in rows])
-        except Exception as e:
-            if len(rows) > 1:
-                return [self._segment([i], loaded, names, errors)[0] for i in rows]
-            errors[rows[0]] = _error_line(names[rows[0]], e)
-            return [None]
 
 
 def _names(batch: dict, column: str, n: int) -> list[str]:
@@ -136,25 +117,10 @@ def _error_line(name: str, error: Exception) -> str:
     return message if name in message else f"{name}: {message}"
 
 
-def _decodable(value, name: str):
-    """A batch cell as something :func:`fcn_zoo.images.load_image` reads."""
-    from PIL import Image
-
-    from .errors import ImageError
-
-    if isinstance(value, dict):  # a Hugging Face Image cell
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        try:
-            image = Image.open(io.BytesIO(bytes(value)))
-            image.load()  # the whole body now, so that a truncated file is this row's error
-            return image
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ImageError(f"{name}: cannot read these bytes as an image ({e})") from e
+def _cell(value):
+    """A batch cell as :func:`fcn_zoo.images.read_image` takes it (Ray hands nested lists as object arrays)."""
     if isinstance(value, np.ndarray) and value.dtype == object:
-        value = np.asarray(value.tolist())
-    if isinstance(value, np.str_):
-        value = str(value)
+        return np.asarray(value.tolist())
     return value
 
 

@@ -56,7 +56,7 @@ from .records import (
     INPUTS, JOURNAL_DIR, MADE_BY, Journal, check_resumable, made_by, next_run, read_inputs, write_inputs,
 )
 from .sources import Source
-from .stream import predict_iter
+from .predict import predict_iter
 
 __all__ = ["Outputs", "Totals", "segment_sources", "shard", "made_by"]  # made_by: from fcn_zoo.records, where it lives
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from . import zoo
 from .errors import FCNZooError, first_line
+from .images import displayed_size
 
 __all__ = ["build_app", "launch", "model_choices", "ModelCache"]
 
@@ -112,15 +113,6 @@ def segment(models: ModelCache, image_path, name: str, tta: bool, slide: bool, p
     height, width = seg.size  # as segmented: the photo as displayed
     timing = f"{seconds:.2f} s on {model_device(model)}, {width}x{height}" + (", TTA" if tta else "") + (", sliding windows" if slide else "")
     return seg.overlay(alpha=opacity), seg.colorize(), legend(seg), confidence, timing, seg
-
-
-def displayed_size(image) -> tuple[int, int]:
-    """An opened PIL image's ``(width, height)`` as displayed, without decoding its pixels: a phone photo whose
-    EXIF orientation turns it a quarter (5 to 8) is shown, and segmented, the other way round."""
-    width, height = image.size
-    if image.format == "PNG" and "exif" not in image.info:
-        return width, height  # a PNG's EXIF may follow its pixels: finding it would decode the whole photo
-    return (height, width) if image.getexif().get(0x0112) in (5, 6, 7, 8) else (width, height)
 
 
 def reblend(seg, opacity: float):

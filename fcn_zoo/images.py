@@ -1,108 +1,193 @@
-"""Images in and out: any supported input becomes a ``(3, H, W)`` float tensor of 0..255 RGB values, and
-images are written atomically.
+"""The one reader of images and masks, and atomic writes.
 
-Images are read as a viewer shows them: EXIF rotation applied; greyscale, palette, CMYK, 16-bit and
-alpha images become RGB. Arrays and tensors are taken as RGB.
+:func:`read_image` turns anything the package is handed (a path, encoded bytes, a PIL image, a NumPy array,
+a tensor, a Hugging Face ``Image`` cell) into the ``(H, W, 3)`` uint8 RGB array that everything else sees:
+the photo as a viewer shows it (EXIF orientation applied); greyscale, palette, CMYK and alpha images made
+RGB (alpha dropped); 16-bit images scaled to 8 bits (value / 257, rounded); float images in ``[0, 1]``
+scaled by 255 and rounded. :func:`read_mask` reads a label map by the same rules of orientation, keeping
+the stored class indices (palette indices, not colours). ``predict``, ``predict_iter``, videos, the Ray
+``Segmenter``, ``fcn-zoo predict``, training, ``evaluate`` and the demo all read through these two.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from ._files import atomic_path
 from .errors import ImageError
 
-__all__ = ["ImageInput", "load_image", "save_image", "describe", "rgb_uint8"]
+__all__ = ["ImageInput", "read_image", "read_mask", "displayed_size", "save_image", "describe", "MASK_MODES"]
 
 logger = logging.getLogger(__name__)
 
-ImageInput = "str | os.PathLike | Image.Image | np.ndarray | torch.Tensor"
+ImageInput = "str | os.PathLike | bytes | Image.Image | np.ndarray | torch.Tensor | dict"
+
+#: PIL modes that hold one class index per pixel (masks)
+MASK_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N", "1")
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
+def read_image(image, name: str | None = None) -> np.ndarray:
+    """Any supported input -> a ``(H, W, 3)`` uint8 RGB array, as a viewer shows it.
 
-def load_image(image) -> tuple[torch.Tensor, bool]:
-    """Any supported input -> ``(float32 (3, H, W) tensor of 0..255 RGB values, came-from-8-bit flag)``.
-
-    Arrays and tensors are taken as RGB; a BGR array (OpenCV) is not detected and gives worse masks."""
-    name = describe(image)
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise ImageError(f"{name}: no such image file")
-        try:
-            with Image.open(path) as img:
-                return _from_pil(img, name)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise ImageError(f"{name}: cannot read this image ({e})") from e
+    ``image``: a path, encoded bytes, a PIL image, an ``(H, W, 3)`` / ``(H, W)`` array (uint8; uint16 as
+    16-bit; float in ``[0, 1]``), a ``(3, H, W)`` / ``(1, H, W)`` tensor (uint8, or float in ``[0, 1]`` as
+    torchvision's), or a Hugging Face ``Image`` cell (``{"bytes": ..., "path": ...}``). Arrays and tensors
+    are taken as RGB: an OpenCV ``cv2.imread`` array is BGR (pass ``img[..., ::-1]``). ``name``: what
+    messages call the image (default: :func:`describe`). Raises :class:`~fcn_zoo.errors.ImageError` with
+    one line naming the image and what to do."""
+    name = name or describe(image)
     if isinstance(image, Image.Image):
         return _from_pil(image, name)
     if isinstance(image, np.ndarray):
         return _from_array(image, name)
-    if isinstance(image, torch.Tensor):
+    if type(image).__module__.startswith("torch") and hasattr(image, "detach"):
         return _from_tensor(image, name)
-    raise ImageError(f"{name}: expected a path, PIL image, numpy array or tensor, got {type(image).__name__}")
+    with _opened(image, name) as img:
+        return _from_pil(img, name)
 
 
-def _from_pil(img: Image.Image, name: str) -> tuple[torch.Tensor, bool]:
-    if getattr(img, "n_frames", 1) > 1:
-        logger.info("%s has %d frames; segmenting the first", name, img.n_frames)
-        img.seek(0)
-    img.load()
-    img = ImageOps.exif_transpose(img)  # as a viewer shows it
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float32)
+def read_mask(mask, name: str | None = None) -> np.ndarray:
+    """A label map -> a ``(H, W)`` uint8 array of its stored class indices, oriented as :func:`read_image`
+    orients images (its own EXIF orientation applied, if it has one).
+
+    ``mask``: a path, encoded bytes, a PIL image or a Hugging Face ``Image`` cell, in one of
+    :data:`MASK_MODES` (8-bit grey or palette: the palette's indices are the classes, not its colours; 16-bit
+    images must hold 0..255), or a 2-D integer array. A colour image is refused with what to do."""
+    name = name or describe(mask)
+    if isinstance(mask, np.ndarray):
+        return _mask_array(mask, name)
+    if isinstance(mask, Image.Image):
+        return _mask_from_pil(mask, name)
+    with _opened(mask, name) as img:
+        return _mask_from_pil(img, name)
+
+
+def displayed_size(image, name: str | None = None) -> tuple[int, int]:
+    """``(width, height)`` of an image (a path, bytes, a Hugging Face cell or an opened PIL image) as a viewer
+    shows it, from its header alone: an EXIF orientation of 5 to 8 turns it a quarter."""
+    if isinstance(image, Image.Image):
+        return _displayed_size(image)
+    with _opened(image, name or describe(image)) as img:
+        return _displayed_size(img)
+
+
+def _displayed_size(img: Image.Image) -> tuple[int, int]:
+    width, height = img.size
+    if img.format == "PNG" and "exif" not in img.info:
+        return width, height  # a PNG's EXIF may follow its pixels: finding it would decode the whole image
+    return (height, width) if _orientation(img) in _TRANSPOSED else (width, height)
+
+
+class _opened:
+    """``with _opened(source, name) as img``: a path, bytes or Hugging Face cell opened with PIL (the header);
+    every way it can fail becomes one :class:`ImageError` line."""
+
+    def __init__(self, source, name: str):
+        self.source, self.name, self.img = source, name, None
+
+    def __enter__(self) -> Image.Image:
+        source, name = self.source, self.name
+        if isinstance(source, dict):  # a Hugging Face Image cell, undecoded
+            source = source.get("bytes") or source.get("path")
+            if source is None:
+                raise ImageError(f"{name}: the cell holds no image (neither bytes nor a path)")
+        if isinstance(source, np.str_):
+            source = str(source)
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            stream = io.BytesIO(bytes(source))
+        elif isinstance(source, (str, os.PathLike)):
+            if not Path(source).is_file():  # a folder, a FIFO or a device is no image file either
+                raise ImageError(f"{name}: no such image file")
+            stream = source
+        else:
+            raise ImageError(f"{name}: expected a path, bytes, PIL image, numpy array or tensor, got {type(source).__name__}")
+        try:
+            self.img = Image.open(stream)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise ImageError(f"{name}: cannot read this image ({e})") from None
+        return self.img
+
+    def __exit__(self, *exc) -> None:
+        if self.img is not None:
+            self.img.close()
+
+
+def _decoded(img: Image.Image, name: str) -> Image.Image:
+    """The first frame, decoded and turned as EXIF says."""
+    try:
+        if getattr(img, "n_frames", 1) > 1:
+            logger.info("%s has %d frames; taking the first", name, img.n_frames)
+            img.seek(0)
+        img.load()
+        return ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{name}: cannot read this image: it does not decode ({e})") from None
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except Exception:  # a damaged EXIF block: shown unturned, as viewers do
+        return 1
+
+
+def _from_pil(img: Image.Image, name: str) -> np.ndarray:
+    img = _decoded(img, name)
+    if img.mode in _SIXTEEN_BIT:
+        arr = np.asarray(img, dtype=np.float64)
         if img.mode != "I" or arr.max(initial=0) > 255:
             arr = arr / 257.0  # 16-bit -> 8-bit range
-        return _from_array(np.clip(arr, 0, 255), name, from_uint8=False)
+        return _grey_to_rgb(np.rint(np.clip(arr, 0, 255)).astype(np.uint8))
     if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float32)
-        if np.isfinite(arr).all() and arr.max(initial=0) <= 1.0:
-            arr = arr * 255.0
-        return _from_array(np.clip(arr, 0, 255), name, from_uint8=False)
+        return _from_array(np.asarray(img, dtype=np.float32), name)
     if img.mode != "RGB":
         img = img.convert("RGBA" if img.mode in ("P", "PA", "LA") else "RGB").convert("RGB")
-    return _from_array(np.asarray(img), name)
+    return np.array(img)  # writable (np.asarray's view of PIL's bytes is not, and torch.from_numpy warns)
 
 
-def _from_array(arr: np.ndarray, name: str, from_uint8: bool | None = None) -> tuple[torch.Tensor, bool]:
+def _from_array(arr: np.ndarray, name: str) -> np.ndarray:
     if arr.ndim == 3 and arr.shape[2] in (3, 4):
         arr = arr[..., :3]
-    elif arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 1):
-        arr = np.repeat(arr.reshape(arr.shape[0], arr.shape[1], 1), 3, axis=2)
-    else:
+    elif not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 1)):
         raise ImageError(f"{name}: expected an (H, W, 3) or (H, W) array, got shape {arr.shape}")
-    if from_uint8 is None:
-        if arr.dtype != np.uint8:
-            raise ImageError(f"{name}: expected a uint8 array, got {arr.dtype}; convert it with .astype(np.uint8)")
-        from_uint8 = True
-    if not np.isfinite(arr).all():
-        raise ImageError(f"{name}: the image contains NaN or infinite values")
     _check_size(arr.shape[0], arr.shape[1], name)
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1), from_uint8
+    if arr.dtype == np.uint16:
+        arr = np.rint(arr / 257.0)
+    elif arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise ImageError(f"{name}: the image contains NaN or infinite values")
+        if arr.size and (arr.min() < 0 or arr.max() > 1):
+            raise ImageError(f"{name}: float images must hold values in [0, 1], found {arr.min():g}..{arr.max():g}; "
+                             "for 0..255 values pass np.clip(img, 0, 255).round().astype(np.uint8)")
+        arr = np.rint(arr * 255.0)
+    elif arr.dtype != np.uint8:
+        raise ImageError(f"{name}: expected a uint8 array (or float in [0, 1]), got {arr.dtype}")
+    arr = arr.astype(np.uint8, copy=False)
+    if arr.ndim == 2 or arr.shape[2] == 1:
+        return _grey_to_rgb(arr)
+    arr = np.ascontiguousarray(arr)
+    return arr if arr.flags.writeable else arr.copy()  # torch.from_numpy wants memory it may write
 
 
-def _from_tensor(t: torch.Tensor, name: str) -> tuple[torch.Tensor, bool]:
+def _from_tensor(t, name: str) -> np.ndarray:
     if t.ndim != 3 or t.shape[0] not in (1, 3):
         raise ImageError(f"{name}: expected a (3, H, W) or (1, H, W) tensor, got shape {tuple(t.shape)}")
-    t = t.detach().to("cpu")
-    if t.dtype == torch.uint8:
-        x, from_uint8 = t.float(), True
-    elif t.is_floating_point():
-        if not torch.isfinite(t).all():
-            raise ImageError(f"{name}: the tensor contains NaN or infinite values")
-        if t.numel() and (t.min() < 0 or t.max() > 1):
-            raise ImageError(f"{name}: float tensors must hold values in [0, 1] (torchvision's convention)")
-        x, from_uint8 = t.float() * 255.0, False
-    else:
+    if not (t.dtype.is_floating_point or str(t.dtype) == "torch.uint8"):
         raise ImageError(f"{name}: expected a float or uint8 tensor, got {t.dtype}")
-    _check_size(x.shape[1], x.shape[2], name)
-    return x.expand(3, -1, -1).contiguous(), from_uint8
+    arr = t.detach().cpu().float().numpy() if t.dtype.is_floating_point else t.detach().cpu().numpy()
+    return _from_array(np.moveaxis(arr, 0, -1), name)
+
+
+def _grey_to_rgb(arr: np.ndarray) -> np.ndarray:
+    return np.repeat(arr.reshape(arr.shape[0], arr.shape[1], 1), 3, axis=2)
 
 
 def _check_size(h: int, w: int, name: str) -> None:
@@ -110,17 +195,44 @@ def _check_size(h: int, w: int, name: str) -> None:
         raise ImageError(f"{name}: the image is empty ({w}x{h})")
 
 
+def _mask_from_pil(img: Image.Image, name: str) -> np.ndarray:
+    if img.mode not in MASK_MODES:
+        rgb = np.asarray(_decoded(img, name).convert("RGB")) if img.mode in ("RGB", "RGBA") else None
+        if rgb is not None and (rgb == rgb[..., :1]).all():  # grey values saved as colour
+            what = f"(mode {img.mode}) with three equal channels; save the masks as grey images (mask.convert('L'))"
+        else:
+            what = f"(mode {img.mode}); convert colours to class indices"
+        raise ImageError(f"{name}: a mask holds one class index per pixel (an 8-bit grey or palette PNG), got a colour image {what}")
+    img = _decoded(img, name)
+    return _mask_array(np.array(img), name)
+
+
+def _mask_array(raw: np.ndarray, name: str) -> np.ndarray:
+    if raw.ndim != 2:
+        raise ImageError(f"{name}: a label map must have one channel, got shape {raw.shape}")
+    if raw.dtype == np.bool_:
+        return raw.astype(np.uint8)
+    if raw.dtype.kind not in "ui":
+        raise ImageError(f"{name}: a label map holds integer class indices, got {raw.dtype}")
+    if raw.dtype != np.uint8:  # 16-bit or 32-bit: the values must still be 0..255
+        if raw.size and (raw.min() < 0 or raw.max() > 255):
+            raise ImageError(f"{name}: label values must be 0..255, found {raw.min()}..{raw.max()}")
+        raw = raw.astype(np.uint8)
+    return raw
+
+
 def describe(image) -> str:
+    """What messages call an image: its path, or its kind and size."""
     if isinstance(image, (str, os.PathLike)):
         return os.fspath(image)
     if isinstance(image, Image.Image):
         return getattr(image, "filename", "") or f"PIL image {image.mode} {image.size[0]}x{image.size[1]}"
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return f"{len(image)} bytes"
+    if isinstance(image, dict):
+        return str(image.get("path") or "an Image cell")
     shape = getattr(image, "shape", None)
     return f"{type(image).__name__} of shape {tuple(shape)}" if shape is not None else type(image).__name__
-
-
-def rgb_uint8(x: torch.Tensor) -> np.ndarray:
-    return x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def save_image(img: Image.Image, path: str | os.PathLike, **kwargs) -> Path:
@@ -129,3 +241,8 @@ def save_image(img: Image.Image, path: str | os.PathLike, **kwargs) -> Path:
     with atomic_path(path) as tmp:
         img.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"), **kwargs)
     return path
+
+
+def load_image(image):
+    """Transitional name of :func:`read_image`."""
+    return read_image(image)

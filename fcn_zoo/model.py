@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
 from torch import nn
 
-from ._inference import inference_copy
 from .errors import WeightsError
 from .weights import load_weights
 from .zoo import DATASETS, IMAGENET_MEAN, IMAGENET_STD, folder_metadata
@@ -214,22 +213,9 @@ class FCN(
                 returns a fused copy without the training-only auxiliary head (an inference snapshot).
             device: with ``inplace=False``, the device of the copy (default this model's).
         """
-        from ._fusion import fold_batchnorm, fuse_activations
+        from ._fusion import fuse
 
-        if not inplace:
-            model = inference_copy(self, device)
-            return model if getattr(model, "_fused", False) else model.fuse()
-        if device is not None:
-            raise ValueError("fuse(device=...) applies to inplace=False; move the model with .to() first")
-        if getattr(self, "_fused", False):
-            return self
-        with torch.inference_mode(False), torch.no_grad():  # the new weights are ordinary tensors even when
-            fold_batchnorm(self.eval())  # fuse() is called under inference mode
-            fuse_activations(self)
-        self.eval()  # the fused layers too: an eval model is never switched by predict (threads may share it)
-        self.requires_grad_(False)
-        self._fused = True
-        return self
+        return fuse(self, inplace=inplace, device=device)
 
     def train(self, mode: bool = True) -> "FCN":
         if mode and getattr(self, "_fused", False):
@@ -290,8 +276,8 @@ class FCN(
 
     def predict_iter(self, images, **kwargs):
         """Segment an iterable of images lazily, in order, reading ahead while the network runs: yields
-        ``(image, Segmentation)``; see :func:`fcn_zoo.stream.predict_iter` for the options."""
-        from .stream import predict_iter
+        ``(image, Segmentation)``; see :func:`fcn_zoo.predict.predict_iter` for the options."""
+        from .predict import predict_iter
 
         return predict_iter(self, images, **kwargs)
 

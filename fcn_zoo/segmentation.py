@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import ImageInput, load_image, rgb_uint8, save_image
+from .images import ImageInput, read_image, save_image
 from .labels import upsample_softmax
 
 __all__ = ["Segmentation"]
@@ -83,7 +83,7 @@ class Segmentation:
         """The class colours blended over ``image`` (default: the input) with weight ``alpha``."""
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        base = self.image if image is None else rgb_uint8(load_image(image)[0])
+        base = self.image if image is None else read_image(image)
         if base is None:
             raise ValueError("this Segmentation holds no image; pass the image to overlay(image)")
         if base.shape[:2] != self.labels.shape:

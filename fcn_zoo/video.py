@@ -1,6 +1,6 @@
 """Videos: every frame segmented in order and written back as an overlay video (same frame count, size and
 frame rate), and optionally one palette PNG per frame. Decoding and encoding are PyAV's (the ``video``
-extra: ``pip install "fcn-zoo[video]"``); frames stream through :func:`fcn_zoo.stream.predict_iter`, so a
+extra: ``pip install "fcn-zoo[video]"``); frames stream through :func:`fcn_zoo.predict.predict_iter`, so a
 long clip needs the memory of a few frames, not of the clip.
 
 Frames are seen as a player shows them, as photos are after their EXIF orientation: a clip's display matrix
@@ -12,6 +12,7 @@ matrix of its own.
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import numpy as np
 
 from ._files import atomic_path
 from .errors import FCNZooError, ImageError
-from .stream import predict_iter
+from .predict import predict_iter
 
 __all__ = ["segment_video", "VideoResult"]
 
@@ -48,13 +49,15 @@ def segment_video(
     ``overlay_path`` (an ``.mp4``) and, with ``masks_dir``, ``<masks_dir>/<frame>.png`` palette masks
     numbered from ``000000``. Both appear whole or not at all. Frames are segmented, masked and overlaid as
     displayed (the clip's display matrix applied; the overlay is written upright, without one). ``options`` as
-    :func:`fcn_zoo.stream.predict_iter` (the clip runs on a fused copy of the model unless ``fuse=False``)."""
+    :func:`fcn_zoo.predict.predict_iter` (the clip runs on a fused copy of the model unless ``fuse=False``)."""
     av = _import_av()
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such video file")
     if overlay_path is None and masks_dir is None:
         raise ValueError("nothing to write: pass overlay_path, masks_dir or both")
+    if masks_dir is not None:
+        _check_masks_dir(Path(masks_dir))
     try:
         source = av.open(str(path))
     except (av.FFmpegError, OSError) as e:
@@ -189,8 +192,22 @@ def _staging(folder: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
 
 
+def _check_masks_dir(folder: Path) -> None:
+    """A masks folder is new, or holds frame masks alone (an earlier run's, replaced): nothing else is deleted."""
+    if folder.exists() and not folder.is_dir():
+        raise FCNZooError(f"{folder}: is a file; pass masks_dir a folder for the frame masks")
+    others = sorted(p.name for p in folder.iterdir() if not _FRAME.fullmatch(p.name)) if folder.is_dir() else []
+    if others:
+        raise FCNZooError(f"{folder}: holds {others[0]}{' and more' if len(others) > 1 else ''} besides frame masks; "
+                          "pass masks_dir a new or empty folder")
+
+
+_FRAME = re.compile(r"\d{6}\.png")
+
+
 def _publish(tmp: Path, folder: Path) -> None:
     if folder.exists():
+        _check_masks_dir(folder)  # still frame masks alone
         shutil.rmtree(folder)
     tmp.rename(folder)
 

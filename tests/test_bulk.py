@@ -24,7 +24,6 @@ from conftest import PHOTOS, tiny_fcn
 from fcn_zoo.bulk import Outputs, segment_sources, shard
 from fcn_zoo.cli import main
 from fcn_zoo.errors import FCNZooError, ImageError
-from fcn_zoo.predict import _preprocess, load_image
 from fcn_zoo.sources import Source, expand_inputs
 
 
@@ -177,10 +176,10 @@ def test_batched_predict_iter_gives_the_masks_of_one_image_at_a_time(small_model
 
 def test_confidence_and_probabilities_are_the_softmax_of_the_full_logits(small_model):
     seg = small_model.predict(PHOTOS[1])
-    x, from_uint8 = load_image(PHOTOS[1])
+
     with torch.inference_mode():
-        low = small_model.forward_features(_preprocess(small_model, x, from_uint8, torch.device("cpu"), small_model.eval_size))
-        full = F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False).softmax(1)[0].numpy()
+        low = small_model.forward_features(fcn_zoo.preprocess(small_model, PHOTOS[1]))
+        full = F.interpolate(low, size=seg.size, mode="bilinear", align_corners=False).softmax(1)[0].numpy()
     assert seg.confidence.shape == seg.size and seg.confidence.dtype == np.float32
     assert 0 < seg.confidence.min() and seg.confidence.max() <= 1
     assert np.abs(seg.confidence - full.max(0)).max() < 1e-5

@@ -105,7 +105,8 @@ def test_a_phone_photo_is_reported_at_its_displayed_size(tmp_path, tiny_model):
     """A JPEG stored 112x72 whose EXIF turns it upright (orientation 6) is shown, and segmented, 72x112."""
     from PIL import ImageOps
 
-    from fcn_zoo.demo import displayed_size, segment
+    from fcn_zoo.demo import segment
+    from fcn_zoo.images import displayed_size
 
     stored = Image.open(PHOTOS[0]).convert("RGB").resize((112, 72))
     for orientation in range(1, 9):

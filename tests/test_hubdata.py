@@ -258,8 +258,8 @@ def test_evaluate_says_a_bad_row_in_one_line(tmp_path):
     with pytest.raises(SystemExit) as refused:
         evaluate_module.main([str(tmp_path / "m"), "--dataset-name", str(data), "--device", "cpu",
                               "--output-dir", str(tmp_path / "eval")])
-    assert str(refused.value.code) == (f"python -m training.evaluate: {data} split 'validation' row 1: the label is "
-                                       "40x30, its image 80x64")
+    assert str(refused.value.code) == (f"python -m training.evaluate: {data} split 'validation' row 1: mask is "
+                                       "40x30, its image is 80x64 as displayed")
     assert not (tmp_path / "eval" / "eval.json").exists()
 
 
@@ -285,7 +285,7 @@ def test_under_torchrun_each_process_checks_its_share_of_the_rows(tmp_path, sour
     bad = make_hub_dataset(tmp_path / "bad", {"train": 6, "validation": 6}, masks=masks)
     refused = run(bad, tmp_path / "refused", 29531)
     assert refused.returncode != 0 and not (tmp_path / "refused" / "log.jsonl").exists()
-    lines = [line for line in refused.stderr.splitlines() if "split 'validation' row 3: the mask is 40x30" in line]
+    lines = [line for line in refused.stderr.splitlines() if "split 'validation' row 3: mask is 40x30" in line]
     # the same line from each process that says it before torchrun stops the other (which one first is a race)
     assert lines and len(set(line.split(": ", 1)[-1] for line in lines)) == 1, refused.stderr[-2000:]
 
@@ -320,7 +320,7 @@ def test_each_process_reads_only_its_rows_and_the_shares_add_up(tmp_path, monkey
     others[:] = [(("layout", "the other process's error"), None)]
     with pytest.raises(hubdata.DatasetLayoutError, match="the other process's error"):
         hubdata._check_shard(train, val, 3, False, (0, 2))
-    with pytest.raises(hubdata.DatasetLayoutError, match="row 3: the mask is 40x30"):
+    with pytest.raises(hubdata.DatasetLayoutError, match="row 3: mask is 40x30"):
         hubdata._check_shard(train, val, 3, False, (1, 2))  # rows 1, 3, 5: its own error
 
     found = []  # each process's own findings, as it hands them to the gather

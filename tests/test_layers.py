@@ -12,15 +12,15 @@ PACKAGE = Path(fcn_zoo.__file__).parent
 
 # Higher imports lower (or its own level), never the other way.
 LAYERS = {
-    "cli": 12, "publish": 12,                   # entry points: parse, call the API, one line per error
-    "bulk": 11, "demo": 11,                     # many inputs into a folder; the demo page
-    "records": 10,                              # what a folder of outputs records about itself
-    "video": 10,                                # frames in, overlay video out
-    "stream": 9, "batch": 9,                    # many images, read ahead while the network runs; batches
-                                                #   of arrays for Ray Data
-    "predict": 8,                               # what happens to an image
-    "segmentation": 7, "labels": 7,             # the result; how labels come from logits
-    "images": 6, "sources": 6,                  # images in and out; what a command line names
+    "cli": 14, "publish": 14,                   # entry points: parse, call the API, one line per error
+    "bulk": 13, "demo": 13,                     # many inputs into a folder; the demo page
+    "records": 12,                              # what a folder of outputs records about itself
+    "video": 12,                                # frames in, overlay video out
+    "batch": 11,                                # batches of arrays for Ray Data
+    "predict": 10,                              # predict, predict_iter, preprocess: doors over the engine
+    "engine": 9,                                # the one engine: items in, (item, result or error) out
+    "protocol": 8, "segmentation": 8, "labels": 8,  # resize, normalise, forward; the result; labels from logits
+    "images": 7, "sources": 7,                  # the one reader of images and masks; what a command line names
     "export": 5,                                # a model as ONNX, and the sessions that run it
     "hub": 4, "downloads": 4,                   # a name, repo id, folder or .pth becomes a local folder
     "convert": 3, "parity": 3,                  # other layouts' state dicts become FCN's
@@ -29,7 +29,7 @@ LAYERS = {
     "__init__": 1, "zoo": 1, "errors": 1, "_files": 1, "devices": 1, "console": 1,  # data and small helpers
 }
 # FCN.predict, FCN.predict_iter: one-line conveniences that call upward lazily, as STYLE.md allows
-ALLOWED_UPWARD = {("model", "predict"), ("model", "stream")}
+ALLOWED_UPWARD = {("model", "predict")}
 
 
 TRAINING = PACKAGE.parent / "training"

@@ -12,7 +12,8 @@ from PIL import Image
 
 import fcn_zoo
 from conftest import PHOTOS
-from fcn_zoo.predict import TTA, eval_resize_shape, load_image
+from fcn_zoo.predict import TTA
+from fcn_zoo.zoo import eval_resize_shape
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,8 @@ def test_every_input_type_gives_the_same_labels(tiny_model, photo, tmp_path):
     for image in (png, str(png), Image.fromarray(photo), torch.from_numpy(photo.copy()).permute(2, 0, 1)):
         assert np.array_equal(tiny_model.predict(image).labels, as_array), type(image)
     as_float = tiny_model.predict(torch.from_numpy(photo.copy()).permute(2, 0, 1).float() / 255).labels
-    assert (as_float == as_array).mean() > 0.999  # float inputs are not rounded to 8 bits after the resize
+    assert np.array_equal(as_float, as_array)  # float inputs become the same 8-bit image
+    assert np.array_equal(tiny_model.predict(photo.astype(np.float32) / 255).labels, as_array)
 
 
 def test_a_list_of_images_of_different_sizes(tiny_model, photo):
@@ -92,10 +94,9 @@ def test_odd_image_modes_are_converted_as_a_user_expects(tiny_model, photo):
 
     assert np.array_equal(tiny_model.predict(rgb.convert("L")).labels, expected_grey)
     assert np.array_equal(tiny_model.predict(_encode(rgb.convert("LA"), "PNG")).labels, expected_grey)
-    # 16-bit greyscale: 0..65535 scaled to 0..255, kept at full precision like a float image
-    grey16 = Image.fromarray(grey.astype(np.uint16) * 257)
-    as_float = tiny_model.predict(torch.from_numpy(grey.copy()).float().div(255).expand(3, -1, -1)).labels
-    assert (tiny_model.predict(_encode(grey16, "PNG")).labels == as_float).mean() > 0.999
+    # 16-bit greyscale: 0..65535 scaled to 0..255 (value / 257, rounded)
+    grey16 = Image.fromarray(np.minimum(grey.astype(np.uint32) * 257 + 100, 65535).astype(np.uint16))
+    assert np.array_equal(tiny_model.predict(_encode(grey16, "PNG")).labels, expected_grey)
     # alpha is dropped, not blended
     rgba = rgb.convert("RGBA")
     rgba.putalpha(0)
@@ -134,8 +135,10 @@ def test_bad_inputs_raise_image_errors_naming_the_input(tiny_model, tmp_path):
         tiny_model.predict(torch.full((3, 8, 8), float("nan")))
     with pytest.raises(fcn_zoo.ImageError, match="shape"):
         tiny_model.predict(torch.zeros(8, 8))
+    with pytest.raises(fcn_zoo.ImageError, match=r"float images must hold values in \[0, 1\].*astype\(np.uint8\)"):
+        tiny_model.predict(np.full((8, 8, 3), 200.0))
     with pytest.raises(fcn_zoo.ImageError, match="uint8"):
-        tiny_model.predict(np.zeros((8, 8, 3), dtype=np.float64))
+        tiny_model.predict(np.zeros((8, 8, 3), dtype=np.int64))
     with pytest.raises(fcn_zoo.ImageError, match="no images"):
         tiny_model.predict([])
     with pytest.raises(ValueError, match="GPU"):
@@ -162,11 +165,10 @@ def test_sliding_windows_batched_equal_one_at_a_time(tiny_model, photo):
     tiny_model.eval_size = (640, 300)  # 300 x 400: still 2 x 3 windows of 160
     window, stride = (160, 160), (100, 100)
     image = torch.from_numpy(photo.copy()).permute(2, 0, 1)
-    x, _ = load_image(image)
-    from fcn_zoo.predict import _preprocess, _slide
+    from fcn_zoo.protocol import _slide
 
     with torch.inference_mode():
-        inputs = _preprocess(tiny_model, x, True, torch.device("cpu"), tiny_model.eval_size)
+        inputs = fcn_zoo.preprocess(tiny_model, image)
         batched = _slide(tiny_model.forward_features, inputs, window, stride, batch_size=16)
         one_by_one = _slide(tiny_model.forward_features, inputs, window, stride, batch_size=1)
     assert batched.shape[-2:] == inputs.shape[-2:]
@@ -251,7 +253,7 @@ def test_bf16_on_cpu_runs_the_network_in_bf16_and_keeps_the_labels(tiny_model, p
 
 
 def test_bf16_on_a_cpu_without_bf16_instructions_warns_that_it_is_slower(tiny_model, photo, monkeypatch, caplog):
-    from fcn_zoo import predict as predict_module
+    from fcn_zoo import protocol as predict_module
 
     monkeypatch.setattr(predict_module, "cpu_has_bf16", lambda: False)
     tiny_model.eval_size = (256, 128)

@@ -92,3 +92,20 @@ def test_every_display_matrix_gives_the_frame_a_player_shows(tmp_path, rotation,
     expected = expected[:, ::-1] if hflip else expected
     expected = expected[::-1] if vflip else expected
     assert np.array_equal(_displayed(stored, _display_matrix(frame)), expected)
+
+
+def test_a_masks_folder_holding_other_files_is_refused_and_kept(small_folder, tmp_path):
+    """segment_video replaces an earlier run's frame masks, never a folder holding anything else."""
+    from fcn_zoo.video import segment_video
+
+    frame = np.asarray(Image.open(PHOTOS[0]).convert("RGB").resize((64, 48)))
+    _clip(tmp_path / "clip.mp4", [frame, frame])
+    model = fcn_zoo.from_pretrained(small_folder)
+    masks = tmp_path / "masks"
+    segment_video(model, tmp_path / "clip.mp4", None, masks_dir=masks)
+    segment_video(model, tmp_path / "clip.mp4", None, masks_dir=masks)  # frame masks alone: replaced
+    assert sorted(p.name for p in masks.iterdir()) == ["000000.png", "000001.png"]
+    (masks / "notes.txt").write_text("mine")
+    with pytest.raises(fcn_zoo.FCNZooError, match=r"masks: holds notes.txt besides frame masks; pass masks_dir a new"):
+        segment_video(model, tmp_path / "clip.mp4", None, masks_dir=masks)
+    assert (masks / "notes.txt").read_text() == "mine"

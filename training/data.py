@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+
+from fcn_zoo.errors import ImageError
+from fcn_zoo.images import read_image, read_mask
 
 IGNORE_INDEX = 255
-MASK_MODES = ("L", "P", "I", "I;16", "I;16B", "1")  # PIL modes that hold one index per pixel
 
 LAYOUTS = {
     "voc": "VOCdevkit/VOC2012/{JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/<split>.txt} "
@@ -78,17 +79,16 @@ class SegmentationDataset(torch.utils.data.Dataset):
         epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
         image = torch.from_numpy(self.image(index)).permute(2, 0, 1).contiguous()
         label = torch.from_numpy(self.label(index).astype(np.int64))
-        if label.shape != image.shape[1:]:
-            raise DatasetLayoutError(f"{self.where(index)}: the label is {label.shape[1]}x{label.shape[0]}, its image "
-                                     f"{image.shape[2]}x{image.shape[1]}")
+        check_sizes(tuple(image.shape[1:]), tuple(label.shape), self.where(index))
         if self.transforms is not None:
             generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{epoch}/{index}".encode()))
             image, label = self.transforms(image, label, generator)
         return image, label
 
     def image(self, index: int) -> np.ndarray:
-        """Sample ``index``'s image as a uint8 ``(H, W, 3)`` RGB array."""
-        return np.array(_open(self.samples[index][0], "RGB", self.name))
+        """Sample ``index``'s image as a uint8 ``(H, W, 3)`` RGB array, as :func:`fcn_zoo.images.read_image`
+        reads it for inference (EXIF orientation applied, 16-bit scaled)."""
+        return read_image_as(self.samples[index][0], self.name)
 
     def raw_label(self, index: int) -> np.ndarray:
         """Sample ``index``'s label map as stored, a uint8 ``(H, W)`` array."""
@@ -212,43 +212,37 @@ def median_frequency_weights(pixels: np.ndarray, image_pixels: np.ndarray) -> li
 
 
 
-def read_label(path: Path, dataset: str, *, index_modes: tuple[str, ...] | None = None) -> np.ndarray:
-    """A label PNG as a uint8 ``(H, W)`` array of its stored values (:func:`mask_values`)."""
-    return mask_values(_open(path, None, dataset), str(path), index_modes)
-
-
-def mask_values(image: Image.Image, where: str, index_modes: tuple[str, ...] | None = None) -> np.ndarray:
-    """A mask image as a uint8 ``(H, W)`` array of its stored values; 16-bit masks must hold 0..255.
-    ``index_modes``: the PIL modes accepted (a colour image is then an error saying what to do)."""
-    if index_modes is not None and image.mode not in index_modes:
-        rgb = np.asarray(image.convert("RGB")) if image.mode in ("RGB", "RGBA") else None
-        if rgb is not None and (rgb == rgb[..., :1]).all():  # grey values saved as colour
-            what = f"(mode {image.mode}) with three equal channels; save the masks as grey images (mask.convert('L'))"
-        else:
-            what = f"(mode {image.mode}); convert colours to class indices"
-        raise DatasetLayoutError(
-            f"{where}: a mask holds one class index per pixel (an 8-bit grey or palette PNG), got a colour image {what}"
-        )
+def read_image_as(source, dataset: str, where: str | None = None) -> np.ndarray:
+    """:func:`fcn_zoo.images.read_image`, its error said as a dataset's (what the layout expects)."""
     try:
-        raw = np.array(image)
-    except (OSError, SyntaxError, ValueError) as e:  # a body that does not decode past its header
-        raise DatasetLayoutError(f"{where}: does not decode ({e})") from None
-    if raw.ndim != 2:
-        raise DatasetLayoutError(f"{where}: a label map must have one channel, got shape {raw.shape}")
-    if raw.dtype != np.uint8:  # 16-bit or 32-bit PNGs: the values must still be 0..255
-        if raw.size and (raw.min() < 0 or raw.max() > 255):
-            raise DatasetLayoutError(f"{where}: label values must be 0..255, found {raw.min()}..{raw.max()}")
-        raw = raw.astype(np.uint8)
-    return raw
+        return read_image(source, where)
+    except ImageError as e:
+        raise DatasetLayoutError(_with_layout(str(e), dataset)) from None
 
 
-def _open(path: Path, mode: str | None, dataset: str) -> Image.Image:
+def read_label(source, dataset: str, where: str | None = None) -> np.ndarray:
+    """A label map as a uint8 ``(H, W)`` array of its stored values (:func:`fcn_zoo.images.read_mask`)."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert(mode) if mode and img.mode != mode else img
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetLayoutError(f"{path}: unreadable ({e}); expected {LAYOUTS[dataset]}") from e
+        return read_mask(source, where)
+    except ImageError as e:
+        raise DatasetLayoutError(_with_layout(str(e), dataset)) from None
+
+
+def _with_layout(message: str, dataset: str) -> str:
+    if dataset in LAYOUTS and "cannot read" in message:
+        return f"{message}; expected {LAYOUTS[dataset]}"
+    return message
+
+
+def check_sizes(image: tuple[int, int], mask: tuple[int, int], where: str, image_name: str = "its image") -> None:
+    """A mask is drawn on the image as displayed: the same ``(height, width)``, or an error that says which."""
+    if image == mask:
+        return
+    hint = ""
+    if image == mask[::-1]:
+        hint = ("; the image is shown turned by its EXIF orientation: draw masks on the photo as displayed, or "
+                "remove the orientation from the image (PIL: ImageOps.exif_transpose(img).save(...))")
+    raise DatasetLayoutError(f"{where}: mask is {mask[1]}x{mask[0]}, {image_name} is {image[1]}x{image[0]} as displayed{hint}")
 
 
 class TimedSamples(torch.utils.data.Dataset):

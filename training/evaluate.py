@@ -21,11 +21,10 @@ import torch
 import torch.distributed as dist
 
 from fcn_zoo._files import write_json
-from fcn_zoo._inference import evaluating
-from fcn_zoo.predict import TTA, predict_labels
+from fcn_zoo.protocol import TTA
 
-from .data import IGNORE_INDEX, DatasetLayoutError
-from .distributed import DistributedContext, init_distributed
+from .data import IGNORE_INDEX, DatasetLayoutError, check_sizes
+from .distributed import DistributedContext, init_distributed, shared_step
 from .sources import add_hub_arguments, evaluation_data
 
 
@@ -67,22 +66,29 @@ def evaluate(model, dataset, *, tta: TTA | None = None, mode: str = "whole", ctx
              fuse: bool = True) -> dict:
     """Run the protocol over ``dataset`` (no transforms: raw uint8 images) and return :meth:`ConfusionMatrix.compute`.
 
-    ``eval_size`` replaces the resize bound of the protocol (the dataset's by default). ``fuse``: evaluate a
+    ``eval_size`` replaces the resize bound of the protocol (default the model's own ``eval_size``, from its
+    ``config.json``: what ``predict`` and the evaluation during training use). ``fuse``: evaluate a
     fused copy of the model (``model.fuse(inplace=False)``, made for this evaluation: faster, float rounding
     only); ``model`` itself is left in the modes it had either way."""
     from tqdm.auto import tqdm
 
+    from fcn_zoo.engine import Predictor
+
     ctx = ctx or DistributedContext()
     device = next(model.parameters()).device
-    net = model.fuse(inplace=False) if fuse else model
+    predictor = Predictor(model, tta=tta, mode=mode, fuse=fuse, eval_size=eval_size)  # as predict runs it
     matrix = ConfusionMatrix(model.num_classes, device)
     count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     indices = range(ctx.rank, count, ctx.world_size)
-    with torch.inference_mode(), evaluating(net):
-        for i in tqdm(indices, desc="eval", disable=not progress or not ctx.is_main, leave=False):
-            image, label = dataset[i]
-            prediction = predict_labels(net, [image.float()], tta=tta, mode=mode, eval_size=eval_size or dataset.eval_size)[0]
-            matrix.update(prediction, label.to(device))
+
+    def run() -> None:
+        results = predictor.stream(indices, read=dataset.image, name=dataset.where, errors="raise")
+        for i, seg in tqdm(results, total=len(indices), desc="eval", disable=not progress or not ctx.is_main, leave=False):
+            label = dataset.label(i)
+            check_sizes(seg.size, label.shape, dataset.where(i))
+            matrix.update(torch.from_numpy(seg.labels).to(device, torch.int64), torch.from_numpy(label).to(device, torch.int64))
+
+    shared_step(run, ctx.world_size)  # a sample that fails in one process stops every process, before the sum
     matrix.all_reduce()
     return matrix.compute()
 
@@ -131,6 +137,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
     parser.add_argument("--tta", action="store_true", help="flip + scales 0.5-1.75")
     parser.add_argument("--device", default=None)
     parser.add_argument("--max-samples", type=int, default=None, help="evaluate the first N samples only")
+    parser.add_argument("--eval-size", type=int, nargs=2, metavar=("LONG", "SHORT"), default=None,
+                        help="the resize bound of the protocol (default: the model's own, from its config.json)")
     parser.add_argument("--output-dir", help="where eval.json and eval_iou.png go (default: beside a model folder, "
                         "runs/mine/eval-best-val for runs/mine/best; else eval/<model>-<split>)")
     args = parser.parse_args(argv)
@@ -138,42 +146,39 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
     from fcn_zoo._files import writable
     from fcn_zoo.errors import FCNZooError
 
-    from .distributed import shared_step
-
     out = Path(args.output_dir) if args.output_dir else default_output_dir(args.model, args.split)
     try:
         ctx = init_distributed(args.device)
     except FCNZooError as e:
         raise SystemExit(f"{prog}: {e}") from None
-    try:
+    def load():  # every process learns of an error in any, so none is left waiting for another
         dataset, layout = evaluation_data(args, _training_val_fraction(args.model))  # the share its training held out
-    except DatasetLayoutError as e:
+        model = fcn_zoo.from_pretrained(args.model, device=str(ctx.device))
+        if model.num_classes != dataset.num_classes:
+            raise SystemExit(f"{args.model} predicts {model.num_classes} classes; "
+                             f"{args.data_root or args.dataset_name} has {dataset.num_classes}")
+        if ctx.is_main:  # before the evaluation, not after it: rank 0 writes the report
+            writable(out, "the report's folder", "pass --output-dir a writable folder")
+        return dataset, layout, model
+
+    try:
+        dataset, layout, model = shared_step(load, ctx.world_size)
+    except (DatasetLayoutError, FCNZooError) as e:
         raise SystemExit(f"{prog}: {e}") from None
     except SystemExit as e:  # options that do not go together, said as this command
         if isinstance(e.code, str):
             raise SystemExit(f"{prog}: {e.code}") from None
         raise
     try:
-        model = fcn_zoo.from_pretrained(args.model, device=str(ctx.device))
-    except fcn_zoo.FCNZooError as e:
-        raise SystemExit(f"{prog}: {e}") from None
-    if model.num_classes != dataset.num_classes:
-        raise SystemExit(f"{prog}: {args.model} predicts {model.num_classes} classes; "
-                         f"{args.data_root or args.dataset_name} has {dataset.num_classes}")
-    try:  # before the evaluation, not after it; rank 0 writes the report, and every process learns it cannot
-        shared_step(lambda: writable(out, "the report's folder", "pass --output-dir a writable folder") if ctx.is_main else None,
-                    ctx.world_size)
-    except FCNZooError as e:
-        raise SystemExit(f"{prog}: {e}") from None
-    try:
-        results = evaluate(model, dataset, tta=TTA() if args.tta else None, mode=args.mode, ctx=ctx, max_samples=args.max_samples)
-    except DatasetLayoutError as e:  # a sample that does not read: nothing was written
+        results = evaluate(model, dataset, tta=TTA() if args.tta else None, mode=args.mode, ctx=ctx, max_samples=args.max_samples,
+                           eval_size=tuple(args.eval_size) if args.eval_size else None)
+    except (DatasetLayoutError, FCNZooError) as e:  # a sample that does not read: nothing was written
         raise SystemExit(f"{prog}: {e}") from None
     if ctx.is_main:
         write_report(results, dataset.class_names, out, {
             "model": args.model, "dataset": layout, "data_root": args.data_root, "dataset_name": args.dataset_name,
             "revision": args.revision, "split": getattr(dataset, "description", args.split), "mode": args.mode,
-            "tta": args.tta, "samples_sha256": dataset.fingerprint(),
+            "tta": args.tta, "eval_size": list(args.eval_size or model.eval_size), "samples_sha256": dataset.fingerprint(),
         })
         print(f"wrote {out / 'eval.json'} and {out / 'eval_iou.png'}")
     ctx.close()

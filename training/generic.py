@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from fcn_zoo.errors import ImageError
+from fcn_zoo.images import displayed_size
 
-from .data import (IGNORE_INDEX, LAYOUTS, MASK_MODES, Classes, DatasetLayoutError, SegmentationDataset, TrainingData, class_pixels,
-                   read_classes_file, read_label, unit_hash)
+from .data import (IGNORE_INDEX, LAYOUTS, Classes, DatasetLayoutError, SegmentationDataset, TrainingData, check_sizes,
+                   class_pixels, read_classes_file, read_label, unit_hash)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 LAYOUT = LAYOUTS["generic"]
@@ -129,13 +130,11 @@ def scan(samples: list[tuple[str, Path, Path]], num_classes: int, progress: bool
     def checked_masks():
         for _, image_path, mask_path in tqdm(samples, desc="checking masks", disable=not progress, leave=False):
             try:
-                with Image.open(image_path) as image:
-                    width, height = image.size
-            except (OSError, SyntaxError, ValueError) as e:
-                raise DatasetLayoutError(f"{image_path}: unreadable as an image ({e})") from e
-            mask = read_label(mask_path, "generic", index_modes=MASK_MODES)
-            if mask.shape != (height, width):
-                raise DatasetLayoutError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {image_path.name} is {width}x{height}")
+                width, height = displayed_size(image_path)
+            except ImageError as e:
+                raise DatasetLayoutError(str(e)) from None
+            mask = read_label(mask_path, "generic")
+            check_sizes((height, width), mask.shape, str(mask_path), f"its image {image_path.name}")
             outside = (mask >= num_classes) & (mask != IGNORE_INDEX)
             if outside.any():
                 raise DatasetLayoutError(

@@ -30,10 +30,12 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from .data import (IGNORE_INDEX, MASK_MODES, DatasetLayoutError, SegmentationDataset, TrainingData, class_pixels,
-                   mask_values, unit_hash)
+from fcn_zoo.errors import ImageError
+from fcn_zoo.images import displayed_size
+
+from .data import (IGNORE_INDEX, DatasetLayoutError, SegmentationDataset, TrainingData, check_sizes, class_pixels,
+                   read_image_as, read_label, unit_hash)
 from . import hubopen
 from .distributed import shared_step
 
@@ -53,24 +55,23 @@ class HubDataset(SegmentationDataset):
         self.table = table
         # one view per column, so that reading a row's image does not read its mask too, nor the reverse
         self._by_column = {c: table.select_columns([c]) for c in columns}
+        self._roots = hubopen.roots(name)  # where a path cell may point
         self.lookup_note = " after --reduce-labels" if reduce_labels else ""
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _cell(self, index: int, column: str) -> Image.Image:
+    def _cell(self, index: int, column: str) -> bytes | str:
         value = self._by_column[column][self.rows[index]][column]
-        return hubopen.open_cell(value, f"{self.where(index)}: column {column!r}")
+        return hubopen.cell_source(value, f"{self.where(index)}: column {column!r}", self._roots)
 
     def image(self, index: int) -> np.ndarray:
-        image = self._cell(index, self.columns[0])
-        try:
-            return np.array(image.convert("RGB") if image.mode != "RGB" else image)
-        except (OSError, SyntaxError, ValueError) as e:  # a body that does not decode past its header
-            raise DatasetLayoutError(f"{self.where(index)}: column {self.columns[0]!r} does not decode ({e})") from None
+        where = f"{self.where(index)}: column {self.columns[0]!r}"
+        return read_image_as(self._cell(index, self.columns[0]), "hub", where)
 
     def raw_label(self, index: int) -> np.ndarray:
-        return mask_values(self._cell(index, self.columns[1]), f"{self.where(index)}: column {self.columns[1]!r}", MASK_MODES)
+        where = f"{self.where(index)}: column {self.columns[1]!r}"
+        return read_label(self._cell(index, self.columns[1]), "hub", where)
 
     def where(self, index: int) -> str:
         return f"{self.dataset_name} split {self.split!r} row {self.rows[index]}"
@@ -242,12 +243,14 @@ def _checked(dataset: HubDataset, progress: bool, sizes: list, indices: range):
     from tqdm.auto import tqdm
 
     for index in tqdm(indices, desc=f"checking {dataset.split}", disable=not progress, leave=False):
-        image = dataset._cell(index, dataset.columns[0])  # the header only: the pixels are not decoded
+        where = f"{dataset.where(index)}: column {dataset.columns[0]!r}"
+        try:  # the header only: the pixels are not decoded
+            width, height = displayed_size(dataset._cell(index, dataset.columns[0]), where)
+        except ImageError as e:
+            raise DatasetLayoutError(str(e)) from None
         label = dataset.label(index)
-        if label.shape != (image.height, image.width):
-            raise DatasetLayoutError(f"{dataset.where(index)}: the mask is {label.shape[1]}x{label.shape[0]}, "
-                                     f"its image {image.width}x{image.height}")
-        sizes.append((image.height, image.width))
+        check_sizes((height, width), label.shape, dataset.where(index))
+        sizes.append((height, width))
         yield label
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -155,20 +156,48 @@ def mask_palette(table, column: str, num_classes: int, offset: int, where: str) 
     """The colours of palette-PNG masks (the first row's palette) for values ``offset`` on, if they are such."""
     if not len(table):
         return None
-    mask = open_cell(table[0][column], f"{where} row 0: column {column!r}")
-    palette = mask.getpalette() if mask.mode == "P" else None
+    name = f"{where} row 0: column {column!r}"
+    source = cell_source(table[0][column], name, roots(where.split(" split ")[0]))
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as mask:
+            palette = mask.getpalette() if mask.mode == "P" else None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetLayoutError(f"{name}: cannot read this image ({e})") from None
     if not palette or len(palette) < 3 * (num_classes + offset):
         return None
     return [tuple(palette[3 * i:3 * i + 3]) for i in range(offset, num_classes + offset)]
 
 
-def open_cell(value, where: str) -> Image.Image:
-    """An undecoded ``Image`` cell (``{"bytes": ..., "path": ...}``) opened with PIL (lazily: the header)."""
+def roots(dataset_name: str) -> tuple[str, ...]:
+    """The folders a row's path cell may name: the dataset's own folder (a local one) and the caches where
+    the datasets library and huggingface_hub keep the files of Hub datasets."""
+    import huggingface_hub.constants
+
+    folders = [huggingface_hub.constants.HF_HUB_CACHE]
     try:
-        if isinstance(value, dict) and value.get("bytes") is not None:
-            return Image.open(io.BytesIO(value["bytes"]))
-        if isinstance(value, dict) and value.get("path"):
-            return Image.open(value["path"])
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetLayoutError(f"{where}: unreadable as an image ({e})") from None
-    raise DatasetLayoutError(f"{where}: empty (no image)")
+        import datasets
+
+        folders.append(str(datasets.config.HF_DATASETS_CACHE))
+    except ImportError:
+        pass
+    if Path(dataset_name).expanduser().is_dir():
+        folders.append(str(Path(dataset_name).expanduser()))
+    return tuple(os.path.realpath(f) for f in folders)
+
+
+def cell_source(value, where: str, allowed: tuple[str, ...]) -> bytes | str:
+    """An undecoded ``Image`` cell (``{"bytes": ..., "path": ...}``) as what :func:`fcn_zoo.images.read_image`
+    reads: its bytes, or its path where that is a regular file inside one of the ``allowed`` folders (a row
+    naming any other file, a FIFO or a device, is refused: a dataset carries its images)."""
+    if isinstance(value, dict) and value.get("bytes") is not None:
+        return value["bytes"]
+    path = value.get("path") if isinstance(value, dict) else None
+    if not path:
+        raise DatasetLayoutError(f"{where}: empty (no image)")
+    real = os.path.realpath(path)
+    if not any(real.startswith(root.rstrip(os.sep) + os.sep) for root in allowed):
+        raise DatasetLayoutError(f"{where}: names the file {path} outside the dataset's folder; a dataset carries its "
+                                 "images' bytes: make it as docs/training.md says (embed_table_storage before saving)")
+    if not os.path.isfile(real):
+        raise DatasetLayoutError(f"{where}: {path} is not an image file")
+    return real

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torchvision import tv_tensors
 
-from fcn_zoo.predict import eval_resize_shape
+from fcn_zoo.zoo import eval_resize_shape
 
 from .data import IGNORE_INDEX
 

@@ -93,7 +93,7 @@ def test_an_animated_gif_uses_the_first_frame_and_says_so(tiny_model, tmp_path, 
 @pytest.mark.parametrize("tensor,message", [
     (torch.full((3, 16, 16), float("inf")), "NaN or infinite"),
     (torch.full((3, 16, 16), float("nan")), "NaN or infinite"),
-    (torch.zeros(1, 3, 16, 16), "shape"),
+    (torch.zeros(2, 1, 3, 16, 16), "shape"),
     (torch.zeros(4, 16, 16), "shape"),
     (torch.zeros(3, 16, 16, dtype=torch.int32), "float or uint8"),
     (torch.zeros(3, 0, 16), "empty"),
@@ -106,7 +106,8 @@ def test_bad_tensors_are_refused_with_the_reason(tiny_model, tensor, message):
 
 @pytest.mark.parametrize("value,message", [
     (np.zeros((8, 8, 2), dtype=np.uint8), "shape"),
-    (np.zeros((8, 8, 3), dtype=np.float32), "uint8"),
+    (np.full((8, 8, 3), 2.0, dtype=np.float32), r"\[0, 1\].*astype\(np.uint8\)"),
+    (np.zeros((8, 8, 3), dtype=np.int64), "uint8"),
     ([], "no images"),
     ("", "no such image"),
     (12345, "expected a path"),

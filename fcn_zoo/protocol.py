@@ -1,0 +1,174 @@
+"""The reference evaluation protocol on tensors: resize keeping the aspect ratio to fit the evaluation size
+(8-bit values rounded, as the reference resizes 8-bit images), normalise, run the network (whole image,
+sliding windows, test-time augmentation), and return the low-resolution logits that labels are upsampled
+from (:mod:`fcn_zoo.labels`). :mod:`fcn_zoo.engine` runs it over streams of images."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ._fusion import cpu_has_bf16
+from .zoo import eval_resize_shape
+
+__all__ = ["TTA", "network_logits", "prepare", "compiled_features"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TTA:
+    """Test-time augmentation: average the logits over ``scales`` (and their horizontal flips)."""
+
+    scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+    flip: bool = True
+
+
+def network_logits(
+    model, images: list[torch.Tensor] | None, *, tta: TTA | None = None,
+    mode: str = "whole", window=None, stride=None, batch_size: int = 8, eval_size=None, features=None,
+    prepared: list[torch.Tensor] | None = None,
+) -> list[list[torch.Tensor]]:
+    """Per image its logits before upsampling to its size: one ``(1, C, h, w)`` tensor, or one per TTA scale and
+    flip. ``images``: ``(3, H, W)`` tensors of 8-bit values; ``prepared``: the same already through
+    :func:`prepare` (by reader threads), in their place. Call under ``torch.inference_mode()`` with the model
+    in eval mode. ``eval_size`` replaces the model's resize bound; ``features`` replaces
+    ``model.forward_features`` (another runtime running the same graph)."""
+    device = next(model.parameters()).device
+    if prepared is not None:
+        inputs = [x if x.device == device else x.to(device, non_blocking=True) for x in prepared]
+    else:
+        inputs = [_preprocess(model, x, device, eval_size or model.eval_size) for x in images]
+    return _logits(model, inputs, tta, mode, window, stride, batch_size, features or model.forward_features)
+
+
+def prepare(model, rgb, eval_size: Sequence[int] | None = None) -> torch.Tensor:
+    """A :func:`~fcn_zoo.images.read_image` array resized to the evaluation size and normalised, on the CPU:
+    what reader threads do ahead of the network."""
+    return _preprocess(model, _chw(rgb), torch.device("cpu"), eval_size or model.eval_size)
+
+
+def _chw(rgb) -> torch.Tensor:
+    """An ``(H, W, 3)`` uint8 array as a ``(3, H, W)`` uint8 tensor (a view: no copy)."""
+    return torch.from_numpy(rgb).permute(2, 0, 1)
+
+
+def _preprocess(model, x: torch.Tensor, device: torch.device, eval_size: Sequence[int]) -> torch.Tensor:
+    """``(3, H, W)`` 8-bit values -> normalised ``(1, 3, h, w)`` float32 at the evaluation size, channels_last.
+    The reference resizes 8-bit images and keeps them 8-bit: the resized values are rounded."""
+    x = x.to(device).unsqueeze(0).float()
+    size = eval_resize_shape(x.shape[-2], x.shape[-1], eval_size)
+    if size != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).round_().clamp_(0, 255)
+    mean = torch.tensor(model.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(model.std, device=device).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def _logits(model, inputs: list[torch.Tensor], tta: TTA | None, mode, window, stride, batch_size, features) -> list[torch.Tensor]:
+    """Per image, the logits ``(1, C, h', w')`` to be upsampled to its original size.
+
+    With TTA, a list of such tensors (one per scale and flip) whose upsampled mean is the answer.
+    """
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        if mode == "slide":
+            return _slide(features, batch, window or model.crop_size, stride, batch_size)
+        return features(batch)
+
+    def run_tta(batch: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for scale in tta.scales:
+            x = batch if scale == 1 else F.interpolate(batch, scale_factor=scale, mode="bilinear", align_corners=False)
+            outs.append(run(x))
+            if tta.flip:
+                outs.append(run(x.flip(-1)).flip(-1))
+        return outs
+
+    results: list = [None] * len(inputs)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, x in enumerate(inputs):
+        by_shape.setdefault(tuple(x.shape), []).append(i)
+    for indices in by_shape.values():  # images of equal evaluation size share a forward pass
+        batch = inputs[indices[0]] if len(indices) == 1 else torch.cat([inputs[i] for i in indices])
+        outs = run_tta(batch) if tta else [run(batch)]
+        for j, i in enumerate(indices):
+            results[i] = [o[j:j + 1].float() for o in outs]
+    return results
+
+
+def _slide(features, x: torch.Tensor, window: Sequence[int], stride: Sequence[int] | None, batch_size: int) -> torch.Tensor:
+    """Sliding-window logits ``(N, C, h, w)`` from ``features`` (low-resolution logits of a batch of windows),
+    each window's logits upsampled to the window as the model's forward does; windows batched, overlaps averaged."""
+    n, _, h, w = x.shape
+    wh, ww = min(window[0], h), min(window[1], w)
+    sh, sw = stride or (max(1, math.ceil(window[0] * 2 / 3)), max(1, math.ceil(window[1] * 2 / 3)))
+    ys = list(range(0, max(h - wh, 0) + 1, sh))
+    xs = list(range(0, max(w - ww, 0) + 1, sw))
+    if ys[-1] + wh < h:
+        ys.append(h - wh)
+    if xs[-1] + ww < w:
+        xs.append(w - ww)
+    boxes = [(y, xx) for y in ys for xx in xs]
+    total = count = None
+    for start in range(0, len(boxes), max(1, batch_size // n)):
+        part = boxes[start:start + max(1, batch_size // n)]
+        crops = torch.cat([x[:, :, y:y + wh, xx:xx + ww] for y, xx in part])
+        out = F.interpolate(features(crops).float(), size=(wh, ww), mode="bilinear", align_corners=False)
+        if total is None:
+            total = x.new_zeros((n, out.shape[1], h, w), dtype=torch.float32)
+            count = x.new_zeros((1, 1, h, w), dtype=torch.float32)
+        for k, (y, xx) in enumerate(part):
+            total[:, :, y:y + wh, xx:xx + ww] += out[k * n:(k + 1) * n]
+            count[:, :, y:y + wh, xx:xx + ww] += 1
+    return total / count
+
+
+_compiled_forward = None
+
+
+def _forward_features(model, x: torch.Tensor) -> torch.Tensor:
+    return model.forward_features(x)
+
+
+def compiled_features(model):
+    """``model.forward_features`` through ``torch.compile``. One compiled function serves every model (its
+    guards tell models apart), so a model compiles once per input shape family and the compiled code holds
+    no reference that would keep a model alive. Weights are read at each call, not frozen in."""
+    global _compiled_forward
+    if _compiled_forward is None:
+        _compiled_forward = torch.compile(_forward_features)
+    return functools.partial(_compiled_forward, model)
+
+
+def same_device(asked: torch.device, own: torch.device) -> bool:
+    """Whether ``asked`` names ``own`` ("cuda" names the model's GPU, whichever it is)."""
+    return asked.type == own.type and (asked.index is None or asked.index == own.index)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    dtypes = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision not in dtypes:
+        raise ValueError(f"precision must be 'fp32', 'fp16' or 'bf16', got {precision!r}")
+    if device.type == "cpu" and precision == "fp16":
+        raise ValueError("precision='fp16' is for GPUs; on CPU use 'bf16' (CPUs with AMX or AVX512-BF16) or 'fp32'")
+    if device.type == "cpu" and precision == "bf16" and not cpu_has_bf16():
+        logger.warning("this CPU has no bf16 instructions (AMX, AVX512-BF16): precision='bf16' will be slower than fp32")
+    return dtypes[precision]
+
+
+def autocast(features, device: torch.device, dtype: torch.dtype | None):
+    """``features`` run under autocast to ``dtype`` (the network only: resizing and argmax stay in fp32)."""
+    if dtype is None:
+        return features
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype):
+            return features(x)
+
+    return run

@@ -1,0 +1,259 @@
+"""One image, one answer on every door: the same file reaches every consumer as the same RGB array, and a
+mask drawn on a phone photo as displayed lines up with it in training, evaluation and predict alike."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fcn_zoo
+from conftest import PHOTOS, tiny_fcn
+from fcn_zoo.images import read_image, read_mask
+from sample_data import shapes_sample
+
+EXIF_ROTATE_CW = 6  # stored pixels are shown turned 90 degrees clockwise
+
+
+def _exif(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
+
+
+def save_as_phone_jpeg(displayed: np.ndarray, path: Path) -> None:
+    """``displayed`` stored as a phone does: pixels turned 90 degrees counter-clockwise, EXIF orientation 6."""
+    Image.fromarray(displayed).transpose(Image.Transpose.ROTATE_90).save(path, exif=_exif(EXIF_ROTATE_CW), quality=95)
+
+
+def fixture_set(folder: Path) -> dict[str, Path]:
+    """One file of each kind a reader must turn into the same RGB array everywhere."""
+    folder.mkdir(parents=True, exist_ok=True)
+    photo = np.asarray(Image.open(PHOTOS[0]).convert("RGB").resize((72, 56)))
+    files = {}
+    save_as_phone_jpeg(photo, files.setdefault("exif6", folder / "exif6.jpg"))
+    grey = np.asarray(Image.fromarray(photo).convert("L"))
+    Image.fromarray(grey.astype(np.uint16) * 257).save(files.setdefault("sixteen", folder / "sixteen.png"))
+    rgba = Image.fromarray(photo).convert("RGBA")
+    rgba.putalpha(40)
+    rgba.save(files.setdefault("rgba", folder / "rgba.png"))
+    Image.fromarray(photo).convert("CMYK").save(files.setdefault("cmyk", folder / "cmyk.jpg"), quality=95)
+    Image.fromarray(photo).quantize(32).save(files.setdefault("palette", folder / "palette.png"))
+    Image.fromarray(grey).save(files.setdefault("grey", folder / "grey.png"))
+    return files
+
+
+def test_the_reader_shows_each_kind_as_a_viewer_does(tmp_path):
+    files = fixture_set(tmp_path)
+    exif6 = read_image(files["exif6"])
+    with Image.open(files["exif6"]) as stored:
+        assert exif6.shape == (stored.width, stored.height, 3)  # turned: 56 wide stored becomes 56 high
+        assert np.array_equal(exif6, np.asarray(stored.convert("RGB").transpose(Image.Transpose.ROTATE_270)))
+    grey = np.asarray(Image.open(files["grey"]))
+    assert np.array_equal(read_image(files["sixteen"]), np.stack([grey] * 3, -1))  # scaled, not clipped to white
+    assert np.array_equal(read_image(files["rgba"]), np.asarray(Image.open(files["rgba"]).convert("RGB")))
+    for kind, path in files.items():
+        image = read_image(path)
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3, kind
+        # bytes, an open PIL image and a Hugging Face cell are the same image
+        data = path.read_bytes()
+        assert np.array_equal(read_image(data), image), kind
+        assert np.array_equal(read_image(Image.open(io.BytesIO(data))), image), kind
+        assert np.array_equal(read_image({"bytes": None, "path": str(path)}), image), kind
+    # floats in [0, 1] and 16-bit arrays are the same 8-bit image
+    photo = read_image(files["rgba"])
+    assert np.array_equal(read_image(photo.astype(np.float64) / 255), photo)
+    assert np.array_equal(read_image(torch.from_numpy(photo).permute(2, 0, 1).float() / 255), photo)
+    assert np.array_equal(read_image(photo.astype(np.uint16) * 257), photo)
+
+
+def test_masks_keep_their_indices_and_turn_as_their_file_says(tmp_path):
+    label = np.zeros((6, 10), dtype=np.uint8)
+    label[1:3, 2:7] = 4
+    palette = Image.fromarray(label, mode="P")
+    palette.putpalette([255, 255, 255] * 256)  # colours that are not the classes
+    palette.save(tmp_path / "p.png")
+    assert np.array_equal(read_mask(tmp_path / "p.png"), label)
+    Image.fromarray(label.astype(np.uint16)).save(tmp_path / "sixteen.png")
+    assert np.array_equal(read_mask(tmp_path / "sixteen.png"), label)
+    Image.fromarray(np.rot90(label, 1)).save(tmp_path / "turned.png", exif=_exif(EXIF_ROTATE_CW))
+    assert np.array_equal(read_mask(tmp_path / "turned.png"), label)
+    Image.fromarray(np.stack([label * 40] * 3, -1)).save(tmp_path / "rgb.png")
+    with pytest.raises(fcn_zoo.ImageError, match=r"rgb.png: .*grey images"):
+        read_mask(tmp_path / "rgb.png")
+
+
+def test_one_fixture_set_reaches_the_same_array_through_every_door(tmp_path, capsys):
+    """predict (path, bytes, batch), predict_iter, the Ray Segmenter, fcn-zoo predict DIR, a training folder,
+    a Hugging Face dataset and the demo: one array, one answer."""
+    model = tiny_fcn(num_classes=3, dataset=None, seed=1)
+    model.eval_size = (96, 64)
+    files = fixture_set(tmp_path / "photos")
+    expected = {kind: read_image(path) for kind, path in files.items()}
+    answers = {kind: model.predict(path).labels for kind, path in files.items()}
+
+    for kind, path in files.items():
+        seg = model.predict(path.read_bytes())
+        assert np.array_equal(seg.image, expected[kind]) and np.array_equal(seg.labels, answers[kind]), kind
+    for (path, seg), kind in zip(model.predict_iter(list(files.values()), fuse=False), files):
+        assert np.array_equal(seg.image, expected[kind]) and np.array_equal(seg.labels, answers[kind]), kind
+
+    from fcn_zoo.batch import Segmenter
+
+    segmenter = Segmenter(model, fuse=False)
+    out = segmenter({"bytes": np.array([p.read_bytes() for p in files.values()], dtype=object)})
+    for labels, kind in zip(out["labels"], files):
+        assert np.array_equal(labels, answers[kind]), kind
+
+    from fcn_zoo.cli import main
+
+    model.save_pretrained(tmp_path / "model")
+    assert main(["predict", str(tmp_path / "model"), str(tmp_path / "photos"), "--out", str(tmp_path / "masks"), "--quiet"]) == 0
+    for kind in files:
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "masks" / f"{kind}.png")), answers[kind]), kind
+
+    from training.generic import generic_dataset
+
+    samples = []
+    for kind, path in files.items():
+        mask = tmp_path / "masks-train" / f"{kind}.png"
+        mask.parent.mkdir(exist_ok=True)
+        Image.fromarray(np.zeros(expected[kind].shape[:2], dtype=np.uint8)).save(mask)
+        samples.append((kind, path, mask))
+    dataset = generic_dataset(samples, ["a", "b", "c"])
+    for i, kind in enumerate(files):
+        image, _ = dataset[i]
+        assert np.array_equal(image.permute(1, 2, 0).numpy(), expected[kind]), kind
+
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    table = datasets.Dataset.from_dict(
+        {"image": [{"bytes": p.read_bytes(), "path": None} for p in files.values()],
+         "label": [{"bytes": (tmp_path / "masks-train" / f"{k}.png").read_bytes(), "path": None} for k in files]},
+        features=features,
+    ).cast_column("image", datasets.Image(decode=False)).cast_column("label", datasets.Image(decode=False))
+    from training.hubdata import HubDataset
+
+    hub = HubDataset("local", "train", table, list(range(len(files))), ("image", "label"), np.arange(256, dtype=np.uint8),
+                     ["a", "b", "c"])
+    for i, kind in enumerate(files):
+        assert np.array_equal(hub.image(i), expected[kind]), kind
+
+    pytest.importorskip("gradio")
+    from fcn_zoo.demo import ModelCache, segment
+
+    for kind, path in files.items():
+        *_, timing, seg = segment(ModelCache(loader=lambda name: model), str(path), "m", False, False, "fp32", 0.5)
+        assert np.array_equal(seg.labels, answers[kind]), kind
+        height, width = expected[kind].shape[:2]
+        assert f"{width}x{height}" in timing, (kind, timing)  # the size as displayed
+
+
+def _phone_dataset(root: Path) -> Path:
+    """A generic folder of phone JPEGs (EXIF 6, one square) and 16-bit PNGs, masks drawn as displayed."""
+    rng = np.random.default_rng(3)
+    root.mkdir(parents=True)
+    (root / "classes.txt").write_text("background\nbox\nellipse\n")
+    sizes = [(72, 48), (64, 64), (72, 48), (56, 40), (72, 48), (64, 64), (56, 40), (48, 72)]
+    for n, size in enumerate(sizes):
+        split = "val" if n >= 5 else "train"
+        image, label = shapes_sample(rng, size, classes=(1, 2))
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "masks" / split).mkdir(parents=True, exist_ok=True)
+        if n % 3 == 2:  # a 16-bit grey scan
+            grey = np.asarray(Image.fromarray(image).convert("L")).astype(np.uint16) * 257
+            Image.fromarray(grey).save(root / "images" / split / f"{n:02d}.png")
+        else:
+            save_as_phone_jpeg(image, root / "images" / split / f"{n:02d}.jpg")
+        Image.fromarray(label.astype(np.uint8)).save(root / "masks" / split / f"{n:02d}.png")
+    return root
+
+
+def test_training_and_evaluate_see_phone_photos_as_predict_does(tmp_path, capsys):
+    from training import evaluate as evaluate_module
+    from training import train as train_module
+    from training.evaluate import ConfusionMatrix
+
+    data = _phone_dataset(tmp_path / "data")
+    torch.manual_seed(0)
+    fcn_zoo.FCN(num_classes=3, backbone="resnet10t", head_channels=32, aux_channels=32, eval_size=[96, 64],
+                crop_size=[48, 48]).save_pretrained(tmp_path / "src")
+    out = tmp_path / "run"
+    assert train_module.main(["--init", str(tmp_path / "src"), "--data-root", str(data), "--output-dir", str(out),
+                              "--max-iters", "2", "--batch-size", "2", "--device", "cpu", "--num-workers", "0",
+                              "--no-progress"]) == 0
+    assert evaluate_module.main([str(out / "best"), "--data-root", str(data), "--output-dir", str(tmp_path / "eval"),
+                                 "--device", "cpu"]) == 0
+    reported = json.loads((tmp_path / "eval" / "eval.json").read_text())["mIoU"]
+
+    model = fcn_zoo.from_pretrained(out / "best")
+    matrix = ConfusionMatrix(3)
+    for image in sorted((data / "images" / "val").iterdir()):
+        seg = model.predict(image, fuse=True)
+        mask = np.asarray(Image.open(data / "masks" / "val" / f"{image.stem}.png"))
+        matrix.update(torch.from_numpy(seg.labels.astype(np.int64)), torch.from_numpy(mask.astype(np.int64)))
+    assert reported == pytest.approx(matrix.compute()["mIoU"], abs=1e-12)
+
+
+def test_a_mask_in_the_stored_orientation_is_refused_saying_why(tmp_path):
+    from training.generic import load
+
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    (data / "classes.txt").parent.mkdir(parents=True)
+    (data / "classes.txt").write_text("background\nbox\nellipse\n")
+    for split in ("train", "val"):
+        (data / "images" / split).mkdir(parents=True)
+        (data / "masks" / split).mkdir(parents=True)
+        image, label = shapes_sample(rng, (40, 56), classes=(1, 2))
+        save_as_phone_jpeg(image, data / "images" / split / "a.jpg")
+        Image.fromarray(np.rot90(label).astype(np.uint8)).save(data / "masks" / split / "a.png")  # as stored
+    from training.data import DatasetLayoutError
+
+    with pytest.raises(DatasetLayoutError, match=r"a.png: mask is 40x56, its image a.jpg is 56x40 as displayed; .*EXIF"):
+        load(data, None)
+
+
+def test_evaluate_uses_the_models_eval_size_as_predict_does(tmp_path, capsys):
+    """On a zoo layout, the evaluation resize is the model's (its config.json), not the dataset's bound."""
+    from sample_data import make_voc
+    from training import evaluate as evaluate_module
+    from training.evaluate import ConfusionMatrix
+
+    root = make_voc(tmp_path / "voc", n_train=1, n_val=3, size=(120, 160))
+    model = tiny_fcn(num_classes=21, dataset="voc", seed=2)
+    model.eval_size = (80, 48)  # far below VOC's (2048, 512): every val image is resized
+    model.save_pretrained(tmp_path / "model")
+    assert evaluate_module.main([str(tmp_path / "model"), "--data-root", str(root), "--output-dir", str(tmp_path / "eval"),
+                                 "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["eval_size"] == [80, 48]
+
+    from training.sources import build_dataset
+
+    val = build_dataset("voc", root, "val")
+    matrix = ConfusionMatrix(21)
+    loaded = fcn_zoo.from_pretrained(tmp_path / "model")
+    for i in range(len(val)):
+        image, label = val[i]
+        seg = loaded.predict(image, fuse=True)
+        matrix.update(torch.from_numpy(seg.labels.astype(np.int64)), label)
+    assert report["mIoU"] == pytest.approx(matrix.compute()["mIoU"], abs=1e-12)
+
+
+def test_a_batched_tensor_or_array_gives_a_list_of_results():
+    model = tiny_fcn(num_classes=3, dataset=None, seed=1)
+    model.eval_size = (96, 64)
+    photo = read_image(PHOTOS[0])[:60, :80]
+    other = read_image(PHOTOS[1])[:60, :80]
+    alone = [model.predict(photo).labels, model.predict(other).labels]
+    batch = torch.from_numpy(np.stack([photo, other])).permute(0, 3, 1, 2)
+    for images in (batch, batch.float() / 255, np.stack([photo, other])):
+        results = model.predict(images)
+        assert isinstance(results, list) and len(results) == 2
+        assert all(np.array_equal(r.labels, a) for r, a in zip(results, alone))
