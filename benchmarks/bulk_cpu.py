@@ -6,7 +6,7 @@ memory at 30 and 300 images, and a video.
 - Photos: ``--images`` 500x375 JPEGs made from the repo's three test photos by crops and flips.
 - Throughput, in one process, interleaved: in each of ``--rounds`` rounds the same share of the photos goes
   through (a) a loop ``seg = model.predict(path); seg.save(...)`` on a model as ``from_pretrained`` gives
-  it, (b) ``fcn_zoo.bulk.segment_sources``, what ``fcn-zoo predict DIR --out`` runs (a ``fuse()``d
+  it, (b) ``fcn_zoo.runner.segment_sources``, what ``fcn-zoo predict DIR --out`` runs (a ``fuse()``d
   model, ``predict_iter`` with its default readers: none on a CPU whose cores torch uses), into another
   folder, and (c) the same with two reader threads (``--workers 2``). images/s of each, median
   over the rounds with the range; the masks of (b) and (c) are compared with (a)'s pixel for pixel.
@@ -95,8 +95,8 @@ def main() -> None:
     import torch
 
     import fcn_zoo
-    from fcn_zoo.bulk import Outputs, segment_sources
-    from fcn_zoo.sources import expand_inputs
+    from fcn_zoo.runner import Outputs, segment_sources
+    from fcn_zoo.inputs import expand_inputs
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.name}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fcn_zoo  # noqa: E402
 import fcn_zoo.predict  # noqa: E402
 from bulk_cpu import make_photos  # noqa: E402
-from fcn_zoo.bulk import Outputs, segment_sources  # noqa: E402
-from fcn_zoo.sources import expand_inputs  # noqa: E402
+from fcn_zoo.runner import Outputs, segment_sources  # noqa: E402
+from fcn_zoo.inputs import expand_inputs  # noqa: E402
 
 
 class StandIn(fcn_zoo.FCN):

@@ -124,8 +124,8 @@ def main() -> int:
             report.rows.append(("compile=True", "skipped", "not in --tiny on a CPU"))
 
         def bulk():
-            from fcn_zoo.bulk import Outputs, segment_sources
-            from fcn_zoo.sources import expand_inputs
+            from fcn_zoo.runner import Outputs, segment_sources
+            from fcn_zoo.inputs import expand_inputs
 
             sources = expand_inputs([str(work / "photos")]).sources
             busy = _busy_timer(dev_model, device)

@@ -42,7 +42,7 @@ t0 = time.perf_counter()
 import ray
 from PIL import Image
 import fcn_zoo
-from fcn_zoo.batch import Segmenter
+from fcn_zoo.ray import Segmenter
 
 class Ready(Segmenter):
     """Segmenter, saying when its model is loaded (what the pipeline's steady rate is counted from)."""

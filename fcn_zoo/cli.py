@@ -176,99 +176,13 @@ def cmd_list(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .downloads import reference_download_urls
-    from .hub import cache_root, cached_folder, source_kind
+    from .about import describe
 
-    kind = source_kind(args.name)  # an unknown name is one line with suggestions
-    if kind == "folder":
-        _print_fields(_folder_fields(Path(args.name)))
-        return 0
-    if kind != "zoo":
-        raise FCNZooError(f"{args.name}: fcn-zoo info describes zoo names and save_pretrained folders; make a folder "
-                          "of it first (fcn-zoo download for a Hub repo, fcn-zoo convert for a .pth) and pass that")
-    c = zoo.get_checkpoint(args.name)
-    d = c.data
-    h, w = d.typical_eval_shape
-    miou = f"{c.miou:.2f} (reference, {d.val_split})"
-    if c.miou_newest is not None:
-        miou = f"{c.miou_newest:.2f} (reference's newest, {d.val_split}); {c.miou:.2f} in the seed table"
-    cached = cached_folder(c.name, args.cache_dir)
-    urls = reference_download_urls(c)
-    fields = [
-        ("name", c.name),
-        ("model", c.title),
-        ("backbone", f"{c.backbone} (timm), output stride {c.output_stride}"),
-        ("dataset", f"{d.title} ({d.train_split}/{d.val_split}), {d.num_classes} classes"),
-        ("crop size", f"{c.crop_size[0]}x{c.crop_size[1]}"),
-        ("recipe", f"SGD lr {c.lr}, poly, batch {c.batch_size}, {c.epochs} epochs"),
-        ("evaluation", f"whole image, single scale, resize keeping ratio to {d.eval_size[0]}x{d.eval_size[1]}"),
-        ("mIoU", miou),
-        ("parameters", f"{c.params_m:.2f} M at inference (the file also holds the training-only auxiliary head)"),
-        ("compute", f"{c.gflops:.1f} GFLOPs per {w}x{h} image (a typical {d.title} image at its evaluation size)"),
-        ("weights", f"{c.weights_mb:.1f} MB safetensors; the reference .pth also holds the optimizer state (~2x)"),
-        ("cached", f"yes, {cached}" if cached else f"no (would be converted into {cache_root(args.cache_dir) / 'reference' / c.name})"),
-        ("hub repo", f"{c.hub_repo_id}" + (f" @ {c.hub_revision}" if c.hub_revision else " (not published; reference weights are used)")),
-        ("reference", f"{urls[0]} (or {urls[1].rsplit('/', 1)[1]}, its older name)"),
-        ("classes", "; ".join(d.classes)),
-    ]
-    _print_fields(fields)
-    return 0
-
-
-def _folder_fields(folder: Path) -> list[tuple[str, str]]:
-    """What a save_pretrained folder's ``config.json`` and ``model.safetensors`` say, read without torch."""
-    import json
-    import math
-
-    from safetensors import safe_open
-
-    from .hub import resolve
-
-    resolve(folder)  # one line naming what the folder lacks
-    config_path = folder / "config.json"
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise FCNZooError(f"{config_path}: not valid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise FCNZooError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
-
-    def get(key: str):
-        return config.get(key, "not recorded")
-
-    def size(key: str) -> str:
-        return "x".join(map(str, config[key])) if isinstance(config.get(key), list) else "not recorded"
-
-    weights = folder / "model.safetensors"
-    buffers = ("running_mean", "running_var", "num_batches_tracked")
-    try:
-        with safe_open(weights, framework="numpy") as f:
-            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-    except Exception as e:  # safetensors' own error types
-        raise FCNZooError(f"{weights}: not a readable safetensors file ({e})") from e
-    inference = sum(math.prod(s) for k, s in shapes.items() if not k.startswith("auxiliary_head.") and not k.endswith(buffers))
-    dataset = zoo.DATASETS.get(config.get("dataset"))
-    classes = config.get("class_names") or []
-    aux = config.get("aux_channels")
-    return [
-        ("folder", str(folder)),
-        ("backbone", f"{get('backbone')} (timm), output stride {get('output_stride')}"),
-        ("head", f"FCN head, {get('num_convs')} conv3x3 of {get('head_channels')} channels"
-                 + (f"; auxiliary head of {aux} channels (training only)" if aux else "; no auxiliary head")),
-        ("dataset", f"{dataset.title if dataset else 'not recorded'}, {get('num_classes')} classes"),
-        ("crop size", size("crop_size")),
-        ("evaluation", f"whole image, single scale, resize keeping ratio to {size('eval_size')}"),
-        ("normalisation", f"mean {get('mean')}, std {get('std')} (RGB values in 0..255)"),
-        ("parameters", f"{inference / 1e6:.2f} M at inference"),
-        ("weights", f"{weights.name}, {weights.stat().st_size / 1e6:.1f} MB"),
-        ("classes", "; ".join(map(str, classes)) or "not recorded"),
-    ]
-
-
-def _print_fields(fields: list[tuple[str, str]]) -> None:
+    fields = describe(args.name, args.cache_dir)
     width = max(len(k) for k, _ in fields)
-    for k, v in fields:
-        print(f"{k.ljust(width)}  {v}")
+    for key, value in fields:
+        print(f"{key.ljust(width)}  {value}")
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -295,7 +209,7 @@ def cmd_download(args) -> int:
 def cmd_predict(args) -> int:
     from .devices import check_device_options, distributed_rank
     from .hub import source_kind
-    from .sources import expand_inputs
+    from .inputs import expand_inputs
 
     # everything that can be told without torch is checked first: a mistake is one line within a second
     out = Path(args.out)
@@ -308,7 +222,7 @@ def cmd_predict(args) -> int:
     source_kind(args.name)  # an unknown name or a missing file, before anything is imported or loaded
     check_device_options(args.device, args.precision, args.engine)
     rank, world, local_rank = distributed_rank()
-    # under torchrun the first process alone looks for the inputs; the others work from its list (bulk.py)
+    # under torchrun the first process alone looks for the inputs; the others work from its list (runner.py)
     found = expand_inputs(args.images, exclude=out) if rank == 0 else None
 
     from .devices import check_device_available, has_cuda
@@ -322,7 +236,8 @@ def cmd_predict(args) -> int:
 
         torch.cuda.set_device(device)  # this process's GPU, before anything allocates on one
 
-    from .bulk import Outputs, made_by, segment_sources
+    from .records import made_by
+    from .runner import Outputs, segment_sources
     from .hub import from_pretrained
     from .weights import state_dict_sha256
     model = from_pretrained(args.name, device=device, cache_dir=args.cache_dir)

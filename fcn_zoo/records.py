@@ -6,15 +6,17 @@ them, which the other processes of a ``torchrun`` read instead of looking for in
 from __future__ import annotations
 
 import json
+import posixpath
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ._files import atomic_path
 from .errors import FCNZooError
-from .sources import Source
+from .inputs import Source
 
-__all__ = ["JOURNAL_DIR", "MADE_BY", "INPUTS", "Journal", "made_by", "check_resumable", "next_run", "write_inputs",
-           "read_inputs"]
+__all__ = ["JOURNAL_DIR", "MADE_BY", "INPUTS", "RESERVED", "Journal", "Outputs", "apart", "made_by", "check_resumable",
+           "next_run", "write_inputs", "read_inputs"]
 
 JOURNAL_DIR = ".fcn-zoo"
 MADE_BY = "made_by.json"
@@ -206,3 +208,79 @@ def read_inputs(folder: Path, run: int) -> tuple[list[Source], set[str]] | None:
     except (OSError, ValueError):
         return None
     return (sources, done) if len(sources) == head.get("inputs") else None
+
+
+RESERVED = (JOURNAL_DIR, "summary.csv")  # fcn-zoo's own names in --out, which no input's output may take
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What to write for each source, under ``folder``."""
+
+    folder: Path
+    overlay: bool = False
+    alpha: float = 0.5
+    confidence: bool = False
+    masks: bool = False  # videos: one palette PNG per frame
+
+    def names(self, source: Source) -> list[str]:
+        """The outputs of ``source``, relative to ``folder`` (``/``-separated, normalised): an image's mask,
+        then its overlay and confidence map; a video's overlay, then the folder of its frame masks."""
+        if source.video:
+            ends = ["_overlay.mp4"] + ([""] if self.masks else [])
+        else:
+            ends = [".png"] + (["_overlay.jpg"] if self.overlay else []) + (["_confidence.png"] if self.confidence else [])
+        return [posixpath.normpath(source.name + end) for end in ends]
+
+    def paths(self, source: Source) -> list[Path]:
+        """:meth:`names` under ``folder``."""
+        return [self.folder / name for name in self.names(source)]
+
+
+def apart(sources: list[Source], outputs: Outputs) -> list[Source]:
+    """``sources`` with every output inside ``outputs.folder``, none taking fcn-zoo's own names there
+    (``.fcn-zoo``, ``summary.csv``), and no two sources' outputs meeting (see :func:`_meetings`): sources
+    whose outputs would meet keep their suffix in their name, as ``x.jpg`` and ``x.png`` side by side do.
+    Raises :class:`FCNZooError`, in one line naming the input (both, for a meeting), where that cannot be."""
+    for source in sources:
+        for name in outputs.names(source):
+            if name in (".", "..") or name.startswith("../") or posixpath.isabs(name):
+                raise FCNZooError(f"{source.path}: its output {outputs.folder / name} would lie outside --out "
+                                  f"{outputs.folder}; give it a name inside --out")
+            if name.split("/")[0] in RESERVED:
+                raise FCNZooError(f"{source.path}: its output {outputs.folder / name} would take fcn-zoo's own "
+                                  f"{name.split('/')[0]}; rename the input, or give it another name")
+    renamed, _ = meetings(sources, outputs)
+    if not renamed:
+        return sources
+    sources = [replace(s, name=s.file_name) if i in renamed else s for i, s in enumerate(sources)]
+    _, met = meetings(sources, outputs)
+    if met is not None:
+        a, b, name = met
+        raise FCNZooError(f"{sources[a].path} and {sources[b].path}: both would write {outputs.folder / name}; "
+                          "rename one of them, or give each its own --out")
+    return sources
+
+
+def meetings(sources: list[Source], outputs: Outputs) -> tuple[set[int], tuple[int, int, str] | None]:
+    """Where sources' outputs meet: two with the same output, or one's output inside another's (the folder
+    of a video's frame masks). Returns the sources to rename (both of a shared output; the outer one of a
+    nested pair) and the first meeting (the two sources' indices and the output)."""
+    owner: dict[str, int] = {}
+    renamed: set[int] = set()
+    first = None
+    for i, source in enumerate(sources):
+        for name in outputs.names(source):
+            j = owner.setdefault(name, i)
+            if j != i:
+                renamed.update((i, j))
+                first = first or (j, i, name)
+    for name, i in owner.items():
+        parent = posixpath.dirname(name)
+        while parent:
+            j = owner.get(parent)
+            if j is not None and j != i:
+                renamed.add(j)
+                first = first or (j, i, parent)
+            parent = posixpath.dirname(parent)
+    return renamed, first

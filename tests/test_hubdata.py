@@ -369,3 +369,44 @@ def test_training_on_the_validation_split_holds_out_part_of_it_or_validates_on_a
     assert train_rows and val_rows and not set(train_rows) & set(val_rows) and len(train_rows) + len(val_rows) == 6
     (train_split, train_rows), (val_split, val_rows, how) = splits("--train-split", "validation", "--val-split", "train")
     assert (train_split, len(train_rows), val_split, len(val_rows), how) == ("validation", 6, "train", 4, "train")
+
+
+def _recipe_folder(root, images, masks, embed: bool) -> None:
+    """docs/training.md's recipe for a dataset folder made from paths (``embed``: with its embedding step)."""
+    from datasets.table import embed_table_storage
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    for split in ("train", "validation"):
+        ds = datasets.Dataset.from_dict({"image": images, "label": masks}, features=features)
+        if embed:
+            ds = ds.with_format("arrow").map(embed_table_storage, batched=True).with_format(None)
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        ds.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    (root / "id2label.json").write_text(json.dumps(dict(enumerate(HUB_CLASSES))))
+
+
+def test_a_dataset_folder_made_from_paths_as_the_docs_say_loads_anywhere(tmp_path, monkeypatch):
+    """The documented recipe embeds the images: the folder evaluates after the source files are gone; a folder
+    whose rows name files elsewhere is refused in one line, never read from wherever the paths point."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    images, masks = hub_rows(3, seed=4)
+    (tmp_path / "src").mkdir()
+    for i, (image, mask) in enumerate(zip(images, masks)):
+        image.save(tmp_path / "src" / f"{i}.jpg")
+        mask.save(tmp_path / "src" / f"{i}.png")
+    paths = [f"src/{i}.jpg" for i in range(3)], [f"src/{i}.png" for i in range(3)]
+    _recipe_folder(tmp_path / "made" / "embedded", *paths, embed=True)
+    _recipe_folder(tmp_path / "made" / "paths", *paths, embed=False)
+    torch.manual_seed(0)
+    fcn_zoo.FCN(num_classes=3, backbone="resnet10t", head_channels=8, aux_channels=None).save_pretrained(tmp_path / "m")
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "made", elsewhere)
+    monkeypatch.chdir(elsewhere)  # where the rows' relative paths point at nothing of theirs
+    assert evaluate_module.main([str(tmp_path / "m"), "--dataset-name", str(elsewhere / "embedded"), "--device", "cpu",
+                                 "--output-dir", str(tmp_path / "eval")]) == 0
+    with pytest.raises(SystemExit) as refused:
+        evaluate_module.main([str(tmp_path / "m"), "--dataset-name", str(elsewhere / "paths"), "--device", "cpu",
+                              "--output-dir", str(tmp_path / "eval2")])
+    assert "outside the dataset's folder" in str(refused.value.code) and "embed_table_storage" in str(refused.value.code)

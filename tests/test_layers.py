@@ -13,14 +13,14 @@ PACKAGE = Path(fcn_zoo.__file__).parent
 # Higher imports lower (or its own level), never the other way.
 LAYERS = {
     "cli": 14, "publish": 14,                   # entry points: parse, call the API, one line per error
-    "bulk": 13, "demo": 13,                     # many inputs into a folder; the demo page
-    "records": 12,                              # what a folder of outputs records about itself
+    "runner": 13, "demo": 13, "about": 13,      # fcn-zoo predict DIR: inputs into --out; the demo page; info
+    "records": 12, "ranks": 12,                 # --out's outputs and records; the processes of a torchrun
     "video": 12,                                # frames in, overlay video out
-    "batch": 11,                                # batches of arrays for Ray Data
+    "ray": 11,                                  # the Segmenter for Ray Data's map_batches
     "predict": 10,                              # predict, predict_iter, preprocess: doors over the engine
     "engine": 9,                                # the one engine: items in, (item, result or error) out
     "protocol": 8, "segmentation": 8, "labels": 8,  # resize, normalise, forward; the result; labels from logits
-    "images": 7, "sources": 7,                  # the one reader of images and masks; what a command line names
+    "images": 7, "inputs": 7,                   # the one reader of images and masks; what a command line names
     "export": 5,                                # a model as ONNX, and the sessions that run it
     "hub": 4, "downloads": 4,                   # a name, repo id, folder or .pth becomes a local folder
     "convert": 3, "parity": 3,                  # other layouts' state dicts become FCN's

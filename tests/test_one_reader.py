@@ -103,7 +103,7 @@ def test_one_fixture_set_reaches_the_same_array_through_every_door(tmp_path, cap
     for (path, seg), kind in zip(model.predict_iter(list(files.values()), fuse=False), files):
         assert np.array_equal(seg.image, expected[kind]) and np.array_equal(seg.labels, answers[kind]), kind
 
-    from fcn_zoo.batch import Segmenter
+    from fcn_zoo.ray import Segmenter
 
     segmenter = Segmenter(model, fuse=False)
     out = segmenter({"bytes": np.array([p.read_bytes() for p in files.values()], dtype=object)})

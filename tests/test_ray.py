@@ -1,4 +1,4 @@
-"""fcn_zoo.batch.Segmenter: batches of images (arrays, bytes, paths, Hugging Face cells) to label maps with
+"""fcn_zoo.ray.Segmenter: batches of images (arrays, bytes, paths, Hugging Face cells) to label maps with
 predict's protocol, alone and under Ray Data's map_batches."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from PIL import Image
 
 import fcn_zoo
 from conftest import PHOTOS, tiny_fcn
-from fcn_zoo.batch import Segmenter
+from fcn_zoo.ray import Segmenter
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_a_failed_forward_pass_is_retried_one_image_at_a_time(small_folder, phot
 
 def test_no_ray_at_import():
     pytest.importorskip("ray", reason="without Ray installed there is nothing to import")
-    code = "import sys, fcn_zoo, fcn_zoo.batch; print(any(m == 'ray' or m.startswith('ray.') for m in sys.modules))"
+    code = "import sys, fcn_zoo, fcn_zoo.ray; print(any(m == 'ray' or m.startswith('ray.') for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 

@@ -21,10 +21,11 @@ from PIL import Image
 
 import fcn_zoo
 from conftest import PHOTOS, tiny_fcn
-from fcn_zoo.bulk import Outputs, segment_sources, shard
+from fcn_zoo.ranks import shard
+from fcn_zoo.runner import Outputs, segment_sources
 from fcn_zoo.cli import main
 from fcn_zoo.errors import FCNZooError, ImageError
-from fcn_zoo.sources import Source, expand_inputs
+from fcn_zoo.inputs import Source, expand_inputs
 
 
 def small(photo: Path, size=(96, 72)) -> Image.Image:
@@ -325,13 +326,13 @@ def test_two_torchrun_processes_write_what_one_process_writes(small_folder, phot
 
 HELD_BACK = r"""
 import os, sys, time
-import fcn_zoo.bulk as bulk
+import fcn_zoo.runner as runner
 if os.environ["RANK"] == "2":  # this process starts its share late: longer than the process group's timeout
-    real = bulk.predict_iter
+    real = runner.predict_iter
     def late(*args, **kwargs):
         time.sleep(float(os.environ["HOLD"]))
         yield from real(*args, **kwargs)
-    bulk.predict_iter = late
+    runner.predict_iter = late
 from fcn_zoo.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -402,7 +403,7 @@ def test_the_summary_is_written_row_by_row(tmp_path):
     """A million rows must not be held twice over as one string: the peak is a row's, not the file's."""
     import tracemalloc
 
-    from fcn_zoo.bulk import _write_summary
+    from fcn_zoo.runner import _write_summary
 
     classes = [f"class {i}" for i in range(50)]
     sources = [Source(Path(f"p{i}.jpg"), f"p{i}", False) for i in range(4000)]
@@ -487,12 +488,12 @@ def test_adding_inputs_moves_no_other_to_another_process():
 
 ONE_DIES = r"""
 import os, sys
-import fcn_zoo.bulk as bulk
+import fcn_zoo.runner as runner
 if os.environ["RANK"] == os.environ["DIES"]:  # this process stops dead once the run has started
     def dead(*args, **kwargs):
         os._exit(3)
         yield
-    bulk.predict_iter = dead
+    runner.predict_iter = dead
 from fcn_zoo.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -39,6 +39,12 @@ class Source:
     name: str
     video: bool
 
+    @property
+    def file_name(self) -> str:
+        """:attr:`name` with the input's suffix (``a/x.jpg``): what ``summary.csv`` calls it."""
+        suffix = self.path.suffix
+        return self.name if self.name.endswith(suffix) else self.name + suffix
+
 
 @dataclass
 class Expansion:

@@ -2,7 +2,7 @@
 one machine: streaming, retries, CPU and GPU stages), or any loop over dicts of arrays.
 
     import ray
-    from fcn_zoo.batch import Segmenter
+    from fcn_zoo.ray import Segmenter
 
     ds = ray.data.read_images("s3://bucket/photos", mode="RGB", include_paths=True)
     ds = ds.map_batches(Segmenter, fn_constructor_kwargs={"model": "fcn_resnet50os16_voc"}, batch_size=8,

@@ -34,59 +34,35 @@ has shown none for ``FCN_ZOO_DIST_TIMEOUT`` seconds (default 1800).
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
-import posixpath
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from ._files import atomic_path
 from .devices import distributed_rank
 from .errors import FCNZooError, first_line
 from .images import save_image
-from .records import (
-    INPUTS, JOURNAL_DIR, MADE_BY, Journal, check_resumable, made_by, next_run, read_inputs, write_inputs,
-)
-from .sources import Source
+from .inputs import Source
 from .predict import predict_iter
+from .ranks import Heartbeat, join, meet_at_the_end, shard, timeout, together
+from .records import (
+    INPUTS, JOURNAL_DIR, MADE_BY, Journal, Outputs, apart, check_resumable, next_run, read_inputs, write_inputs,
+)
 
-__all__ = ["Outputs", "Totals", "segment_sources", "shard", "made_by"]  # made_by: from fcn_zoo.records, where it lives
+__all__ = ["Outputs", "Totals", "segment_sources"]  # Outputs: from fcn_zoo.records, where it lives
 
 WRITERS = 2  # threads encoding and writing outputs behind the network
 WRITERS_AHEAD = 2 * WRITERS  # results that may wait for them before the network waits in turn
-RESERVED = (JOURNAL_DIR, "summary.csv")  # fcn-zoo's own names in --out, which no input's output may take
 
 
-@dataclass(frozen=True)
-class Outputs:
-    """What to write for each source, under ``folder``."""
-
-    folder: Path
-    overlay: bool = False
-    alpha: float = 0.5
-    confidence: bool = False
-    masks: bool = False  # videos: one palette PNG per frame
-
-    def names(self, source: Source) -> list[str]:
-        """The outputs of ``source``, relative to ``folder`` (``/``-separated, normalised): an image's mask,
-        then its overlay and confidence map; a video's overlay, then the folder of its frame masks."""
-        if source.video:
-            ends = ["_overlay.mp4"] + ([""] if self.masks else [])
-        else:
-            ends = [".png"] + (["_overlay.jpg"] if self.overlay else []) + (["_confidence.png"] if self.confidence else [])
-        return [posixpath.normpath(source.name + end) for end in ends]
-
-    def paths(self, source: Source) -> list[Path]:
-        """:meth:`names` under ``folder``."""
-        return [self.folder / name for name in self.names(source)]
+COUNTS = ("done", "failed", "skipped", "already")
 
 
 @dataclass
@@ -100,12 +76,6 @@ class Totals:
     skipped: int = 0
     already: int = 0
     elapsed: float = 0.0
-
-
-def shard(name: str, world: int) -> int:
-    """The process, of ``world``, that segments the source named ``name``: by a hash of the name, so that
-    adding or removing inputs moves no other input to another process."""
-    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "big") % world
 
 
 def segment_sources(
@@ -131,7 +101,7 @@ def segment_sources(
     todo = [s for s in mine if not (s.name in plan.done and all(p.exists() for p in outputs.paths(s)))]
     totals = Totals(skipped=not_inputs if rank == 0 else 0, already=len(mine) - len(todo))
     bar = _progress(len(mine), initial=totals.already, disable=quiet or rank != 0)
-    alive = _Heartbeat(outputs.folder / JOURNAL_DIR, rank, plan.run) if world > 1 and rank != 0 else None
+    alive = Heartbeat(outputs.folder / JOURNAL_DIR, rank, plan.run) if world > 1 and rank != 0 else None
 
     def record(source: Source, row: dict, line: str) -> None:
         row = journal.append(row)
@@ -193,7 +163,9 @@ def segment_sources(
         journal.close()
         if alive is not None:
             alive.stop()
-    totals, missing = _meet_at_the_end(outputs.folder / JOURNAL_DIR, totals, rank, world, plan.run)
+    counts, missing = meet_at_the_end(outputs.folder / JOURNAL_DIR, {k: getattr(totals, k) for k in COUNTS}, rank, world,
+                                      plan.run)
+    totals = Totals(**counts)
     if rank == 0:
         if world > 1:
             journal.read_new(plan.rows)  # the other processes' rows of this run, read once
@@ -205,7 +177,7 @@ def segment_sources(
         many = len(missing) > 1
         raise FCNZooError(
             f"process{'es' if many else ''} {', '.join(map(str, missing))} of {world} stopped before finishing "
-            f"(no sign of {'them' if many else 'it'} for {_timeout():g} s, FCN_ZOO_DIST_TIMEOUT): "
+            f"(no sign of {'them' if many else 'it'} for {timeout():g} s, FCN_ZOO_DIST_TIMEOUT): "
             f"{outputs.folder / 'summary.csv'} lacks what {'they' if many else 'it'} had left; rerun with --resume to finish"
         )
     totals.elapsed = time.perf_counter() - start
@@ -231,7 +203,7 @@ def _begin(sources: list[Source], outputs: Outputs, journal: Journal, rank: int,
         return _prepare(sources, outputs, journal, resume, made, world)
     import torch.distributed as dist
 
-    ours = _join(rank, world)
+    ours = join(rank, world)
     try:
         plan, error, told = None, None, [None, None]  # [the run's stamp, the first process's error]
         if rank == 0:
@@ -240,7 +212,7 @@ def _begin(sources: list[Source], outputs: Outputs, journal: Journal, rank: int,
                 told = [plan.run, None]
             except Exception as e:  # told to the others, then raised here
                 error, told = e, [None, first_line(e)]
-        _together(rank, world, dist.broadcast_object_list, told, src=0)
+        together(rank, world, dist.broadcast_object_list, told, src=0)
         if error is not None:
             raise error
         if told[1] is not None:
@@ -249,7 +221,7 @@ def _begin(sources: list[Source], outputs: Outputs, journal: Journal, rank: int,
             shared = read_inputs(outputs.folder, told[0])
             plan = _Plan(*shared, rows={}, run=told[0]) if shared is not None else None
         sees = [None] * world
-        _together(rank, world, dist.all_gather_object, sees, plan is not None)
+        together(rank, world, dist.all_gather_object, sees, plan is not None)
         blind = [str(r) for r, ok in enumerate(sees) if not ok]
         if blind:
             raise FCNZooError(
@@ -265,10 +237,10 @@ def _begin(sources: list[Source], outputs: Outputs, journal: Journal, rank: int,
 def _prepare(sources: list[Source], outputs: Outputs, journal: Journal, resume: bool, made: dict | None,
              world: int) -> _Plan:
     """What the first process does before anything is segmented: outputs kept inside ``--out`` and apart
-    (:func:`_apart`), ``--resume`` checked, earlier marks cleared, ``made_by.json`` written, the journal read
+    (:func:`fcn_zoo.records.apart`), ``--resume`` checked, earlier marks cleared, ``made_by.json`` written, the journal read
     (once, with ``--resume``) and, under torchrun, the list of inputs written for the others."""
     folder, journal_dir = outputs.folder, outputs.folder / JOURNAL_DIR
-    sources = _apart(sources, outputs)
+    sources = apart(sources, outputs)
     if made is not None and resume:
         check_resumable(folder, made)
     if made is not None and not resume:  # every output is remade: no earlier row may count as done later
@@ -293,55 +265,6 @@ def _prepare(sources: list[Source], outputs: Outputs, journal: Journal, resume: 
     if world > 1:
         write_inputs(folder, run, sources, done)
     return _Plan(sources, done, rows, run)
-
-
-def _apart(sources: list[Source], outputs: Outputs) -> list[Source]:
-    """``sources`` with every output inside ``outputs.folder``, none taking fcn-zoo's own names there
-    (``.fcn-zoo``, ``summary.csv``), and no two sources' outputs meeting (see :func:`_meetings`): sources
-    whose outputs would meet keep their suffix in their name, as ``x.jpg`` and ``x.png`` side by side do.
-    Raises :class:`FCNZooError`, in one line naming the input (both, for a meeting), where that cannot be."""
-    for source in sources:
-        for name in outputs.names(source):
-            if name in (".", "..") or name.startswith("../") or posixpath.isabs(name):
-                raise FCNZooError(f"{source.path}: its output {outputs.folder / name} would lie outside --out "
-                                  f"{outputs.folder}; give it a name inside --out")
-            if name.split("/")[0] in RESERVED:
-                raise FCNZooError(f"{source.path}: its output {outputs.folder / name} would take fcn-zoo's own "
-                                  f"{name.split('/')[0]}; rename the input, or give it another name")
-    renamed, _ = _meetings(sources, outputs)
-    if not renamed:
-        return sources
-    sources = [replace(s, name=_relative_input(s)) if i in renamed else s for i, s in enumerate(sources)]
-    _, met = _meetings(sources, outputs)
-    if met is not None:
-        a, b, name = met
-        raise FCNZooError(f"{sources[a].path} and {sources[b].path}: both would write {outputs.folder / name}; "
-                          "rename one of them, or give each its own --out")
-    return sources
-
-
-def _meetings(sources: list[Source], outputs: Outputs) -> tuple[set[int], tuple[int, int, str] | None]:
-    """Where sources' outputs meet: two with the same output, or one's output inside another's (the folder
-    of a video's frame masks). Returns the sources to rename (both of a shared output; the outer one of a
-    nested pair) and the first meeting (the two sources' indices and the output)."""
-    owner: dict[str, int] = {}
-    renamed: set[int] = set()
-    first = None
-    for i, source in enumerate(sources):
-        for name in outputs.names(source):
-            j = owner.setdefault(name, i)
-            if j != i:
-                renamed.update((i, j))
-                first = first or (j, i, name)
-    for name, i in owner.items():
-        parent = posixpath.dirname(name)
-        while parent:
-            j = owner.get(parent)
-            if j is not None and j != i:
-                renamed.add(j)
-                first = first or (j, i, parent)
-            parent = posixpath.dirname(parent)
-    return renamed, first
 
 
 def _write_and_describe(seg, source: Source, outputs: Outputs) -> tuple[list[Path], dict]:
@@ -421,7 +344,7 @@ def _move_frames(frames: Path, folder: Path) -> None:
 
 
 def _row(source: Source, size: tuple[int, int], shares: dict[str, float], frames: int | None = None) -> dict:
-    return {"name": source.name, "path": _relative_input(source), "kind": "video" if source.video else "image",
+    return {"name": source.name, "path": source.file_name, "kind": "video" if source.video else "image",
             "width": size[1], "height": size[0], "frames": frames, "status": "ok", "error": "", "shares": shares}
 
 
@@ -429,13 +352,8 @@ def _failure(source: Source, error: BaseException) -> dict:
     message = first_line(error)
     if str(source.path) not in message:
         message = f"{source.path}: {message}"
-    return {"name": source.name, "path": _relative_input(source), "kind": "video" if source.video else "image",
+    return {"name": source.name, "path": source.file_name, "kind": "video" if source.video else "image",
             "width": None, "height": None, "frames": None, "status": "failed", "error": message, "shares": {}}
-
-
-def _relative_input(source: Source) -> str:
-    suffix = source.path.suffix
-    return source.name if source.name.endswith(suffix) else source.name + suffix
 
 
 def _top(shares: dict[str, float]) -> str:
@@ -458,110 +376,6 @@ def _write_summary(folder: Path, sources: list[Source], rows: dict, class_names:
                 cells = [row["path"], row["kind"], row["width"], row["height"], row["frames"], row["status"], row["error"]]
                 writer.writerow(["" if c is None else c for c in cells]
                                 + [f"{row['shares'].get(n, 0.0):.6f}" for n in class_names])
-
-
-def _timeout() -> float:
-    """Seconds the processes of a run wait for one another: at the start, and for a sign of life at the end."""
-    return float(os.environ.get("FCN_ZOO_DIST_TIMEOUT", 1800))
-
-
-def _join(rank: int, world: int) -> bool:
-    """Join the processes' gloo group for the start of the run, unless the caller has a group; returns
-    whether it was made here (and so is to be ended here)."""
-    import datetime
-
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return False
-    try:
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=_timeout()))
-    except Exception as e:
-        raise FCNZooError(f"process {rank} of {world}: the processes did not all start within {_timeout():g} s "
-                          f"(FCN_ZOO_DIST_TIMEOUT; {first_line(e)}); see the other processes' errors") from e
-    return True
-
-
-def _together(rank: int, world: int, collective, *args, **kwargs) -> None:
-    try:
-        collective(*args, **kwargs)
-    except Exception as e:  # a process that stopped or never came
-        raise FCNZooError(f"process {rank} of {world}: the processes did not all meet at the start "
-                          f"({first_line(e)}); see the other processes' errors") from e
-
-
-class _Heartbeat:
-    """This process's sign of life for the first one, which waits for it at the end: ``alive-<rank>.json``
-    rewritten every few seconds by a thread of its own, whatever the process is busy with (a long video)."""
-
-    def __init__(self, journal_dir: Path, rank: int, run: int):
-        self._path = journal_dir / f"alive-{rank}.json"
-        self._run = run
-        self._stop = threading.Event()
-        self._beat(0)
-        every = max(0.2, min(10.0, _timeout() / 8))
-        self._thread = threading.Thread(target=self._loop, args=(every,), name="fcn_zoo-alive", daemon=True)
-        self._thread.start()
-
-    def _loop(self, every: float) -> None:
-        beats = 0
-        while not self._stop.wait(every):
-            beats += 1
-            try:
-                self._beat(beats)
-            except OSError:  # a full disk: the first process may name this one, which is better than failing it
-                pass
-
-    def _beat(self, beats: int) -> None:
-        with atomic_path(self._path) as tmp:
-            tmp.write_text(json.dumps({"run": self._run, "beat": beats}), encoding="utf-8")
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def _meet_at_the_end(journal_dir: Path, totals: Totals, rank: int, world: int, run: int,
-                     poll: float = 0.25) -> tuple[Totals, list[int]]:
-    """Every process's totals summed, and (the first process) the processes that stopped without finishing.
-
-    Each other process writes ``done-<rank>.json`` when it is through; the first waits for them all, as long
-    as each keeps rewriting its ``alive-<rank>.json`` (:class:`_Heartbeat`), and gives up on one that has not
-    for ``FCN_ZOO_DIST_TIMEOUT`` seconds. No collective: a slow process is waited for, a dead one named."""
-    if world == 1:
-        return totals, []
-    keys = ("done", "failed", "skipped", "already")
-    if rank != 0:
-        with atomic_path(journal_dir / f"done-{rank}.json") as tmp:
-            tmp.write_text(json.dumps({"run": run, **{k: getattr(totals, k) for k in keys}}), encoding="utf-8")
-        return totals, []
-    summed, missing, timeout = replace(totals), [], _timeout()
-    waiting = {r: (None, time.monotonic()) for r in range(1, world)}  # rank -> (last sign of life, seen when)
-    while waiting:
-        for r, (seen, since) in list(waiting.items()):
-            mark = _read_json(journal_dir / f"done-{r}.json")
-            if mark is not None and mark.get("run") == run:
-                for k in keys:
-                    setattr(summed, k, getattr(summed, k) + mark[k])
-                del waiting[r]
-            elif (beat := _read_json(journal_dir / f"alive-{r}.json")) != seen:
-                waiting[r] = (beat, time.monotonic())
-            elif time.monotonic() - since > timeout:
-                missing.append(r)
-                del waiting[r]
-        if waiting:
-            time.sleep(poll)
-    for r in range(1, world):
-        (journal_dir / f"done-{r}.json").unlink(missing_ok=True)
-        (journal_dir / f"alive-{r}.json").unlink(missing_ok=True)
-    return summed, missing
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _progress(total: int, initial: int, disable: bool):
