@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fcn_zoo  # noqa: E402
-import fcn_zoo.predict  # noqa: E402
+import fcn_zoo.engine  # noqa: E402
 from bulk_cpu import make_photos  # noqa: E402
 from fcn_zoo.runner import Outputs, segment_sources  # noqa: E402
 from fcn_zoo.inputs import expand_inputs  # noqa: E402
@@ -69,7 +69,7 @@ def _scene_logits(shape: tuple[int, int, int, int]) -> torch.Tensor:
 
 
 class DeviceLabels:
-    """``fcn_zoo.predict.upsample_argmax`` answered by the stand-in device: the labels of each logits shape,
+    """``fcn_zoo.engine.upsample_argmax`` answered by the stand-in device: the labels of each logits shape,
     computed once, so the host's share of the labels is what it is with a GPU (copying uint8 labels back)."""
 
     def __init__(self, real):
@@ -155,17 +155,17 @@ def main() -> None:
         sources = expand_inputs([str(work / "photos")]).sources
         model.ms = 1.0
         run(model, sources[:10], work / "warm", 0)
-        host_labels = fcn_zoo.predict.upsample_argmax
+        host_labels = fcn_zoo.engine.upsample_argmax
         device_labels = DeviceLabels(host_labels)
         rates = {(ms, where, w): [] for ms in args.ms for where in args.labels for w in args.workers}
         for _ in range(args.rounds):
             for ms, where, w in rates:
                 model.ms = ms
-                fcn_zoo.predict.upsample_argmax = device_labels if where == "device" else host_labels
+                fcn_zoo.engine.upsample_argmax = device_labels if where == "device" else host_labels
                 try:
                     rates[ms, where, w].append(run(model, sources, work / "out", w))
                 finally:
-                    fcn_zoo.predict.upsample_argmax = host_labels
+                    fcn_zoo.engine.upsample_argmax = host_labels
         print(f"\n{'stand-in':>10} {'its rate':>9} {'labels':>7} {'readers':>8} {'images/s':>9} {'of its rate':>12} "
               f"{'(range)':>14}")
         own_rates = {ms: bare_rate(model, ms) for ms in args.ms}

@@ -18,6 +18,8 @@ input's size, for:
 - with ``--onnx``, onnxruntime on fcn_zoo's ONNX export;
 - with ``--openvino``, OpenVINO's CPU plugin on the same ONNX file, in fp32 (``INFERENCE_PRECISION_HINT``
   ``f32``) and, with ``--bf16``, in bf16 (``pip install openvino``: not a dependency of the package);
+- at 512x683, the whole door on the fused model: ``.predict(photo)`` of a 500x375 uint8 photo (read, resized
+  to 683x512, normalised, the forward pass, labels at 500x375): what the engine adds to the network;
 - with ``--bf16``, fcn_zoo under bf16 autocast (what ``predict(precision="bf16")`` runs), unfused and fused,
   its share taken of a bf16 matmul. On a CPU without bf16 instructions (no AVX512_BF16 or AMX) oneDNN and
   OpenVINO emulate or fall back, so these rows say nothing about bf16 hardware there.
@@ -38,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -73,6 +76,9 @@ def contenders_for(name: str, x: torch.Tensor, workdir: Path, onnx: bool, openvi
         "fcn_zoo fuse(), ch_last model": (lambda: fused_cl(x_cl), flops),
         "reference (sssegmentation)": (lambda: reference_logits(reference, x), flops),
     }
+    if tuple(x.shape[-2:]) == (512, 683):  # the whole door: a 500x375 photo (VOC's size) through the engine
+        photo = np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+        out["fcn_zoo fuse()d .predict(photo)"] = (lambda: fused.predict(photo), flops)
     if row.output_stride == 8:
         import torchvision
 

@@ -410,3 +410,24 @@ def test_a_dataset_folder_made_from_paths_as_the_docs_say_loads_anywhere(tmp_pat
         evaluate_module.main([str(tmp_path / "m"), "--dataset-name", str(elsewhere / "paths"), "--device", "cpu",
                               "--output-dir", str(tmp_path / "eval2")])
     assert "outside the dataset's folder" in str(refused.value.code) and "embed_table_storage" in str(refused.value.code)
+
+
+def test_a_path_cell_naming_a_fifo_or_a_file_elsewhere_is_refused_without_reading_it(tmp_path):
+    """A row may name any path: only regular files inside the dataset's folder (or the caches) are opened, so a
+    FIFO cannot hang the check and a file elsewhere is never read."""
+    import os
+
+    from training.data import DatasetLayoutError
+    from training.hubopen import cell_source
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    os.mkfifo(folder / "pipe.png")
+    (folder / "ok.png").write_bytes(b"\x89PNG")
+    (tmp_path / "secret.png").write_bytes(b"\x89PNG")
+    roots = (str(folder.resolve()),)
+    assert cell_source({"bytes": None, "path": str(folder / "ok.png")}, "row 0", roots) == str((folder / "ok.png").resolve())
+    with pytest.raises(DatasetLayoutError, match=r"row 1: .*pipe.png is not an image file"):
+        cell_source({"bytes": None, "path": str(folder / "pipe.png")}, "row 1", roots)
+    with pytest.raises(DatasetLayoutError, match=r"row 2: names the file .*secret.png outside the dataset's folder"):
+        cell_source({"bytes": None, "path": str(folder / ".." / "secret.png")}, "row 2", roots)
