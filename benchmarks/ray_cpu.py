@@ -5,7 +5,7 @@
 - The model: ``--name``'s architecture with random weights in the fcn_zoo cache (as its download would
   leave it); ``--images`` 500x375 photos (``bulk_cpu.make_photos``).
 - ``fcn-zoo predict NAME photos --out masks`` in a fresh process: images/s from the time it reports.
-- Ray: a fresh process runs docs/python.md's recipe (``read_images`` -> ``map_batches(Segmenter)`` over an
+- Ray: a fresh process runs docs/python.md's recipe (``read_binary_files`` -> ``map_batches(Segmenter)`` over an
   actor pool -> a function writing the masks -> ``write_parquet`` of the shares) on ``ray.init(num_cpus=N + 1)``
   with N the cores (the actors take N, the reading and writing tasks the one left); ``--actors`` pools of 1
   actor (torch on every core) and of one actor per core (torch on one thread each). images/s from the pipeline's start to its end (``ray.init`` and the model loads
@@ -64,7 +64,7 @@ cores = os.cpu_count()
 ray.init(num_cpus=cores + 1, include_dashboard=False, log_to_driver=False, configure_logging=False)
 ray.data.DataContext.get_current().enable_progress_bars = False
 started = time.perf_counter()
-ds = ray.data.read_images(photos, mode="RGB", include_paths=True)
+ds = ray.data.read_binary_files(photos, include_paths=True)
 ds = ds.map_batches(Ready, fn_constructor_kwargs={"out": out, "model": name, "device": "cpu"}, batch_size=4,
                     num_cpus=cores // actors, compute=ray.data.ActorPoolStrategy(size=actors))
 ds.map_batches(save_masks, fn_kwargs={"out": out}).write_parquet(str(Path(out) / "shares"))

@@ -249,12 +249,14 @@ def model_card(
         results.append(_result(eval_dataset or data.title, eval_split, "single scale, whole image", mean_iou, "measured with these weights"))
     index_miou = mean_iou if mean_iou is not None else (row.reference_miou if row is not None else None)
     hub_dataset = eval_dataset if eval_dataset is not None else (data.hub_dataset if data else None)
+    run_data = ((provenance or {}).get("run") or {}).get("data") or {}
+    on_hub = run_data.get("layout", "hub") == "hub" and not run_data.get("local_folder")  # a folder is no Hub id
     card_data = ModelCardData(
         license="apache-2.0",
         library_name="fcn-zoo",
         pipeline_tag="image-segmentation",
         tags=["semantic-segmentation", "fcn", "timm", "pytorch", "safetensors"],
-        datasets=[hub_dataset] if hub_dataset else None,
+        datasets=[hub_dataset] if hub_dataset and on_hub else None,
         model_name=row.name if row is not None else (repo_id or (model_id if index_miou is not None else None)),
         eval_results=None if index_miou is None else [
             EvalResult(

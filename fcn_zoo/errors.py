@@ -41,6 +41,11 @@ class MissingFileError(FCNZooError, FileNotFoundError):
     """A file or folder named by the caller that does not exist."""
 
 
+class MissingImageError(ImageError, MissingFileError):
+    """An image path that names no file: an :class:`ImageError` (the image's failure, as any other) and a
+    :class:`MissingFileError` (a ``FileNotFoundError``)."""
+
+
 #: What the allocators say when they run out: CUDA's and MPS's "out of memory", the CPU allocator's
 #: "can't allocate memory" and "not enough memory", cuDNN's and cuBLAS's workspace "ALLOC_FAILED". An
 #: "illegal memory access" is not among them.

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ._files import atomic_path
-from .errors import ImageError
+from .errors import ImageError, MissingImageError
 
 __all__ = ["ImageInput", "read_image", "read_mask", "displayed_size", "save_image", "describe", "MASK_MODES"]
 
@@ -104,13 +104,17 @@ class _opened:
         if isinstance(source, (bytes, bytearray, memoryview)):
             stream = io.BytesIO(bytes(source))
         elif isinstance(source, (str, os.PathLike)):
+            if not Path(source).exists():
+                raise MissingImageError(f"{name}: no such image file")
             if not Path(source).is_file():  # a folder, a FIFO or a device is no image file either
-                raise ImageError(f"{name}: no such image file")
+                raise ImageError(f"{name}: not an image file (a folder or a device); pass the path of an image")
             stream = source
         else:
             raise ImageError(f"{name}: expected a path, bytes, PIL image, numpy array or tensor, got {type(source).__name__}")
         try:
             self.img = Image.open(stream)
+        except Image.UnidentifiedImageError:
+            raise ImageError(f"{name}: not an image in a format Pillow reads (JPEG, PNG, WebP, TIFF, BMP...)") from None
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise ImageError(f"{name}: cannot read this image ({e})") from None
         return self.img

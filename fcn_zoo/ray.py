@@ -4,7 +4,7 @@ one machine: streaming, retries, CPU and GPU stages), or any loop over dicts of 
     import ray
     from fcn_zoo.ray import Segmenter
 
-    ds = ray.data.read_images("s3://bucket/photos", mode="RGB", include_paths=True)
+    ds = ray.data.read_binary_files("s3://bucket/photos", include_paths=True)  # fcn-zoo decodes the bytes
     ds = ds.map_batches(Segmenter, fn_constructor_kwargs={"model": "fcn_resnet50os16_voc"}, batch_size=8,
                         num_gpus=1, compute=ray.data.ActorPoolStrategy(size=4))  # 4 GPUs; CPUs: docs/python.md
 
@@ -79,7 +79,7 @@ class Segmenter:
         segs: list = [None] * len(values)
         errors = [""] * len(values)
         rows = self.predictor.stream(range(len(values)), read=lambda i: read_image(_cell(values[i]), names[i]),
-                                     name=names.__getitem__, num_workers=0, errors="yield")
+                                     name=names.__getitem__, errors="yield")
         for i, result in rows:
             if isinstance(result, Exception):
                 errors[i] = _error_line(names[i], result)

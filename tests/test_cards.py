@@ -100,3 +100,4 @@ def test_push_to_hub_uploads_the_same_card_naming_the_repo(monkeypatch):
     assert 'fcn_zoo.from_pretrained("me/my-fcn")' in card.text and "fcn-zoo predict me/my-fcn " in card.text
     assert card.data.eval_results[0].metric_value == 70.5 and card.data.eval_results[0].dataset_type == "cityscapes"
     assert json.loads(uploaded["config.json"])["class_names"][0] == "road"
+

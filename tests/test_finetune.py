@@ -61,6 +61,7 @@ def test_fine_tuning_learns_the_users_classes_and_best_stands_alone(tmp_path, ca
 
     card = (out / "best" / "README.md").read_text()
     run = json.loads((out / "run.json").read_text())
+    assert "datasets:" not in card.split("---")[1]  # a folder is no Hub dataset: the metadata links none
     assert f"{100 * results['mIoU']:.2f} (measured" in card
     assert "| box |" in card and "Per-class IoU" in card
     assert run["data"]["val_images"] == len(val) and run["data"]["train_images"] == 40 - len(val)

@@ -58,6 +58,7 @@ def test_fine_tuning_on_a_parquet_dataset_folder(tmp_path, source, capsys):
     assert (record["train_images"], record["val_images"], record["val_split"]) == (32, 8, "validation")
     card = (out / "best" / "README.md").read_text()
     assert f"a Hugging Face dataset folder `{data.name}`" in card and record["fingerprint"] in card
+    assert "datasets:" not in card.split("---")[1]  # a local folder is no Hub dataset: the metadata links none
     assert "columns `image` (images) and `label` (masks)" in card and "| ellipse |" in card
 
     capsys.readouterr()

@@ -199,6 +199,13 @@ def test_training_and_evaluate_see_phone_photos_as_predict_does(tmp_path, capsys
         matrix.update(torch.from_numpy(seg.labels.astype(np.int64)), torch.from_numpy(mask.astype(np.int64)))
     assert reported == pytest.approx(matrix.compute()["mIoU"], abs=1e-12)
 
+    # a new run into the same folder (no --resume) starts the log afresh: its curves are of one run
+    assert train_module.main(["--init", str(tmp_path / "src"), "--data-root", str(data), "--output-dir", str(out),
+                              "--max-iters", "1", "--batch-size", "2", "--device", "cpu", "--num-workers", "0",
+                              "--no-progress"]) == 0
+    logged = [json.loads(line)["iter"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert logged and max(logged) == 1, logged
+
 
 def test_a_mask_in_the_stored_orientation_is_refused_saying_why(tmp_path):
     from training.generic import load
@@ -257,3 +264,37 @@ def test_a_batched_tensor_or_array_gives_a_list_of_results():
         results = model.predict(images)
         assert isinstance(results, list) and len(results) == 2
         assert all(np.array_equal(r.labels, a) for r, a in zip(results, alone))
+
+
+def test_a_folder_or_dataset_of_its_val_split_alone_evaluates(tmp_path):
+    """evaluate needs no training split: a generic folder with images/val only, a Hugging Face dataset folder
+    with a validation split only."""
+    from sample_data import make_generic
+    from training import evaluate as evaluate_module
+
+    data = make_generic(tmp_path / "data", n_train=0, n_val=2)
+    model = tiny_fcn(num_classes=3, dataset=None, seed=1)
+    model.eval_size = (96, 64)
+    model.save_pretrained(tmp_path / "m")
+    assert evaluate_module.main([str(tmp_path / "m"), "--data-root", str(data), "--device", "cpu",
+                                 "--output-dir", str(tmp_path / "e1")]) == 0
+    assert json.loads((tmp_path / "e1" / "eval.json").read_text())["split"] == "val"
+    pytest.importorskip("datasets")
+    from sample_data import make_hub_dataset
+
+    hub = make_hub_dataset(tmp_path / "hub", {"validation": 2})
+    assert evaluate_module.main([str(tmp_path / "m"), "--dataset-name", str(hub), "--device", "cpu",
+                                 "--output-dir", str(tmp_path / "e2")]) == 0
+    assert json.loads((tmp_path / "e2" / "eval.json").read_text())["split"] == "validation"
+
+
+def test_a_missing_image_is_a_file_not_found_error_and_an_image_error(tmp_path):
+    from fcn_zoo.errors import MissingImageError
+
+    with pytest.raises(FileNotFoundError, match="nope.jpg: no such image file"):
+        read_image(tmp_path / "nope.jpg")
+    with pytest.raises(fcn_zoo.ImageError):
+        read_image(tmp_path / "nope.jpg")
+    with pytest.raises(fcn_zoo.ImageError, match=r"3 bytes: not an image in a format Pillow reads") as raised:
+        read_image(b"abc")
+    assert "0x" not in str(raised.value) and not isinstance(raised.value, MissingImageError)

@@ -4,6 +4,7 @@ predict's protocol, alone and under Ray Data's map_batches."""
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 import sys
 
 import numpy as np
@@ -136,29 +137,37 @@ def test_no_ray_at_import():
 
 
 def test_ray_data_map_batches_gives_predicts_labels_and_a_row_per_failure(small_folder, photos, tmp_path):
-    """A local Ray (2 CPUs): read_images, map_batches over an actor pool, the labels of predict; a table of
-    paths with an unreadable file among them gives that row's error and the others' labels."""
+    """A local Ray (2 CPUs), the documented recipe: read_binary_files, map_batches over an actor pool. The
+    photos' labels are predict's (a phone photo's at its displayed size: fcn-zoo's reader decodes the bytes),
+    and an unreadable file is its row's error, the others going on."""
+    import shutil
+
     ray = pytest.importorskip("ray", reason="the ray extra (pip install 'fcn-zoo[ray]')")
-    expected = _expected(small_folder, photos)
-    broken = tmp_path / "broken.jpg"
-    broken.write_bytes(photos[0].read_bytes()[:150])
-    listed = [str(photos[0]), str(broken), str(photos[1])]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for photo in photos[:3]:
+        shutil.copy(photo, folder / photo.name)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter clockwise
+    Image.open(photos[0]).save(folder / "phone.jpg", exif=exif.tobytes(), quality=90)
+    (folder / "broken.jpg").write_bytes(photos[0].read_bytes()[:150])
+    readable = sorted(p for p in folder.iterdir() if p.name != "broken.jpg")
+    expected = _expected(small_folder, readable)
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False,
              configure_logging=False)
     try:
-        kwargs = dict(fn_constructor_kwargs={"model": str(small_folder), "device": "cpu"}, batch_size=3,
-                      num_cpus=1, compute=ray.data.ActorPoolStrategy(size=1))
-        ds = ray.data.read_images([str(p) for p in photos], mode="RGB", include_paths=True)
-        rows = ds.map_batches(Segmenter, **kwargs).take_all()
-        table = ray.data.from_items([{"path": p} for p in listed]).map_batches(Segmenter, **kwargs).take_all()
+        ds = ray.data.read_binary_files(str(folder), include_paths=True)
+        rows = ds.map_batches(Segmenter, fn_constructor_kwargs={"model": str(small_folder), "device": "cpu"}, batch_size=3,
+                              num_cpus=1, compute=ray.data.ActorPoolStrategy(size=1)).take_all()
     finally:
         ray.shutdown()
-    assert sorted(row["path"] for row in rows) == sorted(str(p) for p in photos)
-    for row in rows:
-        assert np.array_equal(row["labels"], expected[row["path"]]), row["path"]
-        assert row["shares"].shape == (21,) and row["error"] == ""
-    by_path = {row["path"]: row for row in table}
-    assert sorted(by_path) == sorted(listed)
-    assert by_path[str(broken)]["error"].startswith(f"{broken}: ") and by_path[str(broken)]["labels"].shape == (0, 0)
-    for path in listed[::2]:
-        assert by_path[path]["error"] == "" and np.array_equal(by_path[path]["labels"], expected[path]), path
+    by_name = {Path(row["path"]).name: row for row in rows}
+    assert sorted(by_name) == sorted(p.name for p in folder.iterdir())
+    broken = by_name["broken.jpg"]
+    assert broken["error"].startswith(broken["path"] + ": ") and broken["labels"].shape == (0, 0)
+    for path in readable:
+        row = by_name[path.name]
+        assert row["error"] == "" and np.array_equal(row["labels"], expected[str(path)]), path.name
+        assert row["shares"].shape == (21,)
+    with Image.open(photos[0]) as stored:
+        assert by_name["phone.jpg"]["labels"].shape == (stored.width, stored.height)  # as displayed

@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
         raise
     try:
         results = evaluate(model, dataset, tta=TTA() if args.tta else None, mode=args.mode, ctx=ctx, max_samples=args.max_samples,
+                           progress=sys.stderr.isatty(),
                            eval_size=tuple(args.eval_size) if args.eval_size else None)
     except (DatasetLayoutError, FCNZooError) as e:  # a sample that does not read: nothing was written
         raise SystemExit(f"{prog}: {e}") from None

@@ -115,7 +115,10 @@ def load_split(args: argparse.Namespace, split: str, val_fraction: float | None,
     """One side (``train`` or ``val``) of ``--dataset-name``, for an evaluation. ``val_fraction``: the share of
     train held out (given), ``inherited``: the one the model's training run held out (the default), both only
     where the dataset has no validation split."""
-    source = _Source(args)
+    source = _Source(args, evaluation=True)
+    if split != "train" and source.train_split not in source.tables:  # a dataset of its validation split alone
+        return source.dataset(source.reference, list(range(len(source.tables[source.reference]))),
+                              description=source.reference)
     (train_split, train_rows), (val_split, val_rows, val_source) = source.splits(val_fraction, inherited)
     if split == "train":
         dataset = source.dataset(train_split, train_rows)
@@ -129,17 +132,23 @@ def load_split(args: argparse.Namespace, split: str, val_fraction: float | None,
 class _Source:
     """The dataset ``--dataset-name`` names, opened: its splits, columns, classes and mask lookup."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, evaluation: bool = False):
+        """``evaluation``: for ``evaluate``, which needs no training split where a validation split is there,
+        nor the masks' colours."""
         datasets = hubopen.import_datasets()
         self.name = args.dataset_name
         self.args = args
         self.tables = hubopen.open_dataset(datasets, args)
         self.train_split = args.train_split or "train"
-        if self.train_split not in self.tables:
+        # the split whose columns are looked at: the training split, or for an evaluation without one, the val split
+        self.reference = self.train_split
+        if self.train_split not in self.tables and evaluation:
+            self.reference = args.val_split or next((s for s in VAL_SPLITS if s in self.tables), self.train_split)
+        if self.reference not in self.tables:
             raise DatasetLayoutError(f"{self.name}: no split {self.train_split!r} (it has {', '.join(self.tables)}); "
                                      "name one with --train-split")
-        table = self.tables[self.train_split]
-        self.columns = hubopen.columns(table, args, f"{self.name} split {self.train_split!r}")
+        table = self.tables[self.reference]
+        self.columns = hubopen.columns(table, args, f"{self.name} split {self.reference!r}")
         for split, other in self.tables.items():  # undecoded: bytes or paths, opened one by one
             missing = [c for c in self.columns if c not in other.column_names]
             if missing:
@@ -149,7 +158,7 @@ class _Source:
         self.names, self.palette = hubopen.classes(args)
         if len(self.names) > IGNORE_INDEX:
             raise DatasetLayoutError(f"{self.name}: {len(self.names)} classes; masks hold 0..254 (255 = ignore)")
-        if self.palette is None:  # class i is mask value i, or i + 1 under --reduce-labels
+        if self.palette is None and not evaluation:  # class i is mask value i, or i + 1 under --reduce-labels
             self.palette = hubopen.mask_palette(self.tables[self.train_split], self.columns[1], len(self.names),
                                                  1 if args.reduce_labels else 0, f"{self.name} split {self.train_split!r}")
         self.lookup = reduce_labels_lookup() if args.reduce_labels else np.arange(256, dtype=np.uint8)

@@ -57,9 +57,13 @@ def build_dataset(dataset: str, root: str | Path, split: str, transforms=None, s
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if dataset == "generic":
-        from .generic import generic_dataset, read_classes, splits
+        from .generic import generic_dataset, pairs, read_classes, splits
 
-        return generic_dataset(splits(root, val_fraction)[split == "val"], read_classes(root).names, transforms, seed)
+        if split == "val" and val_fraction is None and (Path(root) / "images" / "val").is_dir():
+            samples = pairs(root, "val")  # a folder of its val split alone evaluates too
+        else:
+            samples = splits(root, val_fraction)[split == "val"]
+        return generic_dataset(samples, read_classes(root).names, transforms, seed)
     from .layouts import zoo_dataset
 
     return zoo_dataset(dataset, root, split, transforms, seed)

@@ -101,7 +101,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m training.tr
                    help="deterministic kernels where torch has them (the log names the ops it has none for), cuDNN "
                    "autotuning off; slower on GPUs")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.no_progress = args.no_progress or not sys.stderr.isatty()  # bars on a terminal only, not in logs
+    return args
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m training.train") -> int:
@@ -193,7 +195,8 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
         print(meta["batchnorm_caveat"], file=sys.stderr)
     if ctx.is_main:
         write_json(out / "run.json", {**meta, "args": vars(args)})
-    log_file = open(out / "log.jsonl", "a") if ctx.is_main else None
+    # a resumed run continues its log; a new run into the same folder starts it afresh (curves of one run)
+    log_file = open(out / "log.jsonl", "a" if state["iteration"] else "w") if ctx.is_main else None
     # as the reference's sampler: a permutation per epoch, padded by repeating its start, split over the processes
     sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed, drop_last=False)
     it = state["iteration"]
