@@ -104,8 +104,8 @@ class _opened:
         if isinstance(source, (bytes, bytearray, memoryview)):
             stream = io.BytesIO(bytes(source))
         elif isinstance(source, (str, os.PathLike)):
-            if not Path(source).exists():
-                raise MissingImageError(f"{name}: no such image file")
+            if not os.fspath(source) or not Path(source).exists():  # Path("") would be the current folder
+                raise MissingImageError(f"{name or repr(source)}: no such image file")
             if not Path(source).is_file():  # a folder, a FIFO or a device is no image file either
                 raise ImageError(f"{name}: not an image file (a folder or a device); pass the path of an image")
             stream = source
