@@ -246,7 +246,3 @@ def save_image(img: Image.Image, path: str | os.PathLike, **kwargs) -> Path:
         img.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"), **kwargs)
     return path
 
-
-def load_image(image):
-    """Transitional name of :func:`read_image`."""
-    return read_image(image)

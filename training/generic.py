@@ -33,10 +33,6 @@ def read_classes(root: str | Path) -> Classes:
     return read_classes_file(path)
 
 
-def is_generic(root: str | Path) -> bool:
-    return (Path(root) / "classes.txt").is_file()
-
-
 def pairs(root: str | Path, split: str | None) -> list[tuple[str, Path, Path]]:
     """``(id, image, mask)`` for every image under ``images/<split>`` (``images/`` when ``split`` is None).
 
