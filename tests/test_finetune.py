@@ -84,7 +84,7 @@ def _break(root: Path, case: str) -> str:
         mask = np.zeros((64, 80), np.uint8)
         mask[5, 5] = 7
         Image.fromarray(mask).save(root / "masks" / "train" / "0001.png")
-        return "0001.png: values [7] are outside the 3 classes"
+        return "0001.png: label values [7] are outside the 3 classes of classes.txt"
     if case == "image without mask":
         (root / "masks" / "train" / "0002.png").unlink()
         return "0002.jpg: has no mask"

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from fcn_zoo.errors import ImageError
-from fcn_zoo.images import read_image, read_mask
+from fcn_zoo.images import displayed_size, read_image, read_mask
 
 IGNORE_INDEX = 255
 
@@ -48,6 +48,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
     """
 
     lookup_note = ""  # how stored values become train ids, for messages (" after --reduce-labels")
+    classes_note = ""  # where the classes come from, for messages (" of classes.txt")
 
     def __init__(self, name: str, samples: list[tuple[Path, Path]], lookup: np.ndarray, transforms=None, seed: int = 0,
                  *, class_names: list[str] | None = None, ids: list[str] | None = None):
@@ -94,6 +95,13 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """Sample ``index``'s label map as stored, a uint8 ``(H, W)`` array."""
         return read_label(self.samples[index][1], self.name)
 
+    def image_size(self, index: int) -> tuple[int, int]:
+        """Sample ``index``'s image ``(width, height)`` as displayed, from its header alone."""
+        try:
+            return displayed_size(self.samples[index][0])
+        except ImageError as e:
+            raise DatasetLayoutError(_with_layout(str(e), self.name)) from None
+
     def where(self, index: int) -> str:
         """Where sample ``index``'s label is, for messages."""
         return str(self.samples[index][1])
@@ -107,7 +115,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
             mapped = np.unique(self.lookup[raw][invalid]).tolist()[:5]
             after = f"{self.lookup_note} {mapped}" if mapped != stored else ""
             raise DatasetLayoutError(
-                f"{self.where(index)}: label values {stored}{after} are outside the {self.num_classes} classes "
+                f"{self.where(index)}: label values {stored}{after} are outside the {self.num_classes} classes{self.classes_note} "
                 f"(0..{self.num_classes - 1}, {IGNORE_INDEX} = ignore)"
             )
         return self.lookup[raw]
@@ -120,6 +128,20 @@ class SegmentationDataset(torch.utils.data.Dataset):
         else:
             text = "\n".join(f"{i.name} {label.name}" for i, label in self.samples)
         return hashlib.sha256(text.encode()).hexdigest()
+
+    def checked_labels(self, indices, sizes: list, progress: bool = False):
+        """The train ids of samples ``indices``, each checked before training starts: its mask against its
+        image's size as displayed (the header only: no pixels decoded) and against the classes; every image's
+        ``(height, width)`` appended to ``sizes``. A sample that fails is an error naming it."""
+        from tqdm.auto import tqdm
+
+        for index in tqdm(indices, desc=f"checking {getattr(self, 'split', 'masks')}", disable=not progress, leave=False):
+            width, height = self.image_size(index)
+            label = self.label(index)
+            image = f"its image {Path(self.samples[index][0]).name}" if self.samples else "its image"
+            check_sizes((height, width), label.shape, self.where(index), image)
+            sizes.append((height, width))
+            yield label
 
     def class_pixels(self) -> tuple[np.ndarray, np.ndarray]:
         """:func:`class_pixels` of every label of the dataset."""

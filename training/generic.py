@@ -11,15 +11,12 @@ images never moves the others.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from fcn_zoo.errors import ImageError
-from fcn_zoo.images import displayed_size
 
-from .data import (IGNORE_INDEX, LAYOUTS, Classes, DatasetLayoutError, SegmentationDataset, TrainingData, check_sizes,
-                   class_pixels, read_classes_file, read_label, unit_hash)
+from .data import (LAYOUTS, Classes, DatasetLayoutError, SegmentationDataset, TrainingData, class_pixels,
+                   read_classes_file, unit_hash)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 LAYOUT = LAYOUTS["generic"]
@@ -85,63 +82,31 @@ def splits(root: str | Path, val_fraction: float | None) -> tuple[list, list, st
 
 
 def load(root: str | Path, val_fraction: float | None, progress: bool = False, seed: int = 0) -> TrainingData:
-    """Your folder as a fine-tuning run's data: the classes, both splits, every mask checked (:func:`scan`)."""
+    """Your folder as a fine-tuning run's data: the classes, both splits, every image and mask checked before
+    training starts (:meth:`SegmentationDataset.checked_labels`: sizes as displayed, values in the classes)."""
     root = Path(root)
     classes = read_classes(root)
     train_pairs, val_pairs, val_source = splits(root, val_fraction)
-    checked = scan(train_pairs, len(classes.names), progress)
-    scan(val_pairs, len(classes.names), progress)
     train, val = generic_dataset(train_pairs, classes.names, None, seed), generic_dataset(val_pairs, classes.names)
+    sizes: list[tuple[int, int]] = []
+    pixels = class_pixels(train.checked_labels(range(len(train)), sizes, progress), len(classes.names))
+    for _ in val.checked_labels(range(len(val)), [], progress):
+        pass
     record = {
         "name": root.resolve().name, "layout": "generic", "train_images": len(train), "val_images": len(val),
         "val_split": val_source, "train_sha256": train.fingerprint(), "val_sha256": val.fingerprint(),  # of the sorted id lists
     }
-    return TrainingData("generic", train, val, classes.names, classes.palette, record,
-                        (checked.pixels, checked.image_pixels), checked.sizes)
+    return TrainingData("generic", train, val, classes.names, classes.palette, record, pixels, sizes)
 
 
 def generic_dataset(samples: list[tuple[str, Path, Path]], class_names: list[str], transforms=None, seed: int = 0) -> SegmentationDataset:
     """The generic layout's ``(id, image, mask)`` samples (:func:`splits`) as a dataset."""
-    return SegmentationDataset(
+    dataset = SegmentationDataset(
         "generic", [(image, mask) for _, image, mask in samples], np.arange(256, dtype=np.uint8), transforms, seed,
         class_names=class_names, ids=[i for i, _, _ in samples],
     )
-
-
-@dataclass
-class Scan:
-    pixels: np.ndarray  # (num_classes,) pixels of each class
-    image_pixels: np.ndarray  # (num_classes,) pixels of the images where each class occurs
-    sizes: list[tuple[int, int]]  # (height, width) of each image
-
-
-def scan(samples: list[tuple[str, Path, Path]], num_classes: int, progress: bool = False) -> Scan:
-    """Read every mask and image header: a mask that is not one channel, whose size differs from its image's,
-    that holds a value outside ``0..num_classes - 1`` and 255, or a file that does not read, is an error
-    naming it. Returns the class pixel counts (for ``--class-weights auto``) and the image sizes."""
-    from tqdm.auto import tqdm
-
-    sizes = []
-
-    def checked_masks():
-        for _, image_path, mask_path in tqdm(samples, desc="checking masks", disable=not progress, leave=False):
-            try:
-                width, height = displayed_size(image_path)
-            except ImageError as e:
-                raise DatasetLayoutError(str(e)) from None
-            mask = read_label(mask_path, "generic")
-            check_sizes((height, width), mask.shape, str(mask_path), f"its image {image_path.name}")
-            outside = (mask >= num_classes) & (mask != IGNORE_INDEX)
-            if outside.any():
-                raise DatasetLayoutError(
-                    f"{mask_path}: values {np.unique(mask[outside]).tolist()[:5]} are outside the {num_classes} classes "
-                    f"of classes.txt (0..{num_classes - 1}, {IGNORE_INDEX} = ignore)"
-                )
-            sizes.append((height, width))
-            yield mask
-
-    pixels, image_pixels = class_pixels(checked_masks(), num_classes)
-    return Scan(pixels, image_pixels, sizes)
+    dataset.classes_note = " of classes.txt"
+    return dataset
 
 
 def _files(folder: Path, suffixes: set[str]) -> list[Path]:

@@ -34,7 +34,7 @@ import numpy as np
 from fcn_zoo.errors import ImageError
 from fcn_zoo.images import displayed_size
 
-from .data import (IGNORE_INDEX, DatasetLayoutError, SegmentationDataset, TrainingData, check_sizes, class_pixels,
+from .data import (IGNORE_INDEX, DatasetLayoutError, SegmentationDataset, TrainingData, class_pixels,
                    read_image_as, read_label, unit_hash)
 from . import hubopen
 from .distributed import shared_step
@@ -75,6 +75,13 @@ class HubDataset(SegmentationDataset):
 
     def where(self, index: int) -> str:
         return f"{self.dataset_name} split {self.split!r} row {self.rows[index]}"
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        where = f"{self.where(index)}: column {self.columns[0]!r}"
+        try:  # the header only: the pixels are not decoded
+            return displayed_size(self._cell(index, self.columns[0]), where)
+        except ImageError as e:
+            raise DatasetLayoutError(str(e)) from None
 
     def fingerprint(self) -> str:
         """sha256 of the dataset's fingerprint, the split and the rows taken: which rows an evaluation used."""
@@ -236,31 +243,14 @@ def _check_shard(train: HubDataset, val: HubDataset, num_classes: int, progress:
             if not len(dataset):
                 raise DatasetLayoutError(f"{dataset.dataset_name} split {dataset.split!r} has no rows")
         found = []
-        pixels = class_pixels(_checked(train, progress, found, range(rank, len(train), world)), num_classes)
-        for _ in _checked(val, progress, [], range(rank, len(val), world)):
+        pixels = class_pixels(train.checked_labels(range(rank, len(train), world), found, progress), num_classes)
+        for _ in val.checked_labels(range(rank, len(val), world), [], progress):
             pass
         return pixels, list(zip(range(rank, len(train), world), found))
 
     shares = shared_step(check, world, gather=True)
     pixels = tuple(sum(p[i] for p, _ in shares) for i in range(2))
     return pixels, [size for _, size in sorted(s for _, part in shares for s in part)]
-
-
-def _checked(dataset: HubDataset, progress: bool, sizes: list, indices: range):
-    """The train ids of rows ``indices``, after checking each mask against its image (size) and the classes
-    (values); their image sizes appended to ``sizes``."""
-    from tqdm.auto import tqdm
-
-    for index in tqdm(indices, desc=f"checking {dataset.split}", disable=not progress, leave=False):
-        where = f"{dataset.where(index)}: column {dataset.columns[0]!r}"
-        try:  # the header only: the pixels are not decoded
-            width, height = displayed_size(dataset._cell(index, dataset.columns[0]), where)
-        except ImageError as e:
-            raise DatasetLayoutError(str(e)) from None
-        label = dataset.label(index)
-        check_sizes((height, width), label.shape, dataset.where(index))
-        sizes.append((height, width))
-        yield label
 
 
 __all__ = ["HubDataset", "load", "load_split", "reduce_labels_lookup"]
