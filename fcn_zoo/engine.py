@@ -171,7 +171,7 @@ class Predictor:
                     fill()
                     if not batch:
                         continue
-                    for part, logits in self._forwards(batch, name, errors):
+                    for part, logits in self._forwards(batch, name):
                         if isinstance(logits, Exception):
                             yield from settle(0)
                             yield failed(part[0][0], logits)
@@ -184,7 +184,7 @@ class Predictor:
                 for _, future in pending:
                     future.cancel()
 
-    def _forwards(self, batch: list, name, errors: str):
+    def _forwards(self, batch: list, name):
         """``(part, logits or exception)`` for ``batch``: the whole batch at once, or where that fails (out of
         memory, one image the network cannot take), each image alone, so that only the images that fail alone
         fail."""
@@ -192,13 +192,11 @@ class Predictor:
             yield batch, self.forward([rgb for _, (rgb, _) in batch], [name(i) for i, _ in batch], [p for _, (_, p) in batch])
             return
         except Exception as e:
-            if errors == "raise" and len(batch) == 1:
-                raise
-            if len(batch) == 1:
+            if len(batch) == 1:  # the stream settles what came before, then reports (or raises) this
                 yield batch, e
                 return
         for one in batch:
-            yield from self._forwards([one], name, errors)
+            yield from self._forwards([one], name)
 
     def forward(self, images: list, names: list[str], prepared: list[torch.Tensor] | None = None) -> list[list[torch.Tensor]]:
         """The network's part for :func:`~fcn_zoo.images.read_image` arrays (``prepared``: the same through

@@ -80,10 +80,18 @@ def displayed_size(image, name: str | None = None) -> tuple[int, int]:
 
 
 def _displayed_size(img: Image.Image) -> tuple[int, int]:
+    if img.format == "TIFF":  # Pillow turns some TIFFs by their orientation itself: decode, as the reader does
+        return _decoded(img, describe(img)).size
     width, height = img.size
-    if img.format == "PNG" and "exif" not in img.info:
-        return width, height  # a PNG's EXIF may follow its pixels: finding it would decode the whole image
+    if not _header_exif(img):
+        return width, height
     return (height, width) if _orientation(img) in _TRANSPOSED else (width, height)
+
+
+def _header_exif(img: Image.Image) -> bool:
+    """Whether the orientation the reader applies is known from the header: a PNG's EXIF may follow its pixels
+    (an eXIf chunk after the image data), which viewers need not read and neither does fcn-zoo."""
+    return img.format != "PNG" or "exif" in img.info
 
 
 class _opened:
@@ -104,9 +112,13 @@ class _opened:
         if isinstance(source, (bytes, bytearray, memoryview)):
             stream = io.BytesIO(bytes(source))
         elif isinstance(source, (str, os.PathLike)):
-            if not os.fspath(source) or not Path(source).exists():  # Path("") would be the current folder
+            try:
+                exists, is_file = Path(source).exists(), Path(source).is_file()
+            except (OSError, ValueError) as e:  # a name too long, a NUL byte
+                raise ImageError(f"{str(name)[:200]}: not a usable file name ({e.__class__.__name__})") from None
+            if not os.fspath(source) or not exists:  # Path("") would be the current folder
                 raise MissingImageError(f"{name or repr(source)}: no such image file")
-            if not Path(source).is_file():  # a folder, a FIFO or a device is no image file either
+            if not is_file:  # a folder, a FIFO or a device is no image file either
                 raise ImageError(f"{name}: not an image file (a folder or a device); pass the path of an image")
             stream = source
         else:
@@ -125,13 +137,14 @@ class _opened:
 
 
 def _decoded(img: Image.Image, name: str) -> Image.Image:
-    """The first frame, decoded and turned as EXIF says."""
+    """The first frame, decoded and turned as the EXIF of its header says."""
     try:
+        turn = _header_exif(img)
         if getattr(img, "n_frames", 1) > 1:
             logger.info("%s has %d frames; taking the first", name, img.n_frames)
             img.seek(0)
         img.load()
-        return ImageOps.exif_transpose(img)
+        return ImageOps.exif_transpose(img) if turn else img
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"{name}: cannot read this image: it does not decode ({e})") from None
 
@@ -150,8 +163,12 @@ def _from_pil(img: Image.Image, name: str) -> np.ndarray:
         if img.mode != "I" or arr.max(initial=0) > 255:
             arr = arr / 257.0  # 16-bit -> 8-bit range
         return _grey_to_rgb(np.rint(np.clip(arr, 0, 255)).astype(np.uint8))
-    if img.mode == "F":
-        return _from_array(np.asarray(img, dtype=np.float32), name)
+    if img.mode == "F":  # a float image file: [0, 1] scaled by 255, else taken as 0..255
+        arr = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise ImageError(f"{name}: the image contains NaN or infinite values")
+        arr = arr * 255.0 if arr.max(initial=0) <= 1.0 else arr
+        return _grey_to_rgb(np.rint(np.clip(arr, 0, 255)).astype(np.uint8))
     if img.mode != "RGB":
         img = img.convert("RGBA" if img.mode in ("P", "PA", "LA") else "RGB").convert("RGB")
     return np.array(img)  # writable (np.asarray's view of PIL's bytes is not, and torch.from_numpy warns)
@@ -174,11 +191,12 @@ def _from_array(arr: np.ndarray, name: str) -> np.ndarray:
         arr = np.rint(arr * 255.0)
     elif arr.dtype != np.uint8:
         raise ImageError(f"{name}: expected a uint8 array (or float in [0, 1]), got {arr.dtype}")
-    arr = arr.astype(np.uint8, copy=False)
+    original, arr = arr, arr.astype(np.uint8, copy=False)
     if arr.ndim == 2 or arr.shape[2] == 1:
         return _grey_to_rgb(arr)
     arr = np.ascontiguousarray(arr)
-    return arr if arr.flags.writeable else arr.copy()  # torch.from_numpy wants memory it may write
+    # the caller's buffer may be written again (a video decoder's, a camera's): the result owns its pixels
+    return arr.copy() if np.shares_memory(arr, original) else arr
 
 
 def _from_tensor(t, name: str) -> np.ndarray:

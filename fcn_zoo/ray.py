@@ -120,7 +120,9 @@ def _error_line(name: str, error: Exception) -> str:
 def _cell(value):
     """A batch cell as :func:`fcn_zoo.images.read_image` takes it (Ray hands nested lists as object arrays)."""
     if isinstance(value, np.ndarray) and value.dtype == object:
-        return np.asarray(value.tolist())
+        value = np.asarray(value.tolist())
+        if value.dtype.kind in "iu" and value.size and 0 <= value.min() and value.max() <= 255:
+            value = value.astype(np.uint8)  # pixel values that came through lists
     return value
 
 

@@ -432,3 +432,5 @@ def test_a_path_cell_naming_a_fifo_or_a_file_elsewhere_is_refused_without_readin
         cell_source({"bytes": None, "path": str(folder / "pipe.png")}, "row 1", roots)
     with pytest.raises(DatasetLayoutError, match=r"row 2: names the file .*secret.png outside the dataset's folder"):
         cell_source({"bytes": None, "path": str(folder / ".." / "secret.png")}, "row 2", roots)
+    (folder / "linked.png").symlink_to(tmp_path / "secret.png")  # git-annex, DVC: a link inside the folder
+    assert cell_source({"bytes": None, "path": str(folder / "linked.png")}, "row 3", roots) == str((tmp_path / "secret.png").resolve())

@@ -286,6 +286,9 @@ def test_a_folder_or_dataset_of_its_val_split_alone_evaluates(tmp_path):
     assert evaluate_module.main([str(tmp_path / "m"), "--dataset-name", str(hub), "--device", "cpu",
                                  "--output-dir", str(tmp_path / "e2")]) == 0
     assert json.loads((tmp_path / "e2" / "eval.json").read_text())["split"] == "validation"
+    with pytest.raises(SystemExit, match="no split 'train' \\(it has validation\\); name one with --train-split"):
+        evaluate_module.main([str(tmp_path / "m"), "--dataset-name", str(hub), "--split", "train", "--device", "cpu",
+                              "--output-dir", str(tmp_path / "e3")])
 
 
 def test_a_missing_image_is_a_file_not_found_error_and_an_image_error(tmp_path):
@@ -298,3 +301,74 @@ def test_a_missing_image_is_a_file_not_found_error_and_an_image_error(tmp_path):
     with pytest.raises(fcn_zoo.ImageError, match=r"3 bytes: not an image in a format Pillow reads") as raised:
         read_image(b"abc")
     assert "0x" not in str(raised.value) and not isinstance(raised.value, MissingImageError)
+
+
+def test_the_size_checked_before_training_is_the_size_the_reader_gives(tmp_path):
+    """A TIFF that Pillow turns itself and a PNG whose EXIF follows its pixels: the header-only size of the
+    check before training agrees with the decoded image, so a mask drawn on what the reader shows passes."""
+    import struct
+    import zlib
+
+    from fcn_zoo.images import displayed_size
+
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    Image.fromarray(stored).save(tmp_path / "turned.tif", exif=_exif(EXIF_ROTATE_CW))
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, "PNG")
+    png, data = buffer.getvalue(), _exif(EXIF_ROTATE_CW)
+    chunk = struct.pack(">I", len(data)) + b"eXIf" + data + struct.pack(">I", zlib.crc32(b"eXIf" + data))
+    end = png.rindex(b"IEND") - 4
+    (tmp_path / "late.png").write_bytes(png[:end] + chunk + png[end:])  # the PNG spec allows eXIf after IDAT
+    for name in ("turned.tif", "late.png"):
+        height, width = read_image(tmp_path / name).shape[:2]
+        assert displayed_size(tmp_path / name) == (width, height), name
+
+
+def test_the_reader_owns_its_pixels_and_reads_float_files(tmp_path):
+    """A buffer the caller writes again (a decoder's) does not change an earlier result; a float TIFF of 0..255
+    values reads as before."""
+    model = tiny_fcn(num_classes=3, dataset=None, seed=1)
+    model.eval_size = (96, 64)
+    buffer = np.full((32, 48, 3), 10, dtype=np.uint8)
+
+    def frames():
+        for value in (10, 200):
+            buffer[:] = value
+            yield buffer
+
+    images = [seg.image[0, 0, 0] for _, seg in model.predict_iter(frames(), fuse=False, num_workers=0)]
+    assert images == [10, 200]
+    Image.fromarray(np.full((8, 8), 128.0, dtype=np.float32), mode="F").save(tmp_path / "f.tif")
+    assert (read_image(tmp_path / "f.tif") == 128).all()
+
+
+def test_a_failure_stops_a_raising_stream_only_after_the_results_before_it():
+    """errors="raise" with the labels beside the next forward (a GPU's default): what came before the failing
+    image is yielded first, then the failure raises."""
+    from fcn_zoo.engine import Predictor
+
+    model = tiny_fcn(num_classes=3, dataset=None, seed=1)
+    model.eval_size = (96, 64)
+    predictor = Predictor(model, batch_size=1)
+    forward = predictor.forward
+
+    def failing_on_wide(images, names, prepared=None):
+        if images[0].shape[1] > 64:
+            raise RuntimeError("boom on the wide image")
+        return forward(images, names, prepared)
+
+    predictor.forward = failing_on_wide
+    got = []
+    with pytest.raises(RuntimeError, match="boom"):
+        for _, seg in predictor.stream([np.zeros((48, 64, 3), np.uint8), np.zeros((48, 96, 3), np.uint8)],
+                                       errors="raise", overlap=True):
+            got.append(seg.size)
+    assert got == [(48, 64)]
+
+
+def test_evaluate_refuses_an_eval_size_out_of_bounds(capsys):
+    from training import evaluate as evaluate_module
+
+    with pytest.raises(SystemExit):
+        evaluate_module.main(["m", "--data-root", "d", "--eval-size", "0", "0"])
+    assert "--eval-size: each side must be 1..8192, got 0 0" in capsys.readouterr().err

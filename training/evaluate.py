@@ -76,7 +76,8 @@ def evaluate(model, dataset, *, tta: TTA | None = None, mode: str = "whole", ctx
 
     ctx = ctx or DistributedContext()
     device = next(model.parameters()).device
-    predictor = Predictor(model, tta=tta, mode=mode, fuse=fuse, eval_size=eval_size)  # as predict runs it
+    # as predict runs it, one image at a time (evaluation sizes differ: a batch would mostly be one image anyway)
+    predictor = Predictor(model, tta=tta, mode=mode, fuse=fuse, eval_size=eval_size, batch_size=1)
     matrix = ConfusionMatrix(model.num_classes, device)
     count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     indices = range(ctx.rank, count, ctx.world_size)
@@ -142,6 +143,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
     parser.add_argument("--output-dir", help="where eval.json and eval_iou.png go (default: beside a model folder, "
                         "runs/mine/eval-best-val for runs/mine/best; else eval/<model>-<split>)")
     args = parser.parse_args(argv)
+    from fcn_zoo.model import MAX_SIDE
+
+    if args.eval_size and not all(1 <= side <= MAX_SIDE for side in args.eval_size):
+        parser.error(f"--eval-size: each side must be 1..{MAX_SIDE}, got {args.eval_size[0]} {args.eval_size[1]}")
 
     from fcn_zoo._files import writable
     from fcn_zoo.errors import FCNZooError

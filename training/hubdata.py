@@ -123,7 +123,10 @@ def load_split(args: argparse.Namespace, split: str, val_fraction: float | None,
     train held out (given), ``inherited``: the one the model's training run held out (the default), both only
     where the dataset has no validation split."""
     source = _Source(args, evaluation=True)
-    if split != "train" and source.train_split not in source.tables:  # a dataset of its validation split alone
+    if split == "train" and source.train_split not in source.tables:
+        raise DatasetLayoutError(f"{source.name}: no split {source.train_split!r} (it has {', '.join(source.tables)}); "
+                                 "name one with --train-split")
+    if source.train_split not in source.tables:  # a dataset of its validation split alone
         return source.dataset(source.reference, list(range(len(source.tables[source.reference]))),
                               description=source.reference)
     (train_split, train_rows), (val_split, val_rows, val_source) = source.splits(val_fraction, inherited)

@@ -182,7 +182,7 @@ def roots(dataset_name: str) -> tuple[str, ...]:
         pass
     if Path(dataset_name).expanduser().is_dir():
         folders.append(str(Path(dataset_name).expanduser()))
-    return tuple(os.path.realpath(f) for f in folders)
+    return tuple(dict.fromkeys(p for f in folders for p in (os.path.abspath(f), os.path.realpath(f))))
 
 
 def cell_source(value, where: str, allowed: tuple[str, ...]) -> bytes | str:
@@ -195,7 +195,8 @@ def cell_source(value, where: str, allowed: tuple[str, ...]) -> bytes | str:
     if not path:
         raise DatasetLayoutError(f"{where}: empty (no image)")
     real = os.path.realpath(path)
-    if not any(real.startswith(root.rstrip(os.sep) + os.sep) for root in allowed):
+    named = os.path.abspath(path)  # as named: a link inside the folder (git-annex, DVC) may point elsewhere
+    if not any(p.startswith(root.rstrip(os.sep) + os.sep) for root in allowed for p in (named, real)):
         raise DatasetLayoutError(f"{where}: names the file {path} outside the dataset's folder; a dataset carries its "
                                  "images' bytes: make it as docs/training.md says (embed_table_storage before saving)")
     if not os.path.isfile(real):
