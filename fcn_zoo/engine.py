@@ -129,7 +129,7 @@ class Predictor:
 
         with pool, post:
             pending: deque = deque()  # (item, future of (rgb, prepared)) in input order
-            in_flight: deque = deque()  # (batch, future of its Segmentations), in input order
+            in_flight: deque = deque()  # (batch, future of its Segmentations, its finish arguments), in input order
 
             def fill() -> None:
                 for item in itertools.islice(source, prefetch - len(pending)):
@@ -138,12 +138,20 @@ class Predictor:
             def settle(limit: int):
                 """The results of batches in flight, oldest first, until at most ``limit`` are left."""
                 while len(in_flight) > limit or (in_flight and in_flight[0][1].done()):
-                    batch, future = in_flight.popleft()
+                    batch, future, (rgbs, names, logits) = in_flight.popleft()
                     try:
                         segs = future.result()
                     except Exception as e:
-                        for item, _ in batch:
-                            yield failed(item, e)
+                        if len(batch) == 1:
+                            yield failed(batch[0][0], e)
+                            continue
+                        for k, (item, _) in enumerate(batch):  # each image's labels alone: only those that fail fail
+                            try:
+                                (seg,) = self.finish([rgbs[k]], [names[k]], [logits[k]])
+                            except Exception as one:
+                                yield failed(item, one)
+                                continue
+                            yield item, seg
                         continue
                     yield from ((item, seg) for (item, _), seg in zip(batch, segs))
 
@@ -177,7 +185,7 @@ class Predictor:
                             yield failed(part[0][0], logits)
                             continue
                         rgbs, names = [rgb for _, (rgb, _) in part], [name(item) for item, _ in part]
-                        in_flight.append((part, post.submit(self.finish, rgbs, names, logits)))
+                        in_flight.append((part, post.submit(self.finish, rgbs, names, logits), (rgbs, names, logits)))
                         yield from settle(1 if overlap else 0)  # one batch's labels beside the next forward
                 yield from settle(0)
             finally:

@@ -372,3 +372,24 @@ def test_evaluate_refuses_an_eval_size_out_of_bounds(capsys):
     with pytest.raises(SystemExit):
         evaluate_module.main(["m", "--data-root", "d", "--eval-size", "0", "0"])
     assert "--eval-size: each side must be 1..8192, got 0 0" in capsys.readouterr().err
+
+
+def test_labels_that_fail_for_a_batch_are_made_image_by_image():
+    """The labels step (upsampling to each image's size) failing for a batch fails only the images that fail
+    alone, as the forward pass does."""
+    from fcn_zoo.engine import Predictor
+
+    model = tiny_fcn(num_classes=3, dataset=None, seed=1)
+    model.eval_size = (96, 64)
+    predictor = Predictor(model, batch_size=3)
+    finish = predictor.finish
+
+    def failing(images, names, logits):
+        if len(images) > 1 or images[0][0, 0, 0] == 7:
+            raise RuntimeError("out of memory upsampling")
+        return finish(images, names, logits)
+
+    predictor.finish = failing
+    images = [np.full((48, 64, 3), value, np.uint8) for value in (1, 7, 3)]
+    results = [result for _, result in predictor.stream(images, errors="yield")]
+    assert [type(r).__name__ for r in results] == ["Segmentation", "RuntimeError", "Segmentation"]
