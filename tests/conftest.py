@@ -124,3 +124,14 @@ def answering(status: int | None):
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture(scope="session")
+def small_folder(tmp_path_factory) -> Path:
+    """A save_pretrained folder of the tiny FCN evaluated at 128x96 at most, so that each image or frame costs
+    milliseconds; shared by the tests that only read it."""
+    model = tiny_fcn()
+    model.eval_size = (128, 96)
+    folder = tmp_path_factory.mktemp("small") / "small-fcn"
+    model.save_pretrained(folder)
+    return folder

@@ -369,9 +369,9 @@ def test_a_failure_stops_a_raising_stream_only_after_the_results_before_it():
 def test_evaluate_refuses_an_eval_size_out_of_bounds(capsys):
     from training import evaluate as evaluate_module
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as refused:
         evaluate_module.main(["m", "--data-root", "d", "--eval-size", "0", "0"])
-    assert "--eval-size: each side must be 1..8192, got 0 0" in capsys.readouterr().err
+    assert str(refused.value.code) == "python -m training.evaluate: --eval-size: each side must be 1..8192, got 0 0"
 
 
 def test_labels_that_fail_for_a_batch_are_made_image_by_image():

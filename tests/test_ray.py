@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import fcn_zoo
-from conftest import PHOTOS, tiny_fcn
+from conftest import PHOTOS
 from fcn_zoo.ray import Segmenter
 
 
@@ -27,16 +27,6 @@ def photos(tmp_path_factory):
         Image.open(PHOTOS[i % len(PHOTOS)]).convert("RGB").resize(size).save(path, quality=90)
         paths.append(path)
     return paths
-
-
-@pytest.fixture(scope="module")
-def small_folder(tmp_path_factory):
-    """The tiny FCN evaluated at its photos' own size (a bound of 128x96), so that each image takes milliseconds."""
-    folder = tmp_path_factory.mktemp("small") / "small-fcn"
-    model = tiny_fcn()
-    model.eval_size = (128, 96)
-    model.save_pretrained(folder)
-    return folder
 
 
 def _expected(model_folder, paths):

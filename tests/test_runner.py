@@ -32,16 +32,6 @@ def small(photo: Path, size=(96, 72)) -> Image.Image:
     return Image.open(photo).convert("RGB").resize(size)
 
 
-@pytest.fixture(scope="module")
-def small_folder(tmp_path_factory) -> Path:
-    """A save_pretrained folder of the tiny FCN evaluated at 128x96 at most, so that each image costs little."""
-    model = tiny_fcn()
-    model.eval_size = (128, 96)
-    folder = tmp_path_factory.mktemp("small") / "small-fcn"
-    model.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture()
 def small_model(small_folder) -> fcn_zoo.FCN:
     return fcn_zoo.from_pretrained(small_folder)

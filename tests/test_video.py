@@ -11,21 +11,11 @@ import pytest
 from PIL import Image
 
 import fcn_zoo
-from conftest import PHOTOS, tiny_fcn
+from conftest import PHOTOS
 from fcn_zoo.cli import main
 from fcn_zoo.video import _display_matrix, _displayed
 
 av = pytest.importorskip("av", reason="the video extra (pip install 'fcn-zoo[video]')")
-
-
-@pytest.fixture(scope="module")
-def small_folder(tmp_path_factory) -> Path:
-    """The tiny FCN evaluated at 128x96 at most, so that each frame costs little."""
-    model = tiny_fcn()
-    model.eval_size = (128, 96)
-    folder = tmp_path_factory.mktemp("small") / "small-fcn"
-    model.save_pretrained(folder)
-    return folder
 
 
 def _clip(path: Path, frames: list[np.ndarray], rotation: int = 0, hflip: bool = False, vflip: bool = False) -> None:

@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
     from fcn_zoo.model import MAX_SIDE
 
     if args.eval_size and not all(1 <= side <= MAX_SIDE for side in args.eval_size):
-        parser.error(f"--eval-size: each side must be 1..{MAX_SIDE}, got {args.eval_size[0]} {args.eval_size[1]}")
+        raise SystemExit(f"{prog}: --eval-size: each side must be 1..{MAX_SIDE}, got {args.eval_size[0]} {args.eval_size[1]}")
 
     from fcn_zoo._files import writable
     from fcn_zoo.errors import FCNZooError
