@@ -7,8 +7,12 @@ A tiny model segments two generated photos through ``fcn_zoo.cli.main`` in this 
 hook that records each call into a function of ``fcn_zoo`` made from another ``fcn_zoo`` module (or from
 outside the package), on the main thread, from the start of ``cmd_predict`` until the network's
 ``forward_features`` first runs. Printed: the sequence of modules entered, the number of entries, of distinct
-modules, and of returns to a module that had been left (an entry into a module seen before, not the one
-the call came from).
+modules, and two counts of going back:
+
+- along the call chain: a call into a module that is already on the stack below its caller (A calls B,
+  which calls back into A): what a reader following the code downwards meets as a return to a module left;
+- in sequence: an entry into a module seen before, not the one the call came from (a helper called twice
+  from one function counts here, though the reader never left that function).
 """
 
 from __future__ import annotations
@@ -24,8 +28,21 @@ import fcn_zoo
 from fcn_zoo.cli import main
 
 
-def trace_predict() -> list[str]:
+def _chain(frame) -> list[str]:
+    """The package's modules on the stack, outermost first, runs of one module counted once."""
+    chain: list[str] = []
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith("fcn_zoo") and (not chain or chain[-1] != module):
+            chain.append(module)
+        frame = frame.f_back
+    return chain[::-1]
+
+
+def trace_predict() -> tuple[list[str], list[str]]:
+    """The entries in order, and the calls that go back up the chain (``a > b > a :function``)."""
     entered: list[str] = []
+    upward: list[str] = []
     state = {"on": False, "done": False}
 
     def hook(frame, event, arg):
@@ -40,6 +57,9 @@ def trace_predict() -> list[str]:
         caller = frame.f_back.f_globals.get("__name__", "") if frame.f_back else ""
         if caller != module:
             entered.append(f"{module.removeprefix('fcn_zoo.')}.{name}")
+            chain = _chain(frame)
+            if chain[-1] in chain[:-1]:
+                upward.append(" > ".join(m.removeprefix("fcn_zoo.") for m in chain) + f" :{name}")
         if name == "forward_features":
             state["done"] = True
 
@@ -56,7 +76,7 @@ def trace_predict() -> list[str]:
             main(["predict", str(tmp / "m"), str(tmp / "photos"), "--out", str(tmp / "out"), "--quiet", "--workers", "0"])
         finally:
             sys.setprofile(None)
-    return entered
+    return entered, upward
 
 
 #: helpers every layer may call (the table, device strings, atomic files, copies and modes): a call into one
@@ -75,8 +95,11 @@ def returns(modules: list[str], skip: set[str] = frozenset()) -> int:
 
 
 if __name__ == "__main__":
-    entered = trace_predict()
+    entered, upward = trace_predict()
     modules = [e.split(".")[0] for e in entered]
     print(" -> ".join(entered))
     print(f"{len(modules)} entries into {len(set(modules))} modules; {returns(modules)} returns to a module that had "
-          f"been left, {returns(modules, LEAVES)} not counting the helpers {', '.join(sorted(LEAVES))}")
+          f"been left in sequence, {returns(modules, LEAVES)} not counting the helpers {', '.join(sorted(LEAVES))}; "
+          f"{len(upward)} calls back up the call chain")
+    for call in upward:
+        print("  up:", call)

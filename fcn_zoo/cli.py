@@ -236,13 +236,15 @@ def cmd_predict(args) -> int:
 
         torch.cuda.set_device(device)  # this process's GPU, before anything allocates on one
 
+    from ._fusion import fuse
+    from .hub import from_pretrained
     from .records import made_by
     from .runner import Outputs, segment_sources
-    from .hub import from_pretrained
     from .weights import state_dict_sha256
+
     model = from_pretrained(args.name, device=device, cache_dir=args.cache_dir)
     digest = state_dict_sha256(model)
-    model.fuse()  # this command owns the model for the whole run: its fast path, in place
+    fuse(model)  # this command owns the model for the whole run: its fast path, in place
     outputs = Outputs(out, args.overlay, args.alpha, args.confidence, args.masks)
     options = {"tta": args.tta or None, "mode": "slide" if args.slide else "whole", "engine": args.engine,
                "precision": args.precision}
