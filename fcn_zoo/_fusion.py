@@ -52,10 +52,12 @@ def fuse(model: nn.Module, *, inplace: bool = True, device: str | torch.device |
     return model
 
 
+@functools.cache
 def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether this PyTorch build has the oneDNN fused convolution operators; for bf16, whether this CPU also
     has bf16 instructions (AMX, AVX512-BF16), without which oneDNN refuses bf16 convolutions."""
-    return _build_has_onednn_ops() and (dtype != torch.bfloat16 or cpu_has_bf16())
+    has_ops = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    return has_ops and (dtype != torch.bfloat16 or cpu_has_bf16())
 
 
 @functools.cache
@@ -65,11 +67,6 @@ def cpu_has_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
-
-
-@functools.cache
-def _build_has_onednn_ops() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
 SPLIT_BYTES = 12 << 20
@@ -145,7 +142,7 @@ class ConvAct(nn.Module):
             return torch.ops.mkldnn._convolution_pointwise(x, weights[0], bias, *geometry, unary, [], "")
         # split over input channels: each slice's convolution adds onto the sum so far (a fused post-op)
         width = x.shape[1] // len(weights)
-        parts = [x[:, i * width:(i + 1) * width].contiguous(memory_format=torch.channels_last) for i in range(len(weights))]
+        parts = [part.contiguous(memory_format=torch.channels_last) for part in x.split(width, dim=1)]
         y = torch.ops.mkldnn._convolution_pointwise(parts[0], weights[0], bias, *geometry, "none", [], "")
         for i in range(1, len(weights)):
             last = i == len(weights) - 1
@@ -189,11 +186,10 @@ class ConvAct(nn.Module):
             width = w.shape[1] // splits
             packed = [
                 torch.ops.mkldnn._reorder_convolution_weight(
-                    (w.detach() if splits == 1 else w.detach().index_select(1, torch.arange(i * width, (i + 1) * width))).to(dtype),
-                    list(self.padding), list(self.stride),
-                    list(self.dilation), self.groups, [x.shape[0], width, *x.shape[2:]],
+                    part.to(dtype).contiguous(), list(self.padding), list(self.stride), list(self.dilation),
+                    self.groups, [x.shape[0], width, *x.shape[2:]],
                 )
-                for i in range(splits)
+                for part in w.detach().split(width, dim=1)
             ]
             bias = None if self.bias is None else self.bias.detach().to(dtype)
             cached = self._packed[dtype] = (key, (packed, bias))
@@ -208,8 +204,7 @@ class ConvAct(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def __getstate__(self):  # deepcopy and pickle: the packed weight is a cache, rebuilt on first use
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {**state, "_packed": {}}
+        return {**super().__getstate__(), "_packed": {}}
 
 
 _warned: set[str] = set()  # messages already logged: one line for a failure every layer meets
@@ -273,7 +268,8 @@ def fuse_activations(model: nn.Module) -> None:
             block = _as_fused_block(child)
             if block is not None:
                 setattr(parent, name, block)
-        if _runs_children_in_order(parent):
+        # nn.Sequential, and timm's feature extractors (a ModuleDict whose forward runs its entries in order)
+        if isinstance(parent, nn.Sequential) or type(parent).__name__ in ("FeatureListNet", "FeatureDictNet"):
             _fuse_sequence(parent)
 
 
@@ -293,11 +289,6 @@ def _as_fused_block(block: nn.Module) -> FusedBottleneck | None:
     ):
         return FusedBottleneck(convs, block.downsample)
     return None
-
-
-def _runs_children_in_order(module: nn.Module) -> bool:
-    # nn.Sequential, and timm's feature extractors (a ModuleDict whose forward runs its entries in order)
-    return isinstance(module, nn.Sequential) or type(module).__name__ in ("FeatureListNet", "FeatureDictNet")
 
 
 def _fuse_sequence(parent: nn.Module) -> None:

@@ -82,9 +82,8 @@ def from_pretrained(
     saved = _read_config(folder)
     overrides = {}
     if num_classes is not None and saved.get("num_classes") != num_classes:
-        overrides = {"num_classes": num_classes, "new_classes": True, "class_names": None, "palette": None}
-        if saved.get("dataset") is not None:
-            overrides["dataset"] = None  # the dataset's class names no longer apply
+        # the saved class names, palette and dataset no longer apply
+        overrides = dict(num_classes=num_classes, new_classes=True, class_names=None, palette=None, dataset=None)
     model = FCN.from_pretrained(folder, **overrides)
     return model.to(device).eval()
 
@@ -105,7 +104,10 @@ def resolve(
     text = os.fspath(name_or_path)
     path = Path(text).expanduser()
     if kind == "folder":
-        return _check_folder(path)
+        missing = _missing_files(path)
+        if missing:
+            raise WeightsError(f"{path}: not a save_pretrained folder, it lacks {' and '.join(missing)}")
+        return path
     if kind == "pth":
         return _convert_local_pth(path, cache_dir)
     if kind == "zoo":
@@ -151,32 +153,30 @@ def cached_folder(name: str, cache_dir: str | os.PathLike | None = None) -> Path
         except NotCachedError:
             pass
     converted = cache_root(cache_dir) / "reference" / name
-    return converted if _is_complete(converted) else None
+    return None if _missing_files(converted) else converted
 
 
 # --- the routes ----------------------------------------------------------------------------------
 
 
 def _resolve_zoo(checkpoint: Checkpoint, revision: str | None, cache_dir, offline: bool) -> Path:
-    hub_revision = revision or checkpoint.hub_revision
-    converted = cache_root(cache_dir) / "reference" / checkpoint.name
     # whatever is already on this machine first: an unreachable Hub costs huggingface_hub ~20 s of retries
-    if revision:
+    if revision:  # an explicitly requested Hub revision has no fallback
         try:
             return _download_hub(checkpoint.hub_repo_id, revision, cache_dir, offline=True)
         except NotCachedError:
-            pass
-    elif (cached := cached_folder(checkpoint.name, cache_dir)) is not None:
-        return cached
-    if hub_revision and not offline:
-        try:
-            return _download_hub(checkpoint.hub_repo_id, hub_revision, cache_dir, offline=False)
-        except FCNZooError as e:
-            if revision:  # an explicitly requested Hub revision has no fallback
+            if offline:
                 raise
+        return _download_hub(checkpoint.hub_repo_id, revision, cache_dir, offline=False)
+    cached = cached_folder(checkpoint.name, cache_dir)
+    if cached is not None:
+        return cached
+    if checkpoint.hub_revision and not offline:
+        try:
+            return _download_hub(checkpoint.hub_repo_id, checkpoint.hub_revision, cache_dir, offline=False)
+        except FCNZooError as e:
             logger.info("%s; using the reference weights instead", e)
-    if revision:
-        raise NotCachedError(f"{checkpoint.hub_repo_id}@{revision} is not cached and downloads are disabled")
+    converted = cache_root(cache_dir) / "reference" / checkpoint.name
     if offline:
         raise NotCachedError(
             f"{checkpoint.name} is not cached and downloads are disabled "
@@ -262,7 +262,7 @@ def _convert_local_pth(path: Path, cache_dir) -> Path:
 
     sha256 = sha256_file(path)
     folder = cache_root(cache_dir) / "local" / f"{path.stem}-{sha256[:16]}"
-    if not _is_complete(folder):
+    if _missing_files(folder):
         writable(folder.parent)
         convert_checkpoint(
             path, folder, "reference", checkpoint=checkpoint_for_file(path), provenance={"source_file": str(path.resolve())}
@@ -279,15 +279,8 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
-def _is_complete(folder: Path) -> bool:
-    return (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
-
-
-def _check_folder(folder: Path) -> Path:
-    missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / f).is_file()]
-    if missing:
-        raise WeightsError(f"{folder}: not a save_pretrained folder, it lacks {' and '.join(missing)}")
-    return folder
+def _missing_files(folder: Path) -> list[str]:
+    return [f for f in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / f).is_file()]
 
 
 def _read_config(folder: Path) -> dict:

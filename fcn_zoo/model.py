@@ -7,7 +7,6 @@ this model by renaming keys alone. torchvision's FCN is the same model with ``ba
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,7 @@ from .errors import WeightsError
 from .weights import load_weights
 from .zoo import DATASETS, IMAGENET_MEAN, IMAGENET_STD, folder_metadata
 
-__all__ = ["FCN", "FCNHead", "load_weights"]  # load_weights: from fcn_zoo.weights, where it lives
-
-logger = logging.getLogger(__name__)
+__all__ = ["FCN", "FCNHead"]
 
 
 class FCNHead(nn.Sequential):
@@ -52,15 +49,8 @@ class FCNHead(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.concat_input:
             return super().forward(x)
-        layers = list(self)
-        n = 3 * self.num_convs
-        y = x
-        for layer in layers[:n]:
-            y = layer(y)
-        y = torch.cat([x, y], dim=1)
-        for layer in layers[n:]:
-            y = layer(y)
-        return y
+        convs = 3 * self.num_convs
+        return self[convs:](torch.cat([x, self[:convs](x)], dim=1))
 
     @property
     def classifier(self) -> nn.Conv2d:
@@ -69,7 +59,8 @@ class FCNHead(nn.Sequential):
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
-    return [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+    return [conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
 
 
 class FCN(
@@ -326,8 +317,7 @@ def _umask() -> int:
 
 
 def _inference_params(model: FCN) -> int:
-    aux = sum(p.numel() for p in model.auxiliary_head.parameters()) if model.auxiliary_head is not None else 0
-    return sum(p.numel() for p in model.parameters()) - aux
+    return sum(p.numel() for name, p in model.named_parameters() if not name.startswith("auxiliary_head."))
 
 
 def _names(names, num_classes: int) -> list[str]:
