@@ -16,7 +16,11 @@ in a pickle can run.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,17 +81,18 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             obj = obj[wrapper]
             break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path}: expected a state dict of tensors (optionally under 'model'), got {type(obj).__name__}")
+        raise WeightsError(
+            f"{path}: expected a state dict of tensors (optionally under 'model'), got {type(obj).__name__}"
+        )
     return obj
 
 
 def _refusal(error: Exception) -> str:
-    """The line of torch's error that says what was refused (``Unsupported global: GLOBAL os.system ...``), else
-    its first line: torch puts the type it refused several lines below its general advice."""
-    refused = next((line for line in str(error).splitlines() if "Unsupported global" in line or "Unsupported operand" in line), None)
-    if refused is None:
-        return first_line(error)
-    return refused.split("WeightsUnpickler error:", 1)[-1].strip().split(" was not an allowed global")[0]
+    """The line of torch's error naming the type it refused (it comes below torch's advice), else the first."""
+    for line in str(error).splitlines():
+        if "Unsupported global" in line or "Unsupported operand" in line:
+            return line.split("WeightsUnpickler error:", 1)[-1].strip().split(" was not an allowed global")[0]
+    return first_line(error)
 
 
 def detect_format(state_dict: dict[str, torch.Tensor]) -> str:
@@ -133,89 +138,90 @@ def convert_state_dict(
         try:
             layout = detect_format(state_dict)
         except WeightsError:
-            layout = None
-        hint = (
-            f"; its keys look like the {layout} layout: convert it with `fcn-zoo convert {what} --from {layout} --out DIR`"
-            if layout not in (None, source) else ""
+            layout = source
+        hint = "" if layout == source else (
+            f"; its keys look like the {layout} layout: "
+            f"convert it with `fcn-zoo convert {what} --from {layout} --out DIR`"
         )
-        raise WeightsError(f"{what}: not a {source} FCN state dict: unknown keys {', '.join(sorted(unknown)[:8])}{hint}")
-    concat_input = False
+        keys = ", ".join(sorted(unknown)[:8])
+        raise WeightsError(f"{what}: not a {source} FCN state dict: unknown keys {keys}{hint}")
+    concat_input = source == "mmseg" and any(k.startswith("decode_head.conv_cat.") for k in renamed)
     if source == "mmseg":
-        renamed, concat_input = _mmseg_heads(renamed)
-    config = _infer_config(renamed, source, name, output_stride, concat_input)
-    return config, renamed
+        renamed = _mmseg_heads(renamed, concat_input)
+    return _infer_config(renamed, source, name, output_stride, concat_input), renamed
 
 
-def _mmseg_heads(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+def _mmseg_heads(sd: dict[str, torch.Tensor], concat_input: bool) -> dict[str, torch.Tensor]:
     """mmseg's ``convs.N.{conv,bn}`` / ``conv_cat`` / ``conv_seg`` -> FCNHead's Sequential indices."""
     out = {k: v for k, v in sd.items() if not k.startswith(("decode_head.", "auxiliary_head."))}
-    concat_input = any(k.startswith("decode_head.conv_cat.") for k in sd)
     for head in ("decode_head", "auxiliary_head"):
-        keys = [k for k in sd if k.startswith(head + ".")]
-        num_convs = len({m.group(1) for k in keys if (m := re.match(rf"{head}\.convs\.(\d+)\.", k))})
-        cat = 3 * num_convs if head == "decode_head" and concat_input else None
-        classifier = 3 * num_convs + (3 if cat is not None else 0) + 1
+        keys = [k.removeprefix(f"{head}.") for k in sd if k.startswith(f"{head}.")]
+        num_convs = len({m.group(1) for k in keys if (m := re.match(r"convs\.(\d+)\.", k))})
+        # conv_cat is one more conv3x3-BN-ReLU after the convs, then come the dropout and the classifier
+        with_cat = head == "decode_head" and concat_input
         for key in keys:
-            rest = key[len(head) + 1:]
+            rest = re.sub(r"^conv_cat\.", f"convs.{num_convs}.", key) if with_cat else key
             if m := re.match(r"convs\.(\d+)\.(conv|bn)\.(.+)", rest):
-                index = 3 * int(m.group(1)) + (m.group(2) == "bn")
-                out[f"{head}.{index}.{m.group(3)}"] = sd[key]
-            elif (m := re.match(r"conv_cat\.(conv|bn)\.(.+)", rest)) and cat is not None:
-                out[f"{head}.{cat + (m.group(1) == 'bn')}.{m.group(2)}"] = sd[key]
-            elif m := re.match(r"conv_seg\.(.+)", rest):
-                out[f"{head}.{classifier}.{m.group(1)}"] = sd[key]
+                out[f"{head}.{3 * int(m.group(1)) + (m.group(2) == 'bn')}.{m.group(3)}"] = sd[f"{head}.{key}"]
+            elif rest.startswith("conv_seg."):
+                classifier = 3 * (num_convs + with_cat) + 1
+                out[f"{head}.{classifier}.{rest.removeprefix('conv_seg.')}"] = sd[f"{head}.{key}"]
             else:
-                raise WeightsError(f"not an mmseg FCN head key: {key}")
-    return out, concat_input
+                raise WeightsError(f"not an mmseg FCN head key: {head}.{key}")
+    return out
 
 
-def _infer_config(sd: dict[str, torch.Tensor], source: str, name: str, output_stride: int | None, concat_input: bool) -> dict:
+def _infer_config(
+    sd: dict[str, torch.Tensor], source: str, name: str, output_stride: int | None, concat_input: bool
+) -> dict:
+    """The :class:`fcn_zoo.FCN` keyword arguments that the tensors' shapes and the file's ``name`` describe."""
     what = name or "checkpoint"
-    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"backbone\.layer3\.(\d+)\.", k))}
+    blocks = {m.group(1) for k in sd if (m := re.match(r"backbone\.layer3\.(\d+)\.", k))}
     depth = {6: 50, 23: 101, 36: 152}.get(len(blocks))
     if depth is None:
         raise WeightsError(f"{what}: layer3 has {len(blocks)} blocks, not a ResNet-50/101/152")
-    deep_stem = "backbone.conv1.0.weight" in sd
     if output_stride is None:
         output_stride = _output_stride_from_name(source, name)
-    head = _head_layout(sd, "decode_head", what)
-    aux = _head_layout(sd, "auxiliary_head", what) if any(k.startswith("auxiliary_head.") for k in sd) else None
-    if aux is not None and aux["num_convs"] != 1:
-        raise WeightsError(f"{what}: the auxiliary head has {aux['num_convs']} convs; FCN's has one")
+    num_classes, num_convs, channels = _head_layout(sd, "decode_head", what)
+    aux_channels = None
+    if any(k.startswith("auxiliary_head.") for k in sd):
+        _, aux_convs, aux_channels = _head_layout(sd, "auxiliary_head", what)
+        if aux_convs != 1:
+            raise WeightsError(f"{what}: the auxiliary head has {aux_convs} convs; FCN's has one")
     config = {
-        "num_classes": head["num_classes"],
-        "backbone": f"resnet{depth}{'c' if deep_stem else ''}",
+        "num_classes": num_classes,
+        "backbone": f"resnet{depth}{'c' if 'backbone.conv1.0.weight' in sd else ''}",  # deep stem: V1c
         "output_stride": output_stride,
-        "head_channels": head["channels"],
-        "num_convs": head["num_convs"] - concat_input,
+        "head_channels": channels,
+        "num_convs": num_convs - concat_input,
         "concat_input": concat_input,
-        "aux_channels": aux["channels"] if aux else None,
+        "aux_channels": aux_channels,
     }
-    dataset = next((d for d in DATASETS if Path(name).stem.endswith(f"_{d}")), None)
-    if dataset is None and source == "torchvision" and config["num_classes"] == 21:
-        dataset = "voc"  # torchvision's weights predict the VOC classes
-    if dataset is not None and DATASETS[dataset].num_classes == config["num_classes"]:
+    named = next((d for d in DATASETS if Path(name).stem.endswith(f"_{d}")), None)
+    dataset = named or ("voc" if source == "torchvision" else None)  # torchvision's weights predict VOC's classes
+    if dataset is not None and DATASETS[dataset].num_classes == num_classes:
         config["dataset"] = dataset
     return config
 
 
-def _head_layout(sd: dict[str, torch.Tensor], head: str, what: str) -> dict:
-    convs = sorted(int(m.group(1)) for k, v in sd.items() if (m := re.fullmatch(rf"{head}\.(\d+)\.weight", k)) and v.ndim == 4)
+def _head_layout(sd: dict[str, torch.Tensor], head: str, what: str) -> tuple[int, int, int]:
+    """``(num_classes, num_convs, channels)`` of an FCNHead's state dict; the classifier counts as a conv."""
+    convs = sorted(
+        int(m.group(1)) for k, v in sd.items() if (m := re.fullmatch(rf"{head}\.(\d+)\.weight", k)) and v.ndim == 4
+    )
     if not convs:
         raise WeightsError(f"{what}: no {head} convolutions found")
     classifier = sd[f"{head}.{convs[-1]}.weight"]
     if classifier.shape[-2:] != (1, 1):
         raise WeightsError(f"{what}: {head}'s last convolution is not the 1x1 classifier")
-    return {
-        "num_classes": int(classifier.shape[0]),
-        "num_convs": len(convs) - 1,
-        "channels": int(sd[f"{head}.0.weight"].shape[0]) if len(convs) > 1 else int(classifier.shape[1]),
-    }
+    channels = sd[f"{head}.0.weight"].shape[0] if len(convs) > 1 else classifier.shape[1]
+    return int(classifier.shape[0]), len(convs) - 1, int(channels)
 
 
 def _output_stride_from_name(source: str, name: str) -> int:
+    """The output stride a file's name gives (weights do not record a dilation); torchvision's is always 8."""
     if source == "torchvision":
-        return 8  # torchvision dilates the last two stages
+        return 8
     pattern = r"os(8|16|32)(?!\d)" if source == "reference" else r"d(8|16|32)(?!\d)"
     if m := re.search(pattern, Path(name).stem):
         return int(m.group(1))
@@ -248,14 +254,15 @@ def convert_checkpoint(
     """
     from . import __version__
     from .model import FCN
-    from .weights import load_state_dict
     from .parity import measure_parity, source_model
+    from .weights import load_state_dict
 
     src = Path(src)
     original = read_checkpoint(src)
-    name = f"{checkpoint.name}.pth" if checkpoint is not None else src.name
-    if checkpoint is not None and output_stride is None:
-        output_stride = checkpoint.output_stride
+    name = src.name
+    if checkpoint is not None:
+        name = f"{checkpoint.name}.pth"
+        output_stride = output_stride or checkpoint.output_stride
     config, state_dict = convert_state_dict(original, source, name=name, output_stride=output_stride)
     if checkpoint is not None:
         expected = checkpoint.model_config()
@@ -266,37 +273,31 @@ def convert_checkpoint(
             )
     model = FCN(**config)
     load_state_dict(model, state_dict, source=str(src))  # strict: every key, every shape
-    record = {"source_format": source, "source_sha256": sha256_file(src), **(provenance or {}), "converted_with": f"fcn-zoo {__version__}"}
+    record = {
+        "source_format": source, "source_sha256": sha256_file(src), **(provenance or {}),
+        "converted_with": f"fcn-zoo {__version__}",
+    }
     if parity:
         found = source_model(source, config, original)
-        if found is not None:
-            run, implementation = found
-            record["parity"] = {"implementation": implementation, **measure_parity(model, run)}
-        else:
-            record["parity"] = None
+        record["parity"] = None if found is None else {"implementation": found[1], **measure_parity(model, found[0])}
     return write_folder(model, Path(out), record, row=checkpoint)
 
 
 def write_folder(model, folder: Path, provenance: dict, *, row=None, mean_iou: float | None = None,
                  eval_dataset: str | None = None, repo_id: str | None = None) -> dict:
-    """``save_pretrained`` into a temporary folder beside ``folder``, add ``provenance.json`` and the model card
-    (with the provenance, the zoo ``row`` these weights are and a measured ``mean_iou`` on ``eval_dataset``, if any; ``repo_id`` for its usage examples), rename.
-
-    A concurrent writer that finished first wins; ``folder`` is never seen half-written.
-    """
-    import json
-    import os
-    import shutil
-    import tempfile
-
+    """``save_pretrained`` into ``folder`` with ``provenance.json`` (returned, ``weights_sha256`` added) and the
+    model card (:func:`fcn_zoo.cards.model_card`'s arguments). Written beside ``folder`` and renamed, so it is
+    never seen half-written; a concurrent writer that finished first wins."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
     try:
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would hide the folder from other users of a shared cache
         model.save_pretrained(tmp)
         provenance = {**provenance, "weights_sha256": sha256_file(tmp / "model.safetensors")}
         (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        card = model.generate_model_card(row=row, provenance=provenance, mean_iou=mean_iou, eval_dataset=eval_dataset, repo_id=repo_id)
+        card = model.generate_model_card(
+            row=row, provenance=provenance, mean_iou=mean_iou, eval_dataset=eval_dataset, repo_id=repo_id
+        )
         (tmp / "README.md").write_text(str(card), encoding="utf-8")
         try:
             os.replace(tmp, folder)
