@@ -56,25 +56,19 @@ def download_reference(checkpoint: Checkpoint, directory: Path, cache_dir=None) 
             raise FCNZooError(_download_failed(checkpoint, [url], e)) from e
     known = _known_hashes(cache_dir)
     expected = checkpoint.sha256 or known.get(checkpoint.name)
-    if expected and sha256 != expected:
+    if not expected:
+        write_json(_known_hashes_path(cache_dir), {**known, checkpoint.name: sha256})  # its folder: writable()
+    elif sha256 != expected:
         path.unlink(missing_ok=True)
         if checkpoint.sha256:
-            how = (
-                "it is not the published file; to use it anyway, download it and load the local file "
-                f"(fcn_zoo.from_pretrained('{checkpoint.name}.pth'))"
-            )
+            origin = "published in the table"
+            how = ("it is not the published file; to use it anyway, download it and load the local file "
+                   f"(fcn_zoo.from_pretrained('{checkpoint.name}.pth'))")
         else:
-            how = (
-                f"if the mirror's file was changed on purpose, delete the \"{checkpoint.name}\" entry of "
-                f"{_known_hashes_path(cache_dir)} and load again to accept it"
-            )
-        raise WeightsError(
-            f"{url}: sha256 {sha256} differs from {expected}, "
-            f"{'published in the table' if checkpoint.sha256 else 'recorded at the first download'}; "
-            f"the file was not used; {how}"
-        )
-    if not expected:
-        _record_hash(checkpoint.name, sha256, cache_dir)
+            origin = "recorded at the first download"
+            how = (f"if the mirror's file was changed on purpose, delete the \"{checkpoint.name}\" entry of "
+                   f"{_known_hashes_path(cache_dir)} and load again to accept it")
+        raise WeightsError(f"{url}: sha256 {sha256} differs from {expected}, {origin}; the file was not used; {how}")
     return path, url, sha256
 
 
@@ -90,10 +84,6 @@ def _known_hashes(cache_dir=None) -> dict[str, str]:
         return {}
     except ValueError as e:
         raise WeightsError(f"{path}: not valid JSON ({e}); delete it to record hashes anew") from e
-
-
-def _record_hash(name: str, sha256: str, cache_dir=None) -> None:
-    write_json(_known_hashes_path(cache_dir), {**_known_hashes(cache_dir), name: sha256})  # its folder: writable()
 
 
 def download(url: str, path: Path, timeout: float | None = None) -> str:

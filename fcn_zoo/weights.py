@@ -3,6 +3,7 @@ do not fit, and the classifiers left freshly initialised when fine-tuning asks f
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -64,41 +65,37 @@ def load_state_dict(
     }
     reinit = sorted(
         k for k in classifier_keys
-        if new_classes and k in state_dict and state_dict[k].shape[0] != expected[k].shape[0] and state_dict[k].shape[1:] == expected[k].shape[1:]
+        if new_classes and k in state_dict
+        and state_dict[k].shape[0] != expected[k].shape[0] and state_dict[k].shape[1:] == expected[k].shape[1:]
     )
     missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(state_dict))
-        if k not in reinit and state_dict[k].shape != expected[k].shape
-    ]
-    wrong_dtype = [
-        f"{k}: {state_dict[k].dtype} for {expected[k].dtype}"
-        for k in sorted(set(expected) & set(state_dict))
-        if state_dict[k].is_floating_point() != expected[k].is_floating_point() or state_dict[k].is_complex()
-    ]
-    problems = []
-    if strict and missing:
-        problems.append(f"missing keys {_short(missing)}")
-    if strict and unexpected:
-        problems.append(f"unexpected keys {_short(unexpected)}")
-    if mismatched:
-        problems.append(f"wrong shapes {_short(mismatched)}")
-    if wrong_dtype:
-        problems.append(f"wrong dtypes {_short(wrong_dtype)}")
-    if problems:
-        raise WeightsError(f"{source}: does not fit FCN({_describe(model)}): " + "; ".join(problems))
+    shared = sorted(set(expected) & set(state_dict))
+    problems = {
+        "missing keys": missing if strict else [],
+        "unexpected keys": sorted(set(state_dict) - set(expected)) if strict else [],
+        "wrong shapes": [
+            f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+            for k in shared
+            if k not in reinit and state_dict[k].shape != expected[k].shape
+        ],
+        "wrong dtypes": [
+            f"{k}: {state_dict[k].dtype} for {expected[k].dtype}"
+            for k in shared
+            if state_dict[k].is_floating_point() != expected[k].is_floating_point() or state_dict[k].is_complex()
+        ],
+    }
+    if any(problems.values()):
+        found = "; ".join(f"{what} {_short(keys)}" for what, keys in problems.items() if keys)
+        raise WeightsError(f"{source}: does not fit FCN({_describe(model)}): {found}")
     if reinit:
-        old = state_dict[reinit[0]].shape[0]
         logger.warning(
             "%s has %d classes; the model has %d: the classifiers (%s) are freshly initialised for fine-tuning",
-            source, old, model.num_classes, ", ".join(reinit),
+            source, state_dict[reinit[0]].shape[0], model.num_classes, ", ".join(reinit),
         )
     if missing:  # only without strict: those tensors keep a fresh initialisation
         logger.warning("%s lacks %d tensor(s) of the model, freshly initialised: %s", source, len(missing), _short(missing))
     kept = {k: v for k, v in state_dict.items() if k not in reinit}
-    if not _on_meta(model):
+    if not any(t.is_meta for t in expected.values()):
         model.load_state_dict(kept, strict=False)
         return
     # built on the meta device (FCN.from_pretrained): the file's tensors become the weights, nothing is
@@ -107,7 +104,7 @@ def load_state_dict(
     model.load_state_dict(kept, strict=False, assign=True)
     device = next((t.device for t in kept.values()), "cpu")
     for module in model.modules():
-        if _on_meta(module, recurse=False):
+        if any(t.is_meta for _, t in _own_tensors(module)):
             # reset_parameters initialises the whole module: the tensors the file gave it are put back after
             loaded = {name: t.detach() for name, t in _own_tensors(module) if not t.is_meta}  # to_empty swaps .data
             module.to_empty(device=device, recurse=False)
@@ -120,11 +117,6 @@ def load_state_dict(
 
 def _own_tensors(module):
     return [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-
-
-def _on_meta(module, recurse: bool = True) -> bool:
-    tensors = [*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)]
-    return any(t.is_meta for t in tensors)
 
 
 def _describe(model: FCN) -> str:
@@ -141,8 +133,6 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
     """Hex sha256 of ``model.state_dict()``: every tensor's name, dtype, shape and bytes, in order. It changes
     whenever a weight does, however it was changed (``load_state_dict``, in place, ``.data``, NumPy). Not the
     sha256 of a ``model.safetensors`` file (``weights_sha256`` in provenance), which also hashes its header."""
-    import hashlib
-
     import torch
 
     digest = hashlib.sha256()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .errors import UnknownModelError
 
 __all__ = [
-    "Checkpoint", "DatasetInfo", "CHECKPOINTS", "DATASETS", "get_checkpoint", "get_dataset", "checkpoint_for_file",
+    "Checkpoint", "DatasetInfo", "CHECKPOINTS", "DATASETS", "get_checkpoint", "checkpoint_for_file",
     "eval_resize_shape", "folder_metadata",
 ]
 
@@ -318,11 +318,3 @@ def checkpoint_for_file(path) -> Checkpoint | None:
         if stem.endswith(suffix) and name in CHECKPOINTS:
             return CHECKPOINTS[name]
     return None
-
-
-def get_dataset(name: str) -> DatasetInfo:
-    """Return the metadata of dataset ``name`` (``voc``, ``ade20k`` or ``cityscapes``)."""
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise UnknownModelError(name, sorted(DATASETS), kind="dataset") from None
