@@ -13,6 +13,8 @@ and ``fcn_zoo_version``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import warnings
@@ -20,9 +22,11 @@ from pathlib import Path
 
 import torch
 
+from . import __version__
 from ._files import atomic_path, cache_root, writable
 from ._inference import evaluating, inference_copy
 from .errors import first_line
+from .parity import measure_parity
 from .weights import state_dict_sha256
 
 __all__ = ["export", "metadata", "onnx_session", "FORMATS"]
@@ -48,8 +52,8 @@ class _Features(torch.nn.Module):
 
 
 def export(
-    model, path: str | os.PathLike, fmt: str = "onnx", *, example_size: tuple[int, int] = (512, 512), features: bool = False,
-    source: str | None = None,
+    model, path: str | os.PathLike, fmt: str = "onnx", *, example_size: tuple[int, int] = (512, 512),
+    features: bool = False, source: str | None = None,
 ) -> Path:
     """Write ``model`` to ``path`` in ``fmt`` (``onnx``), with the metadata of the module docstring; the file
     appears only when complete.
@@ -82,10 +86,6 @@ def export(
 
 def metadata(model, *, features: bool = False, source: str | None = None) -> dict[str, str]:
     """What a user of the exported file needs beside the graph, as ``metadata_props`` strings."""
-    import json
-
-    from . import __version__
-
     return {
         "class_names": json.dumps(list(model.class_names)),
         "palette": json.dumps([list(c) for c in model.palette]),
@@ -106,31 +106,30 @@ def _quiet():
     if logger.isEnabledFor(logging.DEBUG):
         yield
         return
-    loggers = [logging.getLogger(name) for name in _EXPORTER_LOGGERS]
-    levels = [log.level for log in loggers]
+    levels = {name: logging.getLogger(name).level for name in _EXPORTER_LOGGERS}
     try:
-        for log in loggers:
-            log.setLevel(logging.ERROR)
+        for name in levels:
+            logging.getLogger(name).setLevel(logging.ERROR)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        for log, level in zip(loggers, levels):
-            log.setLevel(level)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
-def max_abs_difference(model, path: Path, fmt: str, size: tuple[int, int] = (256, 320)) -> float | None:
+def max_abs_difference(model, path: Path, fmt: str) -> float | None:
     """Max abs logit difference of the exported file and ``model`` on a seeded input; ``None`` if no runtime."""
-    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode(), evaluating(model):
-        expected = model(x.to(next(model.parameters()).device)).cpu()
     try:
         import onnxruntime
     except ImportError:
         return None
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
-    return float((got - expected).abs().max())
+
+    def exported(x):
+        return torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+
+    return measure_parity(model, exported)["max_abs_diff"]
 
 
 def onnx_session(model, cache_dir: str | os.PathLike | None = None):
@@ -143,9 +142,6 @@ def onnx_session(model, cache_dir: str | os.PathLike | None = None):
     in any way gets a session of its own. An entry onnxruntime cannot load (cut short, or an older entry
     whose separate weights file is gone) is exported again rather than failing the predict.
     """
-    import hashlib
-    import json
-
     try:
         import onnxruntime
     except ImportError as e:

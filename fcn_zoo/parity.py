@@ -7,6 +7,7 @@ The source implementation is built with its own code (torchvision's ``fcn_resnet
 from __future__ import annotations
 
 from collections.abc import Callable
+from importlib.metadata import version
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ def build_reference_segmentor(config: dict) -> torch.nn.Module:
     from ssseg.modules.models.segmentors import BuildSegmentor
 
     depth = int(config["backbone"].removeprefix("resnet").removesuffix("c"))
+    aux_channels = config.get("aux_channels", 512)
     cfg = {
         "type": "FCN", "num_classes": config["num_classes"], "benchmark": True, "align_corners": False,
         "norm_cfg": {"type": "BatchNorm2d"}, "act_cfg": {"type": "ReLU", "inplace": True},
@@ -30,8 +32,8 @@ def build_reference_segmentor(config: dict) -> torch.nn.Module:
             "in_channels": 2048, "feats_channels": config.get("head_channels", 512), "dropout": 0.1,
             "num_convs": config.get("num_convs", 2),
         },
-        "auxiliary": None if config.get("aux_channels", 512) is None else {
-            "in_channels": 1024, "out_channels": config.get("aux_channels", 512), "dropout": 0.1,
+        "auxiliary": None if aux_channels is None else {
+            "in_channels": 1024, "out_channels": aux_channels, "dropout": 0.1,
         },
         "losses": {},
     }
@@ -54,8 +56,6 @@ def source_model(source: str, config: dict, state_dict: dict[str, torch.Tensor])
         return (lambda x: model(x)["out"]), f"torchvision {torchvision.__version__}"
     if source == "reference":
         try:
-            from importlib.metadata import version
-
             from ssseg.modules.utils import SSSegInputStructure
         except ImportError:
             return None
@@ -71,12 +71,13 @@ def source_model(source: str, config: dict, state_dict: dict[str, torch.Tensor])
 
 
 def measure_parity(model: torch.nn.Module, source: Callable, size: tuple[int, int] = (256, 320), seed: int = 0) -> dict:
-    """Max abs logit difference and label agreement of ``model`` and ``source`` on one seeded input."""
+    """Max abs logit difference and label agreement of ``model`` (on any device) and ``source`` (``x -> logits``,
+    ``x`` a CPU tensor) on one seeded ``(1, 3, *size)`` input."""
     from ._inference import evaluating
 
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode(), evaluating(model):
-        ours, theirs = model(x), source(x)
+        ours, theirs = model(x.to(next(model.parameters()).device)).cpu(), source(x)
     return {
         "max_abs_diff": float((ours - theirs).abs().max()),
         "label_agreement": float((ours.argmax(1) == theirs.argmax(1)).float().mean()),
