@@ -17,6 +17,7 @@ autocast, autograd, tracing for export or compilation) the layer runs as ``conv2
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 
 import torch
@@ -245,7 +246,7 @@ def fold_batchnorm(model: nn.Module) -> None:
     for parent in list(model.modules()):
         children = dict(parent.named_children())
         if isinstance(parent, nn.Sequential):
-            pairs = [(a, b) for a, b in zip(children, list(children)[1:])]
+            pairs = list(itertools.pairwise(children))
         else:  # timm's ResNet blocks and stem: convN followed by bnN
             pairs = [(f"conv{n[2:]}", n) for n in children if n.startswith("bn") and f"conv{n[2:]}" in children]
         for conv_name, bn_name in pairs:
