@@ -18,18 +18,21 @@ LAYERS = {
     "video": 12,                                # frames in, overlay video out
     "ray": 11,                                  # the Segmenter for Ray Data's map_batches
     "predict": 10,                              # predict, predict_iter, preprocess: doors over the engine
+    "quantize": 10,                             # an FCN's int8 version, calibrated through the engine's protocol
     "engine": 9,                                # the one engine: items in, (item, result or error) out
     "protocol": 8, "segmentation": 8, "labels": 8,  # resize, normalise, forward; the result; labels from logits
     "images": 7, "inputs": 7,                   # the one reader of images and masks; what a command line names
     "export": 5,                                # a model as ONNX, and the sessions that run it
     "hub": 4, "downloads": 4,                   # a name, repo id, folder or .pth becomes a local folder
     "convert": 3, "parity": 3,                  # other layouts' state dicts become FCN's
+    "int8": 3,                                  # an int8 model run by OpenVINO, its folder and card
     "model": 2, "weights": 2, "_fusion": 2, "_inference": 2, "cards": 2,  # the nn.Module, loading it, its
                                                 #   kernels, running it without changing it, its card
     "__init__": 1, "zoo": 1, "errors": 1, "_files": 1, "devices": 1, "console": 1,  # data and small helpers
+    "metrics": 1,                               # mIoU: one confusion matrix over a dataset
 }
 # FCN.predict, FCN.predict_iter: one-line conveniences that call upward lazily, as STYLE.md allows
-ALLOWED_UPWARD = {("model", "predict")}
+ALLOWED_UPWARD = {("model", "predict"), ("int8", "predict")}
 
 
 TRAINING = PACKAGE.parent / "training"

@@ -17,7 +17,8 @@ import fcn_zoo
 from sample_data import make_ade20k, make_cityscapes, make_generic, make_voc
 from training import train as train_module
 from training.sources import build_dataset
-from training.evaluate import ConfusionMatrix, evaluate
+from fcn_zoo.metrics import ConfusionMatrix
+from training.evaluate import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--device", "cpu", "--backbone-weights", "none", "--backbone", "resnet10t", "--num-workers", "0",

@@ -21,8 +21,8 @@ import torch
 
 from fcn_zoo.errors import ImageError
 from fcn_zoo.images import displayed_size, read_image, read_mask
+from fcn_zoo.metrics import IGNORE_INDEX
 
-IGNORE_INDEX = 255
 
 LAYOUTS = {
     "voc": "VOCdevkit/VOC2012/{JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/<split>.txt} "

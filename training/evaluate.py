@@ -18,47 +18,14 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from fcn_zoo._files import write_json
+from fcn_zoo.metrics import ConfusionMatrix
 from fcn_zoo.protocol import TTA
 
-from .data import IGNORE_INDEX, DatasetLayoutError, check_sizes
+from .data import DatasetLayoutError, check_sizes
 from .distributed import DistributedContext, init_distributed, shared_step
 from .sources import add_hub_arguments, evaluation_data
-
-
-class ConfusionMatrix:
-    """``(num_classes, num_classes)`` counts, rows = ground truth, columns = prediction, on ``device``."""
-
-    def __init__(self, num_classes: int, device: torch.device | str = "cpu"):
-        self.num_classes = num_classes
-        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-
-    def update(self, prediction: torch.Tensor, target: torch.Tensor) -> None:
-        keep = target != IGNORE_INDEX
-        index = target[keep] * self.num_classes + prediction[keep]
-        self.matrix += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, self.num_classes)
-
-    def all_reduce(self) -> None:
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.matrix)
-
-    def compute(self) -> dict:
-        """mIoU over the classes that occur (in ground truth or prediction), pixel accuracy, per-class IoU/accuracy."""
-        m = self.matrix.double()
-        tp, gt, pred = m.diag(), m.sum(1), m.sum(0)
-        union = gt + pred - tp
-        iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
-        acc = torch.where(gt > 0, tp / gt.clamp(min=1), torch.full_like(tp, float("nan")))
-        return {
-            "mIoU": float(iou.nanmean()),
-            "aAcc": float(tp.sum() / m.sum().clamp(min=1)),
-            "mAcc": float(acc.nanmean()),
-            "IoU": iou.tolist(),
-            "Acc": acc.tolist(),
-            "pixels": int(m.sum()),
-        }
 
 
 def evaluate(model, dataset, *, tta: TTA | None = None, mode: str = "whole", ctx: DistributedContext | None = None,

@@ -1,0 +1,250 @@
+"""Make an FCN's int8 version: :func:`quantize` calibrates it with NNCF's post-training quantization and
+returns a :class:`~fcn_zoo.int8.QuantizedFCN` run by OpenVINO.
+
+Why OpenVINO + NNCF: of the maintained int8 stacks for CPUs (OpenVINO + NNCF, onnxruntime's static
+quantization, torchao's PT2E), OpenVINO + NNCF ran R-50 OS8 fastest on the CPUs measured, with onnxruntime's
+QDQ int8 close behind (benchmarks/RESULTS.md), converts the PyTorch model without an ONNX export, and keeps
+u8s8 accurate on CPUs without VNNI; ``torch.ao.quantization`` is deprecated and intel-extension-for-pytorch
+discontinued.
+
+Calibration images go through the reader and the evaluation protocol, exactly as the model sees them when
+it predicts (resized to its evaluation size, normalised). The agreement with the fp32 model is measured on
+images held out of the calibration and written into the int8 model's config and card.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import random
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import FCNZooError, ImageError
+from .images import describe, read_image, read_mask
+from .int8 import QuantizedFCN, cpu_has_int8_dot, openvino_or_error
+
+__all__ = ["quantize", "calibration_items"]
+
+logger = logging.getLogger(__name__)
+
+#: calibration images used by default: NNCF's own default is 300; on 2 CPU cores R-50 at VOC's size takes
+#: about 2 s an image, and int8 agreement changes little past a hundred (benchmarks/RESULTS.md)
+DEFAULT_SAMPLES = 100
+#: held-out images the agreement is measured on, taken from the calibration images when there are enough
+DEFAULT_CHECK = 20
+
+
+def calibration_items(calibration) -> list:
+    """What ``calibration`` names, as a list of items the reader takes: a folder (walked), a glob or
+    ``@list.txt`` (as ``fcn-zoo predict`` reads them), a list of those or of images (paths, PIL images,
+    arrays, tensors), or a dataset of ``(image, mask)`` pairs (``len`` and indexing; read lazily)."""
+    from .inputs import expand_inputs
+
+    if isinstance(calibration, (str, os.PathLike)):
+        calibration = [calibration]
+    if isinstance(calibration, Sequence) and calibration and all(isinstance(c, (str, os.PathLike)) for c in calibration):
+        found = expand_inputs([os.fspath(c) for c in calibration])
+        videos = [s.path for s in found.sources if s.video]
+        if videos:
+            logger.warning("calibration: %d videos left out (%s...): calibrate on images", len(videos), videos[0])
+        return [s.path for s in found.sources if not s.video]
+    if isinstance(calibration, Sequence):
+        return calibration
+    if hasattr(calibration, "__getitem__") and hasattr(calibration, "__len__"):  # a torch or Hugging Face dataset
+        return _Lazy(calibration)
+    return list(calibration)
+
+
+class _Lazy(Sequence):
+    """A dataset's items, read when indexed (a dataset of thousands is sampled, not loaded)."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data[i]
+
+
+def quantize(
+    model, calibration, *, num_samples: int = DEFAULT_SAMPLES, validation=None, check: int = DEFAULT_CHECK,
+    seed: int = 0, progress: bool = True, source: str | None = None,
+) -> QuantizedFCN:
+    """The int8 version of ``model`` (an :class:`fcn_zoo.FCN`, as loaded: not ``fuse()``d), for the CPU.
+
+    Args:
+        calibration: images like those the model will see: a folder, a glob, ``@list.txt``, a list of images
+            (paths, PIL images, RGB uint8 arrays, tensors) or a dataset of ``(image, mask)`` pairs, such as the
+            training split of the model's dataset. Up to ``num_samples`` of them are used, chosen evenly at
+            random (``seed``); those that cannot be read are named in a warning and skipped.
+        validation: images, or ``(image, mask)`` pairs, to measure the agreement with the fp32 model on (the
+            share of pixels whose labels agree, and with masks the mIoU of each). Default: up to ``check``
+            calibration images held out of the calibration, where there are more than ``num_samples + check``;
+            else the calibration images themselves (the card says which).
+        progress: NNCF's progress bars.
+        source: what the model is (a zoo name, repo id or folder) for the card; default the model's dataset.
+
+    Returns:
+        a :class:`~fcn_zoo.int8.QuantizedFCN` on the CPU; ``save_pretrained`` writes its folder.
+
+    Raises:
+        FCNZooError: no calibration images, none readable, or OpenVINO / NNCF not installed
+            (``pip install 'fcn-zoo[int8]'``).
+    """
+    openvino = openvino_or_error("quantize")
+    try:
+        import nncf
+    except ImportError as e:
+        raise FCNZooError("quantize needs NNCF: pip install 'fcn-zoo[int8]'") from e
+    if getattr(model, "_fused", False):
+        raise ValueError("quantize the model as loaded, not a fuse()d one (load it again)")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    items = calibration_items(calibration)
+    if not len(items):
+        raise FCNZooError(f"calibration {_what(calibration)}: no images; give a folder, a list or a dataset of images")
+    chosen = random.Random(seed).sample(range(len(items)), len(items))
+    held_out = []
+    if validation is None and len(items) > num_samples + check:
+        held_out, chosen = chosen[:check], chosen[check:]
+    chosen = sorted(chosen[:num_samples])
+    plain = _plain_copy(model)
+    inputs = _CalibrationInputs(plain, [items[i] for i in chosen])
+    if not inputs.readable:
+        raise FCNZooError(f"calibration {_what(calibration)}: none of the {len(chosen)} images could be read")
+    example = torch.from_numpy(inputs.first)
+    with torch.no_grad():
+        network = openvino.convert_model(_Features(plain), example_input=example,
+                                         input=[openvino.PartialShape([-1, 3, -1, -1])])
+    level = nncf.get_log_level() if hasattr(nncf, "get_log_level") else logging.INFO
+    nncf.set_log_level(logging.INFO if progress else logging.ERROR)
+    try:
+        quantized = nncf.quantize(network, nncf.Dataset(inputs), subset_size=len(inputs.readable),
+                                  preset=nncf.QuantizationPreset.PERFORMANCE)
+    finally:
+        nncf.set_log_level(level)
+    config = {
+        **model.hub_config(),
+        "quantization": {
+            "engine": "openvino",
+            "openvino": openvino.__version__.split("-")[0],
+            "nncf": nncf.__version__,
+            "preset": "performance",
+            "source": source or f"an FCN of {model.dataset or 'its own classes'}",
+            "calibration": {"images": len(inputs.readable), "source": _what(calibration),
+                            "skipped": len(chosen) - len(inputs.readable)},
+        },
+    }
+    int8 = QuantizedFCN(quantized, config).eval()
+    check_items = list(validation) if validation is not None else [items[i] for i in held_out] or inputs.readable
+    int8.quantization["agreement"] = {
+        **agreement(plain, int8, check_items), "held_out": validation is not None or bool(held_out),
+        "cpu": _cpu_name(), "int8_dot": cpu_has_int8_dot(), "inference_precision": int8.inference_precision,
+    }
+    return int8
+
+
+def agreement(reference, other, items: Iterable) -> dict:
+    """How far ``other``'s labels agree with ``reference``'s on ``items`` (images, or ``(image, mask)`` pairs):
+    the share of pixels with the same label, the number of images, and with masks each one's mIoU (%)."""
+    from .engine import Predictor
+    from .metrics import ConfusionMatrix
+
+    items = list(items)
+    pairs = [item if isinstance(item, tuple) else (item, None) for item in items]
+    images = [read_image(image, describe(image)) for image, _ in pairs]
+    masks = [read_mask(mask, describe(mask)) if mask is not None else None for _, mask in pairs]
+    same = total = 0
+    matrices = {}
+    for key, model in (("fp32", reference), ("int8", other)):
+        labels = [seg.labels for _, seg in Predictor(model, fuse=True).stream(images, errors="raise")]
+        matrices[key] = ConfusionMatrix(reference.num_classes)
+        for label, mask in zip(labels, masks):
+            if mask is not None:
+                matrices[key].update(torch.from_numpy(label), torch.from_numpy(np.asarray(mask)))
+        if key == "fp32":
+            first = labels
+    for a, b in zip(first, labels):
+        same += int((a == b).sum())
+        total += a.size
+    result = {"images": len(images), "pixels": same / max(total, 1)}
+    if any(mask is not None for mask in masks):
+        result["miou_fp32"] = 100 * matrices["fp32"].compute()["mIoU"]
+        result["miou_int8"] = 100 * matrices["int8"].compute()["mIoU"]
+    return result
+
+
+class _Features(torch.nn.Module):
+    """``model.forward_features`` as a module's forward: the graph OpenVINO converts."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
+class _CalibrationInputs:
+    """The calibration images as the network sees them, read again on each of NNCF's passes (not held in
+    memory: at a dataset's evaluation size a hundred of them take gigabytes); unreadable ones are found by
+    a first reading, named once and left out."""
+
+    def __init__(self, model, items: list):
+        self.model = model
+        self.readable = []
+        self.first = None
+        for item in items:
+            image = item[0] if isinstance(item, tuple) else item
+            try:
+                prepared = self._prepare(image)
+            except (ImageError, OSError) as e:
+                logger.warning("calibration: %s skipped (%s)", describe(image), e)
+                continue
+            self.readable.append(image)
+            if self.first is None:
+                self.first = prepared
+
+    def _prepare(self, image) -> np.ndarray:
+        from .protocol import prepare
+
+        with torch.inference_mode():
+            return prepare(self.model, read_image(image, describe(image))).contiguous().numpy()
+
+    def __iter__(self):
+        return (self._prepare(image) for image in self.readable)
+
+    def __len__(self) -> int:
+        return len(self.readable)
+
+
+def _plain_copy(model):
+    """A CPU copy in eval mode without the auxiliary head; ``model`` itself is left as it is."""
+    from ._inference import inference_copy
+
+    return inference_copy(model, "cpu")
+
+
+def _what(calibration) -> str:
+    if isinstance(calibration, (str, os.PathLike)):
+        return str(calibration)
+    if isinstance(calibration, Sequence) and calibration and all(isinstance(c, (str, os.PathLike)) for c in calibration):
+        return " ".join(map(str, calibration[:3])) + (" ..." if len(calibration) > 3 else "")
+    return f"a {type(calibration).__name__} of {len(calibration)} items" if hasattr(calibration, "__len__") else "images"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
