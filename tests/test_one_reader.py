@@ -177,7 +177,7 @@ def _phone_dataset(root: Path) -> Path:
 def test_training_and_evaluate_see_phone_photos_as_predict_does(tmp_path, capsys):
     from training import evaluate as evaluate_module
     from training import train as train_module
-    from training.evaluate import ConfusionMatrix
+    from fcn_zoo.metrics import ConfusionMatrix
 
     data = _phone_dataset(tmp_path / "data")
     torch.manual_seed(0)
@@ -230,7 +230,7 @@ def test_evaluate_uses_the_models_eval_size_as_predict_does(tmp_path, capsys):
     """On a zoo layout, the evaluation resize is the model's (its config.json), not the dataset's bound."""
     from sample_data import make_voc
     from training import evaluate as evaluate_module
-    from training.evaluate import ConfusionMatrix
+    from fcn_zoo.metrics import ConfusionMatrix
 
     root = make_voc(tmp_path / "voc", n_train=1, n_val=3, size=(120, 160))
     model = tiny_fcn(num_classes=21, dataset="voc", seed=2)
