@@ -45,7 +45,11 @@ def publish(
     repo_id = repo_id or checkpoint.hub_repo_id
     out = Path(out)
     folder = out / name
-    state = _read_state(out)
+    state_path = out / STATE_NAME
+    try:
+        state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    except ValueError as e:
+        raise FCNZooError(f"{state_path}: not valid JSON ({e}); fix or delete it") from e
     done = state.get(name, {})
     if done.get("commit") and done.get("repo_id") == repo_id:
         log(f"{name}: already published as {repo_id}@{done['commit']}")
@@ -56,8 +60,7 @@ def publish(
             provenance = convert_checkpoint(
                 pth, folder, "reference", checkpoint=checkpoint, parity=True, provenance={"source_url": url}
             )
-            _check_parity(checkpoint, provenance)
-            _check_reload(folder, pth, provenance)
+            _verify(checkpoint, folder, pth, provenance)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)  # never leave a folder that looks verified
             raise
@@ -66,23 +69,19 @@ def publish(
     provenance = json.loads((folder / "provenance.json").read_text())
     if sha256_file(folder / "model.safetensors") != provenance["weights_sha256"]:
         raise WeightsError(f"{folder}: model.safetensors changed since it was verified; delete the folder and rerun")
-    entry = {
-        "repo_id": repo_id,
-        "source_sha256": provenance["source_sha256"],
-        "weights_sha256": provenance["weights_sha256"],
-        "parity": provenance["parity"],
-    }
+    entry = {"repo_id": repo_id, **{key: provenance[key] for key in ("source_sha256", "weights_sha256", "parity")}}
     files = sorted(p.name for p in folder.iterdir())
     if dry_run:
         log(f"{name}: dry run, would upload to {repo_id}:")
         for f in files:
             log(f"  {f} ({(folder / f).stat().st_size:,} bytes)")
     else:
-        commit = upload(folder, repo_id, files, token, f"{checkpoint.title}, converted from {provenance.get('source_url', checkpoint.reference_url).rsplit('/', 1)[-1]}")
+        source_file = provenance.get("source_url", checkpoint.reference_url).rsplit("/", 1)[-1]
+        commit = upload(folder, repo_id, files, token, f"{checkpoint.title}, converted from {source_file}")
         entry["commit"] = commit.oid
         log(f"{name}: published {repo_id}@{commit.oid}; pin it in fcn_zoo/zoo.py: hub_revision=\"{commit.oid}\"")
     state[name] = entry
-    _write_state(out, state)
+    write_json(out / STATE_NAME, state)
     return entry
 
 
@@ -96,14 +95,26 @@ def upload(folder: Path, repo_id: str, files: list[str], token: str | None, mess
         api.create_repo(repo_id, exist_ok=True, repo_type="model")
         return api.upload_folder(folder_path=folder, repo_id=repo_id, allow_patterns=files, commit_message=message)
     except HfHubHTTPError as e:
-        raise FCNZooError(f"{repo_id}: the Hugging Face Hub refused the upload ({first_line(e)}); check the token (hf auth login) and the repo id") from e
+        raise FCNZooError(
+            f"{repo_id}: the Hugging Face Hub refused the upload ({first_line(e)}); "
+            "check the token (hf auth login) and the repo id"
+        ) from e
     except Exception as e:
         if not is_connection_error(e):
             raise
-        raise FCNZooError(f"{repo_id}: the Hugging Face Hub cannot be reached ({first_line(e)}); the folder {folder} is built and verified: rerun to upload it") from e
+        raise FCNZooError(
+            f"{repo_id}: the Hugging Face Hub cannot be reached ({first_line(e)}); "
+            f"the folder {folder} is built and verified: rerun to upload it"
+        ) from e
 
 
-def _check_parity(checkpoint: Checkpoint, provenance: dict) -> None:
+def _verify(checkpoint: Checkpoint, folder: Path, pth: Path, provenance: dict) -> None:
+    """The conversion is within the parity thresholds, and the folder, loaded the way users load it, gives the
+    reference's logits exactly as the converted model did."""
+    from .convert import read_checkpoint
+    from .hub import from_pretrained
+    from .parity import measure_parity, source_model
+
     parity = provenance.get("parity")
     if parity is None:
         raise FCNZooError(
@@ -115,30 +126,7 @@ def _check_parity(checkpoint: Checkpoint, provenance: dict) -> None:
             f"{checkpoint.name}: the converted model differs from the reference (max abs logit difference "
             f"{parity['max_abs_diff']:.2e}, label agreement {parity['label_agreement']:.4f}); not published"
         )
-
-
-def _check_reload(folder: Path, pth: Path, provenance: dict) -> None:
-    """The folder, loaded the way users load it, matches the reference exactly as the converted model did."""
-    from .convert import read_checkpoint
-    from .hub import from_pretrained
-    from .parity import measure_parity, source_model
-
-    model = from_pretrained(folder)
     run, _ = source_model("reference", json.loads((folder / "config.json").read_text()), read_checkpoint(pth))
-    recorded = provenance["parity"]
-    again = measure_parity(model, run, size=tuple(recorded["input_shape"][-2:]))
-    if again["max_abs_diff"] != recorded["max_abs_diff"] or again["label_agreement"] != recorded["label_agreement"]:
+    again = measure_parity(from_pretrained(folder), run, size=tuple(parity["input_shape"][-2:]))
+    if any(again[key] != parity[key] for key in ("max_abs_diff", "label_agreement")):
         raise WeightsError(f"{folder}: the saved weights do not reproduce the verified logits; not published")
-
-
-def _read_state(out: Path) -> dict:
-    path = out / STATE_NAME
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError as e:
-        raise FCNZooError(f"{path}: not valid JSON ({e}); fix or delete it") from e
-
-
-def _write_state(out: Path, state: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / STATE_NAME, state)
