@@ -194,15 +194,7 @@ def _resolve_zoo(checkpoint: Checkpoint, revision: str | None, cache_dir, offlin
 
 
 def _download_hub(repo_id: str, revision: str | None, cache_dir, offline: bool) -> Path:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RemoteEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub import errors, hf_hub_download
 
     where = f"{repo_id}@{revision}" if revision else repo_id
     if not offline:
@@ -212,7 +204,7 @@ def _download_hub(repo_id: str, revision: str | None, cache_dir, offline: bool) 
             Path(hf_hub_download(repo_id, f, revision=revision, cache_dir=cache_dir, local_files_only=offline))
             for f in (CONFIG_NAME, WEIGHTS_NAME)
         ]
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:  # before the HTTP errors: not an answer
+    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as e:  # before the HTTP errors: not an answer
         if offline:
             raise NotCachedError(
                 f"{where} is not in the Hugging Face cache and downloads are disabled; "
@@ -220,13 +212,13 @@ def _download_hub(repo_id: str, revision: str | None, cache_dir, offline: bool) 
                 f"{' --revision ' + revision if revision else ''}` and copy the cache here"
             ) from e
         raise FCNZooError(f"{where}: the Hugging Face Hub cannot be reached ({first_line(e)})") from e
-    except RevisionNotFoundError as e:
+    except errors.RevisionNotFoundError as e:
         raise WeightsError(f"{where}: the Hub repo has no such revision; use a branch, tag or commit it has") from e
-    except RepositoryNotFoundError as e:
+    except errors.RepositoryNotFoundError as e:
         raise UnknownModelError(repo_id, sorted(CHECKPOINTS), kind="model or Hub repo") from e
-    except RemoteEntryNotFoundError as e:
+    except errors.RemoteEntryNotFoundError as e:
         raise WeightsError(f"{where}: the Hub repo has no {CONFIG_NAME} + {WEIGHTS_NAME}; not an fcn_zoo model") from e
-    except HfHubHTTPError as e:
+    except errors.HfHubHTTPError as e:
         raise FCNZooError(f"{where}: the Hugging Face Hub answered {first_line(e)}") from e
     return files[0].parent
 
