@@ -12,6 +12,9 @@ from pathlib import Path
 
 from .errors import FCNZooError
 
+#: an int8 model's network in its folder, in place of model.safetensors (fcn_zoo.int8)
+INT8_FILES = ("openvino_model.xml", "openvino_model.bin")
+
 
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""

@@ -23,7 +23,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from ._files import cache_root, sha256_file, writable
+from ._files import INT8_FILES, cache_root, sha256_file, writable
 from .devices import check_device_available
 from .downloads import download_reference
 from .errors import (
@@ -65,7 +65,8 @@ def from_pretrained(
         local_files_only: never touch the network (also implied by ``HF_HUB_OFFLINE=1``).
 
     Returns:
-        an :class:`fcn_zoo.FCN` in eval mode.
+        an :class:`fcn_zoo.FCN` in eval mode; for an int8 folder (:func:`fcn_zoo.quantize.quantize`), a
+        :class:`fcn_zoo.int8.QuantizedFCN` (on the CPU; ``pip install 'fcn-zoo[int8]'``).
     """
     import torch
 
@@ -80,6 +81,14 @@ def from_pretrained(
     check_device_available(str(device))  # before anything is downloaded or loaded
     folder = resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     saved = _read_config(folder)
+    if isinstance(saved.get("quantization"), dict):
+        from .int8 import load_int8
+
+        if num_classes is not None and num_classes != saved.get("num_classes"):
+            raise ValueError(f"{name_or_path} is an int8 model: fine-tune the fp32 model for new classes, then quantize it")
+        if device.type != "cpu":
+            raise ValueError(f"{name_or_path} is an int8 model, run on the CPU: leave device at its default")
+        return load_int8(folder, saved)
     overrides = {}
     if num_classes is not None and saved.get("num_classes") != num_classes:
         # the saved class names, palette and dataset no longer apply
@@ -199,11 +208,13 @@ def _download_hub(repo_id: str, revision: str | None, cache_dir, offline: bool) 
     where = f"{repo_id}@{revision}" if revision else repo_id
     if not offline:
         _check_hub_reachable(repo_id, revision, cache_dir, where)
+    def download(filename: str) -> Path:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=offline))
+
     try:
-        files = [
-            Path(hf_hub_download(repo_id, f, revision=revision, cache_dir=cache_dir, local_files_only=offline))
-            for f in (CONFIG_NAME, WEIGHTS_NAME)
-        ]
+        config = download(CONFIG_NAME)
+        for filename in INT8_FILES if "quantization" in _read_config(config.parent) else (WEIGHTS_NAME,):
+            download(filename)
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as e:  # before the HTTP errors: not an answer
         if offline:
             raise NotCachedError(
@@ -220,7 +231,7 @@ def _download_hub(repo_id: str, revision: str | None, cache_dir, offline: bool) 
         raise WeightsError(f"{where}: the Hub repo has no {CONFIG_NAME} + {WEIGHTS_NAME}; not an fcn_zoo model") from e
     except errors.HfHubHTTPError as e:
         raise FCNZooError(f"{where}: the Hugging Face Hub answered {first_line(e)}") from e
-    return files[0].parent
+    return config.parent
 
 
 def _check_hub_reachable(repo_id: str, revision: str | None, cache_dir, where: str) -> None:
@@ -272,7 +283,8 @@ def _hub_offline() -> bool:
 
 
 def _missing_files(folder: Path) -> list[str]:
-    return [f for f in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / f).is_file()]
+    weights = INT8_FILES if (folder / INT8_FILES[0]).is_file() else (WEIGHTS_NAME,)  # an int8 model's, or the fp32
+    return [f for f in (CONFIG_NAME, *weights) if not (folder / f).is_file()]
 
 
 def _read_config(folder: Path) -> dict:
