@@ -63,9 +63,10 @@ def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
 
 @functools.cache
 def cpu_has_bf16() -> bool:
-    """Whether this CPU runs bf16 natively (AMX or AVX512-BF16), as oneDNN sees it."""
+    """Whether this CPU runs bf16 natively (AVX512-BF16 or AMX). oneDNN's own query,
+    ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``, answers True on any AVX-512 CPU, which emulates bf16."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
         return False
 
