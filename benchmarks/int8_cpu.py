@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import fcn_zoo  # noqa: E402
 from conftest import randomize_batchnorm  # noqa: E402
 from fcn_zoo.protocol import prepare  # noqa: E402
-from fcn_zoo.quantize import _Features, quantize  # noqa: E402
+from fcn_zoo.quantization import _Features, quantize  # noqa: E402
 
 
 def photos(n: int = 3) -> list[np.ndarray]:

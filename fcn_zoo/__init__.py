@@ -20,7 +20,7 @@ from .zoo import CHECKPOINTS, DATASETS, Checkpoint, get_checkpoint
 __version__ = "0.1.0"
 
 __all__ = [
-    "FCN", "Segmentation", "TTA", "from_pretrained", "preprocess", "read_image", "list_models", "get_checkpoint", "Checkpoint",
+    "FCN", "QuantizedFCN", "Segmentation", "TTA", "from_pretrained", "preprocess", "quantize", "read_image", "list_models", "get_checkpoint", "Checkpoint",
     "CHECKPOINTS", "DATASETS", "FCNZooError", "ImageError", "MissingFileError", "NotCachedError", "UnknownModelError",
     "WeightsError", "__version__",
 ]
@@ -32,12 +32,16 @@ _LAZY = {
     "TTA": "protocol",
     "preprocess": "predict",
     "read_image": "images",
+    "quantize": "quantization",
+    "QuantizedFCN": "int8",
 }
 
 if TYPE_CHECKING:
     from .hub import from_pretrained
     from .model import FCN
     from .images import read_image
+    from .int8 import QuantizedFCN
+    from .quantization import quantize
     from .predict import preprocess
     from .protocol import TTA
     from .segmentation import Segmentation

@@ -65,7 +65,7 @@ def from_pretrained(
         local_files_only: never touch the network (also implied by ``HF_HUB_OFFLINE=1``).
 
     Returns:
-        an :class:`fcn_zoo.FCN` in eval mode; for an int8 folder (:func:`fcn_zoo.quantize.quantize`), a
+        an :class:`fcn_zoo.FCN` in eval mode; for an int8 folder (:func:`fcn_zoo.quantization.quantize`), a
         :class:`fcn_zoo.int8.QuantizedFCN` (on the CPU; ``pip install 'fcn-zoo[int8]'``).
     """
     import torch

@@ -1,4 +1,4 @@
-"""An FCN quantized to int8 (:func:`fcn_zoo.quantize.quantize` makes one): an OpenVINO model run on the CPU,
+"""An FCN quantized to int8 (:func:`fcn_zoo.quantization.quantize` makes one): an OpenVINO model run on the CPU,
 called, predicted with, saved and shared like :class:`fcn_zoo.FCN`.
 
 A folder holds ``config.json`` (the fp32 model's, plus a ``quantization`` entry: the engine and its

@@ -18,7 +18,7 @@ LAYERS = {
     "video": 12,                                # frames in, overlay video out
     "ray": 11,                                  # the Segmenter for Ray Data's map_batches
     "predict": 10,                              # predict, predict_iter, preprocess: doors over the engine
-    "quantize": 10,                             # an FCN's int8 version, calibrated through the engine's protocol
+    "quantization": 10,                         # an FCN's int8 version, calibrated through the engine's protocol
     "engine": 9,                                # the one engine: items in, (item, result or error) out
     "protocol": 8, "segmentation": 8, "labels": 8,  # resize, normalise, forward; the result; labels from logits
     "images": 7, "inputs": 7,                   # the one reader of images and masks; what a command line names
