@@ -43,7 +43,7 @@ class ModelCache:
     def __init__(self, device: str | None = None, capacity: int = 2, loader=None):
         from .hub import from_pretrained
 
-        self.device, self.capacity = device, capacity
+        self.capacity = capacity
         self.loader = loader or (lambda name: from_pretrained(name, device=device).fuse())
         self._models: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()
@@ -111,7 +111,8 @@ def segment(models: ModelCache, image_path, name: str, tta: bool, slide: bool, p
     seconds = time.perf_counter() - start
     confidence = Image.fromarray(np.round(seg.confidence * 255).astype(np.uint8))
     height, width = seg.size  # as segmented: the photo as displayed
-    timing = f"{seconds:.2f} s on {model_device(model)}, {width}x{height}" + (", TTA" if tta else "") + (", sliding windows" if slide else "")
+    timing = f"{seconds:.2f} s on {next(model.parameters()).device}, {width}x{height}"
+    timing += (", TTA" if tta else "") + (", sliding windows" if slide else "")
     return seg.overlay(alpha=opacity), seg.colorize(), legend(seg), confidence, timing, seg
 
 
@@ -130,10 +131,6 @@ def legend(seg) -> str:
             f'border:1px solid #888;vertical-align:middle"></span> {html.escape(name)}: {100 * share:.1f}%</li>'
         )
     return '<ul class="fcn-legend" style="list-style:none;padding-left:0">' + "".join(rows) + "</ul>"
-
-
-def model_device(model) -> str:
-    return str(next(model.parameters()).device)
 
 
 def precisions(device: str | None) -> list[str]:

@@ -1,16 +1,14 @@
 """The one engine under every door: items in, ``(item, Segmentation or error)`` out, in input order.
 
-A :class:`Predictor` checks the options once and chooses the network to run (the caller's model, or a copy
-it owns: fused, on another device, compiled, or an onnxruntime session). :meth:`Predictor.stream` then reads
-items ahead on threads (:func:`~fcn_zoo.images.read_image`, resize, normalise), batches consecutive images of
-one evaluation size, runs the network and turns logits into labels (beside the next forward on GPUs).
+A :class:`Predictor` checks the options once and chooses the network (the caller's model, or a copy it owns:
+fused, on another device, compiled, or an onnxruntime session). :meth:`Predictor.stream` reads items ahead on
+threads (decoding and the tensor work release the GIL, and nothing needs pickling), batches consecutive images
+of one evaluation size, runs the network and turns logits into labels (beside the next forward on GPUs).
 ``predict``, ``predict_iter``, videos, the Ray ``Segmenter``, ``fcn-zoo predict``, ``evaluate`` and the demo
 are thin loops over it: each adds only where its items come from and where the results go.
 
-A failure belongs to its item: an image that cannot be read, or whose forward pass fails (a batch that fails
-is retried one image at a time), is yielded as ``(item, exception)`` and the stream goes on; only
-``errors="raise"`` stops at it. Reading is done by threads, not processes: decoding and the tensor work
-release the GIL, and nothing needs pickling. At most ``prefetch`` items are read ahead.
+A failure belongs to its item (a batch that fails is retried one image at a time): it is yielded as
+``(item, exception)`` and the stream goes on; only ``errors="raise"`` stops at it.
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ from ._inference import evaluating, inference_copy
 from .errors import ImageError, is_out_of_memory
 from .images import describe, read_image
 from .labels import upsample_argmax, upsample_softmax
-from .protocol import TTA, autocast, autocast_dtype, compiled_features, network_logits, prepare, same_device
+from .protocol import TTA, autocast, autocast_dtype, compiled_features, network_logits, prepare
 from .segmentation import Segmentation
 
 __all__ = ["Predictor"]
@@ -65,7 +63,7 @@ class Predictor:
             model = model.fuse(inplace=False, device=device)
             if device.type == "cuda":  # the copy is ours: the layout tensor cores run fastest
                 model.to(memory_format=torch.channels_last)
-        elif not same_device(device, own_device):
+        elif device.type != own_device.type or device.index not in (None, own_device.index):  # "cuda": the model's GPU
             if compile or engine == "onnxruntime":  # compiled code and sessions are kept per model: not per copy
                 raise ValueError(f"{'compile=True' if compile else 'engine=onnxruntime'} runs the model where it is "
                                  f"({own_device}); move it first: model.to({str(device)!r})")
@@ -111,111 +109,69 @@ class Predictor:
         read = read or (lambda item: read_image(item, name(item)))
         return self._stream(iter(items), read, name, num_workers, prefetch, errors, overlap)  # a generator: reads nothing yet
 
-    def _stream(self, source, read, name, num_workers: int, prefetch: int, errors: str, overlap: bool):
-        pool = ThreadPoolExecutor(num_workers, thread_name_prefix="fcn_zoo-read") if num_workers else _InPlace()
-        post = ThreadPoolExecutor(1, thread_name_prefix="fcn_zoo-labels") if overlap else _InPlace()
+    def _stream(self, items: Iterator, read, name, num_workers: int, prefetch: int, errors: str, overlap: bool):
         pin = self.device.type == "cuda"  # page-locked: the copy to the GPU overlaps the work before it
 
         def load(item):
             rgb = read(item)
             with torch.inference_mode():
                 prepared = prepare(self.model, rgb, self.eval_size)
-                return rgb, prepared.pin_memory() if pin else prepared
+            return rgb, prepared.pin_memory() if pin else prepared
 
         def failed(item, error: Exception):
             if errors == "raise":
                 raise error
             return item, error
 
-        with pool, post:
-            pending: deque = deque()  # (item, future of (rgb, prepared)) in input order
-            in_flight: deque = deque()  # (batch, future of its Segmentations, its finish arguments), in input order
+        in_flight: deque = deque()  # (items, future of their Segmentations or exceptions), in input order
 
-            def fill() -> None:
-                for item in itertools.islice(source, prefetch - len(pending)):
-                    pending.append((item, pool.submit(load, item)))
+        def settle(limit: int):
+            """The results of the batches in flight, oldest first, until at most ``limit`` are left."""
+            while len(in_flight) > limit or (in_flight and in_flight[0][1].done()):
+                batch_items, labels = in_flight.popleft()
+                for item, result in zip(batch_items, labels.result()):
+                    yield failed(item, result) if isinstance(result, Exception) else (item, result)
 
-            def settle(limit: int):
-                """The results of batches in flight, oldest first, until at most ``limit`` are left."""
-                while len(in_flight) > limit or (in_flight and in_flight[0][1].done()):
-                    batch, future, (rgbs, names, logits) = in_flight.popleft()
-                    try:
-                        segs = future.result()
-                    except Exception as e:
-                        if len(batch) == 1:
-                            yield failed(batch[0][0], e)
-                            continue
-                        for k, (item, _) in enumerate(batch):  # each image's labels alone: only those that fail fail
-                            try:
-                                (seg,) = self.finish([rgbs[k]], [names[k]], [logits[k]])
-                            except Exception as one:
-                                yield failed(item, one)
-                                continue
-                            yield item, seg
-                        continue
-                    yield from ((item, seg) for (item, _), seg in zip(batch, segs))
-
+        def segment(batch: list):
+            """The forward pass of ``batch``, its labels beside the next one; where it fails, each image alone."""
+            rgbs, prepared = [rgb for _, (rgb, _) in batch], [p for _, (_, p) in batch]
+            names = [name(item) for item, _ in batch]
             try:
-                fill()
-                while pending:
-                    batch, shape = [], None
-                    while pending and len(batch) < self.batch_size:
-                        item, future = pending[0]
-                        try:
-                            loaded = future.result()
-                        except Exception as e:
-                            if batch:
-                                break  # segment what came before, in order, then report this one
-                            pending.popleft()
-                            fill()
-                            yield from settle(0)
-                            yield failed(item, e)
-                            continue
-                        if batch and loaded[1].shape != shape:  # a forward pass takes images of one size
-                            break
-                        shape = loaded[1].shape
-                        batch.append((item, loaded))
-                        pending.popleft()
-                    fill()
-                    if not batch:
-                        continue
-                    for part, logits in self._forwards(batch, name):
-                        if isinstance(logits, Exception):
-                            yield from settle(0)
-                            yield failed(part[0][0], logits)
-                            continue
-                        rgbs, names = [rgb for _, (rgb, _) in part], [name(item) for item, _ in part]
-                        in_flight.append((part, post.submit(self.finish, rgbs, names, logits), (rgbs, names, logits)))
-                        yield from settle(1 if overlap else 0)  # one batch's labels beside the next forward
+                logits = self.forward(rgbs, names, prepared)
+            except Exception as e:
+                logits = e
+            if not isinstance(logits, Exception):
+                in_flight.append(([item for item, _ in batch], post(self._labels, rgbs, names, logits)))
+                yield from settle(1 if overlap else 0)  # one batch's labels beside the next forward
+            elif len(batch) > 1:  # out of memory, or one image the network cannot take: only those fail that fail alone
+                for one in batch:
+                    yield from segment([one])
+            else:
                 yield from settle(0)
-            finally:
-                for _, future in pending:
-                    future.cancel()
+                yield failed(batch[0][0], logits)
 
-    def _forwards(self, batch: list, name):
-        """``(part, logits or exception)`` for ``batch``: the whole batch at once, or where that fails (out of
-        memory, one image the network cannot take), each image alone, so that only the images that fail alone
-        fail."""
-        try:
-            yield batch, self.forward([rgb for _, (rgb, _) in batch], [name(i) for i, _ in batch], [p for _, (_, p) in batch])
-            return
-        except Exception as e:
-            if len(batch) == 1:  # the stream settles what came before, then reports (or raises) this
-                yield batch, e
-                return
-        for one in batch:
-            yield from self._forwards([one], name)
+        with contextlib.ExitStack() as stack:
+            post = _submitter(stack, 1 if overlap else 0, "fcn_zoo-labels")
+            reads = _read_ahead(items, load, _submitter(stack, num_workers, "fcn_zoo-read"), prefetch)
+            for batch in _batches(reads, self.batch_size):
+                item, loaded = batch[0]
+                if isinstance(loaded, Exception):  # a failed read: what came before it first
+                    yield from settle(0)
+                    yield failed(item, loaded)
+                else:
+                    yield from segment(batch)
+            yield from settle(0)
 
     def forward(self, images: list, names: list[str], prepared: list[torch.Tensor] | None = None) -> list[list[torch.Tensor]]:
         """The network's part for :func:`~fcn_zoo.images.read_image` arrays (``prepared``: the same through
-        :func:`~fcn_zoo.protocol.prepare`): per image its low-resolution logits, on the model's device."""
+        :func:`~fcn_zoo.protocol.prepare`, made here if not given): per image its low-resolution logits, on the
+        model's device."""
         modes = contextlib.nullcontext() if self._owned else evaluating(self.model)
         with torch.inference_mode(), modes, self._memory(names):
-            return network_logits(
-                self.model, [torch.from_numpy(rgb).permute(2, 0, 1) for rgb in images] if prepared is None else None,
-                batch_size=self.batch_size, eval_size=self.eval_size, features=self.features, prepared=prepared,
-                **self.options,
-            )
+            if prepared is None:
+                prepared = [prepare(self.model, rgb, self.eval_size) for rgb in images]
+            return network_logits(self.model, prepared, batch_size=self.batch_size, features=self.features,
+                                  **self.options)
 
     def finish(self, images: list, names: list[str], logits: list[list[torch.Tensor]]) -> list[Segmentation]:
         """Labels (and confidence) from :meth:`forward`'s logits, on the model's device; the Segmentations.
@@ -232,6 +188,15 @@ class Predictor:
                     seg._confidence = upsample_softmax(lg, seg.size).cpu().numpy()
         return segs
 
+    def _labels(self, images: list, names: list[str], logits: list) -> list:
+        """:meth:`finish`; where it fails for a batch, each image alone, an exception in place of one that fails."""
+        try:
+            return self.finish(images, names, logits)
+        except Exception as e:
+            if len(images) == 1:
+                return [e]
+        return [self._labels([rgb], [name], [lg])[0] for rgb, name, lg in zip(images, names, logits)]
+
     @contextlib.contextmanager
     def _memory(self, names: list[str]):
         """Running out of memory is the image's error, with what to do."""
@@ -247,19 +212,46 @@ class Predictor:
             ) from e
 
 
-class _InPlace:
-    """An executor without threads: ``submit`` runs the call at once (``num_workers=0``)."""
+def _submitter(stack: contextlib.ExitStack, workers: int, name: str) -> Callable[..., Future]:
+    """``submit`` of a pool of ``workers`` threads that ``stack`` shuts down (calls not started are cancelled);
+    without workers, a call made at once."""
+    if not workers:
+        return _run_now
+    pool = ThreadPoolExecutor(workers, thread_name_prefix=name)
+    stack.callback(pool.shutdown, cancel_futures=True)
+    return pool.submit
 
-    def submit(self, fn, *args) -> Future:
-        future: Future = Future()
+
+def _run_now(fn, *args) -> Future:
+    future: Future = Future()
+    try:
+        future.set_result(fn(*args))
+    except Exception as e:
+        future.set_exception(e)
+    return future
+
+
+def _read_ahead(items: Iterator, load: Callable, submit: Callable[..., Future], prefetch: int) -> Iterator:
+    """``(item, load(item) or its exception)`` in input order, at most ``prefetch`` items loading ahead."""
+    pending: deque = deque((item, submit(load, item)) for item in itertools.islice(items, prefetch))
+    while pending:
+        item, future = pending.popleft()
+        pending.extend((item, submit(load, item)) for item in itertools.islice(items, prefetch - len(pending)))
         try:
-            future.set_result(fn(*args))
+            loaded = future.result()
         except Exception as e:
-            future.set_exception(e)
-        return future
+            loaded = e
+        yield item, loaded
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc) -> None:
-        return None
+def _batches(reads: Iterator, batch_size: int) -> Iterator[list]:
+    """Consecutive images of one evaluation size (what a forward pass takes), ``batch_size`` at most; a failed
+    read is a batch of its own."""
+
+    def size(read: tuple) -> object:
+        loaded = read[1]
+        return id(loaded) if isinstance(loaded, Exception) else loaded[1].shape  # each failure a group of its own
+
+    for _, group in itertools.groupby(reads, size):
+        while batch := list(itertools.islice(group, batch_size)):
+            yield batch

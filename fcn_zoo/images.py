@@ -1,19 +1,16 @@
-"""The one reader of images and masks, and atomic writes.
-
-:func:`read_image` turns anything the package is handed (a path, encoded bytes, a PIL image, a NumPy array,
-a tensor, a Hugging Face ``Image`` cell) into the ``(H, W, 3)`` uint8 RGB array that everything else sees:
-the photo as a viewer shows it (EXIF orientation applied); greyscale, palette, CMYK and alpha images made
-RGB (alpha dropped); 16-bit images scaled to 8 bits (value / 257, rounded); float images in ``[0, 1]``
-scaled by 255 and rounded. :func:`read_mask` reads a label map by the same rules of orientation, keeping
-the stored class indices (palette indices, not colours). ``predict``, ``predict_iter``, videos, the Ray
-``Segmenter``, ``fcn-zoo predict``, training, ``evaluate`` and the demo all read through these two.
+"""The one reader of images and masks, and atomic writes: :func:`read_image` turns anything the package is
+handed into the ``(H, W, 3)`` uint8 RGB array everything else sees, :func:`read_mask` a label map into its class
+indices, by the same rules of orientation. ``predict``, ``predict_iter``, videos, the Ray ``Segmenter``,
+``fcn-zoo predict``, training, ``evaluate`` and the demo all read through these two.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +32,9 @@ _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 def read_image(image, name: str | None = None) -> np.ndarray:
-    """Any supported input -> a ``(H, W, 3)`` uint8 RGB array, as a viewer shows it.
+    """Any supported input -> a ``(H, W, 3)`` uint8 RGB array, as a viewer shows it: EXIF orientation applied;
+    greyscale, palette, CMYK and alpha images made RGB (alpha dropped); 16-bit images scaled to 8 bits (value /
+    257, rounded); float images in ``[0, 1]`` scaled by 255 and rounded.
 
     ``image``: a path, encoded bytes, a PIL image, an ``(H, W, 3)`` / ``(H, W)`` array (uint8; uint16 as
     16-bit; float in ``[0, 1]``), a ``(3, H, W)`` / ``(1, H, W)`` tensor (uint8, or float in ``[0, 1]`` as
@@ -83,9 +82,9 @@ def _displayed_size(img: Image.Image) -> tuple[int, int]:
     if img.format == "TIFF":  # Pillow turns some TIFFs by their orientation itself: decode, as the reader does
         return _decoded(img, describe(img)).size
     width, height = img.size
-    if not _header_exif(img):
-        return width, height
-    return (height, width) if _orientation(img) in _TRANSPOSED else (width, height)
+    if _header_exif(img) and _orientation(img) in _TRANSPOSED:
+        return height, width
+    return width, height
 
 
 def _header_exif(img: Image.Image) -> bool:
@@ -94,46 +93,39 @@ def _header_exif(img: Image.Image) -> bool:
     return img.format != "PNG" or "exif" in img.info
 
 
-class _opened:
-    """``with _opened(source, name) as img``: a path, bytes or Hugging Face cell opened with PIL (the header);
-    every way it can fail becomes one :class:`ImageError` line."""
-
-    def __init__(self, source, name: str):
-        self.source, self.name, self.img = source, name, None
-
-    def __enter__(self) -> Image.Image:
-        source, name = self.source, self.name
-        if isinstance(source, dict):  # a Hugging Face Image cell, undecoded
-            source = source.get("bytes") or source.get("path")
-            if source is None:
-                raise ImageError(f"{name}: the cell holds no image (neither bytes nor a path)")
-        if isinstance(source, np.str_):
-            source = str(source)
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            stream = io.BytesIO(bytes(source))
-        elif isinstance(source, (str, os.PathLike)):
-            try:
-                exists, is_file = Path(source).exists(), Path(source).is_file()
-            except (OSError, ValueError) as e:  # a name too long, a NUL byte
-                raise ImageError(f"{str(name)[:200]}: not a usable file name ({e.__class__.__name__})") from None
-            if not os.fspath(source) or not exists:  # Path("") would be the current folder
-                raise MissingImageError(f"{name or repr(source)}: no such image file")
-            if not is_file:  # a folder, a FIFO or a device is no image file either
-                raise ImageError(f"{name}: not an image file (a folder or a device); pass the path of an image")
-            stream = source
-        else:
-            raise ImageError(f"{name}: expected a path, bytes, PIL image, numpy array or tensor, got {type(source).__name__}")
+@contextlib.contextmanager
+def _opened(source, name: str) -> Iterator[Image.Image]:
+    """A path, bytes or Hugging Face cell opened with PIL (the header); every way it can fail is one
+    :class:`ImageError` line."""
+    if isinstance(source, dict):  # a Hugging Face Image cell, undecoded
+        source = source.get("bytes") or source.get("path")
+        if source is None:
+            raise ImageError(f"{name}: the cell holds no image (neither bytes nor a path)")
+    if isinstance(source, np.str_):
+        source = str(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(bytes(source))
+    elif isinstance(source, (str, os.PathLike)):
         try:
-            self.img = Image.open(stream)
-        except Image.UnidentifiedImageError:
-            raise ImageError(f"{name}: not an image in a format Pillow reads (JPEG, PNG, WebP, TIFF, BMP...)") from None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise ImageError(f"{name}: cannot read this image ({e})") from None
-        return self.img
-
-    def __exit__(self, *exc) -> None:
-        if self.img is not None:
-            self.img.close()
+            exists, is_file = Path(source).exists(), Path(source).is_file()
+        except (OSError, ValueError) as e:  # a name too long, a NUL byte
+            raise ImageError(f"{str(name)[:200]}: not a usable file name ({e.__class__.__name__})") from None
+        if not os.fspath(source) or not exists:  # Path("") would be the current folder
+            raise MissingImageError(f"{name or repr(source)}: no such image file")
+        if not is_file:  # a folder, a FIFO or a device is no image file either
+            raise ImageError(f"{name}: not an image file (a folder or a device); pass the path of an image")
+    else:
+        raise ImageError(f"{name}: expected a path, bytes, PIL image, numpy array or tensor, got {type(source).__name__}")
+    try:
+        img = Image.open(source)
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image in a format Pillow reads (JPEG, PNG, WebP, TIFF, BMP...)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{name}: cannot read this image ({e})") from None
+    try:
+        yield img
+    finally:
+        img.close()
 
 
 def _decoded(img: Image.Image, name: str) -> Image.Image:
@@ -158,16 +150,14 @@ def _orientation(img: Image.Image) -> int:
 
 def _from_pil(img: Image.Image, name: str) -> np.ndarray:
     img = _decoded(img, name)
-    if img.mode in _SIXTEEN_BIT:
+    if img.mode in _SIXTEEN_BIT or img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
-        if img.mode != "I" or arr.max(initial=0) > 255:
+        if img.mode == "F":  # a float image file: [0, 1] scaled by 255, else taken as 0..255
+            if not np.isfinite(arr).all():
+                raise ImageError(f"{name}: the image contains NaN or infinite values")
+            arr = arr * 255.0 if arr.max(initial=0) <= 1.0 else arr
+        elif img.mode != "I" or arr.max(initial=0) > 255:
             arr = arr / 257.0  # 16-bit -> 8-bit range
-        return _grey_to_rgb(np.rint(np.clip(arr, 0, 255)).astype(np.uint8))
-    if img.mode == "F":  # a float image file: [0, 1] scaled by 255, else taken as 0..255
-        arr = np.asarray(img, dtype=np.float64)
-        if not np.isfinite(arr).all():
-            raise ImageError(f"{name}: the image contains NaN or infinite values")
-        arr = arr * 255.0 if arr.max(initial=0) <= 1.0 else arr
         return _grey_to_rgb(np.rint(np.clip(arr, 0, 255)).astype(np.uint8))
     if img.mode != "RGB":
         img = img.convert("RGBA" if img.mode in ("P", "PA", "LA") else "RGB").convert("RGB")
@@ -179,24 +169,23 @@ def _from_array(arr: np.ndarray, name: str) -> np.ndarray:
         arr = arr[..., :3]
     elif not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 1)):
         raise ImageError(f"{name}: expected an (H, W, 3) or (H, W) array, got shape {arr.shape}")
-    _check_size(arr.shape[0], arr.shape[1], name)
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ImageError(f"{name}: the image is empty ({arr.shape[1]}x{arr.shape[0]})")
     if arr.dtype == np.uint16:
         arr = np.rint(arr / 257.0)
     elif arr.dtype.kind == "f":
         if not np.isfinite(arr).all():
             raise ImageError(f"{name}: the image contains NaN or infinite values")
-        if arr.size and (arr.min() < 0 or arr.max() > 1):
+        if arr.min() < 0 or arr.max() > 1:
             raise ImageError(f"{name}: float images must hold values in [0, 1], found {arr.min():g}..{arr.max():g}; "
                              "for 0..255 values pass np.clip(img, 0, 255).round().astype(np.uint8)")
         arr = np.rint(arr * 255.0)
     elif arr.dtype != np.uint8:
         raise ImageError(f"{name}: expected a uint8 array (or float in [0, 1]), got {arr.dtype}")
-    original, arr = arr, arr.astype(np.uint8, copy=False)
     if arr.ndim == 2 or arr.shape[2] == 1:
-        return _grey_to_rgb(arr)
-    arr = np.ascontiguousarray(arr)
-    # the caller's buffer may be written again (a video decoder's, a camera's): the result owns its pixels
-    return arr.copy() if np.shares_memory(arr, original) else arr
+        return _grey_to_rgb(arr.astype(np.uint8, copy=False))
+    # always a copy: the caller's buffer may be written again (a video decoder's, a camera's)
+    return np.array(arr, dtype=np.uint8, order="C")
 
 
 def _from_tensor(t, name: str) -> np.ndarray:
@@ -210,11 +199,6 @@ def _from_tensor(t, name: str) -> np.ndarray:
 
 def _grey_to_rgb(arr: np.ndarray) -> np.ndarray:
     return np.repeat(arr.reshape(arr.shape[0], arr.shape[1], 1), 3, axis=2)
-
-
-def _check_size(h: int, w: int, name: str) -> None:
-    if h < 1 or w < 1:
-        raise ImageError(f"{name}: the image is empty ({w}x{h})")
 
 
 def _mask_from_pil(img: Image.Image, name: str) -> np.ndarray:

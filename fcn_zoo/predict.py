@@ -1,11 +1,7 @@
 """Segment images: :func:`predict` (one image, a list or a batch), :func:`predict_iter` (a stream) and
 :func:`preprocess` (an image as the tensor the network takes), each a few lines over the engine
-(:class:`fcn_zoo.engine.Predictor`).
-
-The default is the reference evaluation protocol exactly: resize keeping the aspect ratio so that the
-image fits the row's evaluation size (``(2048, 512)``, Cityscapes ``(2048, 1024)``), one forward pass,
-bilinear upsampling of the logits straight to the original size, argmax. Reading images is
-:mod:`fcn_zoo.images`, the protocol :mod:`fcn_zoo.protocol`, the result :mod:`fcn_zoo.segmentation`.
+(:class:`fcn_zoo.engine.Predictor`). The default is the reference evaluation protocol exactly
+(:mod:`fcn_zoo.protocol`); reading images is :mod:`fcn_zoo.images`, the result :mod:`fcn_zoo.segmentation`.
 """
 
 from __future__ import annotations

@@ -31,32 +31,36 @@ class TTA:
 
 
 def network_logits(
-    model, images: list[torch.Tensor] | None, *, tta: TTA | None = None,
-    mode: str = "whole", window=None, stride=None, batch_size: int = 8, eval_size=None, features=None,
-    prepared: list[torch.Tensor] | None = None,
+    model, prepared: list[torch.Tensor], *, tta: TTA | None = None, mode: str = "whole", window=None, stride=None,
+    batch_size: int = 8, features=None,
 ) -> list[list[torch.Tensor]]:
-    """Per image its logits before upsampling to its size: one ``(1, C, h, w)`` tensor, or one per TTA scale and
-    flip. ``images``: ``(3, H, W)`` tensors of 8-bit values; ``prepared``: the same already through
-    :func:`prepare` (by reader threads), in their place. Call under ``torch.inference_mode()`` with the model
-    in eval mode. ``eval_size`` replaces the model's resize bound; ``features`` replaces
-    ``model.forward_features`` (another runtime running the same graph)."""
+    """Per image its logits before upsampling to its size: one ``(1, C, h, w)`` float32 tensor, or one per TTA
+    scale and flip (their upsampled mean is the answer). ``prepared``: images of one evaluation size through
+    :func:`prepare`, run as one batch. Call under ``torch.inference_mode()`` with the model in eval mode.
+    ``features`` replaces ``model.forward_features`` (another runtime running the same graph)."""
     device = next(model.parameters()).device
-    if prepared is not None:
-        inputs = [x if x.device == device else x.to(device, non_blocking=True) for x in prepared]
-    else:
-        inputs = [_preprocess(model, x, device, eval_size or model.eval_size) for x in images]
-    return _logits(model, inputs, tta, mode, window, stride, batch_size, features or model.forward_features)
+    features = features or model.forward_features
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if mode == "slide":
+            return _slide(features, x, window or model.crop_size, stride, batch_size)
+        return features(x)
+
+    inputs = [x.to(device, non_blocking=True) for x in prepared]
+    batch = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
+    outs = []
+    for scale in tta.scales if tta else (1,):
+        x = batch if scale == 1 else F.interpolate(batch, scale_factor=scale, mode="bilinear", align_corners=False)
+        outs.append(run(x))
+        if tta and tta.flip:
+            outs.append(run(x.flip(-1)).flip(-1))
+    return [[out[i:i + 1].float() for out in outs] for i in range(len(inputs))]
 
 
 def prepare(model, rgb, eval_size: Sequence[int] | None = None) -> torch.Tensor:
-    """A :func:`~fcn_zoo.images.read_image` array resized to the evaluation size and normalised, on the CPU:
-    what reader threads do ahead of the network."""
-    return _preprocess(model, _chw(rgb), torch.device("cpu"), eval_size or model.eval_size)
-
-
-def _chw(rgb) -> torch.Tensor:
-    """An ``(H, W, 3)`` uint8 array as a ``(3, H, W)`` uint8 tensor (a view: no copy)."""
-    return torch.from_numpy(rgb).permute(2, 0, 1)
+    """A :func:`~fcn_zoo.images.read_image` array resized to the evaluation size (default the model's) and
+    normalised, on the CPU: what reader threads do ahead of the network."""
+    return _preprocess(model, torch.from_numpy(rgb).permute(2, 0, 1), torch.device("cpu"), eval_size or model.eval_size)
 
 
 def _preprocess(model, x: torch.Tensor, device: torch.device, eval_size: Sequence[int]) -> torch.Tensor:
@@ -69,37 +73,6 @@ def _preprocess(model, x: torch.Tensor, device: torch.device, eval_size: Sequenc
     mean = torch.tensor(model.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(model.std, device=device).view(1, 3, 1, 1)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-
-
-def _logits(model, inputs: list[torch.Tensor], tta: TTA | None, mode, window, stride, batch_size, features) -> list[torch.Tensor]:
-    """Per image, the logits ``(1, C, h', w')`` to be upsampled to its original size.
-
-    With TTA, a list of such tensors (one per scale and flip) whose upsampled mean is the answer.
-    """
-    def run(batch: torch.Tensor) -> torch.Tensor:
-        if mode == "slide":
-            return _slide(features, batch, window or model.crop_size, stride, batch_size)
-        return features(batch)
-
-    def run_tta(batch: torch.Tensor) -> list[torch.Tensor]:
-        outs = []
-        for scale in tta.scales:
-            x = batch if scale == 1 else F.interpolate(batch, scale_factor=scale, mode="bilinear", align_corners=False)
-            outs.append(run(x))
-            if tta.flip:
-                outs.append(run(x.flip(-1)).flip(-1))
-        return outs
-
-    results: list = [None] * len(inputs)
-    by_shape: dict[tuple, list[int]] = {}
-    for i, x in enumerate(inputs):
-        by_shape.setdefault(tuple(x.shape), []).append(i)
-    for indices in by_shape.values():  # images of equal evaluation size share a forward pass
-        batch = inputs[indices[0]] if len(indices) == 1 else torch.cat([inputs[i] for i in indices])
-        outs = run_tta(batch) if tta else [run(batch)]
-        for j, i in enumerate(indices):
-            results[i] = [o[j:j + 1].float() for o in outs]
-    return results
 
 
 def _slide(features, x: torch.Tensor, window: Sequence[int], stride: Sequence[int] | None, batch_size: int) -> torch.Tensor:
@@ -129,26 +102,20 @@ def _slide(features, x: torch.Tensor, window: Sequence[int], stride: Sequence[in
     return total / count
 
 
-_compiled_forward = None
-
-
 def _forward_features(model, x: torch.Tensor) -> torch.Tensor:
     return model.forward_features(x)
+
+
+@functools.cache
+def _compiled_forward():
+    return torch.compile(_forward_features)
 
 
 def compiled_features(model):
     """``model.forward_features`` through ``torch.compile``. One compiled function serves every model (its
     guards tell models apart), so a model compiles once per input shape family and the compiled code holds
     no reference that would keep a model alive. Weights are read at each call, not frozen in."""
-    global _compiled_forward
-    if _compiled_forward is None:
-        _compiled_forward = torch.compile(_forward_features)
-    return functools.partial(_compiled_forward, model)
-
-
-def same_device(asked: torch.device, own: torch.device) -> bool:
-    """Whether ``asked`` names ``own`` ("cuda" names the model's GPU, whichever it is)."""
-    return asked.type == own.type and (asked.index is None or asked.index == own.index)
+    return functools.partial(_compiled_forward(), model)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

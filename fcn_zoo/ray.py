@@ -8,15 +8,15 @@ one machine: streaming, retries, CPU and GPU stages), or any loop over dicts of 
     ds = ds.map_batches(Segmenter, fn_constructor_kwargs={"model": "fcn_resnet50os16_voc"}, batch_size=8,
                         num_gpus=1, compute=ray.data.ActorPoolStrategy(size=4))  # 4 GPUs; CPUs: docs/python.md
 
-Each actor loads the model once, on its device (its GPU where Ray gives it one, else the CPU), and segments
-with the protocol of :meth:`FCN.predict <fcn_zoo.FCN.predict>` on a fused copy, as ``fcn-zoo predict`` does. Nothing here imports Ray: the class takes and
-returns plain dicts of NumPy arrays, the format of Ray Data batches.
+Each actor loads the model once, on its device (its GPU where Ray gives it one, else the CPU). Nothing here
+imports Ray: the class takes and returns plain dicts of NumPy arrays, the format of Ray Data batches.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .errors import first_line
 from .images import read_image
 
 __all__ = ["Segmenter"]
@@ -75,16 +75,17 @@ class Segmenter:
             raise KeyError(f"the batch has no image column {self.column or ' / '.join(IMAGE_COLUMNS)!r} "
                            f"(its columns: {', '.join(batch)}); pass Segmenter(column=...)")
         values = list(batch[column])
-        names = _names(batch, column, len(values))
-        segs: list = [None] * len(values)
-        errors = [""] * len(values)
+        if "path" in batch:  # what messages call each image
+            names = [str(p) for p in batch["path"]]
+        else:
+            names = [f"row {i} of the batch" for i in range(len(values))]
         rows = self.predictor.stream(range(len(values)), read=lambda i: read_image(_cell(values[i]), names[i]),
                                      name=names.__getitem__, errors="yield")
+        segs, errors = [], []
         for i, result in rows:
-            if isinstance(result, Exception):
-                errors[i] = _error_line(names[i], result)
-            else:
-                segs[i] = result
+            failed = isinstance(result, Exception)
+            segs.append(None if failed else result)
+            errors.append(_error_line(names[i], result) if failed else "")
         num_classes = len(self.class_names)
         no_labels = np.zeros((0, 0), dtype=np.uint8 if num_classes <= 256 else np.int32)  # a failed row's
         out = {k: v for k, v in batch.items() if k != column or k == "path"}  # paths stay: they name the rows
@@ -92,7 +93,7 @@ class Segmenter:
         out["shares"] = np.zeros((len(segs), num_classes), dtype=np.float32)
         for row, seg in zip(out["shares"], segs):
             if seg is not None:
-                row[:] = _shares(seg.labels, num_classes)
+                row[:] = np.bincount(seg.labels.ravel(), minlength=num_classes) / seg.labels.size
         if self.confidence:
             out["confidence"] = _column([np.zeros((0, 0), np.float16) if seg is None else seg.confidence.astype(np.float16)
                                          for seg in segs])
@@ -100,19 +101,8 @@ class Segmenter:
         return out
 
 
-def _names(batch: dict, column: str, n: int) -> list[str]:
-    """What to call each image in messages: its path where the batch has one."""
-    if column != "path" and "path" in batch:
-        return [str(p) for p in batch["path"]]
-    if column == "path":
-        return [str(p) for p in batch[column]]
-    return [f"row {i} of the batch" for i in range(n)]
-
-
 def _error_line(name: str, error: Exception) -> str:
     """A row's error: one line that names its image."""
-    from .errors import first_line
-
     message = first_line(error)
     return message if name in message else f"{name}: {message}"
 
@@ -124,10 +114,6 @@ def _cell(value):
         if value.dtype.kind in "iu" and value.size and 0 <= value.min() and value.max() <= 255:
             value = value.astype(np.uint8)  # pixel values that came through lists
     return value
-
-
-def _shares(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    return np.bincount(labels.ravel(), minlength=num_classes)[:num_classes] / max(labels.size, 1)
 
 
 def _column(arrays: list[np.ndarray]) -> np.ndarray:
