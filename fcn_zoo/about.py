@@ -29,7 +29,7 @@ def describe(name: str, cache_dir=None) -> list[tuple[str, str]]:
         miou = f"{c.miou_newest:.2f} (reference's newest, {d.val_split}); {c.miou:.2f} in the seed table"
     cached = cached_folder(c.name, cache_dir)
     urls = reference_download_urls(c)
-    fields = [
+    return [
         ("name", c.name),
         ("model", c.title),
         ("backbone", f"{c.backbone} (timm), output stride {c.output_stride}"),
@@ -46,7 +46,6 @@ def describe(name: str, cache_dir=None) -> list[tuple[str, str]]:
         ("reference", f"{urls[0]} (or {urls[1].rsplit('/', 1)[1]}, its older name)"),
         ("classes", "; ".join(d.classes)),
     ]
-    return fields
 
 
 def _folder_fields(folder: Path) -> list[tuple[str, str]]:

@@ -18,9 +18,6 @@ from .console import configure_logging, report
 from .errors import FCNZooError
 
 EXIT_FAILED = 1
-EXIT_USAGE = 2
-
-
 TRAINING_VERBS = ("train", "evaluate", "prepare")  # run by fcn_zoo_training, which parses their arguments
 #: what the training code imports beyond the package, by import name: told before a run, not at its end
 TRAIN_EXTRA = ("matplotlib", "scipy", "cv2", "tqdm")
@@ -30,28 +27,33 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     verb = next((a for a in argv if a != "--debug"), None)
     if verb in TRAINING_VERBS:
-        debug = "--debug" in argv[:argv.index(verb)] or "--debug" in argv[argv.index(verb) + 1:]
+        debug = "--debug" in argv
+        configure_logging(debug)
         rest = [a for a in argv[argv.index(verb) + 1:] if a != "--debug"]
-        return _run_training(verb, rest, debug)
-    parser = _parser()
-    args = parser.parse_args(argv)
+        return _guarded(lambda: _run_training(verb, rest), debug)
+    args = _parser().parse_args(argv)
     configure_logging(args.debug)
+    return _guarded(lambda: args.func(args), args.debug)
+
+
+def _guarded(command, debug: bool) -> int:
+    """``command()``'s exit status; an error (what the training code does not turn into its own one-line exit)
+    is one line on stderr."""
     try:
-        return args.func(args)
+        return command()
     except KeyboardInterrupt:
         print("fcn-zoo: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        report(e, args.debug)
+        report(e, debug)
         return EXIT_FAILED
 
 
-def _run_training(verb: str, argv: list[str], debug: bool) -> int:
+def _run_training(verb: str, argv: list[str]) -> int:
     """``fcn-zoo train ...``, ``evaluate ...`` and ``prepare ...``: the training code's own command lines."""
     import importlib
     import importlib.util
 
-    configure_logging(debug)
     missing = [name for name in TRAIN_EXTRA if importlib.util.find_spec(name) is None]
     if missing:
         print(f"fcn-zoo: error: fcn-zoo {verb} needs the train extra ({', '.join(missing)} missing): "
@@ -61,14 +63,7 @@ def _run_training(verb: str, argv: list[str], debug: bool) -> int:
         print(f"fcn-zoo: error: fcn-zoo {verb} --dataset-name needs the datasets extra: pip install 'fcn-zoo[datasets]' "
               "(in a checkout: pip install -e '.[datasets]')", file=sys.stderr)
         return EXIT_FAILED
-    try:
-        return importlib.import_module(f"fcn_zoo_training.{verb}").main(argv, prog=f"fcn-zoo {verb}")
-    except KeyboardInterrupt:
-        print("fcn-zoo: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # what the training code does not turn into its own one-line exit
-        report(e, debug)
-        return EXIT_FAILED
+    return importlib.import_module(f"fcn_zoo_training.{verb}").main(argv, prog=f"fcn-zoo {verb}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -207,9 +202,9 @@ def cmd_download(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .devices import check_device_options, distributed_rank
+    from .devices import check_device_available, check_device_options, distributed_rank, has_cuda
     from .hub import source_kind
-    from .inputs import expand_inputs
+    from .inputs import Expansion, expand_inputs
 
     # everything that can be told without torch is checked first: a mistake is one line within a second
     out = Path(args.out)
@@ -223,10 +218,7 @@ def cmd_predict(args) -> int:
     check_device_options(args.device, args.precision, args.engine)
     rank, world, local_rank = distributed_rank()
     # under torchrun the first process alone looks for the inputs; the others work from its list (runner.py)
-    found = expand_inputs(args.images, exclude=out) if rank == 0 else None
-
-    from .devices import check_device_available, has_cuda
-
+    found = expand_inputs(args.images, exclude=out) if rank == 0 else Expansion([], [])
     device = args.device
     if world > 1 and (device or ("cuda" if has_cuda() else "cpu")).startswith("cuda"):
         device = f"cuda:{local_rank}"  # one GPU per process under torchrun
@@ -242,18 +234,17 @@ def cmd_predict(args) -> int:
     from .runner import Outputs, segment_sources
     from .weights import state_dict_sha256
 
-    model = from_pretrained(args.name, device=device, cache_dir=args.cache_dir)
-    digest = state_dict_sha256(model)
-    fuse(model)  # this command owns the model for the whole run: its fast path, in place
     outputs = Outputs(out, args.overlay, args.alpha, args.confidence, args.masks)
     options = {"tta": args.tta or None, "mode": "slide" if args.slide else "whole", "engine": args.engine,
                "precision": args.precision}
+    model = from_pretrained(args.name, device=device, cache_dir=args.cache_dir)
+    made = made_by(args.name, state_dict_sha256(model), model.hub_config(), outputs, options)
+    fuse(model)  # this command owns the model for the whole run: its fast path, in place
     out.mkdir(parents=True, exist_ok=True)
     totals = segment_sources(
-        model, found.sources if found else [], outputs, resume=args.resume,
-        not_inputs=len(found.skipped) if found else 0, quiet=args.quiet,
-        made=made_by(args.name, digest, model.hub_config(), outputs, options), num_workers=args.workers, batch_size=args.batch_size,
-        compile=args.compile, cache_dir=args.cache_dir, **options,
+        model, found.sources, outputs, resume=args.resume, not_inputs=len(found.skipped), quiet=args.quiet,
+        made=made, num_workers=args.workers, batch_size=args.batch_size, compile=args.compile,
+        cache_dir=args.cache_dir, **options,
     )
     if rank != 0:  # its failed inputs are told by the first process, in the end line and its exit status:
         return 0  # torchrun would end every process (the first one writing the summary) at a non-zero exit
@@ -344,12 +335,9 @@ def _for_each(items: list[str], action, args, what: str, hint: str = "") -> int:
 
 
 def run() -> None:
-    """The console script: :func:`main`, then exit without tearing the interpreter down.
-
-    Everything is written and closed by then (outputs are renamed into place as they finish); what is left
-    is the interpreter freeing the modules of torch, torchvision and timm one by one, which takes 1.4 s of
-    a 10 s ``fcn-zoo predict`` of one photo on a 2-core CPU (benchmarks/RESULTS.md).
-    """
+    """The console script: :func:`main`, then exit without tearing the interpreter down: everything is written
+    by then, and freeing torch's, torchvision's and timm's modules one by one takes 1.4 s of a 10 s ``fcn-zoo
+    predict`` of one photo on a 2-core CPU (benchmarks/RESULTS.md)."""
     code = main()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

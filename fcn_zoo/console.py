@@ -16,10 +16,9 @@ __all__ = ["configure_logging", "report"]
 def configure_logging(debug: bool) -> None:
     """fcn_zoo's own INFO lines (downloads) on stderr; other libraries' logs only with ``--debug``.
 
-    The root logger is left alone (at WARNING, without a handler of ours), so httpx's request lines and
-    onnxscript's INFO chatter never print, and huggingface_hub's warnings, which it prints through a handler
-    of its own, are not printed twice. huggingface_hub's retry warnings are silenced too: the errors that
-    follow them say what happened, in one line.
+    The root logger is left alone, so httpx's and onnxscript's chatter never prints and huggingface_hub's
+    warnings (its own handler's) are not printed twice; its retry warnings are silenced too, since the error
+    that follows says what happened, in one line.
     """
     ours = logging.getLogger("fcn_zoo")
     for old in [h for h in ours.handlers if isinstance(h, _StderrHandler)]:

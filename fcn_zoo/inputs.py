@@ -8,15 +8,18 @@ file of such inputs, one per line, relative to the list's folder (blank lines an
 
 Output names keep the inputs' folder structure: a file found in a folder INPUT (or by a glob) is named by
 its path relative to that folder (or the glob's fixed part, or the folder holding both where a match climbs
-above it with ``..``), without its suffix; a file named directly by its own name. Where two inputs would share a name (``a/x.jpg`` and ``b/x.jpg`` given as two folders or two
-files), every input is named from the deepest folder that holds them all instead (``a/x``, ``b/x``); where
-two would still share one (``x.jpg`` and ``x.png`` side by side), those keep their suffix (``x.jpg``, ``x.png``).
+above it with ``..``), without its suffix; a file named directly by its own name. Where two inputs would
+share a name (``a/x.jpg`` and ``b/x.jpg`` given as two folders or two files), every input is named from the
+deepest folder that holds them all instead (``a/x``, ``b/x``); where two would still share one (``x.jpg`` and
+``x.png`` side by side), those keep their suffix (``x.jpg``, ``x.png``).
 """
 
 from __future__ import annotations
 
 import glob
+import itertools
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,25 +57,23 @@ class Expansion:
 
 def expand_inputs(inputs: list[str], exclude: str | os.PathLike | None = None) -> Expansion:
     """The sources named by ``inputs``, in order, each once; raises :class:`FCNZooError` for a missing path,
-    an empty glob, an unreadable list or an empty result (a missing file named in a list fails alone, later). Walks never enter the folder ``exclude`` (the output folder,
-    which may sit inside an input folder: its masks are not inputs)."""
+    an empty glob, an unreadable list or an empty result (a missing file named in a list fails alone, later).
+    Walks never enter the folder ``exclude`` (the output folder, which may sit inside an input folder: its
+    masks are not inputs)."""
     found: list[tuple[Path, Path]] = []  # (file, anchor folder)
     skipped: list[Path] = []
-    excluded = os.path.realpath(exclude) if exclude is not None else None
     for text in inputs:
         _expand(text, Path.cwd(), found, skipped, lists=())
-    if excluded is not None:
+    if exclude is not None:
+        excluded = os.path.realpath(exclude)
         found = [(p, a) for p, a in found if not _inside(p, excluded)]
         skipped = [p for p in skipped if not _inside(p, excluded)]
-    seen, unique = set(), []
+    unique: dict[str, tuple[Path, Path]] = {}
     for path, anchor in found:
-        key = os.path.realpath(path)
-        if key not in seen:
-            seen.add(key)
-            unique.append((path, anchor))
+        unique.setdefault(os.path.realpath(path), (path, anchor))
     if not unique:
         raise FCNZooError(f"{' '.join(inputs)}: no images or videos found")
-    return Expansion(_named(unique), skipped)
+    return Expansion(_named(list(unique.values())), skipped)
 
 
 def _expand(text: str, base: Path, found: list, skipped: list, lists: tuple) -> None:
@@ -137,10 +138,10 @@ def _named(found: list[tuple[Path, Path]]) -> list[Source]:
         except ValueError:  # different drives: the suffix rule below is all there is
             pass
     stems = [_stem(r) for r in anchored]
-    clashes = _clashes(stems)
+    counts = Counter(stems)
     return [
-        Source(path, anchored[i] if stems[i] in clashes else stems[i], _is_video(path))
-        for i, (path, _) in enumerate(found)
+        Source(path, relative if counts[stem] > 1 else stem, _is_video(path))
+        for (path, _), relative, stem in zip(found, anchored, stems)
     ]
 
 
@@ -149,15 +150,7 @@ def _relative(path: Path, anchor: Path) -> str:
 
 
 def _stem(relative: str) -> str:
-    suffix = Path(relative).suffix
-    return relative[: -len(suffix)] if suffix else relative
-
-
-def _clashes(names: list[str]) -> set[str]:
-    seen, clashes = set(), set()
-    for name in names:
-        (clashes if name in seen else seen).add(name)
-    return clashes
+    return relative.removesuffix(Path(relative).suffix)
 
 
 def _inside(path: Path, folder: str) -> bool:
@@ -166,12 +159,7 @@ def _inside(path: Path, folder: str) -> bool:
 
 def _glob_root(pattern: Path) -> Path:
     """The folder a glob's matches are named from: its path up to the first part with a wildcard."""
-    parts = []
-    for part in pattern.parts:
-        if _GLOB_CHARS & set(part):
-            break
-        parts.append(part)
-    return Path(*parts) if parts else Path(".")
+    return Path(*itertools.takewhile(lambda part: not _GLOB_CHARS & set(part), pattern.parts))
 
 
 def _holding(folder: Path, path: Path) -> Path:

@@ -7,6 +7,7 @@ works, its ``alive-<rank>.json``), so that a slow process is waited for and a de
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -73,10 +74,8 @@ class Heartbeat:
         beats = 0
         while not self._stop.wait(every):
             beats += 1
-            try:
+            with contextlib.suppress(OSError):  # a full disk: better named by the first process than failed
                 self._beat(beats)
-            except OSError:  # a full disk: the first process may name this one, which is better than failing it
-                pass
 
     def _beat(self, beats: int) -> None:
         with atomic_path(self._path) as tmp:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import posixpath
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ._files import atomic_path
@@ -29,18 +29,14 @@ OUTPUT_OPTIONS = ("tta", "mode", "window", "stride", "precision", "engine")
 def made_by(model: str, state_dict_sha256: str, config: dict, outputs, options: dict) -> dict:
     """What makes a folder's outputs: the model (as named, its state dict's sha256 and its configuration:
     classes, palette, normalisation, evaluation size), the output kinds and every option of ``options``
-    that changes an output."""
-    return {
-        "model": str(model), "state_dict_sha256": state_dict_sha256, "config": json.loads(json.dumps(config)),
-        "outputs": {"overlay": outputs.overlay, "alpha": outputs.alpha, "confidence": outputs.confidence, "masks": outputs.masks},
-        "options": {k: _plain_value(options.get(k)) for k in OUTPUT_OPTIONS},
-    }
-
-
-def _plain_value(value):
-    if hasattr(value, "__dataclass_fields__"):  # a TTA
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(value).items()}
-    return list(value) if isinstance(value, tuple) else value
+    that changes an output. Values are as JSON gives them back (a TTA a dict, tuples lists), to compare
+    with what a folder records."""
+    return json.loads(json.dumps({
+        "model": str(model), "state_dict_sha256": state_dict_sha256, "config": config,
+        "outputs": {"overlay": outputs.overlay, "alpha": outputs.alpha, "confidence": outputs.confidence,
+                    "masks": outputs.masks},
+        "options": {k: options.get(k) for k in OUTPUT_OPTIONS},
+    }, default=asdict))
 
 
 def check_resumable(folder: Path, made: dict) -> None:
@@ -54,24 +50,27 @@ def check_resumable(folder: Path, made: dict) -> None:
                               "fcn-zoo wrote it); rerun without --resume, or pass a new --out") from None
         return
     except ValueError:
-        raise FCNZooError(f"--resume: {journal_dir / MADE_BY} is damaged; rerun without --resume, or pass a new --out") from None
+        raise FCNZooError(f"--resume: {journal_dir / MADE_BY} is damaged; rerun without --resume, or pass a new "
+                          "--out") from None
     how = "rerun without --resume to remake every output, or pass a new --out"
     if "state_dict_sha256" not in before or "config" not in before:
-        raise FCNZooError(f"--resume: {folder} records less of what made its outputs than this fcn-zoo checks (an older "
-                          f"version wrote it); {how}")
-    if before.get("state_dict_sha256") != made["state_dict_sha256"]:
-        raise FCNZooError(
-            f"--resume: {folder} was made by another model ({before.get('model')}, weights sha256 "
-            f"{str(before.get('state_dict_sha256'))[:12]}...) than {made['model']} (sha256 {made['state_dict_sha256'][:12]}...); {how}")
-    for key in sorted(set(made["config"]) | set(before.get("config", {}))):
-        if before.get("config", {}).get(key) != made["config"].get(key):
-            raise FCNZooError(f"--resume: {folder} was made by {before.get('model')} with another {key} in its config.json "
+        raise FCNZooError(f"--resume: {folder} records less of what made its outputs than this fcn-zoo checks (an "
+                          f"older version wrote it); {how}")
+    model, digest = before.get("model"), before["state_dict_sha256"]
+    if digest != made["state_dict_sha256"]:
+        raise FCNZooError(f"--resume: {folder} was made by another model ({model}, weights sha256 "
+                          f"{str(digest)[:12]}...) than {made['model']} (sha256 "
+                          f"{made['state_dict_sha256'][:12]}...); {how}")
+    for key in sorted(set(made["config"]) | set(before["config"])):
+        if before["config"].get(key) != made["config"].get(key):
+            raise FCNZooError(f"--resume: {folder} was made by {model} with another {key} in its config.json "
                               f"than {made['model']} has now; {how}")
     for group in ("outputs", "options"):
         for key, now in made[group].items():
             then = before.get(group, {}).get(key)
             if then != now:
-                raise FCNZooError(f"--resume: {folder} was made with {key}={then!r}, this run asks for {key}={now!r}; {how}")
+                raise FCNZooError(f"--resume: {folder} was made with {key}={then!r}, this run asks for "
+                                  f"{key}={now!r}; {how}")
 
 
 def next_run(rows: dict[str, dict]) -> int:
@@ -111,15 +110,14 @@ class Journal:
         """Every input's newest row, from the compacted journal of earlier runs and every process's own."""
         rows: dict[str, dict] = {}
         self._read_to = {}
-        if self.folder.is_dir():
-            for path in [self.folder / "journal.jsonl", *sorted(self.folder.glob("journal-*.jsonl"))]:
-                if path.is_file():
-                    self._read_to[path.name] = _replay(path, 0, rows)
+        for path in [self.folder / "journal.jsonl", *sorted(self.folder.glob("journal-*.jsonl"))]:
+            if path.is_file():
+                self._read_to[path.name] = _replay(path, 0, rows)
         return rows
 
     def mark(self) -> None:
         """Note where every process's journal ends now, without reading it: :meth:`read_new` starts there."""
-        self._read_to = {p.name: p.stat().st_size for p in self.folder.glob("journal-*.jsonl")} if self.folder.is_dir() else {}
+        self._read_to = {p.name: p.stat().st_size for p in self.folder.glob("journal-*.jsonl")}
 
     def read_new(self, rows: dict[str, dict]) -> None:
         """Add to ``rows`` what the other processes appended since :meth:`read` or :meth:`mark` (this
@@ -160,8 +158,7 @@ class Journal:
 
 
 def _replay(path: Path, offset: int, rows: dict[str, dict]) -> int:
-    """Replay the rows of ``path`` from byte ``offset`` into ``rows`` (an input's newest stamp wins, a tie
-    going to the later line); returns where the file ended."""
+    """Replay ``path`` from byte ``offset`` into ``rows`` (newest stamp wins, then later line); returns its end."""
     with open(path, "rb") as f:
         f.seek(offset)
         for line in f:
@@ -177,17 +174,15 @@ def _replay(path: Path, offset: int, rows: dict[str, dict]) -> int:
         return f.tell()
 
 
-def write_inputs(folder: Path, run: int, sources: list[Source], done: set[str]) -> Path:
+def write_inputs(folder: Path, run: int, sources: list[Source], done: set[str]) -> None:
     """The run's inputs, as the first process named them, for the others (``--out/.fcn-zoo/inputs.jsonl``):
     a first line with the run's stamp, then one line per source (path, name, video, and whether an earlier
-    run's journal says it is done). Written line by line, atomically; returns its path."""
-    path = folder / JOURNAL_DIR / INPUTS
-    with atomic_path(path) as tmp:
+    run's journal says it is done). Written line by line, atomically."""
+    with atomic_path(folder / JOURNAL_DIR / INPUTS) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(json.dumps({"run": run, "inputs": len(sources)}) + "\n")
             for s in sources:
                 f.write(json.dumps([str(s.path), s.name, s.video, s.name in done]) + "\n")
-    return path
 
 
 def read_inputs(folder: Path, run: int) -> tuple[list[Source], set[str]] | None:
@@ -227,10 +222,10 @@ class Outputs:
         """The outputs of ``source``, relative to ``folder`` (``/``-separated, normalised): an image's mask,
         then its overlay and confidence map; a video's overlay, then the folder of its frame masks."""
         if source.video:
-            ends = ["_overlay.mp4"] + ([""] if self.masks else [])
+            ends = {"_overlay.mp4": True, "": self.masks}
         else:
-            ends = [".png"] + (["_overlay.jpg"] if self.overlay else []) + (["_confidence.png"] if self.confidence else [])
-        return [posixpath.normpath(source.name + end) for end in ends]
+            ends = {".png": True, "_overlay.jpg": self.overlay, "_confidence.png": self.confidence}
+        return [posixpath.normpath(source.name + end) for end, wanted in ends.items() if wanted]
 
     def paths(self, source: Source) -> list[Path]:
         """:meth:`names` under ``folder``."""
@@ -263,9 +258,8 @@ def apart(sources: list[Source], outputs: Outputs) -> list[Source]:
 
 
 def meetings(sources: list[Source], outputs: Outputs) -> tuple[set[int], tuple[int, int, str] | None]:
-    """Where sources' outputs meet: two with the same output, or one's output inside another's (the folder
-    of a video's frame masks). Returns the sources to rename (both of a shared output; the outer one of a
-    nested pair) and the first meeting (the two sources' indices and the output)."""
+    """The sources to rename (both of a shared output; the outer one of an output inside another's, as a
+    video's frame masks) and the first meeting (the two sources' indices and the output)."""
     owner: dict[str, int] = {}
     renamed: set[int] = set()
     first = None

@@ -1,34 +1,15 @@
 """``fcn-zoo predict`` over many inputs: outputs named after the inputs' folders, a progress bar, a summary,
 resumption, and the inputs shared out over the processes ``torchrun`` starts.
 
-Before anything is written, every source's outputs are checked to lie inside ``--out``, away from fcn-zoo's
-own files there, and apart from every other source's. Where two sources' outputs would meet (``x.jpg`` and
-``x_confidence.jpg`` with ``--confidence`` both make ``x_confidence.png``; the frame masks of a video
-``clips/drive.mp4`` would go into the folder ``drive/`` that the images of ``clips/drive/`` fill), those
-sources keep their suffix in their name (``x.jpg.png``; ``drive.mp4/000000.png``); where even that would not
-keep them apart, the run is refused in one line naming both. Nothing is removed that the run did not make
-for that source: frame masks are made in a folder of fcn-zoo's own, then moved into place, one by one
-beside whatever an existing folder holds.
-
-Each source's outputs are written atomically, then a line is appended to this process's journal
-(``--out/.fcn-zoo/journal-<rank>.jsonl``): its size, class shares, or the reason it failed, stamped with the
-run and its place in it. A source is complete when its outputs exist and its newest row (by stamp,
-whichever process wrote it) says so; ``--resume`` skips complete sources, so a run cut short (Ctrl-C,
-``kill -9``, a lost node) and continued ends with the outputs of one uninterrupted run. What made the
-outputs (the model, its weights' sha256 and every option that changes an output) is recorded in
-``--out/.fcn-zoo/made_by.json``; ``--resume`` refuses a folder made otherwise, naming the difference. At the
-end the first process writes ``--out/summary.csv`` in input order, row by row, and compacts the journals
-into one.
-
-Under ``torchrun`` (``WORLD_SIZE`` > 1) the first process alone names the inputs and writes them to
-``--out/.fcn-zoo/inputs.jsonl``; the others read that list, so every process works from the same one, and
-a process that cannot see it (``--out`` on each node's own disk) stops the run at its start, in one line.
-Each source goes to process ``hash(name) mod n`` (:func:`shard`; a video is one source), so adding inputs
-moves no other, and runs on that process's device (``cuda:<LOCAL_RANK>`` where there are GPUs). At the
-end the processes meet through files: each writes ``done-<rank>.json`` when it is through and, until
-then, rewrites ``alive-<rank>.json`` every few seconds from a thread of its own; the first waits as long
-as every other shows signs of life (a long video is no reason to stop) and names, in one line, any that
-has shown none for ``FCN_ZOO_DIST_TIMEOUT`` seconds (default 1800).
+Before anything is written, every source's outputs are checked to lie inside ``--out`` and apart from every
+other source's (:func:`fcn_zoo.records.apart`). Nothing is removed that the run did not make: frame masks
+are made in a folder of fcn-zoo's own, then moved into place beside whatever an existing folder holds. Each
+source's outputs are written atomically, then a row is appended to this process's journal, so that
+``--resume`` after Ctrl-C, ``kill -9`` or a lost node ends with the outputs of one uninterrupted run. Under
+``torchrun`` the first process alone names the inputs, each source goes to process
+:func:`fcn_zoo.ranks.shard`, and the processes meet at the end through files
+(:func:`fcn_zoo.ranks.meet_at_the_end`): a slow one is waited for, a dead one named. At the end the first
+process writes ``--out/summary.csv`` in input order, row by row.
 """
 
 from __future__ import annotations
@@ -36,14 +17,17 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from tqdm import tqdm
 
 from ._files import atomic_path
 from .devices import distributed_rank
@@ -60,9 +44,7 @@ __all__ = ["Outputs", "Totals", "segment_sources"]  # Outputs: from fcn_zoo.reco
 
 WRITERS = 2  # threads encoding and writing outputs behind the network
 WRITERS_AHEAD = 2 * WRITERS  # results that may wait for them before the network waits in turn
-
-
-COUNTS = ("done", "failed", "skipped", "already")
+_PARTIAL = re.compile(r"^\.(.+)\.\d+\.partial$")  # what _files.atomic_path writes to
 
 
 @dataclass
@@ -86,9 +68,9 @@ def segment_sources(
 
     Under ``torchrun`` the first process's ``sources`` are every process's (the others may pass ``[]``).
     ``not_inputs``: files found in walked folders that are neither images nor videos (counted as skipped).
-    ``echo``: called with one line per source done or failed (unless ``quiet``). ``made``: what makes the
-    outputs (:func:`made_by`): recorded in the folder, and with ``resume`` checked against what it records.
-    ``options``: as :func:`fcn_zoo.predict.predict`. Raises :class:`FCNZooError`, before anything is
+    ``echo``: called with one line per source done (unless ``quiet``). ``made``: what makes the outputs
+    (:func:`fcn_zoo.records.made_by`): recorded in the folder, and with ``resume`` checked against what it
+    records. ``options``: as :func:`fcn_zoo.predict.predict`. Raises :class:`FCNZooError`, before anything is
     written, where an output would lie outside ``outputs.folder`` or two sources' outputs cannot be kept
     apart, and at the end where another process stopped without finishing its share.
     """
@@ -97,26 +79,25 @@ def segment_sources(
     journal = Journal(outputs.folder, rank)
     plan = _begin(sources, outputs, journal, rank, world, resume, made)
     journal.run = plan.run
-    mine = [s for s in plan.sources if shard(s.name, world) == rank] if world > 1 else plan.sources
+    mine = [s for s in plan.sources if shard(s.name, world) == rank]
     todo = [s for s in mine if not (s.name in plan.done and all(p.exists() for p in outputs.paths(s)))]
     totals = Totals(skipped=not_inputs if rank == 0 else 0, already=len(mine) - len(todo))
-    bar = _progress(len(mine), initial=totals.already, disable=quiet or rank != 0)
+    bar = tqdm(total=len(mine), initial=totals.already, unit="img", dynamic_ncols=True, file=sys.stderr,
+               disable=quiet or rank != 0 or not sys.stderr.isatty())
     alive = Heartbeat(outputs.folder / JOURNAL_DIR, rank, plan.run) if world > 1 and rank != 0 else None
 
-    def record(source: Source, row: dict, line: str) -> None:
+    def record(source: Source, row: dict, line: str = "") -> None:
         row = journal.append(row)
         if rank == 0:
             plan.rows[source.name] = row
         if row["status"] == "ok":
             totals.done += 1
             if not quiet:
-                (bar.write if bar is not None else echo)(line)
+                (echo if bar.disable else bar.write)(line)
         else:
             totals.failed += 1
-            line = f"fcn-zoo: error: {row['error']}"
-            bar.write(line, file=sys.stderr) if bar is not None else print(line, file=sys.stderr)
-        if bar is not None:
-            bar.update()
+            bar.write(f"fcn-zoo: error: {row['error']}", file=sys.stderr)
+        bar.update()
 
     # encoding and writing run behind the network on threads of their own (PNG and JPEG encoders release the
     # GIL); at most WRITERS_AHEAD results wait, and they are recorded in input order
@@ -129,7 +110,7 @@ def segment_sources(
             try:
                 written, row = future.result()
             except Exception as e:  # a full disk, a folder where a file should go: this source fails alone
-                record(source, _failure(source, e), "")
+                record(source, _failure(source, e))
                 continue
             record(source, row, f"{source.path} -> {', '.join(map(str, written))} ({_top(row['shares'])})")
 
@@ -137,34 +118,31 @@ def segment_sources(
         if resume:
             _clear_leftovers(outputs.folder, {p for s in todo for p in outputs.paths(s)})
         images = [s for s in todo if not s.video]
-        by_path = iter(images)
         stream = predict_iter(model, [s.path for s in images], errors="yield", confidence=outputs.confidence, **options)
-        for (_, result), source in zip(stream, by_path):
+        for (_, result), source in zip(stream, images):
             if isinstance(result, Exception):
                 settle(0)  # what came before it first, in order
-                record(source, _failure(source, result), "")
-                continue
-            behind.append((source, writers.submit(_write_and_describe, result, source, outputs)))
-            settle(WRITERS_AHEAD)
+                record(source, _failure(source, result))
+            else:
+                behind.append((source, writers.submit(_write_image, result, source, outputs)))
+                settle(WRITERS_AHEAD)
         settle(0)
         for source in (s for s in todo if s.video):
             try:
                 result = _segment_video(model, source, outputs, options)
             except Exception as e:
-                record(source, _failure(source, e), "")
+                record(source, _failure(source, e))
                 continue
             row = _row(source, (result.height, result.width), result.shares, frames=result.frames)
             paths = ", ".join(map(str, outputs.paths(source)))
             record(source, row, f"{source.path} -> {paths} ({result.frames} frames; {_top(row['shares'])})")
     finally:
         writers.shutdown(wait=True, cancel_futures=True)  # a write under way finishes (atomically)
-        if bar is not None:
-            bar.close()
+        bar.close()
         journal.close()
         if alive is not None:
             alive.stop()
-    counts, missing = meet_at_the_end(outputs.folder / JOURNAL_DIR, {k: getattr(totals, k) for k in COUNTS}, rank, world,
-                                      plan.run)
+    counts, missing = meet_at_the_end(outputs.folder / JOURNAL_DIR, asdict(totals), rank, world, plan.run)
     totals = Totals(**counts)
     if rank == 0:
         if world > 1:
@@ -178,7 +156,8 @@ def segment_sources(
         raise FCNZooError(
             f"process{'es' if many else ''} {', '.join(map(str, missing))} of {world} stopped before finishing "
             f"(no sign of {'them' if many else 'it'} for {timeout():g} s, FCN_ZOO_DIST_TIMEOUT): "
-            f"{outputs.folder / 'summary.csv'} lacks what {'they' if many else 'it'} had left; rerun with --resume to finish"
+            f"{outputs.folder / 'summary.csv'} lacks what {'they' if many else 'it'} had left; "
+            "rerun with --resume to finish"
         )
     totals.elapsed = time.perf_counter() - start
     return totals
@@ -196,9 +175,7 @@ class _Plan:
 
 def _begin(sources: list[Source], outputs: Outputs, journal: Journal, rank: int, world: int, resume: bool,
            made: dict | None) -> _Plan:
-    """The start of a run: the first (or only) process checks and prepares everything (:func:`_prepare`);
-    under torchrun it tells the others the run's stamp or its one-line error through a gloo group, and they
-    read its list of inputs from ``--out``; a process that cannot is named, in one line, to all of them."""
+    """The run as every process sees it: under torchrun the first process tells the others its stamp or error."""
     if world == 1:
         return _prepare(sources, outputs, journal, resume, made, world)
     import torch.distributed as dist
@@ -213,13 +190,12 @@ def _begin(sources: list[Source], outputs: Outputs, journal: Journal, rank: int,
             except Exception as e:  # told to the others, then raised here
                 error, told = e, [None, first_line(e)]
         together(rank, world, dist.broadcast_object_list, told, src=0)
-        if error is not None:
-            raise error
-        if told[1] is not None:
-            raise FCNZooError(told[1])
+        run, message = told
+        if message is not None:
+            raise error or FCNZooError(message)  # the first process's own error; the others' copy of it
         if rank != 0:
-            shared = read_inputs(outputs.folder, told[0])
-            plan = _Plan(*shared, rows={}, run=told[0]) if shared is not None else None
+            shared = read_inputs(outputs.folder, run)
+            plan = _Plan(*shared, rows={}, run=run) if shared is not None else None
         sees = [None] * world
         together(rank, world, dist.all_gather_object, sees, plan is not None)
         blind = [str(r) for r, ok in enumerate(sees) if not ok]
@@ -236,22 +212,18 @@ def _begin(sources: list[Source], outputs: Outputs, journal: Journal, rank: int,
 
 def _prepare(sources: list[Source], outputs: Outputs, journal: Journal, resume: bool, made: dict | None,
              world: int) -> _Plan:
-    """What the first process does before anything is segmented: outputs kept inside ``--out`` and apart
-    (:func:`fcn_zoo.records.apart`), ``--resume`` checked, earlier marks cleared, ``made_by.json`` written, the journal read
-    (once, with ``--resume``) and, under torchrun, the list of inputs written for the others."""
-    folder, journal_dir = outputs.folder, outputs.folder / JOURNAL_DIR
+    """The first process's checks and records before anything is segmented; the journal is read once."""
+    journal_dir = outputs.folder / JOURNAL_DIR
     sources = apart(sources, outputs)
     if made is not None and resume:
-        check_resumable(folder, made)
-    if made is not None and not resume:  # every output is remade: no earlier row may count as done later
+        check_resumable(outputs.folder, made)
+    elif made is not None:  # every output is remade: no earlier row may count as done later
         for old in journal_dir.glob("journal*.jsonl"):
             old.unlink()
-    for old in [*journal_dir.glob("done-*.json"), *journal_dir.glob("alive-*.json")]:  # an earlier run's marks
-        old.unlink()
-    for old in journal_dir.glob("frames-*"):  # frame masks a killed run was making (_segment_video)
-        shutil.rmtree(old, ignore_errors=True)
-    if made is not None or world > 1:
-        journal_dir.mkdir(parents=True, exist_ok=True)
+    # an earlier run's marks, and the frame masks a killed run was making (_segment_video)
+    for old in [*journal_dir.glob("done-*.json"), *journal_dir.glob("alive-*.json"), *journal_dir.glob("frames-*")]:
+        _remove(old)
+    journal_dir.mkdir(parents=True, exist_ok=True)
     if made is not None:
         with atomic_path(journal_dir / MADE_BY) as tmp:
             tmp.write_text(json.dumps(made, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -263,33 +235,29 @@ def _prepare(sources: list[Source], outputs: Outputs, journal: Journal, resume: 
     run = next_run(rows)
     done = {name for name, row in rows.items() if row.get("status") == "ok"}
     if world > 1:
-        write_inputs(folder, run, sources, done)
+        write_inputs(outputs.folder, run, sources, done)
     return _Plan(sources, done, rows, run)
 
 
-def _write_and_describe(seg, source: Source, outputs: Outputs) -> tuple[list[Path], dict]:
-    written = _write_image_outputs(seg, source, outputs)
-    return written, _row(source, seg.size, seg.class_shares())
-
-
 def _clear_leftovers(folder: Path, targets: set[Path]) -> None:
-    """Remove what a killed process left half-written for ``targets``: temporary files
-    (``.<name>.<pid>.partial``) and folders (``.<name>-<random>``) beside them. One walk of ``folder``."""
-    import re
-    import shutil
-
-    partial = re.compile(r"^\.(.+)\.\d+\.partial$")  # _files.atomic_path
-    staging = re.compile(r"^\.(.+)-[a-z0-9_]{8}$")  # tempfile.mkdtemp(prefix=".<name>-")
+    """Remove the temporary files (``.<name>.<pid>.partial``) a killed process left beside ``targets``."""
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if d != JOURNAL_DIR]
-        for name, pattern in [*((f, partial) for f in files), *((d, staging) for d in dirs)]:
-            match = pattern.match(name)
+        for name in files:
+            match = _PARTIAL.match(name)
             if match and Path(root, match.group(1)) in targets:
-                stale = Path(root, name)
-                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+                Path(root, name).unlink(missing_ok=True)
 
 
-def _write_image_outputs(seg, source: Source, outputs: Outputs) -> list[Path]:
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _write_image(seg, source: Source, outputs: Outputs) -> tuple[list[Path], dict]:
+    """An image's outputs, which exist together or not at all, and its journal row."""
     paths = outputs.paths(source)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     written = []
@@ -301,15 +269,13 @@ def _write_image_outputs(seg, source: Source, outputs: Outputs) -> list[Path]:
             written.append(seg.save_confidence(paths[-1]))
     except BaseException:
         for path in written:
-            path.unlink(missing_ok=True)  # a source's outputs exist together or not at all
+            path.unlink(missing_ok=True)
         raise
-    return written
+    return written, _row(source, seg.size, seg.class_shares())
 
 
 def _segment_video(model, source: Source, outputs: Outputs, options: dict):
-    """The overlay video, and with ``outputs.masks`` the frame masks: made in a folder of fcn-zoo's own
-    (``--out/.fcn-zoo/frames-*``), then moved to ``--out/<name>/``, whole where that folder does not exist,
-    else one file at a time, so that nothing already in it is removed."""
+    """The overlay video, and the frame masks made in ``--out/.fcn-zoo`` then moved beside what is there."""
     from .video import segment_video
 
     paths = outputs.paths(source)
@@ -319,7 +285,6 @@ def _segment_video(model, source: Source, outputs: Outputs, options: dict):
     if folder.exists() and not folder.is_dir():
         raise FCNZooError(f"{folder}: exists and is not a folder, so the frame masks of {source.path} cannot go "
                           "there; move it, or pass another --out")
-    (outputs.folder / JOURNAL_DIR).mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=outputs.folder / JOURNAL_DIR, prefix="frames-"))
     try:
         result = segment_video(model, source.path, paths[0], masks_dir=staging / "frames", alpha=outputs.alpha,
@@ -343,17 +308,16 @@ def _move_frames(frames: Path, folder: Path) -> None:
         os.replace(frame, folder / frame.name)
 
 
-def _row(source: Source, size: tuple[int, int], shares: dict[str, float], frames: int | None = None) -> dict:
+def _row(source: Source, size=(None, None), shares: dict[str, float] | None = None, frames: int | None = None) -> dict:
     return {"name": source.name, "path": source.file_name, "kind": "video" if source.video else "image",
-            "width": size[1], "height": size[0], "frames": frames, "status": "ok", "error": "", "shares": shares}
+            "width": size[1], "height": size[0], "frames": frames, "status": "ok", "error": "", "shares": shares or {}}
 
 
 def _failure(source: Source, error: BaseException) -> dict:
     message = first_line(error)
     if str(source.path) not in message:
         message = f"{source.path}: {message}"
-    return {"name": source.name, "path": source.file_name, "kind": "video" if source.video else "image",
-            "width": None, "height": None, "frames": None, "status": "failed", "error": message, "shares": {}}
+    return {**_row(source), "status": "failed", "error": message}
 
 
 def _top(shares: dict[str, float]) -> str:
@@ -362,25 +326,14 @@ def _top(shares: dict[str, float]) -> str:
 
 
 def _write_summary(folder: Path, sources: list[Source], rows: dict, class_names: list[str]) -> None:
-    """``summary.csv``: one row per source in input order: its path relative to the inputs' common folder,
-    kind, size, frames (videos), status, error, then the share of each class (0 where absent). Written row
-    by row into a temporary file that then takes its name."""
+    """``summary.csv``, one row per source in input order, then each class's share; written row by row."""
+    columns = ["path", "kind", "width", "height", "frames", "status", "error"]
     with atomic_path(folder / "summary.csv") as tmp:
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["path", "kind", "width", "height", "frames", "status", "error", *class_names])
+            writer.writerow([*columns, *class_names])
             for source in sources:
                 row = rows.get(source.name)
-                if row is None:  # not reached (another process stopped before it)
-                    continue
-                cells = [row["path"], row["kind"], row["width"], row["height"], row["frames"], row["status"], row["error"]]
-                writer.writerow(["" if c is None else c for c in cells]
-                                + [f"{row['shares'].get(n, 0.0):.6f}" for n in class_names])
-
-
-def _progress(total: int, initial: int, disable: bool):
-    if disable or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="img", dynamic_ncols=True, file=sys.stderr)
+                if row is not None:  # None: not reached (another process stopped before it)
+                    writer.writerow(["" if row[c] is None else row[c] for c in columns]
+                                    + [f"{row['shares'].get(n, 0.0):.6f}" for n in class_names])

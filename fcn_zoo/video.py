@@ -1,12 +1,9 @@
 """Videos: every frame segmented in order and written back as an overlay video (same frame count, size and
 frame rate), and optionally one palette PNG per frame. Decoding and encoding are PyAV's (the ``video``
 extra: ``pip install "fcn-zoo[video]"``); frames stream through :func:`fcn_zoo.predict.predict_iter`, so a
-long clip needs the memory of a few frames, not of the clip.
-
-Frames are seen as a player shows them, as photos are after their EXIF orientation: a clip's display matrix
-(a phone's portrait clip is stored landscape, with a quarter turn to apply) is applied before segmenting, so
-masks, sizes and shares are of the upright frames, and the overlay video holds upright frames and no display
-matrix of its own.
+long clip needs the memory of a few frames, not of the clip. Frames are seen as a player shows them, as
+photos are after their EXIF orientation: a phone's portrait clip, stored landscape with a display matrix,
+is segmented and written upright.
 """
 
 from __future__ import annotations
@@ -14,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,9 @@ __all__ = ["segment_video", "VideoResult"]
 
 #: Codecs tried in order for the overlay video: H.264 where FFmpeg has an encoder for it, else MPEG-4 part 2.
 CODECS = ("libx264", "h264", "mpeg4")
+#: the container for an overlay path's suffix (the temporary file it is written to has none)
+_FORMATS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".avi": "avi"}
+_FRAME = re.compile(r"\d{6}\.png")  # a frame mask's name
 
 
 @dataclass
@@ -50,14 +51,18 @@ def segment_video(
     numbered from ``000000``. Both appear whole or not at all. Frames are segmented, masked and overlaid as
     displayed (the clip's display matrix applied; the overlay is written upright, without one). ``options`` as
     :func:`fcn_zoo.predict.predict_iter` (the clip runs on a fused copy of the model unless ``fuse=False``)."""
-    av = _import_av()
+    try:
+        import av
+    except ImportError as e:
+        raise FCNZooError('videos need PyAV: pip install "fcn-zoo[video]" (or pip install av)') from e
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such video file")
     if overlay_path is None and masks_dir is None:
         raise ValueError("nothing to write: pass overlay_path, masks_dir or both")
     if masks_dir is not None:
-        _check_masks_dir(Path(masks_dir))
+        masks_dir = Path(masks_dir)
+        _check_masks_dir(masks_dir)
     try:
         source = av.open(str(path))
     except (av.FFmpegError, OSError) as e:
@@ -68,26 +73,32 @@ def segment_video(
         stream = source.streams.video[0]
         stream.thread_type = "AUTO"
         counts = np.zeros(model.num_classes, dtype=np.int64)
-        masks_tmp = _staging(Path(masks_dir)) if masks_dir is not None else None
-        frames = 0
-        width = height = 0
+        staging = None  # the frame masks, until they are all there
+        if masks_dir is not None:
+            masks_dir.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=masks_dir.parent, prefix=f".{masks_dir.name}-"))
+        frames = width = height = 0
         try:
-            with _overlay_writer(av, overlay_path, stream) as write:
+            writer = contextlib.nullcontext() if overlay_path is None else _overlay_writer(av, overlay_path, stream)
+            with writer as write:
                 segments = predict_iter(model, _frames(av, source, stream, path), **options)
                 for frames, (_, seg) in enumerate(segments, start=1):
                     height, width = seg.size
                     counts += np.bincount(seg.labels.ravel(), minlength=model.num_classes)[: model.num_classes]
-                    if masks_tmp is not None:
-                        seg.save(masks_tmp / f"{frames - 1:06d}.png")
+                    if staging is not None:
+                        seg.save(staging / f"{frames - 1:06d}.png")
                     if write is not None:
                         write(np.asarray(seg.overlay(alpha=alpha)))
                 if frames == 0:
                     raise ImageError(f"{path}: has no frames")
-            if masks_tmp is not None:
-                _publish(masks_tmp, Path(masks_dir))
+            if staging is not None:
+                if masks_dir.exists():
+                    _check_masks_dir(masks_dir)  # still frame masks alone
+                    shutil.rmtree(masks_dir)
+                staging.rename(masks_dir)
         finally:
-            if masks_tmp is not None:
-                shutil.rmtree(masks_tmp, ignore_errors=True)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
     total = counts.sum()
     order = np.argsort(-counts, kind="stable")
     shares = {model.class_names[i]: float(counts[i] / total) for i in order if counts[i]}
@@ -111,15 +122,12 @@ def _display_matrix(frame) -> np.ndarray | None:
 
 
 def _displayed(rgb: np.ndarray, matrix: np.ndarray | None) -> np.ndarray:
-    """A decoded ``(H, W, 3)`` frame as a player shows it: turned and mirrored by FFmpeg's display ``matrix``
-    (to the nearest quarter turn, the turns phones record, as FFmpeg's autorotation turns them); ``rgb`` itself
-    without a matrix.
-
-    The matrix maps a stored pixel ``(x, y)`` to ``(a x + c y, b x + d y)`` plus an offset, with ``a, b, c, d``
-    its entries 0, 1, 3 and 4 (``libavutil/display.h``). ``PyAV``'s ``frame.rotation`` alone would lose
-    the mirrorings: a horizontal flip reads as a half turn."""
+    """A decoded ``(H, W, 3)`` frame as a player shows it: FFmpeg's display ``matrix`` applied (if any)."""
     if matrix is None:
         return rgb
+    # the matrix maps a stored pixel (x, y) to (a x + c y, b x + d y) plus an offset (libavutil/display.h), turned
+    # here to the nearest quarter turn, as FFmpeg's autorotation does; PyAV's frame.rotation alone would read a
+    # mirroring as a half turn
     a, b, c, d = (int(v) for v in (matrix[0], matrix[1], matrix[3], matrix[4]))
     if abs(b) + abs(c) > abs(a) + abs(d):  # a quarter turn: stored rows are displayed columns
         rgb, flip_rows, flip_cols = rgb.transpose(1, 0, 2), b < 0, c < 0
@@ -134,33 +142,24 @@ def _displayed(rgb: np.ndarray, matrix: np.ndarray | None) -> np.ndarray:
 
 @contextlib.contextmanager
 def _overlay_writer(av, path, source_stream):
-    """``write(rgb_frame)`` encoding into a temporary file that becomes ``path`` when the block succeeds
-    (``None`` when there is no path)."""
-    if path is None:
-        yield None
-        return
+    """``write(rgb_frame)`` encoding into a temporary file that becomes ``path`` when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        container = av.open(str(tmp), "w", format=_format(path))
-        try:
-            out = None
+    with atomic_path(path) as tmp, av.open(str(tmp), "w", format=_FORMATS.get(path.suffix.lower())) as container:
+        out = None
 
-            def write(rgb: np.ndarray) -> None:
-                nonlocal out
-                if out is None:
-                    out = _add_stream(av, container, source_stream, rgb.shape[1], rgb.shape[0])
-                if rgb.shape[:2] != (out.height, out.width):  # 4:2:0 needs even sizes: repeat the last row/column
-                    rgb = np.pad(rgb, ((0, out.height - rgb.shape[0]), (0, out.width - rgb.shape[1]), (0, 0)), mode="edge")
-                for packet in out.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
-                    container.mux(packet)
+        def write(rgb: np.ndarray) -> None:
+            nonlocal out
+            if out is None:
+                out = _add_stream(av, container, source_stream, rgb.shape[1], rgb.shape[0])
+            if rgb.shape[:2] != (out.height, out.width):  # 4:2:0 needs even sizes: repeat the last row/column
+                padding = ((0, out.height - rgb.shape[0]), (0, out.width - rgb.shape[1]), (0, 0))
+                rgb = np.pad(rgb, padding, mode="edge")
+            container.mux(out.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
 
-            yield write
-            if out is not None:
-                for packet in out.encode():
-                    container.mux(packet)
-        finally:
-            container.close()
+        yield write
+        if out is not None:
+            container.mux(out.encode())
 
 
 def _add_stream(av, container, source_stream, width: int, height: int):
@@ -181,17 +180,6 @@ def _add_stream(av, container, source_stream, width: int, height: int):
     return out
 
 
-def _format(path: Path) -> str | None:
-    return {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".avi": "avi"}.get(path.suffix.lower())
-
-
-def _staging(folder: Path) -> Path:
-    import tempfile
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-
-
 def _check_masks_dir(folder: Path) -> None:
     """A masks folder is new, or holds frame masks alone (an earlier run's, replaced): nothing else is deleted."""
     if folder.exists() and not folder.is_dir():
@@ -200,21 +188,3 @@ def _check_masks_dir(folder: Path) -> None:
     if others:
         raise FCNZooError(f"{folder}: holds {others[0]}{' and more' if len(others) > 1 else ''} besides frame masks; "
                           "pass masks_dir a new or empty folder")
-
-
-_FRAME = re.compile(r"\d{6}\.png")
-
-
-def _publish(tmp: Path, folder: Path) -> None:
-    if folder.exists():
-        _check_masks_dir(folder)  # still frame masks alone
-        shutil.rmtree(folder)
-    tmp.rename(folder)
-
-
-def _import_av():
-    try:
-        import av
-    except ImportError as e:
-        raise FCNZooError('videos need PyAV: pip install "fcn-zoo[video]" (or pip install av)') from e
-    return av
