@@ -12,12 +12,12 @@ from .errors import FCNZooError
 
 __all__ = ["check_device_options", "check_device_available", "no_cuda_device", "has_cuda", "distributed_rank"]
 
+_DEVICE = re.compile(r"^(cpu|cuda|mps)(:\d+)?$")
+
 
 def distributed_rank() -> tuple[int, int, int]:
     """``(rank, world size, local rank)`` from torchrun's environment; ``(0, 1, 0)`` outside it."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-_DEVICE = re.compile(r"^(cpu|cuda|mps)(:\d+)?$")
 
 
 def check_device_options(device: str | None, precision: str, engine: str) -> None:

@@ -116,7 +116,7 @@ class Predictor:
             rgb = read(item)
             with torch.inference_mode():
                 prepared = prepare(self.model, rgb, self.eval_size)
-            return rgb, prepared.pin_memory() if pin else prepared
+                return rgb, prepared.pin_memory() if pin else prepared
 
         def failed(item, error: Exception):
             if errors == "raise":
