@@ -163,21 +163,23 @@ def cmd_list(args) -> int:
     rows = [("name", "dataset", "classes", "mIoU", "cached")]
     for name in list_models(args.dataset):
         c = zoo.CHECKPOINTS[name]
-        rows.append((name, c.dataset, str(c.num_classes), f"{c.reference_miou:.2f}", "yes" if is_cached(name, args.cache_dir) else "no"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+        cached = "yes" if is_cached(name, args.cache_dir) else "no"
+        rows.append((name, c.dataset, str(c.num_classes), f"{c.reference_miou:.2f}", cached))
+    _print_columns(rows)
     return 0
 
 
 def cmd_info(args) -> int:
     from .about import describe
 
-    fields = describe(args.name, args.cache_dir)
-    width = max(len(k) for k, _ in fields)
-    for key, value in fields:
-        print(f"{key.ljust(width)}  {value}")
+    _print_columns(describe(args.name, args.cache_dir))
     return 0
+
+
+def _print_columns(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(map(len, column)) for column in zip(*rows)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 def cmd_demo(args) -> int:

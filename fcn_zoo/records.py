@@ -148,11 +148,10 @@ class Journal:
         """One journal with the final row of each of ``names`` (from ``rows``), in input order, in place of
         the per-process ones. Written line by line; the rows keep their stamps, so a stop between the two
         steps leaves the same replay."""
-        with atomic_path(self.folder / "journal.jsonl") as tmp:
-            with open(tmp, "w", encoding="utf-8") as f:
-                for name in names:
-                    if name in rows:
-                        f.write(json.dumps(rows[name], sort_keys=True) + "\n")
+        with atomic_path(self.folder / "journal.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for name in names:
+                if name in rows:
+                    f.write(json.dumps(rows[name], sort_keys=True) + "\n")
         for path in self.folder.glob("journal-*.jsonl"):
             path.unlink(missing_ok=True)
 
@@ -178,11 +177,10 @@ def write_inputs(folder: Path, run: int, sources: list[Source], done: set[str]) 
     """The run's inputs, as the first process named them, for the others (``--out/.fcn-zoo/inputs.jsonl``):
     a first line with the run's stamp, then one line per source (path, name, video, and whether an earlier
     run's journal says it is done). Written line by line, atomically."""
-    with atomic_path(folder / JOURNAL_DIR / INPUTS) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"run": run, "inputs": len(sources)}) + "\n")
-            for s in sources:
-                f.write(json.dumps([str(s.path), s.name, s.video, s.name in done]) + "\n")
+    with atomic_path(folder / JOURNAL_DIR / INPUTS) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"run": run, "inputs": len(sources)}) + "\n")
+        for s in sources:
+            f.write(json.dumps([str(s.path), s.name, s.video, s.name in done]) + "\n")
 
 
 def read_inputs(folder: Path, run: int) -> tuple[list[Source], set[str]] | None:
@@ -245,11 +243,11 @@ def apart(sources: list[Source], outputs: Outputs) -> list[Source]:
             if name.split("/")[0] in RESERVED:
                 raise FCNZooError(f"{source.path}: its output {outputs.folder / name} would take fcn-zoo's own "
                                   f"{name.split('/')[0]}; rename the input, or give it another name")
-    renamed, _ = meetings(sources, outputs)
+    renamed, _ = _meetings(sources, outputs)
     if not renamed:
         return sources
     sources = [replace(s, name=s.file_name) if i in renamed else s for i, s in enumerate(sources)]
-    _, met = meetings(sources, outputs)
+    _, met = _meetings(sources, outputs)
     if met is not None:
         a, b, name = met
         raise FCNZooError(f"{sources[a].path} and {sources[b].path}: both would write {outputs.folder / name}; "
@@ -257,7 +255,7 @@ def apart(sources: list[Source], outputs: Outputs) -> list[Source]:
     return sources
 
 
-def meetings(sources: list[Source], outputs: Outputs) -> tuple[set[int], tuple[int, int, str] | None]:
+def _meetings(sources: list[Source], outputs: Outputs) -> tuple[set[int], tuple[int, int, str] | None]:
     """The sources to rename (both of a shared output; the outer one of an output inside another's, as a
     video's frame masks) and the first meeting (the two sources' indices and the output)."""
     owner: dict[str, int] = {}

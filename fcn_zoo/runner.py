@@ -328,12 +328,11 @@ def _top(shares: dict[str, float]) -> str:
 def _write_summary(folder: Path, sources: list[Source], rows: dict, class_names: list[str]) -> None:
     """``summary.csv``, one row per source in input order, then each class's share; written row by row."""
     columns = ["path", "kind", "width", "height", "frames", "status", "error"]
-    with atomic_path(folder / "summary.csv") as tmp:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow([*columns, *class_names])
-            for source in sources:
-                row = rows.get(source.name)
-                if row is not None:  # None: not reached (another process stopped before it)
-                    writer.writerow(["" if row[c] is None else row[c] for c in columns]
-                                    + [f"{row['shares'].get(n, 0.0):.6f}" for n in class_names])
+    with atomic_path(folder / "summary.csv") as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow([*columns, *class_names])
+        for source in sources:
+            row = rows.get(source.name)
+            if row is not None:  # None: not reached (another process stopped before it)
+                writer.writerow(["" if row[c] is None else row[c] for c in columns]
+                                + [f"{row['shares'].get(n, 0.0):.6f}" for n in class_names])
