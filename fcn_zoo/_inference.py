@@ -13,7 +13,12 @@ from torch import nn
 if TYPE_CHECKING:
     from .model import FCN
 
-__all__ = ["evaluating", "inference_copy"]
+__all__ = ["device_of", "evaluating", "inference_copy"]
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model`` runs: its parameters' device (an int8 model, which has none in torch, runs on the CPU)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def inference_copy(model: FCN, device: str | torch.device | None = None) -> FCN:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import zoo
+from ._inference import device_of
 from .errors import FCNZooError, first_line
 from .images import displayed_size
 
@@ -111,7 +112,7 @@ def segment(models: ModelCache, image_path, name: str, tta: bool, slide: bool, p
     seconds = time.perf_counter() - start
     confidence = Image.fromarray(np.round(seg.confidence * 255).astype(np.uint8))
     height, width = seg.size  # as segmented: the photo as displayed
-    timing = f"{seconds:.2f} s on {next(model.parameters()).device}, {width}x{height}"
+    timing = f"{seconds:.2f} s on {device_of(model)}, {width}x{height}"
     timing += (", TTA" if tta else "") + (", sliding windows" if slide else "")
     return seg.overlay(alpha=opacity), seg.colorize(), legend(seg), confidence, timing, seg
 

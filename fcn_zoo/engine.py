@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from ._inference import evaluating, inference_copy
+from ._inference import device_of, evaluating, inference_copy
 from .errors import ImageError, is_out_of_memory
 from .images import describe, read_image
 from .labels import upsample_argmax, upsample_softmax
@@ -48,8 +48,12 @@ class Predictor:
             raise ValueError(f"engine must be 'torch' or 'onnxruntime', got {engine!r}")
         if compile and engine != "torch":
             raise ValueError("compile=True applies to engine='torch'; onnxruntime compiles its graph itself")
-        caller, own_device = model, next(model.parameters()).device
+        caller, own_device = model, device_of(model)
         device = torch.device(device) if device is not None else own_device
+        if "quantization" in getattr(model, "config", {}) and (device.type != "cpu" or precision != "fp32"
+                                                                or engine != "torch" or compile):
+            raise ValueError("an int8 model runs on the CPU by OpenVINO, at OpenVINO's precision: leave device, "
+                             "precision, engine and compile at their defaults")
         if batch_size is None:
             batch_size = 1 if device.type == "cpu" else 8
         if batch_size < 1:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ._fusion import cpu_has_bf16
+from ._inference import device_of
 from .zoo import eval_resize_shape
 
 __all__ = ["TTA", "network_logits", "prepare", "compiled_features"]
@@ -38,7 +39,7 @@ def network_logits(
     scale and flip (their upsampled mean is the answer). ``prepared``: images of one evaluation size through
     :func:`prepare`, run as one batch. Call under ``torch.inference_mode()`` with the model in eval mode.
     ``features`` replaces ``model.forward_features`` (another runtime running the same graph)."""
-    device = next(model.parameters()).device
+    device = device_of(model)
     features = features or model.forward_features
 
     def run(x: torch.Tensor) -> torch.Tensor:

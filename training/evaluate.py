@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from fcn_zoo._files import write_json
+from fcn_zoo._inference import device_of
 from fcn_zoo.metrics import ConfusionMatrix
 from fcn_zoo.protocol import TTA
 
@@ -42,7 +43,7 @@ def evaluate(model, dataset, *, tta: TTA | None = None, mode: str = "whole", ctx
     from fcn_zoo.engine import Predictor
 
     ctx = ctx or DistributedContext()
-    device = next(model.parameters()).device
+    device = device_of(model)
     # as predict runs it, one image at a time (evaluation sizes differ: a batch would mostly be one image anyway)
     predictor = Predictor(model, tta=tta, mode=mode, fuse=fuse, eval_size=eval_size, batch_size=1)
     matrix = ConfusionMatrix(model.num_classes, device)
