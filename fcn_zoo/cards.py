@@ -84,8 +84,8 @@ fcn-zoo predict {{ model_id }} image.jpg --out masks --overlay
 
 | dataset | split | protocol | mIoU |
 |---|---|---|---:|
-{%- for r in results %}
-| {{ r.dataset }} | {{ r.split }} | {{ r.protocol }} | {{ "%.2f" % r.miou }} ({{ r.source }}) |
+{%- for dataset, split, miou, source in results %}
+| {{ dataset }} | {{ split }} | single scale, whole image | {{ "%.2f" % miou }} ({{ source }}) |
 {%- endfor %}
 {%- endif %}
 {%- if provenance.get("per_class_iou") %}
@@ -125,8 +125,8 @@ matrix. `model.predict(image)` does exactly this. Images are RGB: an OpenCV (BGR
 {% for name in cfg.class_names %}| {{ loop.index0 }} | {{ name }} | {{ cfg.palette[loop.index0] | join(", ") }} |
 {% endfor %}
 ## Provenance
-{% if provenance.get("run") and provenance.run.get("init") %}
-{%- set run = provenance.run %}
+{% set run = provenance.get("run") or {} %}
+{%- if run.get("init") %}
 - Fine-tuned by `training/` at commit {{ run.commit }} from `{{ run.init }}` ({{ run.init_classes }} classes
   {%- if run.reinitialised_classifiers %}; its two classifiers re-initialised for these {{ cfg.num_classes }}{% else %}; every weight loaded{% endif %})
 {%- if run.data.layout == "hub" %}
@@ -146,14 +146,14 @@ matrix. `model.predict(image)` does exactly this. Images are RGB: an OpenCV (BGR
 - These are the weights of the {{ run.selected }} evaluation (iteration {{ run.iteration }} of {{ run.max_iters }}); the measured mIoU above is theirs
 {%- endif %}
 - `model.safetensors` sha256: {{ provenance.get("weights_sha256") }}
-{%- elif provenance.get("run") %}
-- Trained by `training/` at commit {{ provenance.run.commit }}: {{ provenance.run.world_size }} process(es), total
-  batch {{ provenance.run.total_batch }}, crop {{ provenance.run.crop_size | join("x") }}, {{ provenance.run.max_iters }} iterations, {{ provenance.run.precision }}, backbone
-  initialised from {{ provenance.run.backbone_weights }}
-- Evaluated on {{ provenance.run.val_samples_sha256 }} (sha256 of the val file list)
-{%- if provenance.run.get("selected") %}
-- These are the weights of the {{ provenance.run.selected }} evaluation (iteration {{ provenance.run.iteration }} of {{ provenance.run.max_iters }});
-  the measured mIoU above is theirs{% if provenance.run.selected == "best" %} (the reference reports its last evaluation: `last/`){% endif %}
+{%- elif run %}
+- Trained by `training/` at commit {{ run.commit }}: {{ run.world_size }} process(es), total
+  batch {{ run.total_batch }}, crop {{ run.crop_size | join("x") }}, {{ run.max_iters }} iterations, {{ run.precision }}, backbone
+  initialised from {{ run.backbone_weights }}
+- Evaluated on {{ run.val_samples_sha256 }} (sha256 of the val file list)
+{%- if run.get("selected") %}
+- These are the weights of the {{ run.selected }} evaluation (iteration {{ run.iteration }} of {{ run.max_iters }});
+  the measured mIoU above is theirs{% if run.selected == "best" %} (the reference reports its last evaluation: `last/`){% endif %}
 {%- endif %}
 - `model.safetensors` sha256: {{ provenance.get("weights_sha256") }}
 {%- elif row %}
@@ -222,34 +222,35 @@ def model_card(
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     cfg = {**_ARCHITECTURE_DEFAULTS, **config}
-    known = DATASETS.get(cfg.get("dataset") or "")
-    if known is not None and known.num_classes != cfg["num_classes"]:
-        known = None
-    data = row.data if row is not None else known
+    provenance = provenance or {}
+    data = row.data if row is not None else DATASETS.get(cfg.get("dataset") or "")
+    if row is None and data is not None and data.num_classes != cfg["num_classes"]:
+        data = None  # fine-tuned to other classes: the dataset named in the config no longer describes them
     if mean_iou is not None and eval_dataset is None and data is None:
         raise ValueError("mean_iou needs eval_dataset= (the Hub dataset id or name it was measured on)")
     model_id = repo_id or (row.name if row is not None else "OWNER/REPO")
     # the row's figures hold for its own architecture, not for a smaller backbone trained with its recipe
-    same_architecture = row is not None and all(cfg.get(k) == v for k, v in row.model_config().items() if k != "dataset") and all(
-        cfg.get(k) == v for k, v in _ARCHITECTURE_DEFAULTS.items()
+    same_architecture = row is not None and all(
+        cfg.get(k) == v for k, v in {**_ARCHITECTURE_DEFAULTS, **row.model_config()}.items() if k != "dataset"
     )
+    if num_params is None and same_architecture:
+        num_params = round(row.params_m * 1e6)
     if row is not None:
         title = f"{row.title} (`{row.name}`)"
     else:
-        title = f"FCN {cfg['backbone']} OS{cfg['output_stride']}" + (f" {data.title}" if data else f", {cfg['num_classes']} classes")
-        title += f" (`{repo_id}`)" if repo_id else ""
+        trained_on = f" {data.title}" if data else f", {cfg['num_classes']} classes"
+        title = f"FCN {cfg['backbone']} OS{cfg['output_stride']}{trained_on}" + (f" (`{repo_id}`)" if repo_id else "")
 
-    results = []
+    results = []  # (dataset, split, mIoU, source)
     if row is not None:
-        protocol = "single scale, whole image"
-        results.append(_result(data.title, data.val_split, protocol, row.miou, "reference, seed table"))
+        results.append((data.title, data.val_split, row.miou, "reference, seed table"))
         if row.miou_newest is not None:
-            results.append(_result(data.title, data.val_split, protocol, row.miou_newest, "reference, newest"))
+            results.append((data.title, data.val_split, row.miou_newest, "reference, newest"))
     if mean_iou is not None:
-        results.append(_result(eval_dataset or data.title, eval_split, "single scale, whole image", mean_iou, "measured with these weights"))
+        results.append((eval_dataset or data.title, eval_split, mean_iou, "measured with these weights"))
     index_miou = mean_iou if mean_iou is not None else (row.reference_miou if row is not None else None)
     hub_dataset = eval_dataset if eval_dataset is not None else (data.hub_dataset if data else None)
-    run_data = ((provenance or {}).get("run") or {}).get("data") or {}
+    run_data = (provenance.get("run") or {}).get("data") or {}
     on_hub = run_data.get("layout", "hub") == "hub" and not run_data.get("local_folder")  # a folder is no Hub id
     card_data = ModelCardData(
         license="apache-2.0",
@@ -280,10 +281,10 @@ def model_card(
         d=data,
         model_id=model_id,
         repo_url=REPO_URL,
-        provenance=_AttrDict(provenance or {}),
+        provenance=provenance,
         results=results,
         same_architecture=same_architecture,
-        num_params=num_params if num_params is not None else (round(row.params_m * 1e6) if same_architecture else None),
+        num_params=num_params,
     )
 
 
@@ -291,10 +292,6 @@ def row_card(checkpoint: Checkpoint, *, provenance: dict | None = None, mean_iou
     """The card of a zoo row's weights (``mean_iou``: measured with them on the row's val split, if any)."""
     config = {**checkpoint.model_config(), **checkpoint.data.metadata()}
     return model_card(config, row=checkpoint, provenance=provenance, mean_iou=mean_iou)
-
-
-def _result(dataset: str, split: str, protocol: str, miou: float, source: str) -> dict:
-    return {"dataset": dataset, "split": split, "protocol": protocol, "miou": miou, "source": source}
 
 
 def write_cards(out: Path) -> list[Path]:
@@ -306,12 +303,6 @@ def write_cards(out: Path) -> list[Path]:
         path.write_text(str(row_card(checkpoint)), encoding="utf-8")
         paths.append(path)
     return paths
-
-
-class _AttrDict(dict):
-    def __getattr__(self, name):
-        value = self[name]
-        return _AttrDict(value) if isinstance(value, dict) else value
 
 
 def main(argv: list[str] | None = None) -> int:
