@@ -156,24 +156,22 @@ matrix. `model.predict(image)` does exactly this. Images are RGB: an OpenCV (BGR
   the measured mIoU above is theirs{% if run.selected == "best" %} (the reference reports its last evaluation: `last/`){% endif %}
 {%- endif %}
 - `model.safetensors` sha256: {{ provenance.get("weights_sha256") }}
-{%- elif row %}
+{%- elif row or provenance %}
+{%- if row %}
 - Source: {{ provenance.get("source_url") or row.reference_url }}
 - Source sha256: {{ provenance.get("source_sha256") or "recorded when the weights are converted" }}
 - `model.safetensors` sha256: {{ provenance.get("weights_sha256") or "recorded when the weights are converted" }}
-{%- if provenance.get("parity") %}
-- Parity with the reference implementation on the same input: max abs logit difference
-  {{ "%.2e" % provenance.parity.max_abs_diff }}, label agreement {{ "%.4f" % provenance.parity.label_agreement }}
 {%- else %}
-- Parity with the reference implementation: measured when the weights are converted
-{%- endif %}
-{%- elif provenance %}
 {%- if provenance.get("source_file") or provenance.get("source_url") %}
 - Converted from {{ provenance.get("source_url") or provenance.get("source_file") }} ({{ provenance.get("source_format") }} layout), sha256 {{ provenance.get("source_sha256") }}
 {%- endif %}
 - `model.safetensors` sha256: {{ provenance.get("weights_sha256") }}
+{%- endif %}
 {%- if provenance.get("parity") %}
-- Parity with {{ provenance.parity.implementation }} on the same input: max abs logit difference
+- Parity with {{ "the reference implementation" if row else provenance.parity.implementation }} on the same input: max abs logit difference
   {{ "%.2e" % provenance.parity.max_abs_diff }}, label agreement {{ "%.4f" % provenance.parity.label_agreement }}
+{%- elif row %}
+- Parity with the reference implementation: measured when the weights are converted
 {%- endif %}
 {%- else %}
 - Saved with `save_pretrained` by fcn-zoo.

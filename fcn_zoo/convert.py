@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -289,21 +288,18 @@ def write_folder(model, folder: Path, provenance: dict, *, row=None, mean_iou: f
     model card (:func:`fcn_zoo.cards.model_card`'s arguments). Written beside ``folder`` and renamed, so it is
     never seen half-written; a concurrent writer that finished first wins."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would hide the folder from other users of a shared cache
-        model.save_pretrained(tmp)
-        provenance = {**provenance, "weights_sha256": sha256_file(tmp / "model.safetensors")}
-        (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}-") as tmp:
+        staged = Path(tmp) / folder.name  # made by save_pretrained with the mode of any new folder
+        model.save_pretrained(staged)
+        provenance = {**provenance, "weights_sha256": sha256_file(staged / "model.safetensors")}
+        (staged / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
         card = model.generate_model_card(
             row=row, provenance=provenance, mean_iou=mean_iou, eval_dataset=eval_dataset, repo_id=repo_id
         )
-        (tmp / "README.md").write_text(str(card), encoding="utf-8")
+        (staged / "README.md").write_text(str(card), encoding="utf-8")
         try:
-            os.replace(tmp, folder)
+            os.replace(staged, folder)
         except OSError:
             if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return provenance
