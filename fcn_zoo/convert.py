@@ -263,13 +263,12 @@ def convert_checkpoint(
         name = f"{checkpoint.name}.pth"
         output_stride = output_stride or checkpoint.output_stride
     config, state_dict = convert_state_dict(original, source, name=name, output_stride=output_stride)
-    if checkpoint is not None:
-        expected = checkpoint.model_config()
-        if (config["backbone"], config["num_classes"]) != (expected["backbone"], expected["num_classes"]):
-            raise WeightsError(
-                f"{src}: holds {config['backbone']} with {config['num_classes']} classes, but {checkpoint.name} "
-                f"is {expected['backbone']} with {expected['num_classes']}; the file is not this checkpoint"
-            )
+    architecture = (config["backbone"], config["num_classes"])
+    if checkpoint is not None and architecture != (checkpoint.backbone, checkpoint.num_classes):
+        raise WeightsError(
+            f"{src}: holds {config['backbone']} with {config['num_classes']} classes, but {checkpoint.name} "
+            f"is {checkpoint.backbone} with {checkpoint.num_classes}; the file is not this checkpoint"
+        )
     model = FCN(**config)
     load_state_dict(model, state_dict, source=str(src))  # strict: every key, every shape
     record = {
