@@ -24,7 +24,7 @@ import torch
 
 from . import __version__
 from ._files import atomic_path, cache_root, writable
-from ._inference import evaluating, inference_copy
+from ._inference import device_of, evaluating, inference_copy
 from .errors import first_line
 from .parity import measure_parity
 from .weights import state_dict_sha256
@@ -68,7 +68,7 @@ def export(
         raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     path = Path(path)
     module = _Features(model) if features else model
-    x = torch.randn(2, 3, *example_size, device=next(model.parameters()).device)  # batch 2: 1 would be a constant
+    x = torch.randn(2, 3, *example_size, device=device_of(model))  # batch 2: 1 would be a constant
     # named axes: export finds their ranges itself (the dilated convolutions add guards)
     dims = {0: "batch", 2: "height", 3: "width"}
     with atomic_path(path) as tmp, _quiet(), evaluating(module):
@@ -166,7 +166,7 @@ def onnx_session(model, cache_dir: str | os.PathLike | None = None):
                 stale.unlink(missing_ok=True)
     if session is None:
         writable(path.parent)
-        on_cpu = model if next(model.parameters()).device.type == "cpu" else inference_copy(model, "cpu")
+        on_cpu = model if device_of(model).type == "cpu" else inference_copy(model, "cpu")
         export(on_cpu, path, features=True)
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     model.__dict__["_onnx_session"] = (key, session)

@@ -73,11 +73,11 @@ def source_model(source: str, config: dict, state_dict: dict[str, torch.Tensor])
 def measure_parity(model: torch.nn.Module, source: Callable, size: tuple[int, int] = (256, 320), seed: int = 0) -> dict:
     """Max abs logit difference and label agreement of ``model`` (on any device) and ``source`` (``x -> logits``,
     ``x`` a CPU tensor) on one seeded ``(1, 3, *size)`` input."""
-    from ._inference import evaluating
+    from ._inference import device_of, evaluating
 
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode(), evaluating(model):
-        ours, theirs = model(x.to(next(model.parameters()).device)).cpu(), source(x)
+        ours, theirs = model(x.to(device_of(model))).cpu(), source(x)
     return {
         "max_abs_diff": float((ours - theirs).abs().max()),
         "label_agreement": float((ours.argmax(1) == theirs.argmax(1)).float().mean()),
