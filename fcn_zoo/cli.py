@@ -132,6 +132,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where weights are kept")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("quantize", help="make a model's int8 version for CPUs (OpenVINO + NNCF; the int8 extra)",
+                       description="Calibrate a model's int8 version on images like those it will see, measure its "
+                       "agreement with fp32, and write a folder that from_pretrained and fcn-zoo predict run as int8.")
+    p.add_argument("name", help="zoo name, Hub repo id, save_pretrained folder or reference .pth")
+    p.add_argument("--calibration", nargs="+", required=True, metavar="INPUT",
+                   help="images: folders (walked), quoted globs or @list.txt")
+    p.add_argument("--num-samples", type=int, default=100, help="calibration images used (default 100)")
+    p.add_argument("--validation", nargs="+", metavar="INPUT",
+                   help="held-out images the agreement is measured on (default: 20 calibration images held out)")
+    p.add_argument("--validation-masks", metavar="DIR",
+                   help="their masks, DIR/<name>.png named as the images are under their folder: the card gives both mIoUs")
+    p.add_argument("--out", required=True, help="the folder to create (must not exist yet)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this Hub repo")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--cache-dir", help="where weights are kept")
+    p.set_defaults(func=cmd_quantize)
+
     p = sub.add_parser("demo", help="a page to try models in a browser (Gradio; pip install 'fcn-zoo[demo]')")
     p.add_argument("names", nargs="*", metavar="NAME", help="models to offer (default: the twelve rows); zoo names, Hub repo ids, folders")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -182,11 +199,17 @@ def _print_columns(rows: list[tuple[str, ...]]) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
-def cmd_demo(args) -> int:
+def _needs(modules: tuple[str, ...], extra: str, what: str) -> None:
+    """One line naming the missing modules of an extra and how to install them, before anything is loaded."""
     import importlib.util
 
-    if importlib.util.find_spec("gradio") is None:
-        raise FCNZooError("the demo needs Gradio: pip install 'fcn-zoo[demo]'")
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise FCNZooError(f"{what} needs {' and '.join(missing)}: pip install 'fcn-zoo[{extra}]'")
+
+
+def cmd_demo(args) -> int:
+    _needs(("gradio",), "demo", "the demo")
     from .demo import launch
 
     for name in args.names:
@@ -288,11 +311,7 @@ def cmd_export(args) -> int:
     if out.is_dir():
         raise FCNZooError(f"--out {out}: is a folder; pass a file name")
     source_kind(args.name)  # an unknown name or a missing file, before torch is imported
-    import importlib.util
-
-    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise FCNZooError(f"fcn-zoo export needs {' and '.join(missing)}: pip install 'fcn-zoo[export]'")
+    _needs(("onnx", "onnxscript"), "export", "fcn-zoo export")
     if not out.parent.is_dir():
         raise FCNZooError(f"--out {out}: the folder {out.parent} does not exist; create it or name another file")
     from .export import export, max_abs_difference
@@ -303,6 +322,34 @@ def cmd_export(args) -> int:
     diff = max_abs_difference(model, out, args.fmt)
     check = "not checked (install onnxruntime)" if diff is None else f"max abs logit difference {diff:.2e} vs PyTorch"
     print(f"{out}: written ({check})")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from .hub import source_kind
+    from .inputs import readable_images
+
+    out = Path(args.out)
+    if out.exists():
+        raise FCNZooError(f"--out {out}: already exists; pass a new folder so that nothing is overwritten")
+    if args.num_samples < 1:
+        raise FCNZooError(f"--num-samples {args.num_samples}: must be at least 1")
+    if args.validation_masks and not args.validation:
+        raise FCNZooError("--validation-masks needs --validation: the images the masks belong to")
+    source_kind(args.name)
+    _needs(("openvino", "nncf"), "int8", "fcn-zoo quantize")
+    readable_images(args.calibration, "--calibration")  # an empty or unreadable set is one line before any loading
+    validation = readable_images(args.validation, "--validation", args.validation_masks) if args.validation else None
+    from .hub import from_pretrained
+    from .quantization import quantize, save_new_folder, summary
+
+    model = from_pretrained(args.name, cache_dir=args.cache_dir)
+    int8 = quantize(model, args.calibration, num_samples=args.num_samples, validation=validation,
+                    progress=not args.quiet, source=args.name)
+    save_new_folder(int8, out)
+    if args.push_to_hub:
+        int8.push_to_hub(args.push_to_hub)
+    print(f"{out}: {summary(int8)}" + (f"; uploaded to {args.push_to_hub}" if args.push_to_hub else ""))
     return 0
 
 
@@ -337,9 +384,8 @@ def _for_each(items: list[str], action, args, what: str, hint: str = "") -> int:
 
 
 def run() -> None:
-    """The console script: :func:`main`, then exit without tearing the interpreter down: everything is written
-    by then, and freeing torch's, torchvision's and timm's modules one by one takes 1.4 s of a 10 s ``fcn-zoo
-    predict`` of one photo on a 2-core CPU (benchmarks/RESULTS.md)."""
+    """The console script: :func:`main`, then exit without tearing the interpreter down (all is written by then;
+    freeing torch's, torchvision's and timm's modules takes 1.4 s of a 10 s one-photo predict: RESULTS.md)."""
     code = main()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

@@ -76,6 +76,32 @@ def expand_inputs(inputs: list[str], exclude: str | os.PathLike | None = None) -
     return Expansion(_named(list(unique.values())), skipped)
 
 
+def readable_images(inputs: list[str], flag: str, masks: str | os.PathLike | None = None) -> list:
+    """The image files ``inputs`` name (videos left out), checked up to the first that opens as an image: one
+    line when there is none. With ``masks``, ``(image, mask)`` pairs: each image's mask is ``masks/<name>.png``."""
+    what = f"{flag} {' '.join(inputs)}"
+    images = [source for source in expand_inputs(inputs).sources if not source.video]
+    if not images:
+        raise FCNZooError(f"{what}: no images, only videos; give images")
+    first_error = None
+    for source in images:
+        try:
+            with Image.open(source.path):
+                break
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            first_error = first_error or f"{source.path}: {e}"
+    else:
+        raise FCNZooError(f"{what}: none of the {len(images)} images could be read ({first_error})")
+    if masks is None:
+        return [source.path for source in images]
+    pairs = [(source.path, Path(masks) / f"{source.name}.png") for source in images]
+    missing = [mask for _, mask in pairs if not mask.is_file()]
+    if missing:
+        raise FCNZooError(f"--validation-masks {masks}: {len(missing)} of the {len(pairs)} masks are missing, "
+                          f"such as {missing[0]}; name each mask as its image is named, with .png")
+    return pairs
+
+
 def _expand(text: str, base: Path, found: list, skipped: list, lists: tuple) -> None:
     if text.startswith("@"):
         _read_list(Path(base, text[1:]), found, skipped, lists)

@@ -49,8 +49,14 @@ class FCNHead(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.concat_input:
             return super().forward(x)
-        convs = 3 * self.num_convs
-        return self[convs:](torch.cat([x, self[:convs](x)], dim=1))
+        layers = list(self)  # slicing the Sequential would build an FCNHead without its arguments
+        y = x
+        for layer in layers[:3 * self.num_convs]:
+            y = layer(y)
+        y = torch.cat([x, y], dim=1)
+        for layer in layers[3 * self.num_convs:]:
+            y = layer(y)
+        return y
 
     @property
     def classifier(self) -> nn.Conv2d:

@@ -1,0 +1,214 @@
+"""int8 models: made by fcn-zoo quantize / fcn_zoo.quantize from a trained model, agreeing with fp32, saved,
+shared and run through every door; bf16 told apart from its emulation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("openvino", reason="the int8 extra (pip install -e '.[int8]') is in the test extra")
+pytest.importorskip("nncf", reason="the int8 extra (pip install -e '.[int8]') is in the test extra")
+
+import fcn_zoo  # noqa: E402
+from fcn_zoo.cli import main  # noqa: E402
+from fcn_zoo.metrics import ConfusionMatrix  # noqa: E402
+from sample_data import make_generic  # noqa: E402
+
+QUICK = ["--device", "cpu", "--num-workers", "0", "--no-progress", "--log-interval", "1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """A 3-class resnet10t FCN trained by `fcn-zoo train` on generated shapes (about 30 s), and its data."""
+    from training import train as train_module
+
+    root = tmp_path_factory.mktemp("trained")
+    data = make_generic(root / "data", n_train=40, n_val=8, seed=3)
+    torch.manual_seed(0)
+    fcn_zoo.FCN(num_classes=3, backbone="resnet10t", head_channels=64, aux_channels=None).save_pretrained(root / "init")
+    assert train_module.main([
+        "--init", str(root / "init"), "--data-root", str(data), "--output-dir", str(root / "run"),
+        "--max-iters", "60", "--batch-size", "8", "--lr", "0.05", *QUICK,
+    ]) == 0
+    return root / "run" / "best", data
+
+
+@pytest.fixture(scope="module")
+def int8_folder(trained, tmp_path_factory) -> Path:
+    """The trained model quantized through the Python API and saved."""
+    from fcn_zoo.quantization import quantize
+
+    best, data = trained
+    folder = tmp_path_factory.mktemp("int8") / "q"
+    quantize(fcn_zoo.from_pretrained(best), data / "images" / "train", progress=False, source=str(best)).save_pretrained(folder)
+    return folder
+
+
+def _val(data: Path) -> tuple[list[Path], list[np.ndarray]]:
+    images = sorted((data / "images" / "val").glob("*.jpg"))
+    return images, [np.asarray(Image.open(data / "masks" / "val" / f"{p.stem}.png")) for p in images]
+
+
+def _miou(segmentations, masks, num_classes: int) -> float:
+    matrix = ConfusionMatrix(num_classes)
+    for seg, mask in zip(segmentations, masks):
+        matrix.update(torch.from_numpy(seg.labels), torch.from_numpy(mask))
+    return 100 * matrix.compute()["mIoU"]
+
+
+def _agreement(a, b) -> float:
+    return sum(int((x.labels == y.labels).sum()) for x, y in zip(a, b)) / sum(x.labels.size for x in a)
+
+
+def test_int8_and_bf16_of_a_trained_model_agree_with_fp32_and_the_card_says_so(trained, tmp_path, capsys):
+    best, data = trained
+    out = tmp_path / "q"
+    assert main([
+        "quantize", str(best), "--calibration", str(data / "images" / "train"), "--out", str(out), "--quiet",
+        "--validation", str(data / "images" / "val"), "--validation-masks", str(data / "masks" / "val"),
+    ]) == 0
+    assert str(out) in capsys.readouterr().out
+
+    fp32, int8 = fcn_zoo.from_pretrained(best), fcn_zoo.from_pretrained(out)
+    assert isinstance(int8, fcn_zoo.QuantizedFCN) and int8.class_names == fp32.class_names
+    images, masks = _val(data)
+    reference = fp32.predict(images)
+    miou = _miou(reference, masks, 3)
+    assert miou >= 70, miou  # a model that has learnt the shapes: agreement on a constant map would prove nothing
+    quantized = int8.predict(images)
+    in_bf16 = fp32.predict(images, precision="bf16")
+    agreement = _agreement(reference, quantized)
+    assert agreement >= 0.99, agreement
+    assert _miou(quantized, masks, 3) >= miou - 1.0
+    assert _agreement(reference, in_bf16) >= 0.995
+
+    recorded = json.loads((out / "config.json").read_text())["quantization"]
+    assert recorded["calibration"]["images"] == 40 and recorded["agreement"]["images"] == 8
+    assert recorded["agreement"]["held_out"] is True
+    assert abs(recorded["agreement"]["pixels"] - agreement) < 0.005
+    assert abs(recorded["agreement"]["miou_fp32"] - miou) < 0.5
+    card = (out / "README.md").read_text()
+    assert f"{100 * recorded['agreement']['pixels']:.2f}% of pixels" in card
+    assert f"fp32 {recorded['agreement']['miou_fp32']:.2f}, int8 {recorded['agreement']['miou_int8']:.2f}" in card
+    assert "40 images from" in card
+
+
+def test_int8_is_called_like_the_model(int8_folder, trained):
+    int8, fp32 = fcn_zoo.from_pretrained(int8_folder), fcn_zoo.from_pretrained(trained[0])
+    x = fcn_zoo.preprocess(fp32, np.asarray(Image.open(sorted((trained[1] / "images" / "val").glob("*.jpg"))[0])))
+    with torch.inference_mode():
+        logits, expected = int8(x), fp32(x)
+    assert logits.shape == expected.shape and logits.dtype == torch.float32
+    assert (logits.argmax(1) == expected.argmax(1)).float().mean() >= 0.98
+    with pytest.raises(RuntimeError, match="for inference"):
+        int8.train()
+
+
+def test_an_int8_folder_runs_through_fcn_zoo_predict_predict_iter_and_the_demo(int8_folder, trained, tmp_path, capsys):
+    from fcn_zoo.demo import ModelCache, segment
+
+    images, _ = _val(trained[1])
+    int8 = fcn_zoo.from_pretrained(int8_folder)
+    expected = {p.stem: s.labels for p, s in zip(images, int8.predict(images))}
+
+    assert main(["predict", str(int8_folder), str(trained[1] / "images" / "val"), "--out", str(tmp_path / "m"), "--quiet"]) == 0
+    for stem, labels in expected.items():
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "m" / f"{stem}.png")), labels)
+
+    streamed = {Path(item).stem: seg.labels for item, seg in int8.predict_iter(images)}
+    assert all(np.array_equal(streamed[k], v) for k, v in expected.items())
+
+    *_, timing, seg = segment(ModelCache(), str(images[0]), str(int8_folder), False, False, "fp32", 0.5)
+    assert np.array_equal(seg.labels, expected[images[0].stem]) and "on cpu" in timing
+
+
+def test_an_empty_or_unreadable_calibration_is_one_line_fast_and_creates_nothing(trained, tmp_path):
+    empty, broken = tmp_path / "empty", tmp_path / "broken"
+    empty.mkdir()
+    broken.mkdir()
+    for i in range(3):
+        (broken / f"{i}.jpg").write_bytes(b"not a jpeg")
+    for folder, said in ((empty, "no images"), (broken, "none of the 3 images could be read")):
+        out = tmp_path / f"q-{folder.name}"
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "fcn_zoo.cli", "quantize", str(trained[0]), "--calibration", str(folder),
+                               "--out", str(out)], capture_output=True, text=True)
+        elapsed = time.perf_counter() - started
+        assert done.returncode == 1 and done.stdout == ""
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(folder) in lines[0] and said in lines[0], done.stderr
+        assert elapsed < 3.0, elapsed
+        assert not out.exists()
+
+
+def test_unreadable_calibration_images_are_named_and_skipped(trained, tmp_path, caplog):
+    from fcn_zoo.quantization import quantize
+
+    best, data = trained
+    calibration = sorted((data / "images" / "train").glob("*.jpg"))[:3] + [tmp_path / "bad.jpg"]
+    calibration[-1].write_bytes(b"\xff\xd8 cut short")
+    with caplog.at_level("WARNING", logger="fcn_zoo.quantization"):
+        q = quantize(fcn_zoo.from_pretrained(best), calibration, progress=False)
+    assert any("bad.jpg" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
+    assert q.quantization["calibration"] == {**q.quantization["calibration"], "images": 3, "skipped": 1}
+    assert q.quantization["agreement"]["held_out"] is False  # too few to hold any out: the card says so
+
+
+def test_an_int8_folder_made_by_a_newer_openvino_says_what_to_do(int8_folder, tmp_path):
+    import shutil
+
+    from fcn_zoo.errors import WeightsError
+
+    folder = tmp_path / "newer"
+    shutil.copytree(int8_folder, folder)
+    xml = (folder / "openvino_model.xml").read_text()
+    (folder / "openvino_model.xml").write_text(xml.replace('version="11"', 'version="99"', 1))
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization"]["openvino"] = "2099.1.0"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match=r"made with OpenVINO 2099\.1\.0.*install openvino>=2099\.1\.0, or quantize"):
+        fcn_zoo.from_pretrained(folder)
+
+
+def test_push_to_hub_uploads_the_int8_folder_in_one_commit(int8_folder, monkeypatch):
+    calls = []
+
+    class FakeApi:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id))
+            return type("RepoUrl", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, *, repo_id, folder_path, **kwargs):
+            calls.append(("upload_folder", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+            card = (Path(folder_path) / "README.md").read_text()
+            assert 'from_pretrained("me/q")' in card and "int8" in card
+            return type("CommitInfo", (), {"oid": "0" * 40})()
+
+    monkeypatch.setattr("huggingface_hub.hub_mixin.HfApi", FakeApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    fcn_zoo.from_pretrained(int8_folder).push_to_hub("me/q")
+    assert calls == [("create_repo", "me/q"),
+                     ("upload_folder", "me/q", ["README.md", "config.json", "openvino_model.bin", "openvino_model.xml"])]
+
+
+def test_bf16_is_native_only_with_avx512_bf16_or_amx(monkeypatch):
+    from fcn_zoo import _fusion
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    for avx512_bf16, amx, native in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        _fusion.cpu_has_bf16.cache_clear()
+        assert _fusion.cpu_has_bf16() is native
+    _fusion.cpu_has_bf16.cache_clear()
