@@ -12,7 +12,11 @@ For each model (random weights with non-trivial BatchNorm statistics: speed only
   "int8 weights + bf16" where bf16 is native;
 - onnxruntime int8 by hand: fcn_zoo's ONNX export, ``quant_pre_process``, ``quantize_static`` (QDQ, per-channel,
   u8 activations / s8 weights) on the same calibration tensors;
-- ``fcn_zoo.quantize(model, calibration)`` called as ``q(x)``: the package's int8 model.
+- ``fcn_zoo.quantize(model, calibration)`` called as ``q(x)``: the package's int8 model (and
+  ``q.forward_features(x)``, its low-resolution logits alone).
+
+Every contender returns logits at the input's size: the runtimes run by hand give theirs at the network's
+resolution, upsampled by ``F.interpolate`` as ``model(x)`` and ``q(x)`` do.
 
 Calibration: 3 generated photos read and resized as the model evaluates them. Every contender's first call is
 made before timing; then in each round every contender runs once, the order rotating from round to round
@@ -31,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -80,18 +85,24 @@ def contenders_for(name: str, x: torch.Tensor, workdir: Path) -> dict:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return fused(x_cl)
 
+    def upsampled(run):
+        """A runtime's low-resolution logits upsampled to the input, as model(x) and q(x) return them."""
+        return lambda: F.interpolate(torch.from_numpy(run()), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
     out = {
         "fcn_zoo fuse() fp32": lambda: fused(x_cl),
         "fcn_zoo fuse() bf16 autocast": autocast_bf16,
-        "OpenVINO fp32": lambda: ov_f32(feed),
-        f"OpenVINO bf16 (runs {ov_bf16.get_property('INFERENCE_PRECISION_HINT')})": lambda: ov_bf16(feed),
-        "OpenVINO+NNCF int8, f32 rest": lambda: ov_int8(feed),
+        "OpenVINO fp32": upsampled(lambda: ov_f32(feed)[0]),
+        f"OpenVINO bf16 (runs {ov_bf16.get_property('INFERENCE_PRECISION_HINT')})": upsampled(lambda: ov_bf16(feed)[0]),
+        "OpenVINO+NNCF int8, f32 rest": upsampled(lambda: ov_int8(feed)[0]),
         f"OpenVINO+NNCF int8, default ({ov_int8_default.get_property('INFERENCE_PRECISION_HINT')} rest)":
-            lambda: ov_int8_default(feed),
+            upsampled(lambda: ov_int8_default(feed)[0]),
         "fcn_zoo.quantize q(x)": lambda: ours(x),
+        "fcn_zoo.quantize q.forward_features(x)": lambda: ours.forward_features(x),
     }
     try:
-        out["onnxruntime int8 QDQ per-channel"] = onnxruntime_int8(model, tensors, workdir / f"{name}.onnx", feed)
+        run = onnxruntime_int8(model, tensors, workdir / f"{name}.onnx", feed)
+        out["onnxruntime int8 QDQ per-channel"] = upsampled(lambda: run()[0])
     except ImportError as e:
         print(f"onnxruntime int8 left out: {e}")
     return out

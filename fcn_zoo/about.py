@@ -72,14 +72,24 @@ def _folder_fields(folder: Path) -> list[tuple[str, str]]:
     def size(key: str) -> str:
         return "x".join(map(str, config[key])) if isinstance(config.get(key), list) else "not recorded"
 
-    weights = folder / "model.safetensors"
-    buffers = ("running_mean", "running_var", "num_batches_tracked")
-    try:
-        with safe_open(weights, framework="numpy") as f:
-            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-    except Exception as e:  # safetensors' own error types
-        raise FCNZooError(f"{weights}: not a readable safetensors file ({e})") from e
-    inference = sum(math.prod(s) for k, s in shapes.items() if not k.startswith("auxiliary_head.") and not k.endswith(buffers))
+    quantization = config.get("quantization")
+    if isinstance(quantization, dict):  # an int8 model: its OpenVINO network in place of the safetensors
+        weights = folder / "openvino_model.bin"
+        agreed = quantization.get("agreement", {})
+        counted = (f"int8 (OpenVINO {quantization.get('openvino')}), calibrated on "
+                   f"{quantization.get('calibration', {}).get('images')} images of {quantization.get('source')}; "
+                   f"labels agree with fp32 on {100 * agreed.get('pixels', math.nan):.2f}% of pixels")
+    else:
+        weights = folder / "model.safetensors"
+        buffers = ("running_mean", "running_var", "num_batches_tracked")
+        try:
+            with safe_open(weights, framework="numpy") as f:
+                shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        except Exception as e:  # safetensors' own error types
+            raise FCNZooError(f"{weights}: not a readable safetensors file ({e})") from e
+        inference = sum(math.prod(s) for k, s in shapes.items()
+                        if not k.startswith("auxiliary_head.") and not k.endswith(buffers))
+        counted = f"{inference / 1e6:.2f} M at inference"
     dataset = zoo.DATASETS.get(config.get("dataset"))
     classes = config.get("class_names") or []
     aux = config.get("aux_channels")
@@ -92,7 +102,7 @@ def _folder_fields(folder: Path) -> list[tuple[str, str]]:
         ("crop size", size("crop_size")),
         ("evaluation", f"whole image, single scale, resize keeping ratio to {size('eval_size')}"),
         ("normalisation", f"mean {get('mean')}, std {get('std')} (RGB values in 0..255)"),
-        ("parameters", f"{inference / 1e6:.2f} M at inference"),
+        ("parameters" if quantization is None else "quantization", counted),
         ("weights", f"{weights.name}, {weights.stat().st_size / 1e6:.1f} MB"),
         ("classes", "; ".join(map(str, classes)) or "not recorded"),
     ]

@@ -112,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"),
                    help="onnxruntime: CPU only, ~15%% faster, exported once and cached (needs the export extra)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
-                   help="bf16: GPUs, and CPUs with AMX (~3.5x faster there); fp16: GPUs")
+                   help="bf16: GPUs, and CPUs with AVX512-BF16 or AMX (2-5x faster there); fp16: GPUs")
     p.add_argument("--compile", action="store_true", help="torch.compile the network first (pays off for many images)")
     p.add_argument("--cache-dir", help="where weights are kept")
     p.set_defaults(func=cmd_predict)

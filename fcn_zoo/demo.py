@@ -136,7 +136,8 @@ def legend(seg) -> str:
 
 def precisions(device: str | None) -> list[str]:
     """What the device runs fast: fp32 everywhere, bf16 and fp16 on GPUs, bf16 on CPUs with bf16 instructions
-    (elsewhere it is emulated and slower than fp32)."""
+    (elsewhere it is emulated and slower than fp32). The page offers "auto" first, its default: bf16 where the
+    device runs it natively, else fp32 (an int8 model: OpenVINO's choice)."""
     from ._fusion import cpu_has_bf16
 
     if (device or "cpu").startswith("cuda"):
@@ -185,7 +186,7 @@ def build_app(names: list[str] | None = None, *, device: str | None = None, max_
                 with gr.Row():
                     tta = gr.Checkbox(label="TTA (flip + 6 scales)")
                     slide = gr.Checkbox(label="sliding windows")
-                    precision = gr.Dropdown(precisions(device), value="fp32", label="precision")
+                    precision = gr.Dropdown(["auto", *precisions(device)], value="auto", label="precision")
                 button = gr.Button("Segment", variant="primary", elem_id="segment")
                 if examples:
                     gr.Examples(examples, inputs=photo)

@@ -50,7 +50,7 @@ class Predictor:
             raise ValueError("compile=True applies to engine='torch'; onnxruntime compiles its graph itself")
         caller, own_device = model, device_of(model)
         device = torch.device(device) if device is not None else own_device
-        if "quantization" in getattr(model, "config", {}) and (device.type != "cpu" or precision != "fp32"
+        if "quantization" in getattr(model, "config", {}) and (device.type != "cpu" or precision not in ("fp32", "auto")
                                                                 or engine != "torch" or compile):
             raise ValueError("an int8 model runs on the CPU by OpenVINO, at OpenVINO's precision: leave device, "
                              "precision, engine and compile at their defaults")

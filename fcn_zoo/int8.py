@@ -196,7 +196,8 @@ def load_int8(folder: Path, config: dict) -> QuantizedFCN:
         ) from e
     if not cpu_has_int8_dot():
         logger.warning("this CPU has no int8 dot-product instructions (VNNI, AMX): %s runs, but not faster than "
-                       "fp32; the fp32 model is the better choice here", folder)
+                       "fp32, and its 8-bit sums may saturate (answers further from fp32's); the fp32 model is the "
+                       "better choice here", folder)
     return model.eval()
 
 

@@ -54,9 +54,9 @@ def predict(
         device: run on this device; default the model's. For another device than the model's a copy of the
             model is moved there for this call: the model itself stays where it is.
         precision: ``"fp32"``, or ``"bf16"`` / on GPUs ``"fp16"``: the network under autocast (resizing
-            and argmax stay fp32). On CPUs with AMX (Intel Xeon 4th generation on), bf16 is 3.4x faster
-            than fp32, 5.4x on a ``fuse()``d model (benchmarks/RESULTS.md); without bf16 instructions it
-            is slower, and a warning says so.
+            and argmax stay fp32); ``"auto"``: bf16 where the device runs it natively, else fp32. On CPUs with
+            AVX512-BF16 (AMD Zen 4 on) a ``fuse()``d model runs 2x faster in bf16, with AMX (Intel Xeon 4th
+            generation on) 5.4x (docs/int8.md); without them bf16 is emulated and slower, and a warning says so.
         engine: ``"torch"``, or on CPU ``"onnxruntime"``: the model exported once to ONNX (cached) and run
             by onnxruntime, which fuses what eager PyTorch cannot (~15% faster: benchmarks/RESULTS.md).
         compile: run the network through ``torch.compile`` (made once per model and device and kept, so

@@ -120,14 +120,26 @@ def compiled_features(model):
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype the network runs in for ``precision`` on ``device`` (``None``: fp32). ``"auto"``: bf16 where the
+    device runs it natively (a CPU with AVX512-BF16 or AMX, a GPU of compute capability 8.0 or more), else fp32."""
     dtypes = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision == "auto":
+        return torch.bfloat16 if native_bf16(device) else None
     if precision not in dtypes:
-        raise ValueError(f"precision must be 'fp32', 'fp16' or 'bf16', got {precision!r}")
+        raise ValueError(f"precision must be 'fp32', 'fp16', 'bf16' or 'auto', got {precision!r}")
     if device.type == "cpu" and precision == "fp16":
         raise ValueError("precision='fp16' is for GPUs; on CPU use 'bf16' (CPUs with AMX or AVX512-BF16) or 'fp32'")
     if device.type == "cpu" and precision == "bf16" and not cpu_has_bf16():
-        logger.warning("this CPU has no bf16 instructions (AMX, AVX512-BF16): precision='bf16' will be slower than fp32")
+        logger.warning("this CPU has no bf16 instructions (AVX512-BF16, AMX) and emulates bf16: precision='bf16' "
+                       "runs slower than fp32 here; use 'fp32' (or an int8 model: fcn_zoo.quantize)")
     return dtypes[precision]
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 natively (a V100 or T4 emulates it, as a CPU without AVX512-BF16 or AMX does)."""
+    if device.type == "cpu":
+        return cpu_has_bf16()
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def autocast(features, device: torch.device, dtype: torch.dtype | None):

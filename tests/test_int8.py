@@ -88,6 +88,9 @@ def test_int8_and_bf16_of_a_trained_model_agree_with_fp32_and_the_card_says_so(t
     agreement = _agreement(reference, quantized)
     assert agreement >= 0.99, agreement
     assert _miou(quantized, masks, 3) >= miou - 1.0
+    assert main(["evaluate", str(out), "--data-root", str(data), "--output-dir", str(tmp_path / "eval")]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert abs(100 * evaluated["mIoU"] - _miou(quantized, masks, 3)) < 1e-3  # fcn-zoo evaluate runs the int8 model
     assert _agreement(reference, in_bf16) >= 0.995
 
     recorded = json.loads((out / "config.json").read_text())["quantization"]
@@ -126,8 +129,11 @@ def test_an_int8_folder_runs_through_fcn_zoo_predict_predict_iter_and_the_demo(i
     streamed = {Path(item).stem: seg.labels for item, seg in int8.predict_iter(images)}
     assert all(np.array_equal(streamed[k], v) for k, v in expected.items())
 
-    *_, timing, seg = segment(ModelCache(), str(images[0]), str(int8_folder), False, False, "fp32", 0.5)
+    *_, timing, seg = segment(ModelCache(), str(images[0]), str(int8_folder), False, False, "auto", 0.5)
     assert np.array_equal(seg.labels, expected[images[0].stem]) and "on cpu" in timing
+
+    assert main(["info", str(int8_folder)]) == 0
+    assert "int8 (OpenVINO" in capsys.readouterr().out
 
 
 def test_an_empty_or_unreadable_calibration_is_one_line_fast_and_creates_nothing(trained, tmp_path):
@@ -212,3 +218,11 @@ def test_bf16_is_native_only_with_avx512_bf16_or_amx(monkeypatch):
         _fusion.cpu_has_bf16.cache_clear()
         assert _fusion.cpu_has_bf16() is native
     _fusion.cpu_has_bf16.cache_clear()
+
+
+def test_an_int8_model_on_a_cpu_without_int8_dot_products_says_fp32_is_the_better_choice(int8_folder, monkeypatch, caplog):
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with caplog.at_level("WARNING", logger="fcn_zoo.int8"):
+        fcn_zoo.from_pretrained(int8_folder)
+    assert any("no int8 dot-product instructions" in r.getMessage() and "fp32" in r.getMessage() for r in caplog.records)
