@@ -4,11 +4,14 @@
     fcn-zoo evaluate runs/mine/best --data-root DATA          # your data (training.generic)
     fcn-zoo evaluate runs/mine/best --dataset-name segments/sidewalk-semantic   # a Hugging Face dataset (training.hubdata)
     torchrun --nproc-per-node 8 -m fcn_zoo.cli evaluate runs/voc/best --data-root /data --tta
+    fcn-zoo evaluate fcn_resnet101os8_cityscapes --data-root /data --save-predictions preds/   # + the official figure
 
 In a checkout, ``python -m training.evaluate`` runs the same code.
 
 The confusion matrix is accumulated on the device and summed across processes. Writes ``eval.json`` and a
-per-class IoU bar chart ``eval_iou.png`` to ``--output-dir``.
+per-class IoU bar chart ``eval_iou.png`` to ``--output-dir``. ``--save-predictions DIR`` writes each image's
+prediction as its dataset's official tools take it (:mod:`training.submit`); on Cityscapes, with
+cityscapesScripts installed, its evaluator scores those files too and eval.json holds its mIoU beside ours.
 """
 
 from __future__ import annotations
@@ -16,28 +19,41 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 
 from fcn_zoo._files import write_json
 from fcn_zoo._inference import device_of
-from fcn_zoo.metrics import ConfusionMatrix
+from fcn_zoo.metrics import IGNORE_INDEX, ConfusionMatrix
 from fcn_zoo.protocol import TTA
 
 from .data import DatasetLayoutError, check_sizes
 from .distributed import DistributedContext, init_distributed, shared_step
 from .sources import add_hub_arguments, evaluation_data
+from .submit import FORMATS, PredictionWriter, cityscapes_official, prepare_folder
+
+# how eval.json's mIoU is computed (fcn_zoo.metrics.ConfusionMatrix), said in the report itself
+DEFINITION = {
+    "mIoU": "one confusion matrix summed over the dataset; per class IoU = TP / (TP + FP + FN); the mean over the "
+            "classes present in the ground truth or the prediction (a class absent from both is NaN and left out)",
+    "ignore_index": IGNORE_INDEX,
+    "ignored": "ground-truth pixels of value ignore_index after the dataset's mapping (ADE20K: 0 'other'; Cityscapes: "
+               "the label ids outside the 19 train ids; VOC: 255) count neither as a false negative nor as a false positive",
+}
 
 
 def evaluate(model, dataset, *, tta: TTA | None = None, mode: str = "whole", ctx: DistributedContext | None = None,
              max_samples: int | None = None, progress: bool = True, eval_size: tuple[int, int] | None = None,
-             fuse: bool = True) -> dict:
+             fuse: bool = True, write: Callable[[int, np.ndarray], None] | None = None) -> dict:
     """Run the protocol over ``dataset`` (no transforms: raw uint8 images) and return :meth:`ConfusionMatrix.compute`.
 
     ``eval_size`` replaces the resize bound of the protocol (default the model's own ``eval_size``, from its
     ``config.json``: what ``predict`` and the evaluation during training use). ``fuse``: evaluate a
     fused copy of the model (``model.fuse(inplace=False)``, made for this evaluation: faster, float rounding
-    only); ``model`` itself is left in the modes it had either way."""
+    only); ``model`` itself is left in the modes it had either way. ``write(index, labels)`` receives each
+    sample's predicted class indices (``(H, W)`` at the image's size), as ``--save-predictions`` saves them."""
     from tqdm.auto import tqdm
 
     from fcn_zoo.engine import Predictor
@@ -55,6 +71,8 @@ def evaluate(model, dataset, *, tta: TTA | None = None, mode: str = "whole", ctx
         for i, seg in tqdm(results, total=len(indices), desc="eval", disable=not progress or not ctx.is_main, leave=False):
             label = dataset.label(i)
             check_sizes(seg.size, label.shape, dataset.where(i))
+            if write is not None:
+                write(i, seg.labels)
             matrix.update(torch.from_numpy(seg.labels).to(device, torch.int64), torch.from_numpy(label).to(device, torch.int64))
 
     shared_step(run, ctx.world_size)  # a sample that fails in one process stops every process, before the sum
@@ -65,7 +83,7 @@ def evaluate(model, dataset, *, tta: TTA | None = None, mode: str = "whole", ctx
 def write_report(results: dict, class_names: list[str], out_dir: Path, extra: dict | None = None) -> None:
     """``eval.json`` and ``eval_iou.png`` (per-class IoU bars) in ``out_dir``, and a table on stdout."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {**(extra or {}), **results, "classes": class_names}
+    report = {**(extra or {}), **results, "classes": class_names, "definition": DEFINITION}
     write_json(out_dir / "eval.json", report)
     width = max(len(n) for n in class_names)
     print(f"{'class'.ljust(width)}  {'IoU':>6}  {'Acc':>6}")
@@ -110,6 +128,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
                         help="the resize bound of the protocol (default: the model's own, from its config.json)")
     parser.add_argument("--output-dir", help="where eval.json and eval_iou.png go (default: beside a model folder, "
                         "runs/mine/eval-best-val for runs/mine/best; else eval/<model>-<split>)")
+    parser.add_argument("--save-predictions", metavar="DIR", help="write each image's prediction as the dataset's "
+                        "official tools take it (Cityscapes label ids, ADE20K 1..150, VOC palette PNGs, else class "
+                        "indices + classes.txt); on Cityscapes, score them with cityscapesScripts too where installed")
+    parser.add_argument("--overwrite-predictions", action="store_true",
+                        help="--save-predictions into a folder that holds files: replace those of the same names")
     args = parser.parse_args(argv)
     from fcn_zoo.model import MAX_SIDE
 
@@ -124,7 +147,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
         ctx = init_distributed(args.device)
     except FCNZooError as e:
         raise SystemExit(f"{prog}: {e}") from None
+    predictions = Path(args.save_predictions) if args.save_predictions else None
+
     def load():  # every process learns of an error in any, so none is left waiting for another
+        if predictions and ctx.is_main:  # before anything loads: a folder that holds files is refused at once
+            prepare_folder(predictions, args.overwrite_predictions)
         dataset, layout = evaluation_data(args, _training_val_fraction(args.model))  # the share its training held out
         model = fcn_zoo.from_pretrained(args.model, device=str(ctx.device))
         if model.num_classes != dataset.num_classes:
@@ -132,10 +159,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
                              f"{args.data_root or args.dataset_name} has {dataset.num_classes}")
         if ctx.is_main:  # before the evaluation, not after it: rank 0 writes the report
             writable(out, "the report's folder", "pass --output-dir a writable folder")
-        return dataset, layout, model
+        writer = PredictionWriter(predictions, dataset, layout, model.palette) if predictions else None
+        if writer and ctx.is_main:
+            writer.write_classes()
+        return dataset, layout, model, writer
 
     try:
-        dataset, layout, model = shared_step(load, ctx.world_size)
+        dataset, layout, model, writer = shared_step(load, ctx.world_size)
     except (DatasetLayoutError, FCNZooError) as e:
         raise SystemExit(f"{prog}: {e}") from None
     except SystemExit as e:  # options that do not go together, said as this command
@@ -145,18 +175,42 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
     try:
         results = evaluate(model, dataset, tta=TTA() if args.tta else None, mode=args.mode, ctx=ctx, max_samples=args.max_samples,
                            progress=sys.stderr.isatty(),
-                           eval_size=tuple(args.eval_size) if args.eval_size else None)
-    except (DatasetLayoutError, FCNZooError) as e:  # a sample that does not read: nothing was written
+                           eval_size=tuple(args.eval_size) if args.eval_size else None, write=writer)
+    except (DatasetLayoutError, FCNZooError) as e:  # a sample that does not read: no report was written
         raise SystemExit(f"{prog}: {e}") from None
     if ctx.is_main:
+        extra = submission(writer, dataset, layout, args.max_samples) if writer else {}
         write_report(results, dataset.class_names, out, {
             "model": args.model, "dataset": layout, "data_root": args.data_root, "dataset_name": args.dataset_name,
             "revision": args.revision, "split": getattr(dataset, "description", args.split), "mode": args.mode,
             "tta": args.tta, "eval_size": list(args.eval_size or model.eval_size), "samples_sha256": dataset.fingerprint(),
+            **extra,
         })
+        official = extra.get("official")
+        if official and "mIoU" in official:
+            print(f"cityscapesScripts mIoU {100 * official['mIoU']:.2f} on the saved predictions (ours {100 * results['mIoU']:.2f})")
+        elif official:
+            print(f"cityscapesScripts could not score the saved predictions: {official['error']}")
+        elif writer and layout == "cityscapes":
+            print("pip install cityscapesscripts to have the official evaluator score the saved predictions too")
         print(f"wrote {out / 'eval.json'} and {out / 'eval_iou.png'}")
+        if writer:
+            print(f"wrote {extra['predictions']['files']} predictions to {predictions}")
     ctx.close()
     return 0
+
+
+def submission(writer: PredictionWriter, dataset, layout: str, max_samples: int | None) -> dict:
+    """What eval.json says of the saved predictions; on Cityscapes, cityscapesScripts' figure on them."""
+    count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    extra = {"predictions": {"folder": str(writer.folder), "format": FORMATS[layout], "files": count}}
+    if layout == "cityscapes":
+        official = cityscapes_official([writer.folder / writer.name(i) for i in range(count)],
+                                       [Path(dataset.samples[i][1]) for i in range(count)],
+                                       writer.label_ids[:dataset.num_classes].tolist())
+        if official is not None:
+            extra["official"] = official
+    return extra
 
 
 def default_output_dir(model: str, split: str) -> Path:

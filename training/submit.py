@@ -1,0 +1,133 @@
+"""What ``fcn-zoo evaluate --save-predictions DIR`` writes: each evaluated image's prediction as its dataset's
+official tools take it, at the image's own size, and for Cityscapes the official evaluator's figure on them.
+
+- cityscapes: ``DIR/<city>_<seq>_<frame>_leftImg8bit.png`` holding label ids (the 19 train ids mapped back to
+  the 34 label ids), found by cityscapesScripts' ``evalPixelLevelSemanticLabeling`` by the ``city_seq_frame``
+  core of the name;
+- ade20k: ``DIR/<image id>.png``, uint8 classes 1..150 (the model's 0..149 plus one; 0 is "other", which the
+  scene-parsing devkit drops from the ground truth);
+- voc: ``DIR/<image id>.png``, palette PNGs (the VOC colour map) holding class indices 0..20;
+- generic (your folder) and hub (a Hugging Face dataset): ``DIR/<image id>.png``, palette PNGs holding class
+  indices (an image's path under ``images/<split>`` is kept; a dataset row is named by its row number), and
+  ``DIR/classes.txt`` (``name R G B`` per class, the format of the generic layout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fcn_zoo._files import writable
+from fcn_zoo.errors import FCNZooError
+from fcn_zoo.images import save_image
+from fcn_zoo.metrics import IGNORE_INDEX
+from fcn_zoo.zoo import DATASETS
+
+# what each layout's files hold, for eval.json
+FORMATS = {
+    "cityscapes": "cityscapesScripts: <city>_<seq>_<frame>_leftImg8bit.png, label ids (train ids mapped back)",
+    "ade20k": "ADE20K scene-parsing devkit: <image id>.png, uint8 classes 1..150",
+    "voc": "PASCAL VOC devkit: <image id>.png, palette PNG of class indices 0..20",
+    "generic": "<image id>.png, palette PNG of class indices, and classes.txt",
+    "hub": "<row>.png, palette PNG of class indices, and classes.txt",
+}
+
+
+def prepare_folder(folder: Path, overwrite: bool) -> None:
+    """Create ``folder`` for predictions; one that holds files already is refused unless ``overwrite``
+    (then files of the same names are replaced and any others are left as they are)."""
+    if folder.exists() and not folder.is_dir():
+        raise FCNZooError(f"{folder}: is a file; pass --save-predictions a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise FCNZooError(f"{folder}: not empty; name a new or empty folder for --save-predictions, "
+                          "or add --overwrite-predictions to write over its files")
+    writable(folder, "the predictions' folder", "pass --save-predictions a writable folder")
+
+
+class PredictionWriter:
+    """Writes sample ``index``'s predicted labels (a ``(H, W)`` array of class indices at the image's size)
+    under ``folder`` in the format of ``layout`` (voc, ade20k, cityscapes, generic or hub); call it with
+    ``(index, labels)``. ``palette``: the colours of the palette PNGs (VOC's colour map for voc)."""
+
+    def __init__(self, folder: Path, dataset, layout: str, palette):
+        if layout not in FORMATS:
+            raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(FORMATS)}")
+        if dataset.num_classes > 256:
+            raise FCNZooError(f"{dataset.num_classes} classes do not fit a PNG of class indices (256 at most)")
+        self.folder, self.dataset, self.layout = Path(folder), dataset, layout
+        self.palette = DATASETS["voc"].palette if layout == "voc" else palette
+        if layout == "cityscapes":  # train id -> label id: the inverse of the dataset's own label id -> train id
+            self.label_ids = np.zeros(256, dtype=np.uint8)
+            for label_id, train_id in enumerate(dataset.lookup.tolist()):
+                if train_id != IGNORE_INDEX:
+                    self.label_ids[train_id] = label_id
+
+    def name(self, index: int) -> str:
+        """Sample ``index``'s file, relative to the folder."""
+        if self.layout == "hub":
+            return f"{self.dataset.rows[index]:06d}.png"
+        if self.layout == "generic":
+            return f"{self.dataset.ids[index]}.png"
+        return f"{Path(self.dataset.samples[index][0]).stem}.png"  # the image's name: <id>.jpg, <...>_leftImg8bit.png
+
+    def write_classes(self) -> None:
+        """``classes.txt`` for generic and hub (the other layouts' classes are the benchmark's own)."""
+        if self.layout in ("generic", "hub"):
+            lines = [f"{name} {r} {g} {b}" for name, (r, g, b) in zip(self.dataset.class_names, self.palette)]
+            (self.folder / "classes.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def __call__(self, index: int, labels: np.ndarray) -> None:
+        path = self.folder / self.name(index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(self.encode(labels), path)
+
+    def encode(self, labels: np.ndarray) -> Image.Image:
+        """``labels`` (class indices) as the PNG image this layout's tools read."""
+        if self.layout == "cityscapes":
+            return Image.fromarray(self.label_ids[labels], mode="L")
+        if self.layout == "ade20k":
+            return Image.fromarray((labels.astype(np.uint8) + 1), mode="L")
+        img = Image.fromarray(labels.astype(np.uint8), mode="P")
+        img.putpalette([c for rgb in self.palette for c in rgb])
+        return img
+
+
+def cityscapes_official(predictions: list[Path], ground_truth: list[Path], label_ids: list[int]) -> dict | None:
+    """cityscapesScripts' ``evaluateImgLists`` on saved label-id predictions and the gtFine ``*_labelIds.png``
+    files, in order: its mIoU (``averageScoreClasses``) and IoU of each of ``label_ids`` (the label id of each
+    train id, :attr:`PredictionWriter.label_ids`); ``None`` where cityscapesscripts
+    is not installed. It leaves pixels whose ground truth is ignored out of the false positives and skips
+    classes with no pixels, as our confusion matrix does, so the two agree to float rounding."""
+    try:
+        from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as official
+    except ImportError:
+        return None
+    except ValueError as e:  # at import, a $CITYSCAPES_EXPORT_DIR that is not a folder
+        return {"evaluator": "cityscapesscripts", "error": str(e)}
+    from importlib.metadata import version
+
+    args = copy.copy(official.args)  # the module's settings object; its own stays as it was
+    args.evalInstLevelScore = False  # nIoU needs the gtFine instanceIds files
+    args.evalPixelAccuracy = False
+    args.JSONOutput = False  # else it writes a results file under $CITYSCAPES_DATASET
+    args.quiet, args.colorized, args.bold, args.nocol = True, False, "", ""
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said):  # it prints its errors, then exits
+            result = official.evaluateImgLists([str(p) for p in predictions], [str(g) for g in ground_truth], args)
+    except SystemExit:
+        lines = said.getvalue().strip().splitlines() or ["(nothing said)"]
+        return {"evaluator": f"cityscapesscripts {version('cityscapesscripts')}", "error": lines[-1]}
+    return {
+        "evaluator": f"cityscapesscripts {version('cityscapesscripts')} evalPixelLevelSemanticLabeling.evaluateImgLists",
+        "mIoU": float(result["averageScoreClasses"]),
+        "IoU": [float(result["classScores"][official.id2label[i].name]) for i in label_ids],
+    }
+
+
+__all__ = ["FORMATS", "PredictionWriter", "cityscapes_official", "prepare_folder"]
