@@ -226,3 +226,14 @@ def test_an_int8_model_on_a_cpu_without_int8_dot_products_says_fp32_is_the_bette
     with caplog.at_level("WARNING", logger="fcn_zoo.int8"):
         fcn_zoo.from_pretrained(int8_folder)
     assert any("no int8 dot-product instructions" in r.getMessage() and "fp32" in r.getMessage() for r in caplog.records)
+
+
+def test_two_int8_models_are_told_apart_by_their_weights_digest(int8_folder, trained):
+    from fcn_zoo.quantization import quantize
+    from fcn_zoo.weights import state_dict_sha256
+
+    saved = fcn_zoo.from_pretrained(int8_folder)
+    other = quantize(fcn_zoo.from_pretrained(trained[0]), sorted((trained[1] / "images" / "val").glob("*.jpg"))[:2],
+                     progress=False)
+    assert state_dict_sha256(saved) == state_dict_sha256(fcn_zoo.from_pretrained(int8_folder))  # --resume: the same
+    assert state_dict_sha256(saved) != state_dict_sha256(other)  # other calibration, other int8 weights

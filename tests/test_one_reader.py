@@ -90,7 +90,7 @@ def test_masks_keep_their_indices_and_turn_as_their_file_says(tmp_path):
 
 def test_one_fixture_set_reaches_the_same_array_through_every_door(tmp_path, capsys):
     """predict (path, bytes, batch), predict_iter, the Ray Segmenter, fcn-zoo predict DIR, a training folder,
-    a Hugging Face dataset and the demo: one array, one answer."""
+    a Hugging Face dataset, the demo and video frames: one array, one answer."""
     model = tiny_fcn(num_classes=3, dataset=None, seed=1)
     model.eval_size = (96, 64)
     files = fixture_set(tmp_path / "photos")
@@ -143,6 +143,22 @@ def test_one_fixture_set_reaches_the_same_array_through_every_door(tmp_path, cap
                      ["a", "b", "c"])
     for i, kind in enumerate(files):
         assert np.array_equal(hub.image(i), expected[kind]), kind
+
+    av = pytest.importorskip("av")
+    from fcn_zoo.video import segment_video
+
+    # the arrays as frames of a lossless clip (those of one size: a clip has one): the frame door's answers
+    same_size = [kind for kind in files if expected[kind].shape == expected["grey"].shape]
+    clip = tmp_path / "frames.mov"
+    with av.open(str(clip), "w") as container:
+        stream = container.add_stream("png", rate=5)
+        stream.width, stream.height, stream.pix_fmt = expected["grey"].shape[1], expected["grey"].shape[0], "rgb24"
+        for kind in same_size:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(expected[kind], format="rgb24")))
+        container.mux(stream.encode())
+    segment_video(model, clip, None, masks_dir=tmp_path / "frames", fuse=False)
+    for n, kind in enumerate(same_size):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "frames" / f"{n:06d}.png")), answers[kind]), kind
 
     pytest.importorskip("gradio")
     from fcn_zoo.demo import ModelCache, segment
