@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 import fcn_zoo  # noqa: E402
+from fcn_zoo.protocol import native_bf16  # noqa: E402
 from sample_data import make_voc  # noqa: E402
 
 
@@ -81,7 +82,7 @@ def main() -> int:
     tiny = args.tiny
     report = Report()
     gpu = torch.cuda.get_device_name(device) if on_gpu else "CPU"
-    bf16 = torch.cuda.is_bf16_supported() if on_gpu else bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    bf16 = native_bf16(device)  # what runs bf16 natively, not what emulates it (a V100, a CPU without AVX512-BF16)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

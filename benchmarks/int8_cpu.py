@@ -5,6 +5,7 @@
 For each model (random weights with non-trivial BatchNorm statistics: speed only), one normalised
 ``(1, 3, H, W)`` input, the seconds of one call that returns logits, for:
 
+- the reference implementation (sssegmentation) in fp32, its logits upsampled as it does;
 - fcn_zoo ``fuse()``d fp32 ``model(x)`` (what ``fcn-zoo predict`` runs) and the same under bf16 autocast;
 - OpenVINO by hand on ``openvino.convert_model`` of the model: fp32 (``INFERENCE_PRECISION_HINT`` f32) and bf16;
 - OpenVINO + NNCF int8 by hand (``nncf.quantize``, preset performance, on the calibration tensors below),
@@ -43,6 +44,7 @@ import fcn_zoo  # noqa: E402
 from conftest import randomize_batchnorm  # noqa: E402
 from fcn_zoo.protocol import prepare  # noqa: E402
 from fcn_zoo.quantization import _Features, quantize  # noqa: E402
+from reference import build_reference_fcn, reference_logits  # noqa: E402
 
 
 def photos(n: int = 3) -> list[np.ndarray]:
@@ -89,7 +91,9 @@ def contenders_for(name: str, x: torch.Tensor, workdir: Path) -> dict:
         """A runtime's low-resolution logits upsampled to the input, as model(x) and q(x) return them."""
         return lambda: F.interpolate(torch.from_numpy(run()), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
+    reference = build_reference_fcn(row.depth, row.output_stride, row.num_classes)
     out = {
+        "reference (sssegmentation) fp32": lambda: reference_logits(reference, x),
         "fcn_zoo fuse() fp32": lambda: fused(x_cl),
         "fcn_zoo fuse() bf16 autocast": autocast_bf16,
         "OpenVINO fp32": upsampled(lambda: ov_f32(feed)[0]),

@@ -4,8 +4,8 @@ called, predicted with, saved and shared like :class:`fcn_zoo.FCN`.
 A folder holds ``config.json`` (the fp32 model's, plus a ``quantization`` entry: the engine and its
 version, what it was calibrated on, the agreement measured with the fp32 model), ``openvino_model.xml`` +
 ``openvino_model.bin`` (the int8 network: ``forward_features``) and a model card. OpenVINO's IR runs on any
-x86 CPU; int8 is fast where the CPU has int8 dot products (AVX512-VNNI, AVX-VNNI or AMX), and on the
-others it runs, with little gain over fp32.
+x86 CPU; int8 is fastest where the CPU has int8 dot products (AVX512-VNNI, AVX-VNNI or AMX); on the others
+it runs with less speed-up, and a warning says so.
 """
 
 from __future__ import annotations
@@ -44,8 +44,7 @@ def openvino_or_error(what: str):
 
 
 def cpu_has_int8_dot() -> bool:
-    """Whether this CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX), which int8 needs to be
-    faster than fp32."""
+    """Whether this CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX), where int8 is fastest."""
     try:
         return bool(torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # a torch without these queries: say nothing rather than guess
@@ -195,9 +194,9 @@ def load_int8(folder: Path, config: dict) -> QuantizedFCN:
             f"install openvino>={made_with}, or quantize the fp32 model again with this one"
         ) from e
     if not cpu_has_int8_dot():
-        logger.warning("this CPU has no int8 dot-product instructions (VNNI, AMX): %s runs, but not faster than "
-                       "fp32, and its 8-bit sums may saturate (answers further from fp32's); the fp32 model is the "
-                       "better choice here", folder)
+        logger.warning("this CPU has no int8 dot-product instructions (VNNI, AMX): %s runs with less speed-up than "
+                       "where it was measured, and its 8-bit sums may saturate (answers further from fp32's than its "
+                       "card says); compare it with the fp32 model here", folder)
     return model.eval()
 
 

@@ -155,7 +155,7 @@ def test_an_empty_or_unreadable_calibration_is_one_line_fast_and_creates_nothing
         assert not out.exists()
 
 
-def test_unreadable_calibration_images_are_named_and_skipped(trained, tmp_path, caplog):
+def test_unreadable_calibration_images_are_named_and_skipped(trained, int8_folder, tmp_path, caplog):
     from fcn_zoo.quantization import quantize
 
     best, data = trained
@@ -166,6 +166,12 @@ def test_unreadable_calibration_images_are_named_and_skipped(trained, tmp_path, 
     assert any("bad.jpg" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
     assert q.quantization["calibration"] == {**q.quantization["calibration"], "images": 3, "skipped": 1}
     assert q.quantization["agreement"]["held_out"] is False  # too few to hold any out: the card says so
+
+    from fcn_zoo.weights import state_dict_sha256
+
+    saved = fcn_zoo.from_pretrained(int8_folder)  # calibrated on all 40 training images
+    assert state_dict_sha256(saved) == state_dict_sha256(fcn_zoo.from_pretrained(int8_folder))  # --resume: the same
+    assert state_dict_sha256(saved) != state_dict_sha256(q)  # another calibration, other int8 weights: told apart
 
 
 def test_an_int8_folder_made_by_a_newer_openvino_says_what_to_do(int8_folder, tmp_path):
@@ -220,20 +226,21 @@ def test_bf16_is_native_only_with_avx512_bf16_or_amx(monkeypatch):
     _fusion.cpu_has_bf16.cache_clear()
 
 
-def test_an_int8_model_on_a_cpu_without_int8_dot_products_says_fp32_is_the_better_choice(int8_folder, monkeypatch, caplog):
+def test_an_int8_model_on_a_cpu_without_int8_dot_products_says_to_compare_with_fp32(int8_folder, monkeypatch, caplog):
     monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     with caplog.at_level("WARNING", logger="fcn_zoo.int8"):
         fcn_zoo.from_pretrained(int8_folder)
-    assert any("no int8 dot-product instructions" in r.getMessage() and "fp32" in r.getMessage() for r in caplog.records)
+    assert any("no int8 dot-product instructions" in r.getMessage() and "fp32 model" in r.getMessage() for r in caplog.records)
 
 
-def test_two_int8_models_are_told_apart_by_their_weights_digest(int8_folder, trained):
-    from fcn_zoo.quantization import quantize
-    from fcn_zoo.weights import state_dict_sha256
+def test_native_bf16_on_a_gpu_is_told_by_its_compute_capability_not_by_emulation(monkeypatch):
+    """A V100 or T4 (compute capability 7.x) emulates bf16, though torch.cuda.is_bf16_supported() says yes:
+    training runs fp16 with a gradient scaler there, and precision='auto' fp32."""
+    from fcn_zoo.protocol import autocast_dtype, native_bf16
 
-    saved = fcn_zoo.from_pretrained(int8_folder)
-    other = quantize(fcn_zoo.from_pretrained(trained[0]), sorted((trained[1] / "images" / "val").glob("*.jpg"))[:2],
-                     progress=False)
-    assert state_dict_sha256(saved) == state_dict_sha256(fcn_zoo.from_pretrained(int8_folder))  # --resume: the same
-    assert state_dict_sha256(saved) != state_dict_sha256(other)  # other calibration, other int8 weights
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    for capability, native in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert native_bf16(torch.device("cuda")) is native
+        assert autocast_dtype("auto", torch.device("cuda")) == (torch.bfloat16 if native else None)

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import fcn_zoo
 from fcn_zoo._files import write_json
 from fcn_zoo.errors import FCNZooError
+from fcn_zoo.protocol import native_bf16
 
 from .checkpoints import resume, save_checkpoint
 from .data import IGNORE_INDEX, DatasetLayoutError, RunSampler, TimedSamples
@@ -134,7 +135,8 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
     torch.manual_seed(args.seed + ctx.rank)  # per process: each GPU draws its own dropout masks
     on_gpu = ctx.device.type == "cuda"
     configure_determinism(args.deterministic, ctx.device)
-    precision = training_precision(ctx.device.type, args.fp32, on_gpu and torch.cuda.is_bf16_supported())
+    # native bf16 only: torch.cuda.is_bf16_supported() counts emulation and says yes on a V100 or T4
+    precision = training_precision(ctx.device.type, args.fp32, on_gpu and native_bf16(ctx.device))
     fast = precision.dtype is not None
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision.scaler)
     nondeterministic: list[str] = []
