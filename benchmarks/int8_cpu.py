@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import fcn_zoo  # noqa: E402
 from conftest import randomize_batchnorm  # noqa: E402
 from fcn_zoo.protocol import prepare  # noqa: E402
-from fcn_zoo.quantization import _Features, quantize  # noqa: E402
+from fcn_zoo._inference import inference_copy  # noqa: E402
+from fcn_zoo.quantization import _cpu_name, _Features, quantize  # noqa: E402
 from reference import build_reference_fcn, reference_logits  # noqa: E402
 
 
@@ -73,7 +74,7 @@ def contenders_for(name: str, x: torch.Tensor, workdir: Path) -> dict:
     feed = x.numpy()
     core = ov.Core()
     with torch.no_grad():
-        network = ov.convert_model(_Features(_plain(model)), example_input=x,
+        network = ov.convert_model(_Features(inference_copy(model)), example_input=x,
                                    input=[ov.PartialShape([-1, 3, -1, -1])])
     int8_network = nncf.quantize(network, nncf.Dataset(tensors), subset_size=len(tensors),
                                  preset=nncf.QuantizationPreset.PERFORMANCE)
@@ -112,12 +113,6 @@ def contenders_for(name: str, x: torch.Tensor, workdir: Path) -> dict:
     return out
 
 
-def _plain(model):
-    from fcn_zoo._inference import inference_copy
-
-    return inference_copy(model)
-
-
 def onnxruntime_int8(model, tensors: list[np.ndarray], path: Path, feed: np.ndarray):
     import onnxruntime
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -152,7 +147,7 @@ def main() -> None:
     import openvino
 
     x = torch.randn(1, 3, *args.size)
-    print(f"{_cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads; OpenVINO {openvino.__version__}; "
+    print(f"{_cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; OpenVINO {openvino.__version__}; "
           f"native bf16 {torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()}, "
           f"VNNI {torch.cpu._is_vnni_supported()}; input 1x3x{args.size[0]}x{args.size[1]}")
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
@@ -173,13 +168,6 @@ def main() -> None:
             for k, ts in times.items():
                 t = statistics.median(ts)
                 print(f"{k:52s} {t:9.3f} ({min(ts):.3f}-{max(ts):.3f}) {base / t:12.2f}")
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "CPU"
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 from ._inference import device_of, evaluating, inference_copy
 from .errors import ImageError, is_out_of_memory
 from .images import describe, read_image
+from .int8 import is_quantized_config
 from .labels import upsample_argmax, upsample_softmax
 from .protocol import TTA, autocast, autocast_dtype, compiled_features, network_logits, prepare
 from .segmentation import Segmentation
@@ -50,7 +51,7 @@ class Predictor:
             raise ValueError("compile=True applies to engine='torch'; onnxruntime compiles its graph itself")
         caller, own_device = model, device_of(model)
         device = torch.device(device) if device is not None else own_device
-        if "quantization" in getattr(model, "config", {}) and (device.type != "cpu" or precision not in ("fp32", "auto")
+        if is_quantized_config(getattr(model, "config", {})) and (device.type != "cpu" or precision not in ("fp32", "auto")
                                                                 or engine != "torch" or compile):
             raise ValueError("an int8 model runs on the CPU by OpenVINO, at OpenVINO's precision: leave device, "
                              "precision, engine and compile at their defaults")

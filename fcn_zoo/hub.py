@@ -81,9 +81,9 @@ def from_pretrained(
     check_device_available(str(device))  # before anything is downloaded or loaded
     folder = resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     saved = _read_config(folder)
-    if isinstance(saved.get("quantization"), dict):
-        from .int8 import load_int8
+    from .int8 import is_quantized_config, load_int8
 
+    if is_quantized_config(saved):
         if num_classes is not None and num_classes != saved.get("num_classes"):
             raise ValueError(f"{name_or_path} is an int8 model: fine-tune the fp32 model for new classes, then quantize it")
         if device.type != "cpu":
@@ -213,7 +213,8 @@ def _download_hub(repo_id: str, revision: str | None, cache_dir, offline: bool) 
 
     try:
         config = download(CONFIG_NAME)
-        for filename in INT8_FILES if "quantization" in _read_config(config.parent) else (WEIGHTS_NAME,):
+        quantized = isinstance(_read_config(config.parent).get("quantization"), dict)  # as int8.is_quantized_config
+        for filename in INT8_FILES if quantized else (WEIGHTS_NAME,):
             download(filename)
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as e:  # before the HTTP errors: not an answer
         if offline:

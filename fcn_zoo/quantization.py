@@ -20,12 +20,14 @@ import logging
 import os
 import platform
 import random
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ._inference import inference_copy
 from .errors import FCNZooError, ImageError
 from .images import describe, read_image, read_mask
 from .int8 import QuantizedFCN, cpu_has_int8_dot, openvino_or_error
@@ -117,14 +119,23 @@ def quantize(
     if validation is None and len(items) > num_samples + check:
         held_out, chosen = chosen[:check], chosen[check:]
     chosen = sorted(chosen[:num_samples])
-    plain = _plain_copy(model)
+    plain = inference_copy(model, "cpu")  # eval mode, no auxiliary head; the caller's model left as it is
     inputs = _CalibrationInputs(plain, [items[i] for i in chosen])
     if not inputs.readable:
         raise FCNZooError(f"calibration {_what(calibration)}: none of the {len(chosen)} images could be read")
     example = torch.from_numpy(inputs.first)
-    with torch.no_grad():
-        network = openvino.convert_model(_Features(plain), example_input=example,
-                                         input=[openvino.PartialShape([-1, 3, -1, -1])])
+    # OpenVINO traces the module with torch.jit (deprecated: a FutureWarning) and torch logs a CUDA lookup:
+    # neither is the user's to act on
+    cuda_log = logging.getLogger("torch.utils.cpp_extension")
+    cuda_level = cuda_log.level
+    cuda_log.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            network = openvino.convert_model(_Features(plain), example_input=example,
+                                             input=[openvino.PartialShape([-1, 3, -1, -1])])
+    finally:
+        cuda_log.setLevel(cuda_level)
     level = logging.getLogger("nncf").level
     nncf.set_log_level(logging.INFO if progress else logging.ERROR)
     try:  # NNCF's progress bars are rich's, on stdout: not shown when not asked for
@@ -254,13 +265,6 @@ class _CalibrationInputs:
 
     def __len__(self) -> int:
         return len(self.readable)
-
-
-def _plain_copy(model):
-    """A CPU copy in eval mode without the auxiliary head; ``model`` itself is left as it is."""
-    from ._inference import inference_copy
-
-    return inference_copy(model, "cpu")
 
 
 def _what(calibration) -> str:
