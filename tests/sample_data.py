@@ -42,7 +42,9 @@ def _palette_png(label: np.ndarray, path: Path) -> None:
     img.save(path)
 
 
-def make_voc(root: Path, n_train: int = 8, n_val: int = 4, size=(64, 80), layout: str = "reference", seed: int = 0) -> Path:
+def make_voc(root: Path, n_train: int = 8, n_val: int = 4, size=(64, 80), layout: str = "reference", seed: int = 0,
+             n_test: int = 0) -> Path:
+    """``n_test``: test images too (VOC2012test.tar's: JPEGImages listed by test.txt, no labels)."""
     rng = np.random.default_rng(seed)
     base = root / "VOCdevkit" / "VOC2012"
     for d in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets/Segmentation"):
@@ -64,6 +66,11 @@ def make_voc(root: Path, n_train: int = 8, n_val: int = 4, size=(64, 80), layout
         (sets / "train.txt").write_text("\n".join(train[0::2]) + "\n")
         (sets / "aug.txt").write_text("\n".join(train[1::2]) + "\n")
         (sets / "trainaug.txt").write_text("\n".join(train) + "\n")  # mmsegmentation's converter writes it too
+    test = [f"2008_{i:06d}" for i in range(n_test)]
+    for i in test:
+        Image.fromarray(shapes_sample(rng, size)[0]).save(base / "JPEGImages" / f"{i}.jpg", quality=95)
+    if test:
+        (sets / "test.txt").write_text("\n".join(test) + "\n")
     return root
 
 
@@ -81,19 +88,21 @@ def make_ade20k(root: Path, n_train: int = 8, n_val: int = 4, size=(64, 80), see
     return root
 
 
-def make_cityscapes(root: Path, n_train: int = 8, n_val: int = 4, size=(64, 128), seed: int = 0) -> Path:
+def make_cityscapes(root: Path, n_train: int = 8, n_val: int = 4, size=(64, 128), seed: int = 0, n_test: int = 0) -> Path:
+    """``n_test``: test images too (leftImg8bit/test, no gtFine labels)."""
     rng = np.random.default_rng(seed)
     to_label_id = np.array([7, 26, 24, 11], dtype=np.uint8)  # road, car, person, building
-    for split, n, city in (("train", n_train, "aachen"), ("val", n_val, "frankfurt")):
+    for split, n, city in (("train", n_train, "aachen"), ("val", n_val, "frankfurt"), ("test", n_test, "berlin")):
         (root / "leftImg8bit" / split / city).mkdir(parents=True, exist_ok=True)
-        (root / "gtFine" / split / city).mkdir(parents=True, exist_ok=True)
         for i in range(n):
             image, label = shapes_sample(rng, size)
-            label_ids = to_label_id[label]
-            label_ids[-4:, :] = 1  # ego vehicle: void
             stem = f"{city}_{i:06d}_000019"
             Image.fromarray(image).save(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
-            Image.fromarray(label_ids).save(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png")
+            if split != "test":
+                label_ids = to_label_id[label]
+                label_ids[-4:, :] = 1  # ego vehicle: void
+                (root / "gtFine" / split / city).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(label_ids).save(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png")
     return root
 
 

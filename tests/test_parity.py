@@ -69,6 +69,39 @@ def test_predict_follows_the_reference_evaluation_protocol(tmp_path, photo):
     assert (seg.labels == expected).mean() > 0.995
 
 
+def test_tta_is_the_references_multi_scale_and_flip(tmp_path):
+    """TTA's logits == the reference's ``auginference`` (scales 0.5-1.75 of the resized image, each flipped) merged
+    as its test.py merges them (each upsampled to the image's size, averaged), and predict(tta=True)'s labels
+    their argmax."""
+    from fcn_zoo.protocol import TTA, network_logits, prepare
+    from fcn_zoo.images import read_image
+
+    reference = build_reference_fcn(50, 16, num_classes=21, seed=7)
+    reference.decoder[-1].weight.data.mul_(50)
+    model = fcn_zoo.from_pretrained(save_reference_checkpoint(reference, tmp_path / "fcn_resnet50os16_voc.pth"))
+    tta = TTA()
+    reference.cfg["inference"] = {"forward": {"mode": "whole"}, "tta": {
+        "multiscale": list(tta.scales), "flip": tta.flip, "use_probs_before_resize": False}}
+    reference.cfg["dataset"] = {"train": {"data_pipelines": [("RandomFlip", {"prob": 0.5})]}}  # no class pairs to swap
+
+    rgb = read_image(PHOTOS[0])
+    size = rgb.shape[:2]
+    x = prepare(model, rgb)  # the same input for both: the resized, normalised image
+    with torch.no_grad():
+        theirs = reference.auginference(x.contiguous())
+        ours = network_logits(model, [x], tta=tta)[0]
+    assert len(ours) == len(theirs) == 12
+
+    def merged(logits):
+        return sum(F.interpolate(lg.float(), size=size, mode="bilinear", align_corners=False) for lg in logits) / len(logits)
+
+    expected, got = merged(theirs), merged(ours)
+    assert expected.abs().max() > 1.0
+    assert (got - expected).abs().max().item() < 1e-3
+    labels = model.predict(rgb, tta=True).labels
+    assert len(np.unique(labels)) > 1 and (labels == expected[0].argmax(0).numpy()).mean() > 0.9999
+
+
 def test_dataset_metadata_matches_the_reference():
     from ssseg.modules.datasets.ade20k import ADE20kDataset
     from ssseg.modules.datasets.cityscapes import CityScapesDataset

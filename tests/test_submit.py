@@ -146,3 +146,71 @@ def test_a_folder_that_holds_files_is_refused_unless_asked_to_overwrite(tmp_path
     assert read_classes_file(tmp_path / "preds" / "classes.txt").names == ["background", "box", "ellipse"]
     assert report["predictions"] == {"folder": str(tmp_path / "preds"), "files": 2,
                                      "format": "<image id>.png, palette PNG of class indices, and classes.txt"}
+
+
+def _zip_matches_folder(archive: Path, folder: Path, names: list[str]) -> None:
+    """The zip holds exactly ``names``, each the bytes of the folder's file."""
+    import zipfile
+
+    with zipfile.ZipFile(archive) as zf:
+        assert sorted(zf.namelist()) == sorted(names)
+        for name in names:
+            assert zf.read(name) == (folder / name).read_bytes()
+
+
+def test_a_cityscapes_test_split_gives_a_submission_folder_and_its_zip(tmp_path, capsys):
+    data = make_cityscapes(tmp_path / "data", n_train=0, n_val=0, n_test=3)  # images alone: no gtFine/test
+    model = _model(tmp_path / "m", 19, "cityscapes", [0, 2, 5, 11, 13])
+    preds = tmp_path / "sub"
+    with pytest.raises(SystemExit) as refused:  # nothing to score: said at once, nothing made
+        main([model, "--data-root", str(data), "--split", "test", "--save-predictions", str(preds)])
+    assert "the test split has no labels to score; add --format-only" in str(refused.value.code)
+    with pytest.raises(SystemExit) as refused:
+        main([model, "--data-root", str(data), "--split", "test", "--format-only"])
+    assert "name their folder with --save-predictions DIR" in str(refused.value.code)
+    assert not preds.exists()
+
+    assert main([model, "--data-root", str(data), "--device", "cpu", "--split", "test", "--format-only",
+                 "--save-predictions", str(preds), "--output-dir", str(tmp_path / "eval")]) == 0
+    images = sorted((data / "leftImg8bit" / "test").glob("*/*_leftImg8bit.png"))
+    names = sorted(p.name for p in preds.iterdir())
+    assert names == [p.name for p in images]  # the city_seq_frame names cityscapesScripts and the server find
+    loaded = fcn_zoo.from_pretrained(model)
+    to_label_id = np.array([7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33], dtype=np.uint8)
+    for image in images:  # predict's answer, as label ids
+        assert np.array_equal(np.asarray(Image.open(preds / image.name)), to_label_id[loaded.predict(image).labels])
+    _zip_matches_folder(tmp_path / "sub.zip", preds, names)
+    said = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'sub.zip'} (3 files); upload it at https://www.cityscapes-dataset.com/submit/" in said
+    assert not (tmp_path / "eval").exists()  # nothing scored, no report
+
+    (tmp_path / "again.zip").write_bytes(b"kept")
+    with pytest.raises(SystemExit) as refused:  # a zip is not written over unless asked
+        main([model, "--data-root", str(data), "--split", "test", "--format-only", "--save-predictions", str(tmp_path / "again")])
+    assert f"{tmp_path / 'again.zip'}: exists" in str(refused.value.code)
+    assert (tmp_path / "again.zip").read_bytes() == b"kept"
+
+
+def test_voc_test_predictions_are_in_the_devkits_results_layout(tmp_path, capsys):
+    data = make_voc(tmp_path / "data", n_train=0, n_val=1, n_test=2)
+    model = _model(tmp_path / "m", 21, "voc", [0, 1, 2, 3, 4], seed=2)
+    assert main([model, "--data-root", str(data), "--device", "cpu", "--split", "test", "--format-only",
+                 "--save-predictions", str(tmp_path / "sub")]) == 0
+    ids = (data / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "test.txt").read_text().split()
+    names = [f"results/VOC2012/Segmentation/comp6_test_cls/{i}.png" for i in ids]
+    assert sorted(p.relative_to(tmp_path / "sub").as_posix() for p in (tmp_path / "sub").rglob("*.png")) == names
+    assert all(Image.open(tmp_path / "sub" / n).mode == "P" for n in names)
+    _zip_matches_folder(tmp_path / "sub.zip", tmp_path / "sub", names)
+    assert "upload it at http://host.robots.ox.ac.uk:8080/" in capsys.readouterr().out
+
+
+def test_tta_is_reported_beside_single_scale_from_the_same_passes(tmp_path):
+    data = make_voc(tmp_path / "data", n_train=0, n_val=3)
+    model = _model(tmp_path / "m", 21, "voc", [0, 1, 2, 3, 4], seed=2)
+    plain = _evaluate(model, data, tmp_path / "plain")
+    both = _evaluate(model, data, tmp_path / "tta", "--tta")
+    # the single-scale figures are those of an evaluation without TTA, exactly
+    assert {k: both["single_scale"][k] for k in ("mIoU", "aAcc", "pixels")} == {k: plain[k] for k in ("mIoU", "aAcc", "pixels")}
+    assert both["mIoU"] != plain["mIoU"]  # the multi-scale + flip figure is its own
+    assert both["tta"]["scales"] == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] and both["tta"]["flip"] is True
+    assert plain["tta"] is False and "single_scale" not in plain

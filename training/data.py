@@ -32,6 +32,14 @@ LAYOUTS = {
     "generic": "DATA/classes.txt, DATA/images/{train,val}/<id>.jpg|png and DATA/masks/{train,val}/<id>.png",
 }
 
+# where each layout's test images are (no labels: the benchmark's server holds them)
+TEST_LAYOUTS = {
+    "voc": "VOCdevkit/VOC2012/{ImageSets/Segmentation/test.txt, JPEGImages/<id>.jpg} (VOC2012test.tar)",
+    "ade20k": "release_test/testing/<id>.jpg (the challenge's release_test.zip)",
+    "cityscapes": "leftImg8bit/test/<city>/<id>_leftImg8bit.png",
+    "generic": "DATA/classes.txt and DATA/images/test/<id>.jpg|png",
+}
+
 
 class DatasetLayoutError(FileNotFoundError):
     """A file the dataset layout needs is missing or unreadable."""
@@ -93,6 +101,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def raw_label(self, index: int) -> np.ndarray:
         """Sample ``index``'s label map as stored, a uint8 ``(H, W)`` array."""
+        if self.samples[index][1] is None:
+            raise DatasetLayoutError(f"{self.where(index)}: a test image has no labels to score or train on")
         return read_label(self.samples[index][1], self.name)
 
     def image_size(self, index: int) -> tuple[int, int]:
@@ -103,8 +113,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
             raise DatasetLayoutError(_with_layout(str(e), self.name)) from None
 
     def where(self, index: int) -> str:
-        """Where sample ``index``'s label is, for messages."""
-        return str(self.samples[index][1])
+        """Where sample ``index``'s label is (a test sample's image), for messages."""
+        image, label = self.samples[index]
+        return str(label if label is not None else image)
 
     def label(self, index: int) -> np.ndarray:
         """The train ids of sample ``index`` as a uint8 ``(H, W)`` array (255 = ignore), without its image."""
@@ -126,7 +137,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if self.ids is not None:
             text = "\n".join(sorted(self.ids))
         else:
-            text = "\n".join(f"{i.name} {label.name}" for i, label in self.samples)
+            text = "\n".join(f"{i.name} {label.name}" if label else i.name for i, label in self.samples)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def checked_labels(self, indices, sizes: list, progress: bool = False):

@@ -5,6 +5,7 @@
     fcn-zoo evaluate runs/mine/best --dataset-name segments/sidewalk-semantic   # a Hugging Face dataset (training.hubdata)
     torchrun --nproc-per-node 8 -m fcn_zoo.cli evaluate runs/voc/best --data-root /data --tta
     fcn-zoo evaluate fcn_resnet101os8_cityscapes --data-root /data --save-predictions preds/   # + the official figure
+    fcn-zoo evaluate fcn_resnet101os8_cityscapes --data-root /data --split test --format-only --save-predictions sub/
 
 In a checkout, ``python -m training.evaluate`` runs the same code.
 
@@ -12,6 +13,9 @@ The confusion matrix is accumulated on the device and summed across processes. W
 per-class IoU bar chart ``eval_iou.png`` to ``--output-dir``. ``--save-predictions DIR`` writes each image's
 prediction as its dataset's official tools take it (:mod:`training.submit`); on Cityscapes, with
 cityscapesScripts installed, its evaluator scores those files too and eval.json holds its mIoU beside ours.
+``--split test --format-only`` scores nothing: it writes the test images' predictions and the zip the benchmark's
+server takes (``sub.zip``), and says where to upload it. ``--tta`` reports multi-scale + flip with single scale
+beside it, from the same forward passes.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ from fcn_zoo.protocol import TTA
 
 from .data import DatasetLayoutError, check_sizes
 from .distributed import DistributedContext, init_distributed, shared_step
-from .sources import add_hub_arguments, evaluation_data
-from .submit import FORMATS, PredictionWriter, cityscapes_official, prepare_folder
+from .sources import add_hub_arguments, detect_layout, evaluation_data
+from .submit import FORMATS, SERVERS, PredictionWriter, archive, cityscapes_official, prepare_folder
 
 # how eval.json's mIoU is computed (fcn_zoo.metrics.ConfusionMatrix), said in the report itself
 DEFINITION = {
@@ -46,38 +50,56 @@ DEFINITION = {
 
 def evaluate(model, dataset, *, tta: TTA | None = None, mode: str = "whole", ctx: DistributedContext | None = None,
              max_samples: int | None = None, progress: bool = True, eval_size: tuple[int, int] | None = None,
-             fuse: bool = True, write: Callable[[int, np.ndarray], None] | None = None) -> dict:
+             fuse: bool = True, write: Callable[[int, np.ndarray], None] | None = None, score: bool = True) -> dict | None:
     """Run the protocol over ``dataset`` (no transforms: raw uint8 images) and return :meth:`ConfusionMatrix.compute`.
 
     ``eval_size`` replaces the resize bound of the protocol (default the model's own ``eval_size``, from its
     ``config.json``: what ``predict`` and the evaluation during training use). ``fuse``: evaluate a
     fused copy of the model (``model.fuse(inplace=False)``, made for this evaluation: faster, float rounding
     only); ``model`` itself is left in the modes it had either way. ``write(index, labels)`` receives each
-    sample's predicted class indices (``(H, W)`` at the image's size), as ``--save-predictions`` saves them."""
+    sample's predicted class indices (``(H, W)`` at the image's size), as ``--save-predictions`` saves them.
+    With ``tta`` that includes scale 1, the result also holds ``"single_scale"``: the same images scored from
+    the unflipped scale-1 logits of the same forward passes (what an evaluation without TTA gives).
+    ``score=False``: predict and write only, read no labels (a test split) and return ``None``."""
     from tqdm.auto import tqdm
 
     from fcn_zoo.engine import Predictor
+    from fcn_zoo.labels import upsample_argmax
 
     ctx = ctx or DistributedContext()
     device = device_of(model)
     # as predict runs it, one image at a time (evaluation sizes differ: a batch would mostly be one image anyway)
     predictor = Predictor(model, tta=tta, mode=mode, fuse=fuse, eval_size=eval_size, batch_size=1)
     matrix = ConfusionMatrix(model.num_classes, device)
+    # the plain prediction's logits among TTA's: scales in order, each followed by its flip
+    plain = tta.scales.index(1.0) * (2 if tta.flip else 1) if tta and 1.0 in tta.scales else None
+    single = ConfusionMatrix(model.num_classes, device) if plain is not None else None
     count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     indices = range(ctx.rank, count, ctx.world_size)
 
     def run() -> None:
         results = predictor.stream(indices, read=dataset.image, name=dataset.where, errors="raise")
         for i, seg in tqdm(results, total=len(indices), desc="eval", disable=not progress or not ctx.is_main, leave=False):
-            label = dataset.label(i)
-            check_sizes(seg.size, label.shape, dataset.where(i))
             if write is not None:
                 write(i, seg.labels)
-            matrix.update(torch.from_numpy(seg.labels).to(device, torch.int64), torch.from_numpy(label).to(device, torch.int64))
+            if not score:
+                continue
+            label = dataset.label(i)
+            check_sizes(seg.size, label.shape, dataset.where(i))
+            label = torch.from_numpy(label).to(device, torch.int64)
+            matrix.update(torch.from_numpy(seg.labels).to(device, torch.int64), label)
+            if single is not None:
+                single.update(upsample_argmax([seg.logits[plain].to(device)], seg.size), label)
 
     shared_step(run, ctx.world_size)  # a sample that fails in one process stops every process, before the sum
+    if not score:
+        return None
     matrix.all_reduce()
-    return matrix.compute()
+    results = matrix.compute()
+    if single is not None:
+        single.all_reduce()
+        results["single_scale"] = single.compute()
+    return results
 
 
 def write_report(results: dict, class_names: list[str], out_dir: Path, extra: dict | None = None) -> None:
@@ -90,6 +112,10 @@ def write_report(results: dict, class_names: list[str], out_dir: Path, extra: di
     for name, iou, acc in zip(class_names, results["IoU"], results["Acc"]):
         print(f"{name.ljust(width)}  {100 * iou:6.2f}  {100 * acc:6.2f}")
     print(f"mIoU {100 * results['mIoU']:.2f}  aAcc {100 * results['aAcc']:.2f}  mAcc {100 * results['mAcc']:.2f}")
+    if "single_scale" in results:
+        single = results["single_scale"]
+        print(f"the figures above with multi-scale + flip; single scale: mIoU {100 * single['mIoU']:.2f}  "
+              f"aAcc {100 * single['aAcc']:.2f}  mAcc {100 * single['mAcc']:.2f}")
 
     import matplotlib
 
@@ -115,7 +141,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
     parser.add_argument("model", help="zoo name, Hub repo id, save_pretrained folder or reference .pth")
     parser.add_argument("--data-root", help="a folder in one of the layouts (or --dataset-name)")
     parser.add_argument("--dataset", choices=("generic", *sorted(fcn_zoo.DATASETS)), help="the layout of --data-root (default: detected)")
-    parser.add_argument("--split", default="val", choices=("train", "val"))
+    parser.add_argument("--split", default="val", choices=("train", "val", "test"),
+                        help="test: the images alone (their labels are the benchmark server's), with --format-only")
     parser.add_argument("--val-fraction", type=float, default=None,
                         help="without images/val or a validation split: the held-out share (default: the one the model's "
                         "training run used)")
@@ -133,7 +160,19 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
                         "indices + classes.txt); on Cityscapes, score them with cityscapesScripts too where installed")
     parser.add_argument("--overwrite-predictions", action="store_true",
                         help="--save-predictions into a folder that holds files: replace those of the same names")
+    parser.add_argument("--format-only", action="store_true",
+                        help="score nothing: write the --save-predictions files and, for VOC, ADE20K and Cityscapes, "
+                        "the zip their servers take (DIR.zip), and say where to upload it")
     args = parser.parse_args(argv)
+    if args.split == "test" and not args.format_only:
+        raise SystemExit(f"{prog}: the test split has no labels to score; add --format-only --save-predictions DIR "
+                         "to write the predictions its benchmark's server scores")
+    if args.format_only and not args.save_predictions:
+        raise SystemExit(f"{prog}: --format-only writes predictions and scores nothing; name their folder with "
+                         "--save-predictions DIR")
+    if args.split == "test" and args.dataset_name:
+        raise SystemExit(f"{prog}: --split test reads a --data-root layout; a Hugging Face dataset's unlabelled rows "
+                         "are segmented with fcn-zoo predict or fcn_zoo.ray")
     from fcn_zoo.model import MAX_SIDE
 
     if args.eval_size and not all(1 <= side <= MAX_SIDE for side in args.eval_size):
@@ -151,15 +190,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
 
     def load():  # every process learns of an error in any, so none is left waiting for another
         if predictions and ctx.is_main:  # before anything loads: a folder that holds files is refused at once
-            prepare_folder(predictions, args.overwrite_predictions)
+            zipped = args.format_only and args.data_root and (args.dataset or detect_layout(args.data_root)) in SERVERS
+            prepare_folder(predictions, args.overwrite_predictions, archive=bool(zipped))
         dataset, layout = evaluation_data(args, _training_val_fraction(args.model))  # the share its training held out
         model = fcn_zoo.from_pretrained(args.model, device=str(ctx.device))
         if model.num_classes != dataset.num_classes:
             raise SystemExit(f"{args.model} predicts {model.num_classes} classes; "
                              f"{args.data_root or args.dataset_name} has {dataset.num_classes}")
-        if ctx.is_main:  # before the evaluation, not after it: rank 0 writes the report
+        if ctx.is_main and not args.format_only:  # before the evaluation, not after it: rank 0 writes the report
             writable(out, "the report's folder", "pass --output-dir a writable folder")
-        writer = PredictionWriter(predictions, dataset, layout, model.palette) if predictions else None
+        writer = PredictionWriter(predictions, dataset, layout, model.palette, args.split) if predictions else None
         if writer and ctx.is_main:
             writer.write_classes()
         return dataset, layout, model, writer
@@ -175,15 +215,20 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
     try:
         results = evaluate(model, dataset, tta=TTA() if args.tta else None, mode=args.mode, ctx=ctx, max_samples=args.max_samples,
                            progress=sys.stderr.isatty(),
-                           eval_size=tuple(args.eval_size) if args.eval_size else None, write=writer)
+                           eval_size=tuple(args.eval_size) if args.eval_size else None, write=writer,
+                           score=not args.format_only)
     except (DatasetLayoutError, FCNZooError) as e:  # a sample that does not read: no report was written
         raise SystemExit(f"{prog}: {e}") from None
-    if ctx.is_main:
+    if ctx.is_main and args.format_only:
+        count = len(dataset) if args.max_samples is None else min(args.max_samples, len(dataset))
+        print(f"wrote {count} predictions to {predictions}")
+        print(archive(writer, count, args.split))
+    elif ctx.is_main:
         extra = submission(writer, dataset, layout, args.max_samples) if writer else {}
         write_report(results, dataset.class_names, out, {
             "model": args.model, "dataset": layout, "data_root": args.data_root, "dataset_name": args.dataset_name,
             "revision": args.revision, "split": getattr(dataset, "description", args.split), "mode": args.mode,
-            "tta": args.tta, "eval_size": list(args.eval_size or model.eval_size), "samples_sha256": dataset.fingerprint(),
+            "tta": tta_record(args.tta), "eval_size": list(args.eval_size or model.eval_size), "samples_sha256": dataset.fingerprint(),
             **extra,
         })
         official = extra.get("official")
@@ -211,6 +256,16 @@ def submission(writer: PredictionWriter, dataset, layout: str, max_samples: int 
         if official is not None:
             extra["official"] = official
     return extra
+
+
+def tta_record(tta: bool) -> dict | bool:
+    """What eval.json says of ``--tta``: the scales and flip, and how their predictions are merged."""
+    if not tta:
+        return False
+    return {"scales": list(TTA().scales), "flip": TTA().flip,
+            "merge": "each scale's logits (and its flip's, flipped back) upsampled to the image's size, averaged, then "
+                     "argmax: the reference's auginference (mmsegmentation averages softmax probabilities instead)",
+            "single_scale": "in single_scale: the unflipped scale-1 logits of the same passes, as without --tta"}
 
 
 def default_output_dir(model: str, split: str) -> Path:

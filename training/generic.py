@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import (LAYOUTS, Classes, DatasetLayoutError, SegmentationDataset, TrainingData, class_pixels,
+from .data import (LAYOUTS, TEST_LAYOUTS, Classes, DatasetLayoutError, SegmentationDataset, TrainingData, class_pixels,
                    read_classes_file, unit_hash)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -30,16 +30,22 @@ def read_classes(root: str | Path) -> Classes:
     return read_classes_file(path)
 
 
-def pairs(root: str | Path, split: str | None) -> list[tuple[str, Path, Path]]:
+def pairs(root: str | Path, split: str | None) -> list[tuple[str, Path, Path | None]]:
     """``(id, image, mask)`` for every image under ``images/<split>`` (``images/`` when ``split`` is None).
 
-    An image without its mask, or a mask without its image, is an error naming it."""
+    An image without its mask, or a mask without its image, is an error naming it; the ``test`` split's images
+    have none (``mask`` is ``None``)."""
     root = Path(root)
     images_dir = root / "images" / split if split else root / "images"
     masks_dir = root / "masks" / split if split else root / "masks"
+    expected = TEST_LAYOUTS["generic"] if split == "test" else LAYOUT
     if not images_dir.is_dir():
-        raise DatasetLayoutError(f"{images_dir}: missing; expected {LAYOUT}")
+        raise DatasetLayoutError(f"{images_dir}: missing; expected {expected}")
     images = {_id(p, images_dir): p for p in _files(images_dir, IMAGE_SUFFIXES)}
+    if split == "test":
+        if not images:
+            raise DatasetLayoutError(f"{images_dir}: no images (.jpg, .png, ...) in the test split; expected {expected}")
+        return [(i, images[i], None) for i in sorted(images)]
     masks = {_id(p, masks_dir): p for p in _files(masks_dir, {".png"})} if masks_dir.is_dir() else {}
     lone_images = sorted(set(images) - set(masks))
     if lone_images:

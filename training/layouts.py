@@ -7,6 +7,10 @@
   ignored, label i becomes class i - 1 (reduce zero label);
 - Cityscapes: ``leftImg8bit/{train,val}/<city>/*_leftImg8bit.png`` and
   ``gtFine/{train,val}/<city>/*_gtFine_labelIds.png``; label ids map to the 19 train ids, the rest is ignored.
+
+Each one's test split, images only (its labels are held by the benchmark's server): VOC
+``ImageSets/Segmentation/test.txt`` + ``JPEGImages``, ADE20K ``release_test/testing/*.jpg``, Cityscapes
+``leftImg8bit/test/<city>/*_leftImg8bit.png``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import IGNORE_INDEX, LAYOUTS, DatasetLayoutError, SegmentationDataset
+from .data import IGNORE_INDEX, LAYOUTS, TEST_LAYOUTS, DatasetLayoutError, SegmentationDataset
 
 # Cityscapes label id -> train id (the 19 evaluated classes); every other id is ignored
 CITYSCAPES_TRAIN_IDS = {
@@ -25,17 +29,19 @@ CITYSCAPES_TRAIN_IDS = {
 
 
 def zoo_dataset(dataset: str, root: str | Path, split: str, transforms=None, seed: int = 0) -> SegmentationDataset:
-    """``dataset`` in voc / ade20k / cityscapes; ``split`` train or val (VOC's train is trainaug)."""
+    """``dataset`` in voc / ade20k / cityscapes; ``split`` train, val (VOC's train is trainaug) or test (images
+    without labels: each sample's label path is ``None``)."""
     builders = {"voc": _voc, "ade20k": _ade20k, "cityscapes": _cityscapes}
     if dataset not in builders:
         raise ValueError(f"unknown dataset {dataset!r}; use one of {', '.join(builders)}")
     samples, lookup = builders[dataset](Path(root), split)
+    expected = TEST_LAYOUTS[dataset] if split == "test" else LAYOUTS[dataset]
     if not samples:
-        raise DatasetLayoutError(f"{root}: no {dataset} {split} samples found; expected {LAYOUTS[dataset]}")
-    missing = [p for pair in samples for p in pair if not p.is_file()]
+        raise DatasetLayoutError(f"{root}: no {dataset} {split} samples found; expected {expected}")
+    missing = [p for pair in samples for p in pair if p is not None and not p.is_file()]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise DatasetLayoutError(f"{missing[0]}: missing{more}; expected {LAYOUTS[dataset]}")
+        raise DatasetLayoutError(f"{missing[0]}: missing{more}; expected {expected}")
     return SegmentationDataset(dataset, samples, lookup, transforms, seed)
 
 
@@ -48,6 +54,8 @@ def _voc(root: Path, split: str):
         ids = _read_ids(ids_file, "voc")
         return [(base / "JPEGImages" / f"{i}.jpg", base / label_dir / f"{i}.png") for i in ids]
 
+    if split == "test":
+        return [(base / "JPEGImages" / f"{i}.jpg", None) for i in _read_ids(sets / "test.txt", "voc", TEST_LAYOUTS)], lookup
     if split == "val":
         return pairs(sets / "val.txt", "SegmentationClass"), lookup
     # told apart by the label folders: mmsegmentation's converter also writes a trainaug.txt, but its SBD
@@ -61,10 +69,12 @@ def _voc(root: Path, split: str):
 
 def _ade20k(root: Path, split: str):
     base = root / "ADEChallengeData2016"
-    folder = {"train": "training", "val": "validation"}[split]
-    images = sorted((base / "images" / folder).glob("*.jpg"))
     lookup = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     lookup[1:151] = np.arange(150)  # reduce zero label
+    if split == "test":  # the challenge's release_test.zip, unpacked beside ADEChallengeData2016
+        return [(p, None) for p in sorted((root / "release_test" / "testing").glob("*.jpg"))], lookup
+    folder = {"train": "training", "val": "validation"}[split]
+    images = sorted((base / "images" / folder).glob("*.jpg"))
     return [(p, base / "annotations" / folder / f"{p.stem}.png") for p in images], lookup
 
 
@@ -73,6 +83,8 @@ def _cityscapes(root: Path, split: str):
     lookup = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():
         lookup[label_id] = train_id
+    if split == "test":  # its gtFine/test files hold no labels
+        return [(p, None) for p in images], lookup
     samples = [
         (p, root / "gtFine" / split / p.parent.name / p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png"))
         for p in images
@@ -80,7 +92,7 @@ def _cityscapes(root: Path, split: str):
     return samples, lookup
 
 
-def _read_ids(path: Path, dataset: str) -> list[str]:
+def _read_ids(path: Path, dataset: str, layouts: dict = LAYOUTS) -> list[str]:
     if not path.is_file():
-        raise DatasetLayoutError(f"{path}: missing; expected {LAYOUTS[dataset]}")
+        raise DatasetLayoutError(f"{path}: missing; expected {layouts[dataset]}")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]

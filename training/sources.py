@@ -11,8 +11,9 @@ import fcn_zoo
 
 from .data import LAYOUTS, DatasetLayoutError, SegmentationDataset, TrainingData
 
-# the folder under --data-root that tells each layout
-MARKERS = {"generic": "classes.txt", "voc": "VOCdevkit", "ade20k": "ADEChallengeData2016", "cityscapes": "leftImg8bit"}
+# the folders under --data-root that tell each layout (release_test: ADE20K's test images, unpacked alone)
+MARKERS = (("generic", "classes.txt"), ("voc", "VOCdevkit"), ("ade20k", "ADEChallengeData2016"), ("ade20k", "release_test"),
+           ("cityscapes", "leftImg8bit"))
 # the --dataset-name options, in the order --help lists them: what fine-tuning and evaluation share
 HUB_OPTIONS = ("dataset_config", "revision", "image_column", "label_column", "id2label", "classes", "reduce_labels",
                "train_split", "val_split", "max_train_samples")
@@ -40,7 +41,7 @@ def add_hub_arguments(parser: argparse.ArgumentParser, evaluation: bool = False)
 def detect_layout(root: str | Path) -> str:
     """Which layout ``root`` holds: generic, voc, ade20k or cityscapes."""
     root = Path(root)
-    for layout, marker in MARKERS.items():
+    for layout, marker in MARKERS:
         if (root / marker).exists():
             return layout
     if not root.is_dir():
@@ -52,14 +53,16 @@ def detect_layout(root: str | Path) -> str:
 def build_dataset(dataset: str, root: str | Path, split: str, transforms=None, seed: int = 0,
                   *, val_fraction: float | None = None) -> SegmentationDataset:
     """One split of a ``--data-root`` layout: ``dataset`` in generic / voc / ade20k / cityscapes; ``split``
-    train or val (VOC's train is trainaug). ``val_fraction``: the generic layout without ``images/val``
-    holds out this share of the images."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    train, val (VOC's train is trainaug) or test (images alone). ``val_fraction``: the generic layout without
+    ``images/val`` holds out this share of the images."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     if dataset == "generic":
         from .generic import generic_dataset, pairs, read_classes, splits
 
-        if split == "val" and val_fraction is None and (Path(root) / "images" / "val").is_dir():
+        if split == "test":
+            samples = pairs(root, "test")
+        elif split == "val" and val_fraction is None and (Path(root) / "images" / "val").is_dir():
             samples = pairs(root, "val")  # a folder of its val split alone evaluates too
         else:
             samples = splits(root, val_fraction)[split == "val"]

@@ -6,10 +6,15 @@ official tools take it, at the image's own size, and for Cityscapes the official
   core of the name;
 - ade20k: ``DIR/<image id>.png``, uint8 classes 1..150 (the model's 0..149 plus one; 0 is "other", which the
   scene-parsing devkit drops from the ground truth);
-- voc: ``DIR/<image id>.png``, palette PNGs (the VOC colour map) holding class indices 0..20;
+- voc: ``DIR/<image id>.png``, palette PNGs (the VOC colour map) holding class indices 0..20; for the test
+  split in the devkit's results layout, ``DIR/results/VOC2012/Segmentation/comp6_test_cls/<image id>.png``
+  (comp6: trained on data beyond VOC's own, as the zoo's rows are, on SBD's trainaug);
 - generic (your folder) and hub (a Hugging Face dataset): ``DIR/<image id>.png``, palette PNGs holding class
   indices (an image's path under ``images/<split>`` is kept; a dataset row is named by its row number), and
   ``DIR/classes.txt`` (``name R G B`` per class, the format of the generic layout).
+
+With ``--format-only`` (the test split's submission), :func:`archive` zips the files of VOC, ADE20K and
+Cityscapes as their servers take them into ``DIR.zip`` beside the folder, and says where to upload it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +35,8 @@ from fcn_zoo.images import save_image
 from fcn_zoo.metrics import IGNORE_INDEX
 from fcn_zoo.zoo import DATASETS
 
+# VOC's test predictions, in the devkit's results layout
+VOC_TEST_RESULTS = "results/VOC2012/Segmentation/comp6_test_cls/"
 # what each layout's files hold, for eval.json
 FORMATS = {
     "cityscapes": "cityscapesScripts: <city>_<seq>_<frame>_leftImg8bit.png, label ids (train ids mapped back)",
@@ -38,28 +47,66 @@ FORMATS = {
 }
 
 
-def prepare_folder(folder: Path, overwrite: bool) -> None:
+# where each benchmark's server takes the zip of its test split's predictions
+SERVERS = {
+    "cityscapes": "https://www.cityscapes-dataset.com/submit/ (pixel-level semantic labeling; log in first)",
+    "voc": "http://host.robots.ox.ac.uk:8080/ (PASCAL VOC evaluation server: VOC2012, Segmentation, comp6)",
+    "ade20k": "the scene-parsing benchmark, as http://sceneparsing.csail.mit.edu says (ADE20K's test labels are not public)",
+}
+
+
+def prepare_folder(folder: Path, overwrite: bool, archive: bool = False) -> None:
     """Create ``folder`` for predictions; one that holds files already is refused unless ``overwrite``
-    (then files of the same names are replaced and any others are left as they are)."""
+    (then files of the same names are replaced and any others are left as they are). ``archive``: the
+    ``folder.zip`` that :func:`archive` writes is refused the same way where it exists."""
     if folder.exists() and not folder.is_dir():
         raise FCNZooError(f"{folder}: is a file; pass --save-predictions a folder")
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
         raise FCNZooError(f"{folder}: not empty; name a new or empty folder for --save-predictions, "
                           "or add --overwrite-predictions to write over its files")
+    if archive and archive_path(folder).exists() and not overwrite:
+        raise FCNZooError(f"{archive_path(folder)}: exists; name another --save-predictions folder, or add "
+                          "--overwrite-predictions to replace it")
     writable(folder, "the predictions' folder", "pass --save-predictions a writable folder")
+
+
+def archive_path(folder: Path) -> Path:
+    """Where :func:`archive` writes the zip of ``folder``: beside it, ``DIR.zip``."""
+    folder = Path(folder).absolute()
+    return folder.with_name(folder.name + ".zip")
+
+
+def archive(writer: "PredictionWriter", count: int, split: str) -> str:
+    """The files ``writer`` wrote for samples ``0..count-1``, zipped as their benchmark's server takes them (paths
+    relative to the folder); the line that says where to upload it. Written beside its final name and renamed:
+    an interrupted run leaves no half zip. The generic and hub layouts have no server: their folder is all."""
+    if writer.layout not in SERVERS:
+        return f"no benchmark server scores a {writer.layout} dataset: {writer.folder} holds the predictions and classes.txt"
+    path = archive_path(writer.folder)
+    partial = path.with_name(f".{path.name}.partial")
+    with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED) as zf:  # PNGs are compressed already
+        for i in range(count):
+            name = writer.name(i)
+            zf.write(writer.folder / name, name)
+    os.replace(partial, path)
+    where = (f"upload it at {SERVERS[writer.layout]}" if split == "test"
+             else f"a server scores the test split only (this is {split}: evaluate it here)")
+    return f"wrote {path} ({count} files); {where}"
 
 
 class PredictionWriter:
     """Writes sample ``index``'s predicted labels (a ``(H, W)`` array of class indices at the image's size)
     under ``folder`` in the format of ``layout`` (voc, ade20k, cityscapes, generic or hub); call it with
-    ``(index, labels)``. ``palette``: the colours of the palette PNGs (VOC's colour map for voc)."""
+    ``(index, labels)``. ``palette``: the colours of the palette PNGs (VOC's colour map for voc); ``split``:
+    the dataset's split (VOC's test predictions go in the devkit's results layout)."""
 
-    def __init__(self, folder: Path, dataset, layout: str, palette):
+    def __init__(self, folder: Path, dataset, layout: str, palette, split: str = "val"):
         if layout not in FORMATS:
             raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(FORMATS)}")
         if dataset.num_classes > 256:
             raise FCNZooError(f"{dataset.num_classes} classes do not fit a PNG of class indices (256 at most)")
         self.folder, self.dataset, self.layout = Path(folder), dataset, layout
+        self.prefix = VOC_TEST_RESULTS if layout == "voc" and split == "test" else ""
         self.palette = DATASETS["voc"].palette if layout == "voc" else palette
         if layout == "cityscapes":  # train id -> label id: the inverse of the dataset's own label id -> train id
             self.label_ids = np.zeros(256, dtype=np.uint8)
@@ -73,7 +120,8 @@ class PredictionWriter:
             return f"{self.dataset.rows[index]:06d}.png"
         if self.layout == "generic":
             return f"{self.dataset.ids[index]}.png"
-        return f"{Path(self.dataset.samples[index][0]).stem}.png"  # the image's name: <id>.jpg, <...>_leftImg8bit.png
+        # the image's name: <id>.jpg, <...>_leftImg8bit.png
+        return f"{self.prefix}{Path(self.dataset.samples[index][0]).stem}.png"
 
     def write_classes(self) -> None:
         """``classes.txt`` for generic and hub (the other layouts' classes are the benchmark's own)."""
@@ -130,4 +178,4 @@ def cityscapes_official(predictions: list[Path], ground_truth: list[Path], label
     }
 
 
-__all__ = ["FORMATS", "PredictionWriter", "cityscapes_official", "prepare_folder"]
+__all__ = ["FORMATS", "SERVERS", "PredictionWriter", "archive", "archive_path", "cityscapes_official", "prepare_folder"]
