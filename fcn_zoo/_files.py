@@ -54,6 +54,19 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "fcn_zoo"
 
 
+@contextlib.contextmanager
+def cache_lock(name: str, cache_dir: str | os.PathLike | None = None) -> Iterator[None]:
+    """Held by one process at a time, across processes (a file lock in ``<cache>/.locks``): the one that fetches
+    or converts ``name`` into the cache while the others wait, then find it there (torchrun's processes on a
+    cold cache download a file once, not once each)."""
+    from filelock import FileLock
+
+    folder = cache_root(cache_dir) / ".locks"
+    writable(folder)
+    with FileLock(str(folder / f"{name.replace('/', '--')}.lock")):
+        yield
+
+
 def writable(folder: Path, what: str = "the fcn_zoo cache",
              fix: str = "set FCN_ZOO_CACHE or pass cache_dir= a writable folder") -> None:
     """Create ``folder`` and check that files can be made in it, or say which setting to change."""

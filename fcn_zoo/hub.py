@@ -23,7 +23,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from ._files import INT8_FILES, cache_root, sha256_file, writable
+from ._files import INT8_FILES, cache_lock, cache_root, sha256_file, writable
 from .devices import check_device_available
 from .downloads import download_reference
 from .errors import (
@@ -196,9 +196,11 @@ def _resolve_zoo(checkpoint: Checkpoint, revision: str | None, cache_dir, offlin
     from .convert import convert_checkpoint
 
     writable(converted.parent)
-    with tempfile.TemporaryDirectory(dir=converted.parent, prefix=f".{checkpoint.name}-") as tmp:
-        pth, url, _ = download_reference(checkpoint, Path(tmp), cache_dir)
-        convert_checkpoint(pth, converted, "reference", checkpoint=checkpoint, provenance={"source_url": url})
+    with cache_lock(f"reference-{checkpoint.name}", cache_dir):  # other processes wait here, then find it
+        if _missing_files(converted):
+            with tempfile.TemporaryDirectory(dir=converted.parent, prefix=f".{checkpoint.name}-") as tmp:
+                pth, url, _ = download_reference(checkpoint, Path(tmp), cache_dir)
+                convert_checkpoint(pth, converted, "reference", checkpoint=checkpoint, provenance={"source_url": url})
     return converted
 
 
@@ -268,9 +270,10 @@ def _convert_local_pth(path: Path, cache_dir) -> Path:
     folder = cache_root(cache_dir) / "local" / f"{path.stem}-{sha256[:16]}"
     if _missing_files(folder):
         writable(folder.parent)
-        convert_checkpoint(
-            path, folder, "reference", checkpoint=checkpoint_for_file(path), provenance={"source_file": str(path.resolve())}
-        )
+        with cache_lock(f"local-{folder.name}", cache_dir):  # other processes wait here, then find it
+            if _missing_files(folder):
+                convert_checkpoint(path, folder, "reference", checkpoint=checkpoint_for_file(path),
+                                   provenance={"source_file": str(path.resolve())})
     return folder
 
 

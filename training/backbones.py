@@ -37,9 +37,7 @@ def initialise_backbone(model: fcn_zoo.FCN, backbone: str, output_stride: int, w
 
 def openmmlab_file(backbone: str) -> Path:
     """The cached openmmlab V1c file of ``backbone``, downloaded and checked if it is not cached yet."""
-    from fcn_zoo._files import atomic_path, cache_root, sha256_file
-    from fcn_zoo.downloads import download
-    from fcn_zoo.errors import first_line, is_connection_error
+    from fcn_zoo._files import cache_lock, cache_root
 
     if backbone not in OPENMMLAB_FILES:
         raise SystemExit(
@@ -47,8 +45,16 @@ def openmmlab_file(backbone: str) -> Path:
             f"not {backbone}; use --backbone-weights timm, none or a file"
         )
     name = OPENMMLAB_FILES[backbone]
+    with cache_lock(f"backbone-{name}"):  # torchrun's processes: one downloads, the others wait and find it
+        return _openmmlab_file(name, cache_root() / "backbones" / name)
+
+
+def _openmmlab_file(name: str, path: Path) -> Path:
+    from fcn_zoo._files import atomic_path, sha256_file
+    from fcn_zoo.downloads import download
+    from fcn_zoo.errors import first_line, is_connection_error
+
     prefix = name.rsplit("-", 1)[1].split(".")[0]
-    path = cache_root() / "backbones" / name
     if path.is_file():
         sha256 = sha256_file(path)  # a cached file is checked at each use too: it may have been replaced by hand
         if sha256.startswith(prefix):
