@@ -264,7 +264,7 @@ def cmd_predict(args) -> int:
                "precision": args.precision}
     model = from_pretrained(args.name, device=device, cache_dir=args.cache_dir)
     made = made_by(args.name, state_dict_sha256(model), model.hub_config(), outputs, options)
-    fuse(model)  # this command owns the model for the whole run: its fast path, in place
+    fuse(model)  # this command owns the model for the whole run: its fast path, in place (channels_last on a GPU)
     out.mkdir(parents=True, exist_ok=True)
     totals = segment_sources(
         model, found.sources, outputs, resume=args.resume, not_inputs=len(found.skipped), quiet=args.quiet,

@@ -65,9 +65,7 @@ class Predictor:
         # a fused copy is made only where it is asked for and can serve (compiled code is kept per model, and
         # onnxruntime fuses its own graph); a copy on the device where the model is elsewhere
         if fuse and engine == "torch" and not compile and not getattr(model, "_fused", False):
-            model = model.fuse(inplace=False, device=device)
-            if device.type == "cuda":  # the copy is ours: the layout tensor cores run fastest
-                model.to(memory_format=torch.channels_last)
+            model = model.fuse(inplace=False, device=device)  # channels_last on a GPU
         elif device.type != own_device.type or device.index not in (None, own_device.index):  # "cuda": the model's GPU
             if compile or engine == "onnxruntime":  # compiled code and sessions are kept per model: not per copy
                 raise ValueError(f"{'compile=True' if compile else 'engine=onnxruntime'} runs the model where it is "

@@ -241,9 +241,14 @@ class FCN(
         return super().save_pretrained(save_directory, config=config or self.hub_config(), model_card_kwargs=card, **kwargs)
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        super()._save_pretrained(save_directory)
+        from safetensors.torch import save_file
+
+        path = Path(save_directory) / constants.SAFETENSORS_SINGLE_FILE
+        # contiguous copies of the tensors that are not (a channels_last model, as GPUs train and run it): some
+        # safetensors versions refuse strided tensors; the model itself keeps its memory format
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata={"format": "pt"})
         # safetensors creates the file readable by its owner only; give it the mode of the config and card
-        os.chmod(Path(save_directory) / constants.SAFETENSORS_SINGLE_FILE, 0o666 & ~_umask())
+        os.chmod(path, 0o666 & ~_umask())
 
     def push_to_hub(
         self, repo_id: str, *, mean_iou: float | None = None, eval_dataset: str | None = None, eval_split: str = "val",

@@ -354,6 +354,35 @@ def test_fuse_in_place_or_as_a_copy():
         model.fuse(device="cpu")
 
 
+def test_a_gpu_model_is_channels_last_once_fused_and_a_cpu_model_is_not(monkeypatch):
+    """fcn-zoo predict and the engine's copies run fused models: on a GPU in the layout tensor cores run fastest."""
+    import fcn_zoo._inference as inference
+
+    model = tiny_fcn(3)
+    convs = lambda m: [c.weight for c in m.modules() if isinstance(c, torch.nn.Conv2d)]  # noqa: E731
+    assert all(w.is_contiguous() for w in convs(model.fuse(inplace=False)))  # the CPU's fused model: as it was
+    monkeypatch.setattr(inference, "device_of", lambda m: torch.device("cuda"))  # the model as one on a GPU
+    fused = model.fuse(inplace=False)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs(fused) if w.shape[-1] > 1)
+    assert all(w.is_contiguous() for w in convs(model))  # the model itself is left as it was
+
+
+def test_a_channels_last_model_saves_and_loads_and_keeps_its_layout(tmp_path, monkeypatch):
+    """A GPU training run holds its model channels_last when best/ is written."""
+    import safetensors.torch
+
+    strict = safetensors.torch.save_model  # as safetensors releases that refuse strided tensors save a model
+    monkeypatch.setattr(safetensors.torch, "save_model", lambda model, filename, metadata=None, force_contiguous=False:
+                        strict(model, filename, metadata, force_contiguous=False))
+    model = tiny_fcn(3).to(memory_format=torch.channels_last)
+    model.save_pretrained(tmp_path / "m")
+    loaded = fcn_zoo.from_pretrained(tmp_path / "m")
+    assert model.state_dict().keys() == loaded.state_dict().keys()
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    weight = model.backbone.conv1[0].weight if isinstance(model.backbone.conv1, torch.nn.Sequential) else model.backbone.conv1.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+
+
 def test_training_hooks_deepcopy_and_pickling_see_the_plain_module(tmp_path):
     import pickle
 
