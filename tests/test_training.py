@@ -388,6 +388,28 @@ def test_precision_and_determinism_follow_what_the_device_can_do(monkeypatch):
     assert found == ["upsample_bilinear2d_backward_out_cuda", "nll_loss2d_forward_out_cuda_template"]
 
 
+def test_cudnns_autotuner_is_off_while_training_evaluates_and_on_again_after(tmp_path, monkeypatch):
+    """On a GPU training autotunes its one crop size; evaluation's images come in many sizes."""
+    make_voc(tmp_path / "data", n_train=2, n_val=1)
+    seen = []
+
+    def as_on_a_gpu(deterministic, device):
+        torch.backends.cudnn.benchmark = True
+
+    def evaluate_and_look(*args, **kwargs):
+        seen.append(torch.backends.cudnn.benchmark)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "configure_determinism", as_on_a_gpu)
+    monkeypatch.setattr(train_module, "evaluate", evaluate_and_look)
+    try:
+        run_train("--recipe", "fcn_resnet50os8_voc", "--data-root", str(tmp_path / "data"), "--output-dir",
+                  str(tmp_path / "run"), "--max-iters", "2", "--eval-interval", "1", "--batch-size", "2", *QUICK)
+        assert seen == [False, False] and torch.backends.cudnn.benchmark  # off for each evaluation, on for the steps
+    finally:
+        torch.backends.cudnn.benchmark = False
+
+
 def test_a_deterministic_cpu_run_runs_and_records_its_choices(tmp_path):
     make_voc(tmp_path / "data")
     out = tmp_path / "run"

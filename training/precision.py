@@ -56,6 +56,19 @@ def configure_determinism(deterministic: bool, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = device.type == "cuda"
 
 
+@contextlib.contextmanager
+def without_autotuning():
+    """cuDNN's autotuner off within the block, as it was after: evaluation's images come in hundreds of sizes (VOC,
+    ADE20K), and each new size would be benchmarked again (time, and workspace spikes); training's fixed crop
+    keeps it."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 _NONDETERMINISTIC = re.compile(r"^(\S+) does not have a deterministic implementation")
 
 

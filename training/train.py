@@ -43,7 +43,7 @@ from .data import IGNORE_INDEX, DatasetLayoutError, RunSampler, TimedSamples
 from .distributed import DistributedContext, init_distributed, shared_step
 from .evaluate import evaluate
 from .plan import FINETUNE_BATCH, FINETUNE_CROP, FINETUNE_EPOCHS, FINETUNE_LR, FINETUNE_MIN_ITERS, make_plan
-from .precision import configure_determinism, nondeterministic_ops, training_precision
+from .precision import configure_determinism, nondeterministic_ops, training_precision, without_autotuning
 from .results import export_folder, final_line, plot_curves, push_best
 from .sources import add_hub_arguments
 
@@ -278,9 +278,9 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
             if ctx.distributed:  # BatchNorm statistics are per process without SyncBatchNorm: use rank 0's
                 for buffer in model.buffers():
                     dist.broadcast(buffer, 0)
-            results = evaluate(
-                model, val_set, ctx=ctx, max_samples=args.eval_max_samples, progress=not args.no_progress, eval_size=plan.scale
-            )
+            with without_autotuning():  # one autotuned crop size in training; many image sizes here
+                results = evaluate(model, val_set, ctx=ctx, max_samples=args.eval_max_samples, progress=not args.no_progress,
+                                   eval_size=plan.scale)
             _train_mode(net, model, plan.freeze_backbone)
             state["history"]["miou"].append([it, results["mIoU"]])
             if log_file:
