@@ -30,7 +30,7 @@ from .labels import upsample_argmax, upsample_softmax
 from .protocol import TTA, autocast, autocast_dtype, compiled_features, network_logits, prepare
 from .segmentation import Segmentation
 
-__all__ = ["Predictor"]
+__all__ = ["Predictor", "overlaps"]
 
 
 class Predictor:
@@ -97,7 +97,8 @@ class Predictor:
         array (default :func:`~fcn_zoo.images.read_image`), ``name(item)`` what messages call it.
         ``num_workers``: reader threads (default: 2 on GPUs; on the CPU the cores torch's threads leave idle, up
         to 2); ``prefetch``: items read ahead (default ``2 x max(num_workers, batch_size)``, or the batch size
-        without workers); ``overlap``: labels on a thread of their own beside the next forward (default on GPUs)."""
+        without workers); ``overlap``: labels on a thread of their own beside the next forward (default:
+        :func:`overlaps`), on CUDA on a stream of their own."""
         if errors not in ("raise", "yield"):
             raise ValueError(f"errors must be 'raise' or 'yield', got {errors!r}")
         if num_workers is None:
@@ -108,12 +109,15 @@ class Predictor:
         prefetch = prefetch or (2 * max(num_workers, self.batch_size) if num_workers else self.batch_size)
         if prefetch < self.batch_size:
             raise ValueError(f"prefetch ({prefetch}) must be at least the batch size ({self.batch_size})")
-        overlap = self.device.type != "cpu" if overlap is None else overlap
+        overlap = overlaps(self.device) if overlap is None else overlap
         read = read or (lambda item: read_image(item, name(item)))
         return self._stream(iter(items), read, name, num_workers, prefetch, errors, overlap)  # a generator: reads nothing yet
 
     def _stream(self, items: Iterator, read, name, num_workers: int, prefetch: int, errors: str, overlap: bool):
         pin = self.device.type == "cuda"  # page-locked: the copy to the GPU overlaps the work before it
+        # the labels' own CUDA stream: their kernels and host syncs wait for their batch's forward pass only,
+        # not for the next one that the network queues meanwhile on its stream
+        side = torch.cuda.Stream(self.device) if overlap and self.device.type == "cuda" else None
 
         def load(item):
             rgb = read(item)
@@ -144,7 +148,11 @@ class Predictor:
             except Exception as e:
                 logits = e
             if not isinstance(logits, Exception):
-                in_flight.append(([item for item, _ in batch], post(self._labels, rgbs, names, logits)))
+                ready = None
+                if side is not None:  # the logits are done when the work queued so far on this stream is
+                    ready = torch.cuda.Event()
+                    ready.record()
+                in_flight.append(([item for item, _ in batch], post(self._labels, rgbs, names, logits, side, ready)))
                 yield from settle(1 if overlap else 0)  # one batch's labels beside the next forward
             elif len(batch) > 1:  # out of memory, or one image the network cannot take: only those fail that fail alone
                 for one in batch:
@@ -191,8 +199,15 @@ class Predictor:
                     seg._confidence = upsample_softmax(lg, seg.size).cpu().numpy()
         return segs
 
-    def _labels(self, images: list, names: list[str], logits: list) -> list:
-        """:meth:`finish`; where it fails for a batch, each image alone, an exception in place of one that fails."""
+    def _labels(self, images: list, names: list[str], logits: list, stream=None, ready=None) -> list:
+        """:meth:`finish`; where it fails for a batch, each image alone, an exception in place of one that fails.
+        ``stream``: the CUDA stream to run on, once the forward pass's event ``ready`` has happened."""
+        if stream is not None:
+            stream.wait_event(ready)
+            for tensor in (t for per_image in logits for t in per_image):
+                tensor.record_stream(stream)  # their memory is not reused until this stream is done with them
+            with torch.cuda.stream(stream):
+                return self._labels(images, names, logits)
         try:
             return self.finish(images, names, logits)
         except Exception as e:
@@ -213,6 +228,13 @@ class Predictor:
                 f"{', '.join(names)}: not enough {self.device.type.upper()} memory to segment it at its evaluation "
                 f"size; {hint}{', a batch_size of 1' if self.batch_size > 1 else ''} or a larger device"
             ) from e
+
+
+def overlaps(device: torch.device) -> bool:
+    """Whether labels are made beside the next forward pass by default: on CUDA GPUs, where the network's time
+    is the device's and the host would idle. Not on the CPU (both would share its cores), nor on MPS (two
+    threads would issue kernels at once)."""
+    return device.type == "cuda"
 
 
 def _submitter(stack: contextlib.ExitStack, workers: int, name: str) -> Callable[..., Future]:

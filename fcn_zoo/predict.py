@@ -108,9 +108,10 @@ def predict_iter(
             (new weights, modes, layers) is not seen by this stream; ``False`` runs the model itself, in
             eval mode for each batch. A model you ``fuse()``d yourself, ``compile=True`` and
             ``engine="onnxruntime"`` make no copy.
-        overlap: turn a batch's logits into labels on a thread of their own while the network runs the next
-            batch (default: on GPUs, where the network's time is the device's and the host would otherwise
-            idle; on the CPU both would share the same cores).
+        overlap: turn a batch's logits into labels on a thread (and on CUDA a stream) of their own while the
+            network runs the next batch (default: on CUDA GPUs, where the network's time is the device's and the
+            host would otherwise idle; on the CPU both would share the same cores, and on Apple's MPS two
+            threads would issue kernels at once).
         confidence: compute each result's :attr:`~fcn_zoo.segmentation.Segmentation.confidence` with its
             labels, on the model's device (a GPU's time, not the host's), instead of when first asked for.
         **options: as :func:`fcn_zoo.predict.predict` (``tta``, ``mode``, ``batch_size``, ``device``,

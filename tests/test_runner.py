@@ -133,6 +133,14 @@ def test_cli_predicts_a_tree_with_a_summary_and_one_line_per_failure(capsys, sma
     assert np.allclose(shares, expected, atol=1e-6)
 
 
+def test_labels_are_made_beside_the_next_forward_by_default_on_cuda_only():
+    """On the CPU they would share its cores; on MPS two threads would issue kernels at once."""
+    from fcn_zoo.engine import overlaps
+
+    assert overlaps(torch.device("cuda")) and overlaps(torch.device("cuda:1"))
+    assert not overlaps(torch.device("cpu")) and not overlaps(torch.device("mps"))
+
+
 @pytest.mark.parametrize("overlap", [False, True], ids=["labels-in-turn", "labels-beside-the-next-forward"])
 def test_predict_iter_is_ordered_lazy_and_reports_failures_in_place(small_model, tmp_path, overlap):
     bad = tmp_path / "bad.jpg"
