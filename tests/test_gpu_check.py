@@ -16,9 +16,11 @@ def test_gpu_check_runs_every_check_on_the_cpu(tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     text = report.read_text()
-    for check in ("predict on the device vs the CPU", "sliding windows and TTA", "fcn-zoo predict DIR",
-                  "train resnet10t OS8 default precision", "train resnet10t OS8 fp32", "train --deterministic",
+    for check in ("predict on the device vs the CPU", "sliding windows and TTA", "labels beside the next forward",
+                  "memory layouts", "fcn-zoo predict DIR", "evaluate on the device vs the CPU",
+                  "train resnet10t OS8 default precision", "train --deterministic",
                   "a killed run resumed ends as an uninterrupted one"):
         assert f"| {check} | ok |" in text, check
-    assert "| compile=True | skipped |" in text
+    assert "| compile=True | skipped |" in text and "| int8 model on a GPU machine | skipped |" in text
+    assert "fused model NCHW; a channels_last model saved and loaded, equal weights" in text  # the CPU's layout
     assert "equal weights after 6 iterations" in text and "label agreement with the CPU's fp32: {'fp32': 1.0" in text
