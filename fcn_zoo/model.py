@@ -136,6 +136,9 @@ class FCN(
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
         if dataset is not None and dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)} (or None)")
+        if not isinstance(num_convs, int) or num_convs < 0 or (concat_input and num_convs == 0):
+            raise ValueError(f"num_convs must be an integer >= 0 (>= 1 with concat_input=True, which joins the head's "
+                             f"input to its convolutions' output), got {num_convs!r}")
         if not timm.is_model(backbone):
             raise ValueError(f"unknown timm backbone {backbone!r}; use a timm ResNet such as 'resnet50c'")
         self.num_classes = num_classes

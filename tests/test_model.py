@@ -41,6 +41,8 @@ def test_bad_arguments_name_themselves():
         fcn_zoo.FCN(backbone="resnet_does_not_exist")
     with pytest.raises(ValueError, match="dataset"):
         fcn_zoo.FCN(dataset="coco")
+    with pytest.raises(ValueError, match="num_convs"):
+        fcn_zoo.FCN(num_convs=0, concat_input=True)
 
 
 def test_fuse_folds_every_batchnorm_and_keeps_the_outputs(tmp_path):
