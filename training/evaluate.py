@@ -74,7 +74,7 @@ def evaluate(model, dataset, *, tta: TTA | None = None, mode: str = "whole", ctx
     # the plain prediction's logits among TTA's: scales in order, each followed by its flip
     plain = tta.scales.index(1.0) * (2 if tta.flip else 1) if tta and 1.0 in tta.scales else None
     single = ConfusionMatrix(model.num_classes, device) if plain is not None else None
-    count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    count = sample_count(dataset, max_samples)
     indices = range(ctx.rank, count, ctx.world_size)
 
     def run() -> None:
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
     except (DatasetLayoutError, FCNZooError) as e:  # a sample that does not read: no report was written
         raise SystemExit(f"{prog}: {e}") from None
     if ctx.is_main and args.format_only:
-        count = len(dataset) if args.max_samples is None else min(args.max_samples, len(dataset))
+        count = sample_count(dataset, args.max_samples)
         print(f"wrote {count} predictions to {predictions}")
         print(archive(writer, count, args.split))
     elif ctx.is_main:
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
 
 def submission(writer: PredictionWriter, dataset, layout: str, max_samples: int | None) -> dict:
     """What eval.json says of the saved predictions; on Cityscapes, cityscapesScripts' figure on them."""
-    count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    count = sample_count(dataset, max_samples)
     extra = {"predictions": {"folder": str(writer.folder), "format": FORMATS[layout], "files": count}}
     if layout == "cityscapes":
         official = cityscapes_official([writer.folder / writer.name(i) for i in range(count)],
@@ -256,6 +256,11 @@ def submission(writer: PredictionWriter, dataset, layout: str, max_samples: int 
         if official is not None:
             extra["official"] = official
     return extra
+
+
+def sample_count(dataset, max_samples: int | None) -> int:
+    """How many samples an evaluation with ``--max-samples`` runs: the first ones."""
+    return len(dataset) if max_samples is None else min(max_samples, len(dataset))
 
 
 def tta_record(tta: bool) -> dict | bool:
