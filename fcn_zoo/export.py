@@ -25,13 +25,16 @@ import torch
 from . import __version__
 from ._files import atomic_path, cache_root, writable
 from ._inference import device_of, evaluating, inference_copy
-from .errors import first_line
+from .errors import FCNZooError, first_line
 from .parity import measure_parity
 from .weights import state_dict_sha256
 
 __all__ = ["export", "metadata", "onnx_session", "FORMATS"]
 
 FORMATS = {"onnx": ".onnx"}
+# torch.onnx.export has taken dynamo=True, dynamic_shapes and external_data since torch 2.5, and names in
+# dynamic_shapes ({0: "batch"}) since torch 2.7; the package's own floor is lower (pyproject.toml)
+EXPORT_TORCH = "2.7"
 logger = logging.getLogger(__name__)
 # The exporter's own loggers: torch's print to stderr through their own handlers, onnxscript's and onnx_ir's
 # log every optimisation pass at INFO through the root logger.
@@ -62,6 +65,9 @@ def export(
     how the model was named (a zoo name, repo id or folder), recorded in the metadata. The model is exported
     in eval mode and left in the modes it had. A ``torch.export`` program is not offered: its serialiser
     cannot yet store the symbolic ``ceil`` that the backbone's shapes need (torch 2.14)."""
+    if torch.torch_version.TorchVersion(torch.__version__) < EXPORT_TORCH:
+        raise FCNZooError(f"ONNX export needs torch>={EXPORT_TORCH} (this is torch {torch.__version__}): "
+                          f"pip install 'torch>={EXPORT_TORCH}'")
     import onnx
 
     if fmt not in FORMATS:
