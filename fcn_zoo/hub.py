@@ -230,7 +230,7 @@ def _download_hub(repo_id: str, revision: str | None, cache_dir, offline: bool) 
         raise WeightsError(f"{where}: the Hub repo has no such revision; use a branch, tag or commit it has") from e
     except errors.RepositoryNotFoundError as e:
         raise UnknownModelError(repo_id, sorted(CHECKPOINTS), kind="model or Hub repo") from e
-    except errors.RemoteEntryNotFoundError as e:
+    except getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError) as e:  # huggingface_hub 1.0 / 0.x
         raise WeightsError(f"{where}: the Hub repo has no {CONFIG_NAME} + {WEIGHTS_NAME}; not an fcn_zoo model") from e
     except errors.HfHubHTTPError as e:
         raise FCNZooError(f"{where}: the Hugging Face Hub answered {first_line(e)}") from e

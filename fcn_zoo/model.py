@@ -301,6 +301,8 @@ class FCN(
         map_location: str = "cpu",
         strict: bool = True,
         new_classes: bool = False,
+        proxies: Any = None,  # what huggingface_hub 0.x passes on (1.0 dropped both); not model arguments
+        resume_download: Any = None,
         **model_kwargs: Any,
     ) -> "FCN":
         if Path(model_id).is_dir():
