@@ -151,7 +151,7 @@ class Predictor:
                 ready = None
                 if side is not None:  # the logits are done when the work queued so far on this stream is
                     ready = torch.cuda.Event()
-                    ready.record()
+                    ready.record(torch.cuda.current_stream(self.device))
                 in_flight.append(([item for item, _ in batch], post(self._labels, rgbs, names, logits, side, ready)))
                 yield from settle(1 if overlap else 0)  # one batch's labels beside the next forward
             elif len(batch) > 1:  # out of memory, or one image the network cannot take: only those fail that fail alone
