@@ -8,7 +8,7 @@
 import fcn_zoo as _fcn_zoo
 
 # every runtime dependency of pyproject.toml, by import name: torch.hub checks each before loading
-dependencies = ["torch", "torchvision", "timm", "huggingface_hub", "safetensors", "PIL", "numpy", "jinja2", "tqdm"]
+dependencies = ["torch", "torchvision", "timm", "huggingface_hub", "safetensors", "PIL", "numpy", "jinja2", "tqdm", "filelock"]
 
 
 def _entry_point(name):
