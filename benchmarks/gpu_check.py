@@ -17,7 +17,7 @@ Checks, each one a row of the report (a failure is recorded with its one-line re
   busy (CUDA events around each forward);
 - evaluation on the device (single scale, and multi-scale + flip with single scale from the same passes)
   against the CPU's, and an int8 model (OpenVINO, on the CPU of a GPU machine) that refuses the GPU in one
-  line and agrees with fp32 (not in ``--tiny`` on a CPU: tests/test_int8.py checks it there);
+  line and agrees with fp32 (not on a CPU: tests/test_int8.py checks it there);
 - training R-50 OS8 and R-101 OS8 at the recipe's batch and crop (``--tiny``: resnet10t at 64x64) for 30
   iterations (``--tiny``: 3) in the default precision and with ``--fp32``: images/s, peak memory;
 - ``--deterministic`` for 2 iterations, and the ops torch has no deterministic kernel for;
@@ -204,10 +204,10 @@ def main() -> int:
             assert refused == "refuses the GPU", refused
             return f"int8 {refused} in one line; on the CPU, label agreement with fp32 {agreement_:.4f}"
 
-        if on_gpu or not tiny:
+        if on_gpu:
             report.check("int8 model on a GPU machine", int8)
         else:
-            report.rows.append(("int8 model on a GPU machine", "skipped", "not in --tiny on a CPU (tests/test_int8.py)"))
+            report.rows.append(("int8 model on a GPU machine", "skipped", "not on a CPU (tests/test_int8.py)"))
         rows = [("resnet10t", 8)] if tiny else [("resnet50c", 8), ("resnet101c", 8)]
         common = ["--data-root", str(data), "--device", str(device), "--no-progress", "--backbone-weights", "none",
                   "--eval-max-samples", "1"]

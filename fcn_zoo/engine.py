@@ -117,7 +117,8 @@ class Predictor:
         pin = self.device.type == "cuda"  # page-locked: the copy to the GPU overlaps the work before it
         # the labels' own CUDA stream: their kernels and host syncs wait for their batch's forward pass only,
         # not for the next one that the network queues meanwhile on its stream
-        side = torch.cuda.Stream(self.device) if overlap and self.device.type == "cuda" else None
+        where = device_of(self.model)  # "cuda" may name another GPU than the model's
+        side = torch.cuda.Stream(where) if overlap and where.type == "cuda" else None
 
         def load(item):
             rgb = read(item)
@@ -151,7 +152,7 @@ class Predictor:
                 ready = None
                 if side is not None:  # the logits are done when the work queued so far on this stream is
                     ready = torch.cuda.Event()
-                    ready.record(torch.cuda.current_stream(self.device))
+                    ready.record(torch.cuda.current_stream(where))
                 in_flight.append(([item for item, _ in batch], post(self._labels, rgbs, names, logits, side, ready)))
                 yield from settle(1 if overlap else 0)  # one batch's labels beside the next forward
             elif len(batch) > 1:  # out of memory, or one image the network cannot take: only those fail that fail alone

@@ -373,7 +373,8 @@ def test_a_channels_last_model_saves_and_loads_and_keeps_its_layout(tmp_path, mo
     """A GPU training run holds its model channels_last when best/ is written."""
     import safetensors.torch
 
-    strict = safetensors.torch.save_model  # as safetensors releases that refuse strided tensors save a model
+    # saving must not rest on save_model making tensors contiguous: before safetensors 0.4.4 it did not
+    strict = safetensors.torch.save_model
     monkeypatch.setattr(safetensors.torch, "save_model", lambda model, filename, metadata=None, force_contiguous=False:
                         strict(model, filename, metadata, force_contiguous=False))
     model = tiny_fcn(3).to(memory_format=torch.channels_last)

@@ -191,7 +191,9 @@ def test_a_cityscapes_test_split_gives_a_submission_folder_and_its_zip(tmp_path,
     assert (tmp_path / "again.zip").read_bytes() == b"kept"
 
 
-def test_voc_test_predictions_are_in_the_devkits_results_layout(tmp_path, capsys):
+def test_voc_test_predictions_are_in_the_devkits_results_layout_in_a_tar(tmp_path, capsys):
+    import tarfile
+
     data = make_voc(tmp_path / "data", n_train=0, n_val=1, n_test=2)
     model = _model(tmp_path / "m", 21, "voc", [0, 1, 2, 3, 4], seed=2)
     assert main([model, "--data-root", str(data), "--device", "cpu", "--split", "test", "--format-only",
@@ -200,8 +202,48 @@ def test_voc_test_predictions_are_in_the_devkits_results_layout(tmp_path, capsys
     names = [f"results/VOC2012/Segmentation/comp6_test_cls/{i}.png" for i in ids]
     assert sorted(p.relative_to(tmp_path / "sub").as_posix() for p in (tmp_path / "sub").rglob("*.png")) == names
     assert all(Image.open(tmp_path / "sub" / n).mode == "P" for n in names)
-    _zip_matches_folder(tmp_path / "sub.zip", tmp_path / "sub", names)
-    assert "upload it at http://host.robots.ox.ac.uk:8080/" in capsys.readouterr().out
+    with tarfile.open(tmp_path / "sub.tar.gz") as tar:  # the VOC server takes a tar of the results tree
+        assert sorted(tar.getnames()) == names
+        assert all(tar.extractfile(n).read() == (tmp_path / "sub" / n).read_bytes() for n in names)
+    said = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'sub.tar.gz'} (2 files); upload it at http://host.robots.ox.ac.uk:8080/" in said
+
+    assert main([model, "--data-root", str(data), "--device", "cpu", "--split", "test", "--format-only", "--max-samples",
+                 "1", "--save-predictions", str(tmp_path / "part")]) == 0
+    assert "the first 1 images only (--max-samples): a server scores the whole split" in capsys.readouterr().out
+
+
+def test_ade20ks_test_images_alone_and_your_folders_test_split(tmp_path, capsys):
+    root = tmp_path / "ade"  # release_test.zip unpacked alone: told as ADE20K by its folder
+    (root / "release_test" / "testing").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((40, 56, 3), 60 * i, np.uint8)).save(root / "release_test" / "testing" / f"ADE_test_{i:08d}.jpg")
+    model = _model(tmp_path / "m150", 150, "ade20k", [0, 1, 2, 3], seed=1)
+    assert main([model, "--data-root", str(root), "--device", "cpu", "--split", "test", "--format-only",
+                 "--save-predictions", str(tmp_path / "ade-sub")]) == 0
+    for i in range(2):
+        pred = np.asarray(Image.open(tmp_path / "ade-sub" / f"ADE_test_{i:08d}.png"))
+        assert pred.shape == (40, 56) and pred.min() >= 1 and pred.max() <= 4  # classes 1..150
+    _zip_matches_folder(tmp_path / "ade-sub.zip", tmp_path / "ade-sub", [f"ADE_test_{i:08d}.png" for i in range(2)])
+
+    data = make_generic(tmp_path / "data", n_train=2, n_val=0, val=False)
+    for kind in ("images", "masks"):  # images/ and masks/ without split folders: val is held out of them
+        (data / kind / "train").rename(data / f"{kind}-flat")
+        (data / kind).rmdir()
+        (data / f"{kind}-flat").rename(data / kind)
+    (data / "images" / "test").mkdir()
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(data / "images" / "test" / "new.jpg")
+    model = _model(tmp_path / "m3", 3, None, [0, 1, 2])
+    assert main([model, "--data-root", str(data), "--device", "cpu", "--split", "test", "--format-only",
+                 "--save-predictions", str(tmp_path / "mine")]) == 0
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["classes.txt", "new.png"]
+    assert "no benchmark server scores a generic dataset" in capsys.readouterr().out
+    # the test images are not training images without masks
+    assert main([model, "--data-root", str(data), "--device", "cpu", "--val-fraction", "0.5",
+                 "--output-dir", str(tmp_path / "eval")]) == 0
+    with pytest.raises(SystemExit) as refused:
+        main([model, "--dataset-name", str(tmp_path), "--split", "test", "--format-only", "--save-predictions", str(tmp_path / "x")])
+    assert "--split test reads a --data-root layout" in str(refused.value.code)
 
 
 def test_tta_is_reported_beside_single_scale_from_the_same_passes(tmp_path):

@@ -45,8 +45,11 @@ def openmmlab_file(backbone: str) -> Path:
             f"not {backbone}; use --backbone-weights timm, none or a file"
         )
     name = OPENMMLAB_FILES[backbone]
+    path = cache_root() / "backbones" / name
+    if path.is_file():  # no lock to read what is there (a read-only cache too)
+        return _openmmlab_file(name, path)
     with cache_lock(f"backbone-{name}"):  # torchrun's processes: one downloads, the others wait and find it
-        return _openmmlab_file(name, cache_root() / "backbones" / name)
+        return _openmmlab_file(name, path)
 
 
 def _openmmlab_file(name: str, path: Path) -> Path:

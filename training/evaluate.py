@@ -13,8 +13,8 @@ The confusion matrix is accumulated on the device and summed across processes. W
 per-class IoU bar chart ``eval_iou.png`` to ``--output-dir``. ``--save-predictions DIR`` writes each image's
 prediction as its dataset's official tools take it (:mod:`training.submit`); on Cityscapes, with
 cityscapesScripts installed, its evaluator scores those files too and eval.json holds its mIoU beside ours.
-``--split test --format-only`` scores nothing: it writes the test images' predictions and the zip the benchmark's
-server takes (``sub.zip``), and says where to upload it. ``--tta`` reports multi-scale + flip with single scale
+``--split test --format-only`` scores nothing: it writes the test images' predictions and the archive the
+benchmark's server takes (``sub.zip``; VOC: ``sub.tar.gz``), and says where to upload it. ``--tta`` reports multi-scale + flip with single scale
 beside it, from the same forward passes.
 """
 
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
                         help="--save-predictions into a folder that holds files: replace those of the same names")
     parser.add_argument("--format-only", action="store_true",
                         help="score nothing: write the --save-predictions files and, for VOC, ADE20K and Cityscapes, "
-                        "the zip their servers take (DIR.zip), and say where to upload it")
+                        "the archive their servers take (DIR.zip; VOC: DIR.tar.gz), and say where to upload it")
     args = parser.parse_args(argv)
     if args.split == "test" and not args.format_only:
         raise SystemExit(f"{prog}: the test split has no labels to score; add --format-only --save-predictions DIR "
@@ -190,8 +190,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
 
     def load():  # every process learns of an error in any, so none is left waiting for another
         if predictions and ctx.is_main:  # before anything loads: a folder that holds files is refused at once
-            zipped = args.format_only and args.data_root and (args.dataset or detect_layout(args.data_root)) in SERVERS
-            prepare_folder(predictions, args.overwrite_predictions, archive=bool(zipped))
+            kind = (args.dataset or detect_layout(args.data_root)) if args.data_root else "hub"
+            prepare_folder(predictions, args.overwrite_predictions, archive=kind if args.format_only and kind in SERVERS else None)
         dataset, layout = evaluation_data(args, _training_val_fraction(args.model))  # the share its training held out
         model = fcn_zoo.from_pretrained(args.model, device=str(ctx.device))
         if model.num_classes != dataset.num_classes:
@@ -222,7 +222,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
     if ctx.is_main and args.format_only:
         count = sample_count(dataset, args.max_samples)
         print(f"wrote {count} predictions to {predictions}")
-        print(archive(writer, count, args.split))
+        try:
+            print(archive(writer, count, args.split, complete=count == len(dataset)))
+        except FCNZooError as e:
+            raise SystemExit(f"{prog}: {e}") from None
     elif ctx.is_main:
         extra = submission(writer, dataset, layout, args.max_samples) if writer else {}
         write_report(results, dataset.class_names, out, {

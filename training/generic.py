@@ -3,6 +3,7 @@
     DATA/classes.txt                  one class name per line, in index order ("name" or "name R G B")
     DATA/images/{train,val}/<id>.jpg  (or .png, .jpeg, .bmp, .tif, .webp; ids may sit in sub-folders)
     DATA/masks/{train,val}/<id>.png   one class index per pixel (mode L or P), 255 = ignore
+    DATA/images/test/<id>.jpg         optional: images without masks (fcn-zoo evaluate --split test --format-only)
 
 Without ``images/val`` (or with images directly under ``images/``) a deterministic fraction of the
 images is held out for validation: an image's side of the split depends on its id only, so adding
@@ -41,7 +42,8 @@ def pairs(root: str | Path, split: str | None) -> list[tuple[str, Path, Path | N
     expected = TEST_LAYOUTS["generic"] if split == "test" else LAYOUT
     if not images_dir.is_dir():
         raise DatasetLayoutError(f"{images_dir}: missing; expected {expected}")
-    images = {_id(p, images_dir): p for p in _files(images_dir, IMAGE_SUFFIXES)}
+    images = {_id(p, images_dir): p for p in _files(images_dir, IMAGE_SUFFIXES)
+              if split or p.relative_to(images_dir).parts[0] != "test"}  # images/ alone: its test/ has no masks
     if split == "test":
         if not images:
             raise DatasetLayoutError(f"{images_dir}: no images (.jpg, .png, ...) in the test split; expected {expected}")

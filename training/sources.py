@@ -110,7 +110,7 @@ def finetune_data(args: argparse.Namespace, progress: bool, shard: tuple[int, in
 
 
 def evaluation_data(args: argparse.Namespace, inherited: float | None) -> tuple[SegmentationDataset, str]:
-    """The split ``args.split`` (train or val) of the data an evaluation names, and its layout. Where the data
+    """The split ``args.split`` (train, val or test) of the data an evaluation names, and its layout. Where the data
     has no val split, ``--val-fraction`` holds out that share of train, else ``inherited`` (the share the
     model's training run held out)."""
     check_source(args)

@@ -13,8 +13,9 @@ official tools take it, at the image's own size, and for Cityscapes the official
   indices (an image's path under ``images/<split>`` is kept; a dataset row is named by its row number), and
   ``DIR/classes.txt`` (``name R G B`` per class, the format of the generic layout).
 
-With ``--format-only`` (the test split's submission), :func:`archive` zips the files of VOC, ADE20K and
-Cityscapes as their servers take them into ``DIR.zip`` beside the folder, and says where to upload it.
+With ``--format-only`` (on any split; the test split's is the submission), :func:`archive` packs the files of
+VOC, ADE20K and Cityscapes as their servers take them beside the folder (``DIR.zip``; VOC's server takes a tar:
+``DIR.tar.gz``), and says where to upload it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import contextlib
 import copy
 import io
 import os
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -55,42 +57,57 @@ SERVERS = {
 }
 
 
-def prepare_folder(folder: Path, overwrite: bool, archive: bool = False) -> None:
+def prepare_folder(folder: Path, overwrite: bool, archive: str | None = None) -> None:
     """Create ``folder`` for predictions; one that holds files already is refused unless ``overwrite``
-    (then files of the same names are replaced and any others are left as they are). ``archive``: the
-    ``folder.zip`` that :func:`archive` writes is refused the same way where it exists."""
+    (then files of the same names are replaced and any others are left as they are). ``archive``: the layout
+    whose archive :func:`archive` writes beside the folder; one that exists is refused the same way."""
     if folder.exists() and not folder.is_dir():
         raise FCNZooError(f"{folder}: is a file; pass --save-predictions a folder")
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
         raise FCNZooError(f"{folder}: not empty; name a new or empty folder for --save-predictions, "
                           "or add --overwrite-predictions to write over its files")
-    if archive and archive_path(folder).exists() and not overwrite:
-        raise FCNZooError(f"{archive_path(folder)}: exists; name another --save-predictions folder, or add "
+    if archive and archive_path(folder, archive).exists() and not overwrite:
+        raise FCNZooError(f"{archive_path(folder, archive)}: exists; name another --save-predictions folder, or add "
                           "--overwrite-predictions to replace it")
     writable(folder, "the predictions' folder", "pass --save-predictions a writable folder")
 
 
-def archive_path(folder: Path) -> Path:
-    """Where :func:`archive` writes the zip of ``folder``: beside it, ``DIR.zip``."""
+def archive_path(folder: Path, layout: str) -> Path:
+    """Where :func:`archive` writes ``folder``'s archive: beside it, ``DIR.zip`` (VOC: ``DIR.tar.gz``)."""
     folder = Path(folder).absolute()
-    return folder.with_name(folder.name + ".zip")
+    return folder.with_name(folder.name + (".tar.gz" if layout == "voc" else ".zip"))
 
 
-def archive(writer: "PredictionWriter", count: int, split: str) -> str:
-    """The files ``writer`` wrote for samples ``0..count-1``, zipped as their benchmark's server takes them (paths
-    relative to the folder); the line that says where to upload it. Written beside its final name and renamed:
-    an interrupted run leaves no half zip. The generic and hub layouts have no server: their folder is all."""
+def archive(writer: "PredictionWriter", count: int, split: str, complete: bool = True) -> str:
+    """The files ``writer`` wrote for samples ``0..count-1``, packed as their benchmark's server takes them (paths
+    relative to the folder: VOC's ``results/VOC2012/...`` tree in a tar.gz, the others' files in a zip); the line
+    that says where to upload it (``complete``: every sample of the split was written, else the archive is said to
+    be partial). Written beside its final name and renamed: a failed or interrupted run leaves no half archive.
+    The generic and hub layouts have no server: their folder is all."""
     if writer.layout not in SERVERS:
         return f"no benchmark server scores a {writer.layout} dataset: {writer.folder} holds the predictions and classes.txt"
-    path = archive_path(writer.folder)
+    path = archive_path(writer.folder, writer.layout)
     partial = path.with_name(f".{path.name}.partial")
-    with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED) as zf:  # PNGs are compressed already
-        for i in range(count):
-            name = writer.name(i)
-            zf.write(writer.folder / name, name)
-    os.replace(partial, path)
-    where = (f"upload it at {SERVERS[writer.layout]}" if split == "test"
-             else f"a server scores the test split only (this is {split}: evaluate it here)")
+    names = [writer.name(i) for i in range(count)]
+    try:
+        if writer.layout == "voc":
+            with tarfile.open(partial, "w:gz") as tar:
+                for name in names:
+                    tar.add(writer.folder / name, name)
+        else:
+            with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED) as zf:  # PNGs are compressed already
+                for name in names:
+                    zf.write(writer.folder / name, name)
+        os.replace(partial, path)
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        raise FCNZooError(f"{path}: could not be written ({e.strerror or e}); the predictions are in {writer.folder}") from e
+    if not complete:
+        where = f"the first {count} images only (--max-samples): a server scores the whole split"
+    elif split == "test":
+        where = f"upload it at {SERVERS[writer.layout]}"
+    else:
+        where = f"a server scores the test split only (this is {split}: evaluate it here)"
     return f"wrote {path} ({count} files); {where}"
 
 
