@@ -69,7 +69,7 @@ def test_cityscapes_predictions_are_label_ids_that_cityscapesscripts_scores_as_e
     theirs = official.evaluateImgLists(found, gt, args)
     assert theirs["averageScoreClasses"] == pytest.approx(report["mIoU"], abs=1e-4)
     assert report["official"]["mIoU"] == pytest.approx(report["mIoU"], abs=1e-4)
-    assert np.allclose(report["official"]["IoU"], report["IoU"], atol=1e-4, equal_nan=True)
+    assert np.allclose(np.array(report["official"]["IoU"], dtype=float), np.array(report["IoU"], dtype=float), atol=1e-4, equal_nan=True)
     said = capsys.readouterr().out
     assert f"cityscapesScripts mIoU {100 * theirs['averageScoreClasses']:.2f} on the saved predictions" in said
     assert report["definition"]["ignore_index"] == 255 and "summed over the dataset" in report["definition"]["mIoU"]
@@ -103,7 +103,7 @@ def test_ade20k_predictions_are_classes_1_to_150_that_the_devkits_definition_sco
     iou = _ade_devkit_iou(pairs)
     # the devkit averages all 150 classes (each occurs in the real val set); one with no pixels has no IoU here
     assert np.nanmean(iou) == pytest.approx(report["mIoU"], abs=1e-4)
-    assert np.allclose(iou, report["IoU"], atol=1e-4, equal_nan=True)
+    assert np.allclose(iou, np.array(report["IoU"], dtype=float), atol=1e-4, equal_nan=True)
 
 
 def test_voc_predictions_are_palette_pngs_that_the_devkits_definition_scores_as_evaluate_does(tmp_path):
@@ -124,7 +124,7 @@ def test_voc_predictions_are_palette_pngs_that_the_devkits_definition_scores_as_
     union = confusion.sum(0) + confusion.sum(1) - tp
     iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
     assert np.nanmean(iou) == pytest.approx(report["mIoU"], abs=1e-4)
-    assert np.allclose(iou, report["IoU"], atol=1e-4, equal_nan=True)
+    assert np.allclose(iou, np.array(report["IoU"], dtype=float), atol=1e-4, equal_nan=True)
 
 
 def test_a_folder_that_holds_files_is_refused_unless_asked_to_overwrite(tmp_path):
@@ -168,6 +168,10 @@ def test_a_cityscapes_test_split_gives_a_submission_folder_and_its_zip(tmp_path,
     with pytest.raises(SystemExit) as refused:
         main([model, "--data-root", str(data), "--split", "test", "--format-only"])
     assert "name their folder with --save-predictions DIR" in str(refused.value.code)
+    with pytest.raises(SystemExit) as refused:  # a model of other classes: said before any folder is made
+        main([_model(tmp_path / "m21", 21, "voc", [0]), "--data-root", str(data), "--split", "test", "--format-only",
+              "--save-predictions", str(preds / "deeper")])
+    assert "predicts 21 classes" in str(refused.value.code) and "fine-tunes one on them" in str(refused.value.code)
     assert not preds.exists()
 
     assert main([model, "--data-root", str(data), "--device", "cpu", "--split", "test", "--format-only",

@@ -36,7 +36,7 @@ from fcn_zoo.protocol import TTA
 from .data import DatasetLayoutError, check_sizes
 from .distributed import DistributedContext, init_distributed, shared_step
 from .sources import add_hub_arguments, detect_layout, evaluation_data
-from .submit import FORMATS, SERVERS, PredictionWriter, archive, cityscapes_official, prepare_folder
+from .submit import FORMATS, SERVERS, PredictionWriter, archive, check_folder, cityscapes_official, make_folder
 
 # how eval.json's mIoU is computed (fcn_zoo.metrics.ConfusionMatrix), said in the report itself
 DEFINITION = {
@@ -106,7 +106,7 @@ def write_report(results: dict, class_names: list[str], out_dir: Path, extra: di
     """``eval.json`` and ``eval_iou.png`` (per-class IoU bars) in ``out_dir``, and a table on stdout."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {**(extra or {}), **results, "classes": class_names, "definition": DEFINITION}
-    write_json(out_dir / "eval.json", report)
+    write_json(out_dir / "eval.json", _strict_json(report))
     width = max(len(n) for n in class_names)
     print(f"{'class'.ljust(width)}  {'IoU':>6}  {'Acc':>6}")
     for name, iou, acc in zip(class_names, results["IoU"], results["Acc"]):
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
     parser.add_argument("--eval-size", type=int, nargs=2, metavar=("LONG", "SHORT"), default=None,
                         help="the resize bound of the protocol (default: the model's own, from its config.json)")
     parser.add_argument("--output-dir", help="where eval.json and eval_iou.png go (default: beside a model folder, "
-                        "runs/mine/eval-best-val for runs/mine/best; else eval/<model>-<split>)")
+                        "runs/mine/eval-best-val for runs/mine/best; else eval/<model>-<split>; -tta added with --tta)")
     parser.add_argument("--save-predictions", metavar="DIR", help="write each image's prediction as the dataset's "
                         "official tools take it (Cityscapes label ids, ADE20K 1..150, VOC palette PNGs, else class "
                         "indices + classes.txt); on Cityscapes, score them with cityscapesScripts too where installed")
@@ -164,15 +164,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
                         help="score nothing: write the --save-predictions files and, for VOC, ADE20K and Cityscapes, "
                         "the archive their servers take (DIR.zip; VOC: DIR.tar.gz), and say where to upload it")
     args = parser.parse_args(argv)
+    if args.split == "test" and args.dataset_name:
+        raise SystemExit(f"{prog}: --split test reads a --data-root layout; a Hugging Face dataset's unlabelled rows "
+                         "are segmented with fcn-zoo predict or fcn_zoo.ray")
     if args.split == "test" and not args.format_only:
         raise SystemExit(f"{prog}: the test split has no labels to score; add --format-only --save-predictions DIR "
                          "to write the predictions its benchmark's server scores")
     if args.format_only and not args.save_predictions:
         raise SystemExit(f"{prog}: --format-only writes predictions and scores nothing; name their folder with "
                          "--save-predictions DIR")
-    if args.split == "test" and args.dataset_name:
-        raise SystemExit(f"{prog}: --split test reads a --data-root layout; a Hugging Face dataset's unlabelled rows "
-                         "are segmented with fcn-zoo predict or fcn_zoo.ray")
     from fcn_zoo.model import MAX_SIDE
 
     if args.eval_size and not all(1 <= side <= MAX_SIDE for side in args.eval_size):
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
     from fcn_zoo._files import writable
     from fcn_zoo.errors import FCNZooError
 
-    out = Path(args.output_dir) if args.output_dir else default_output_dir(args.model, args.split)
+    out = Path(args.output_dir) if args.output_dir else default_output_dir(args.model, args.split + ("-tta" if args.tta else ""))
     try:
         ctx = init_distributed(args.device)
     except FCNZooError as e:
@@ -191,16 +191,18 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
     def load():  # every process learns of an error in any, so none is left waiting for another
         if predictions and ctx.is_main:  # before anything loads: a folder that holds files is refused at once
             kind = (args.dataset or detect_layout(args.data_root)) if args.data_root else "hub"
-            prepare_folder(predictions, args.overwrite_predictions, archive=kind if args.format_only and kind in SERVERS else None)
+            check_folder(predictions, args.overwrite_predictions, archive=kind if args.format_only and kind in SERVERS else None)
         dataset, layout = evaluation_data(args, _training_val_fraction(args.model))  # the share its training held out
         model = fcn_zoo.from_pretrained(args.model, device=str(ctx.device))
         if model.num_classes != dataset.num_classes:
-            raise SystemExit(f"{args.model} predicts {model.num_classes} classes; "
-                             f"{args.data_root or args.dataset_name} has {dataset.num_classes}")
+            raise SystemExit(f"{args.model} predicts {model.num_classes} classes; {args.data_root or args.dataset_name} has "
+                             f"{dataset.num_classes}: evaluate a model of these classes (fcn-zoo train --init "
+                             f"{args.model} fine-tunes one on them)")
         if ctx.is_main and not args.format_only:  # before the evaluation, not after it: rank 0 writes the report
             writable(out, "the report's folder", "pass --output-dir a writable folder")
         writer = PredictionWriter(predictions, dataset, layout, model.palette, args.split) if predictions else None
-        if writer and ctx.is_main:
+        if writer and ctx.is_main:  # made only now: a run refused above leaves no folder behind
+            make_folder(predictions)
             writer.write_classes()
         return dataset, layout, model, writer
 
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
         raise SystemExit(f"{prog}: {e}") from None
     if ctx.is_main and args.format_only:
         count = sample_count(dataset, args.max_samples)
-        print(f"wrote {count} predictions to {predictions}")
+        print(f"wrote {count} prediction{'s' if count != 1 else ''} to {predictions}")
         try:
             print(archive(writer, count, args.split, complete=count == len(dataset)))
         except FCNZooError as e:
@@ -259,6 +261,18 @@ def submission(writer: PredictionWriter, dataset, layout: str, max_samples: int 
         if official is not None:
             extra["official"] = official
     return extra
+
+
+def _strict_json(value):
+    """``value`` with NaN (a class absent from both ground truth and prediction) as ``None``: eval.json is strict
+    JSON, which every reader takes (JavaScript's JSON.parse refuses NaN)."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
 
 
 def sample_count(dataset, max_samples: int | None) -> int:

@@ -45,7 +45,7 @@ def detect_layout(root: str | Path) -> str:
         if (root / marker).exists():
             return layout
     if not root.is_dir():
-        raise DatasetLayoutError(f"{root}: no such folder")
+        raise DatasetLayoutError(f"--data-root {root}: no such folder; pass the folder that holds the dataset")
     expected = "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items())
     raise DatasetLayoutError(f"{root}: holds none of the dataset layouts; expected one of {expected}")
 

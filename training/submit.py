@@ -57,10 +57,11 @@ SERVERS = {
 }
 
 
-def prepare_folder(folder: Path, overwrite: bool, archive: str | None = None) -> None:
-    """Create ``folder`` for predictions; one that holds files already is refused unless ``overwrite``
-    (then files of the same names are replaced and any others are left as they are). ``archive``: the layout
-    whose archive :func:`archive` writes beside the folder; one that exists is refused the same way."""
+def check_folder(folder: Path, overwrite: bool, archive: str | None = None) -> None:
+    """Refuse ``folder`` for predictions where it holds files already, unless ``overwrite`` (then files of the
+    same names are replaced and any others are left as they are); nothing is created (:func:`make_folder` does,
+    once the data and the model have loaded). ``archive``: the layout whose archive :func:`archive` writes
+    beside the folder; one that exists is refused the same way."""
     if folder.exists() and not folder.is_dir():
         raise FCNZooError(f"{folder}: is a file; pass --save-predictions a folder")
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
@@ -69,6 +70,10 @@ def prepare_folder(folder: Path, overwrite: bool, archive: str | None = None) ->
     if archive and archive_path(folder, archive).exists() and not overwrite:
         raise FCNZooError(f"{archive_path(folder, archive)}: exists; name another --save-predictions folder, or add "
                           "--overwrite-predictions to replace it")
+
+
+def make_folder(folder: Path) -> None:
+    """Create the predictions' folder, checked writable."""
     writable(folder, "the predictions' folder", "pass --save-predictions a writable folder")
 
 
@@ -100,15 +105,16 @@ def archive(writer: "PredictionWriter", count: int, split: str, complete: bool =
                     zf.write(writer.folder / name, name)
         os.replace(partial, path)
     except OSError as e:
-        partial.unlink(missing_ok=True)
         raise FCNZooError(f"{path}: could not be written ({e.strerror or e}); the predictions are in {writer.folder}") from e
+    finally:  # failed or interrupted (Ctrl-C): no half archive left beside the final name
+        partial.unlink(missing_ok=True)
     if not complete:
         where = f"the first {count} images only (--max-samples): a server scores the whole split"
     elif split == "test":
         where = f"upload it at {SERVERS[writer.layout]}"
     else:
         where = f"a server scores the test split only (this is {split}: evaluate it here)"
-    return f"wrote {path} ({count} files); {where}"
+    return f"wrote {path} ({count} file{'s' if count != 1 else ''}); {where}"
 
 
 class PredictionWriter:
@@ -195,4 +201,5 @@ def cityscapes_official(predictions: list[Path], ground_truth: list[Path], label
     }
 
 
-__all__ = ["FORMATS", "SERVERS", "PredictionWriter", "archive", "archive_path", "cityscapes_official", "prepare_folder"]
+__all__ = ["FORMATS", "SERVERS", "PredictionWriter", "archive", "archive_path", "check_folder", "cityscapes_official",
+           "make_folder"]
