@@ -264,6 +264,7 @@ def test_evaluate_says_a_bad_row_in_one_line(tmp_path):
     assert not (tmp_path / "eval" / "eval.json").exists()
 
 
+@pytest.mark.slow  # several processes: run after the suite (python -m pytest -q -m slow)
 def test_under_torchrun_each_process_checks_its_share_of_the_rows(tmp_path, source):
     """Two gloo processes: a bad row in the second one's share (odd rows) stops the run with its line; on a
     good dataset the class weights from the shares' pixel counts equal one process's."""

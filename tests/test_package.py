@@ -71,6 +71,7 @@ def test_the_readme_table_shows_each_rows_figures():
         assert lines[name].endswith(f"| {miou} | {row.params_m:.1f} M | {row.gflops:.1f} | {row.weights_mb:.1f} MB |"), name
 
 
+@pytest.mark.slow  # several processes: run after the suite (python -m pytest -q -m slow)
 def test_the_wheel_holds_the_training_code_and_fine_tuning_runs_from_it_outside_a_checkout(tmp_path, tiny_folder):
     """What `pip install fcn-zoo` gives, without a venv of its own: the wheel built once, installed with
     --target, and `fcn-zoo train` / `fcn-zoo evaluate` run from a folder outside the repository."""

@@ -307,6 +307,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # several processes: run after the suite (python -m pytest -q -m slow)
 def test_two_torchrun_processes_write_what_one_process_writes(small_folder, photo_tree, tmp_path):
     args = ["predict", str(small_folder), str(photo_tree), "--quiet", "--out"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -336,6 +337,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow  # several processes: run after the suite (python -m pytest -q -m slow)
 def test_three_processes_with_one_held_back_past_the_timeout_end_with_one_summary(small_folder, photo_tree, tmp_path):
     """The processes meet through files at the end, so a slow shard (a long video) cannot make the others time out."""
     args = ["predict", str(small_folder), str(photo_tree), "--quiet", "--out"]
@@ -510,6 +512,7 @@ def _start(command: list[str], world: int, env: dict, argv=lambda rank: [], cwd=
             p.kill()
 
 
+@pytest.mark.slow  # several processes: run after the suite (python -m pytest -q -m slow)
 def test_a_process_that_dies_is_named_and_every_process_works_from_the_first_ones_list(small_folder, tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -258,6 +258,7 @@ def _torchrun(out: Path, data: Path, port: int, *extra: str, wait: bool = True):
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow  # several processes: run after the suite (python -m pytest -q -m slow)
 def test_torchrun_with_two_processes_killed_and_resumed_ends_as_an_uninterrupted_run(tmp_path):
     """DDP over two CPU processes (Gloo): losses and the confusion matrix are reduced, rank 0 writes; each rank
     draws its own dropout masks, and a run killed and resumed ends with the weights of an uninterrupted one."""
