@@ -194,7 +194,7 @@ def main() -> int:
 
         def int8():
             calibration = [str(p) for p in photos]
-            quantized = fcn_zoo.quantize(cpu_model, calibration[:4], validation=calibration[4:])
+            quantized = fcn_zoo.quantize(cpu_model, calibration[:4], validation=calibration[4:8])
             try:
                 quantized.predict(photos[0], device=str(device))
                 refused = "ran on the GPU"
