@@ -16,6 +16,11 @@ from .errors import FCNZooError
 INT8_FILES = ("openvino_model.xml", "openvino_model.bin")
 
 
+def is_quantized_config(config: dict) -> bool:
+    """Whether a folder's ``config.json`` describes an int8 model (whose files are :data:`INT8_FILES`)."""
+    return isinstance(config.get("quantization"), dict)
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import zoo
+from ._files import is_quantized_config
 from .errors import FCNZooError
 
 __all__ = ["describe"]
@@ -73,7 +74,7 @@ def _folder_fields(folder: Path) -> list[tuple[str, str]]:
         return "x".join(map(str, config[key])) if isinstance(config.get(key), list) else "not recorded"
 
     quantization = config.get("quantization")
-    if isinstance(quantization, dict):  # an int8 model: its OpenVINO network in place of the safetensors
+    if is_quantized_config(config):  # an int8 model: its OpenVINO network in place of the safetensors
         weights = folder / "openvino_model.bin"
         agreed = quantization.get("agreement", {})
         counted = (f"int8 (OpenVINO {quantization.get('openvino')}), calibrated on "
@@ -102,7 +103,7 @@ def _folder_fields(folder: Path) -> list[tuple[str, str]]:
         ("crop size", size("crop_size")),
         ("evaluation", f"whole image, single scale, resize keeping ratio to {size('eval_size')}"),
         ("normalisation", f"mean {get('mean')}, std {get('std')} (RGB values in 0..255)"),
-        ("parameters" if quantization is None else "quantization", counted),
+        ("quantization" if is_quantized_config(config) else "parameters", counted),
         ("weights", f"{weights.name}, {weights.stat().st_size / 1e6:.1f} MB"),
         ("classes", "; ".join(map(str, classes)) or "not recorded"),
     ]

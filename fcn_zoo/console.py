@@ -3,14 +3,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import traceback
+from collections.abc import Iterator
 
 from .errors import FCNZooError, first_line
 
-__all__ = ["configure_logging", "report"]
+__all__ = ["configure_logging", "quiet_loggers", "report"]
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str, level: int = logging.ERROR) -> Iterator[None]:
+    """The loggers ``names`` at ``level`` within the block (what they say there is not the user's to act on, or is
+    said otherwise), at their own levels again after it."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(level)
+    try:
+        yield
+    finally:
+        for log, old in zip(loggers, levels):
+            log.setLevel(old)
 
 
 def configure_logging(debug: bool) -> None:

@@ -25,7 +25,7 @@ import torch
 from ._inference import device_of, evaluating, inference_copy
 from .errors import ImageError, is_out_of_memory
 from .images import describe, read_image
-from .int8 import is_quantized_config
+from ._files import is_quantized_config
 from .labels import upsample_argmax, upsample_softmax
 from .protocol import TTA, autocast, autocast_dtype, compiled_features, network_logits, prepare
 from .segmentation import Segmentation

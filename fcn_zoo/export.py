@@ -25,6 +25,7 @@ import torch
 from . import __version__
 from ._files import atomic_path, cache_root, writable
 from ._inference import device_of, evaluating, inference_copy
+from .console import quiet_loggers
 from .errors import FCNZooError, first_line
 from .parity import measure_parity
 from .weights import state_dict_sha256
@@ -112,16 +113,9 @@ def _quiet():
     if logger.isEnabledFor(logging.DEBUG):
         yield
         return
-    levels = {name: logging.getLogger(name).level for name in _EXPORTER_LOGGERS}
-    try:
-        for name in levels:
-            logging.getLogger(name).setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
+    with quiet_loggers(*_EXPORTER_LOGGERS), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def max_abs_difference(model, path: Path, fmt: str) -> float | None:

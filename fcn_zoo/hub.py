@@ -23,7 +23,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from ._files import INT8_FILES, cache_lock, cache_root, sha256_file, writable
+from ._files import INT8_FILES, cache_lock, cache_root, is_quantized_config, sha256_file, writable
 from .devices import check_device_available
 from .downloads import download_reference
 from .errors import (
@@ -81,7 +81,7 @@ def from_pretrained(
     check_device_available(str(device))  # before anything is downloaded or loaded
     folder = resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     saved = _read_config(folder)
-    from .int8 import is_quantized_config, load_int8
+    from .int8 import load_int8
 
     if is_quantized_config(saved):
         if num_classes is not None and num_classes != saved.get("num_classes"):
@@ -215,8 +215,7 @@ def _download_hub(repo_id: str, revision: str | None, cache_dir, offline: bool) 
 
     try:
         config = download(CONFIG_NAME)
-        quantized = isinstance(_read_config(config.parent).get("quantization"), dict)  # as int8.is_quantized_config
-        for filename in INT8_FILES if quantized else (WEIGHTS_NAME,):
+        for filename in INT8_FILES if is_quantized_config(_read_config(config.parent)) else (WEIGHTS_NAME,):
             download(filename)
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as e:  # before the HTTP errors: not an answer
         if offline:

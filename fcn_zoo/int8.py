@@ -22,17 +22,12 @@ import torch.nn.functional as F
 from huggingface_hub import ModelHubMixin, snapshot_download
 from torch import nn
 
-from ._files import INT8_FILES
+from ._files import INT8_FILES, is_quantized_config
 from .errors import FCNZooError, WeightsError
 
 __all__ = ["QuantizedFCN", "INT8_FILES", "is_quantized_config", "openvino_or_error", "cpu_has_int8_dot"]
 
 logger = logging.getLogger(__name__)
-
-def is_quantized_config(config: dict) -> bool:
-    """Whether a folder's ``config.json`` describes an int8 model."""
-    return isinstance(config.get("quantization"), dict)
-
 
 def openvino_or_error(what: str):
     """The ``openvino`` module, or one line saying how to install it."""

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ._inference import inference_copy
+from .console import quiet_loggers
 from .errors import FCNZooError, ImageError
 from .images import describe, read_image, read_mask
 from .int8 import QuantizedFCN, cpu_has_int8_dot, openvino_or_error
@@ -126,16 +127,10 @@ def quantize(
     example = torch.from_numpy(inputs.first)
     # OpenVINO traces the module with torch.jit (deprecated: a FutureWarning) and torch logs a CUDA lookup:
     # neither is the user's to act on
-    cuda_log = logging.getLogger("torch.utils.cpp_extension")
-    cuda_level = cuda_log.level
-    cuda_log.setLevel(logging.ERROR)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            network = openvino.convert_model(_Features(plain), example_input=example,
-                                             input=[openvino.PartialShape([-1, 3, -1, -1])])
-    finally:
-        cuda_log.setLevel(cuda_level)
+    with torch.no_grad(), quiet_loggers("torch.utils.cpp_extension"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        network = openvino.convert_model(_Features(plain), example_input=example,
+                                         input=[openvino.PartialShape([-1, 3, -1, -1])])
     level = logging.getLogger("nncf").level
     nncf.set_log_level(logging.INFO if progress else logging.ERROR)
     try:  # NNCF's progress bars are rich's, on stdout: not shown when not asked for

@@ -135,21 +135,16 @@ def finetune_plan(args: argparse.Namespace, ctx: DistributedContext) -> Plan:
 
 def load_init(source: str, num_classes: int, log) -> tuple[fcn_zoo.FCN, int]:
     """The FCN of ``source`` with every weight, its classifiers re-initialised if its class count differs."""
-    import logging
-
+    from fcn_zoo.console import quiet_loggers
     from fcn_zoo.hub import _read_config, resolve
 
-    quiet = logging.getLogger("fcn_zoo.weights")  # its note on re-initialised classifiers: said below, once
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
     try:
-        folder = resolve(source)
-        source_classes = _read_config(folder).get("num_classes")
-        model = fcn_zoo.from_pretrained(folder, num_classes=num_classes)
+        with quiet_loggers("fcn_zoo.weights"):  # its note on re-initialised classifiers: said below, once
+            folder = resolve(source)
+            source_classes = _read_config(folder).get("num_classes")
+            model = fcn_zoo.from_pretrained(folder, num_classes=num_classes)
     except fcn_zoo.FCNZooError as e:
         raise SystemExit(f"--init {source}: {e}") from e
-    finally:
-        quiet.setLevel(level)
     if source_classes == num_classes:
         log(f"--init {source}: every weight loaded ({num_classes} classes)")
     else:
