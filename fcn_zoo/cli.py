@@ -52,17 +52,10 @@ def _guarded(command, debug: bool) -> int:
 def _run_training(verb: str, argv: list[str]) -> int:
     """``fcn-zoo train ...``, ``evaluate ...`` and ``prepare ...``: the training code's own command lines."""
     import importlib
-    import importlib.util
 
-    missing = [name for name in TRAIN_EXTRA if importlib.util.find_spec(name) is None]
-    if missing:
-        print(f"fcn-zoo: error: fcn-zoo {verb} needs the train extra ({', '.join(missing)} missing): "
-              "pip install 'fcn-zoo[train]' (in a checkout: pip install -e '.[train]')", file=sys.stderr)
-        return EXIT_FAILED
-    if any(a == "--dataset-name" or a.startswith("--dataset-name=") for a in argv) and importlib.util.find_spec("datasets") is None:
-        print(f"fcn-zoo: error: fcn-zoo {verb} --dataset-name needs the datasets extra: pip install 'fcn-zoo[datasets]' "
-              "(in a checkout: pip install -e '.[datasets]')", file=sys.stderr)
-        return EXIT_FAILED
+    _needs(TRAIN_EXTRA, "train", f"fcn-zoo {verb}")
+    if any(a == "--dataset-name" or a.startswith("--dataset-name=") for a in argv):
+        _needs(("datasets",), "datasets", f"fcn-zoo {verb} --dataset-name")
     return importlib.import_module(f"fcn_zoo_training.{verb}").main(argv, prog=f"fcn-zoo {verb}")
 
 
@@ -205,7 +198,8 @@ def _needs(modules: tuple[str, ...], extra: str, what: str) -> None:
 
     missing = [name for name in modules if importlib.util.find_spec(name) is None]
     if missing:
-        raise FCNZooError(f"{what} needs {' and '.join(missing)}: pip install 'fcn-zoo[{extra}]'")
+        raise FCNZooError(f"{what} needs {' and '.join(missing)}: pip install 'fcn-zoo[{extra}]' "
+                          f"(in a checkout: pip install -e '.[{extra}]')")
 
 
 def cmd_demo(args) -> int:

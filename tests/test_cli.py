@@ -260,5 +260,5 @@ def test_train_with_a_dataset_name_says_which_extra_is_missing(monkeypatch, caps
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else real(name, *a))
     assert main(["train", "--init", "x", "--dataset-name", "segments/sidewalk-semantic", "--output-dir", "o"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == ("fcn-zoo: error: fcn-zoo train --dataset-name needs the datasets extra: pip install "
+    assert err == ("fcn-zoo: error: fcn-zoo train --dataset-name needs datasets: pip install "
                    "'fcn-zoo[datasets]' (in a checkout: pip install -e '.[datasets]')")
