@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,9 +34,10 @@ def sha256_file(path: str | Path) -> str:
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary name beside ``path`` to write to; renamed to ``path`` when the block succeeds,
-    deleted when it fails. Readers of ``path`` never see a partial file."""
+    deleted when it fails. Readers of ``path`` never see a partial file. The name is this thread's own, so
+    that two threads (or processes) writing ``path`` at once never write into one file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
     try:
         yield tmp
         os.replace(tmp, path)

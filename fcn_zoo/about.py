@@ -93,7 +93,7 @@ def _folder_fields(folder: Path) -> list[tuple[str, str]]:
         counted = f"{inference / 1e6:.2f} M at inference"
     dataset = zoo.DATASETS.get(config.get("dataset"))
     classes = config.get("class_names") or []
-    aux = config.get("aux_channels")
+    aux = config.get("aux_channels") if not is_quantized_config(config) else None  # int8: the inference network
     return [
         ("folder", str(folder)),
         ("backbone", f"{get('backbone')} (timm), output stride {get('output_stride')}"),

@@ -7,6 +7,7 @@ debug logs of fcn_zoo and the libraries under it, which are otherwise kept quiet
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -133,7 +134,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="images: folders (walked), quoted globs or @list.txt")
     p.add_argument("--num-samples", type=int, default=100, help="calibration images used (default 100)")
     p.add_argument("--validation", nargs="+", metavar="INPUT",
-                   help="held-out images the agreement is measured on (default: 20 calibration images held out)")
+                   help="held-out images the agreement is measured on (default: 20 calibration images held out where there "
+                   "are more than --num-samples + 20, else the calibration images)")
     p.add_argument("--validation-masks", metavar="DIR",
                    help="their masks, DIR/<name>.png named as the images are under their folder: the card gives both mIoUs")
     p.add_argument("--out", required=True, help="the folder to create (must not exist yet)")
@@ -233,6 +235,12 @@ def cmd_predict(args) -> int:
         raise FCNZooError("--compile applies to --engine torch; onnxruntime compiles its graph itself")
     if not 0.0 <= args.alpha <= 1.0:
         raise FCNZooError(f"--alpha {args.alpha}: must be in [0, 1]")
+    for option, value, least in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
+        if value is not None and value < least:
+            raise FCNZooError(f"{option} {value}: must be at least {least}")
+    nearest = next(p for p in (out, *out.parents) if p.exists())
+    if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
+        raise FCNZooError(f"--out {out}: cannot be made ({nearest} is not a folder this user can write); pass another folder")
     source_kind(args.name)  # an unknown name or a missing file, before anything is imported or loaded
     check_device_options(args.device, args.precision, args.engine)
     rank, world, local_rank = distributed_rank()
@@ -250,7 +258,7 @@ def cmd_predict(args) -> int:
     from ._fusion import fuse
     from .hub import from_pretrained
     from .records import made_by
-    from .runner import Outputs, segment_sources
+    from .runner import Outputs, only_writer, segment_sources
     from .weights import state_dict_sha256
 
     outputs = Outputs(out, args.overlay, args.alpha, args.confidence, args.masks)
@@ -259,12 +267,17 @@ def cmd_predict(args) -> int:
     model = from_pretrained(args.name, device=device, cache_dir=args.cache_dir)
     made = made_by(args.name, state_dict_sha256(model), model.hub_config(), outputs, options)
     fuse(model)  # this command owns the model for the whole run: its fast path, in place (channels_last on a GPU)
-    out.mkdir(parents=True, exist_ok=True)
-    totals = segment_sources(
-        model, found.sources, outputs, resume=args.resume, not_inputs=len(found.skipped), quiet=args.quiet,
-        made=made, num_workers=args.workers, batch_size=args.batch_size, compile=args.compile,
-        cache_dir=args.cache_dir, **options,
-    )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FCNZooError(f"--out {out}: cannot be made ({e.strerror or e}); pass another folder") from e
+    # one run at a time into --out on this machine (under torchrun the processes share it: see runner.py)
+    with only_writer(out, args.cache_dir) if world == 1 else contextlib.nullcontext():
+        totals = segment_sources(
+            model, found.sources, outputs, resume=args.resume, not_inputs=len(found.skipped), quiet=args.quiet,
+            made=made, num_workers=args.workers, batch_size=args.batch_size, compile=args.compile,
+            cache_dir=args.cache_dir, **options,
+        )
     if rank != 0:  # its failed inputs are told by the first process, in the end line and its exit status:
         return 0  # torchrun would end every process (the first one writing the summary) at a non-zero exit
     already = f", {totals.already} already done" if totals.already else ""  # by an earlier run (--resume)
@@ -304,6 +317,8 @@ def cmd_export(args) -> int:
     out = Path(args.out or f"{Path(args.name).name.removesuffix('.pth')}.{args.fmt}")
     if out.is_dir():
         raise FCNZooError(f"--out {out}: is a folder; pass a file name")
+    if out.exists():
+        raise FCNZooError(f"--out {out}: already exists; pass another file name, or delete it, so that nothing is overwritten")
     source_kind(args.name)  # an unknown name or a missing file, before torch is imported
     _needs(("onnx", "onnxscript"), "export", "fcn-zoo export")
     if not out.parent.is_dir():

@@ -108,7 +108,8 @@ def segment(models: ModelCache, image_path, name: str, tta: bool, slide: bool, p
     try:
         seg = model.predict(image_path, tta=tta, mode="slide" if slide else "whole", precision=precision)
     except (FCNZooError, OSError, ValueError, RuntimeError) as e:
-        raise gr.Error(f"{shown}: {first_line(e)}") from None
+        message = first_line(e)  # the upload's temporary path, where it names it, as the photo's name
+        raise gr.Error(message.replace(str(image_path), shown) if str(image_path) in message else f"{shown}: {message}") from None
     seconds = time.perf_counter() - start
     confidence = Image.fromarray(np.round(seg.confidence * 255).astype(np.uint8))
     height, width = seg.size  # as segmented: the photo as displayed

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from ._files import atomic_path, cache_root, writable
+from ._files import atomic_path, cache_lock, cache_root, is_quantized_config, writable
 from ._inference import device_of, evaluating, inference_copy
 from .console import quiet_loggers
 from .errors import FCNZooError, first_line
@@ -66,6 +66,9 @@ def export(
     how the model was named (a zoo name, repo id or folder), recorded in the metadata. The model is exported
     in eval mode and left in the modes it had. A ``torch.export`` program is not offered: its serialiser
     cannot yet store the symbolic ``ceil`` that the backbone's shapes need (torch 2.14)."""
+    if is_quantized_config(getattr(model, "config", {})):
+        raise FCNZooError("an int8 model is an OpenVINO network already (openvino_model.xml in its folder, which "
+                          "OpenVINO runs); export the fp32 model it was made from")
     if torch.torch_version.TorchVersion(torch.__version__) < EXPORT_TORCH:
         raise FCNZooError(f"ONNX export needs torch>={EXPORT_TORCH} (this is torch {torch.__version__}): "
                           f"pip install 'torch>={EXPORT_TORCH}'")
@@ -74,6 +77,8 @@ def export(
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     path = Path(path)
+    if not path.parent.is_dir():
+        raise FCNZooError(f"{path}: the folder {path.parent} does not exist; create it or name another file")
     module = _Features(model) if features else model
     x = torch.randn(2, 3, *example_size, device=device_of(model))  # batch 2: 1 would be a constant
     # named axes: export finds their ranges itself (the dilated convolutions add guards)
@@ -145,7 +150,7 @@ def onnx_session(model, cache_dir: str | os.PathLike | None = None):
     try:
         import onnxruntime
     except ImportError as e:
-        raise ImportError("engine='onnxruntime' needs onnxruntime: pip install 'fcn-zoo[export]'") from e
+        raise FCNZooError("engine='onnxruntime' needs onnxruntime: pip install 'fcn-zoo[export]'") from e
 
     digest = hashlib.sha256(json.dumps(getattr(model, "_hub_mixin_config", None) or {}, sort_keys=True).encode())
     digest.update(repr(model).encode())  # the layers and their settings (eps, padding, dilation, swapped layers)
@@ -156,18 +161,28 @@ def onnx_session(model, cache_dir: str | os.PathLike | None = None):
     if cached is not None and cached[0] == key:
         return cached[1]
     path = cache_root(cache_dir) / "onnx" / f"{key}.onnx"
-    session = None
-    if path.is_file():
-        try:
-            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime's errors derive from Exception only
-            logger.info("%s cannot be loaded (%s); exporting it again", path, first_line(e))
-            for stale in [path, *path.parent.glob(f".{path.name}.*.data")]:  # older entries kept weights beside
-                stale.unlink(missing_ok=True)
+    session = _cached_session(onnxruntime, path)
     if session is None:
         writable(path.parent)
-        on_cpu = model if device_of(model).type == "cpu" else inference_copy(model, "cpu")
-        export(on_cpu, path, features=True)
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        with cache_lock(f"onnx-{key}", cache_dir):  # one export of a graph: other threads and processes wait here
+            session = _cached_session(onnxruntime, path)  # what one of them exported meanwhile
+            if session is None:
+                on_cpu = model if device_of(model).type == "cpu" else inference_copy(model, "cpu")
+                export(on_cpu, path, features=True)
+                session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     model.__dict__["_onnx_session"] = (key, session)
     return session
+
+
+def _cached_session(onnxruntime, path: Path):
+    """A session of the cached graph at ``path``; ``None`` where there is none, or one onnxruntime cannot load
+    (cut short, or an older entry whose separate weights file is gone), which is removed."""
+    if not path.is_file():
+        return None
+    try:
+        return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's errors derive from Exception only
+        logger.info("%s cannot be loaded (%s); exporting it again", path, first_line(e))
+        for stale in [path, *path.parent.glob(f".{path.name}.*.data")]:  # older entries kept weights beside
+            stale.unlink(missing_ok=True)
+        return None

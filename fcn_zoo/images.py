@@ -44,7 +44,7 @@ def read_image(image, name: str | None = None) -> np.ndarray:
     one line naming the image and what to do."""
     name = name or describe(image)
     if isinstance(image, Image.Image):
-        return _from_pil(image, name)
+        return _from_pil(image, name, own=False)
     if isinstance(image, np.ndarray):
         return _from_array(image, name)
     if type(image).__module__.startswith("torch") and hasattr(image, "detach"):
@@ -64,7 +64,7 @@ def read_mask(mask, name: str | None = None) -> np.ndarray:
     if isinstance(mask, np.ndarray):
         return _mask_array(mask, name)
     if isinstance(mask, Image.Image):
-        return _mask_from_pil(mask, name)
+        return _mask_from_pil(mask, name, own=False)
     with _opened(mask, name) as img:
         return _mask_from_pil(img, name)
 
@@ -73,14 +73,14 @@ def displayed_size(image, name: str | None = None) -> tuple[int, int]:
     """``(width, height)`` of an image (a path, bytes, a Hugging Face cell or an opened PIL image) as a viewer
     shows it, from its header alone: an EXIF orientation of 5 to 8 turns it a quarter."""
     if isinstance(image, Image.Image):
-        return _displayed_size(image)
+        return _displayed_size(image, own=False)
     with _opened(image, name or describe(image)) as img:
         return _displayed_size(img)
 
 
-def _displayed_size(img: Image.Image) -> tuple[int, int]:
+def _displayed_size(img: Image.Image, own: bool = True) -> tuple[int, int]:
     if img.format == "TIFF":  # Pillow turns some TIFFs by their orientation itself: decode, as the reader does
-        return _decoded(img, describe(img)).size
+        return _decoded(img, describe(img), own).size
     width, height = img.size
     if _header_exif(img) and _orientation(img) in _TRANSPOSED:
         return height, width
@@ -128,11 +128,12 @@ def _opened(source, name: str) -> Iterator[Image.Image]:
         img.close()
 
 
-def _decoded(img: Image.Image, name: str) -> Image.Image:
-    """The first frame, decoded and turned as the EXIF of its header says."""
+def _decoded(img: Image.Image, name: str, own: bool = True) -> Image.Image:
+    """The first frame of a file the reader opened (``own``; of a caller's PIL image, the frame it is on, the
+    image left there), decoded and turned as the EXIF of its header says."""
     try:
         turn = _header_exif(img)
-        if getattr(img, "n_frames", 1) > 1:
+        if own and getattr(img, "n_frames", 1) > 1:
             logger.info("%s has %d frames; taking the first", name, img.n_frames)
             img.seek(0)
         img.load()
@@ -148,8 +149,8 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
-def _from_pil(img: Image.Image, name: str) -> np.ndarray:
-    img = _decoded(img, name)
+def _from_pil(img: Image.Image, name: str, own: bool = True) -> np.ndarray:
+    img = _decoded(img, name, own)
     if img.mode in _SIXTEEN_BIT or img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         if img.mode == "F":  # a float image file: [0, 1] scaled by 255, else taken as 0..255
@@ -201,15 +202,16 @@ def _grey_to_rgb(arr: np.ndarray) -> np.ndarray:
     return np.repeat(arr.reshape(arr.shape[0], arr.shape[1], 1), 3, axis=2)
 
 
-def _mask_from_pil(img: Image.Image, name: str) -> np.ndarray:
+def _mask_from_pil(img: Image.Image, name: str, own: bool = True) -> np.ndarray:
     if img.mode not in MASK_MODES:
-        rgb = np.asarray(_decoded(img, name).convert("RGB")) if img.mode in ("RGB", "RGBA") else None
-        if rgb is not None and (rgb == rgb[..., :1]).all():  # grey values saved as colour
-            what = f"(mode {img.mode}) with three equal channels; save the masks as grey images (mask.convert('L'))"
+        if img.mode not in ("RGB", "RGBA"):  # a float image, grey with alpha, CMYK...
+            what = f"an image of mode {img.mode}; save the masks as 8-bit grey or palette PNGs of class indices"
+        elif ((rgb := np.asarray(_decoded(img, name, own).convert("RGB"))) == rgb[..., :1]).all():  # grey as colour
+            what = f"a colour image (mode {img.mode}) with three equal channels; save the masks as grey images (mask.convert('L'))"
         else:
-            what = f"(mode {img.mode}); convert colours to class indices"
-        raise ImageError(f"{name}: a mask holds one class index per pixel (an 8-bit grey or palette PNG), got a colour image {what}")
-    img = _decoded(img, name)
+            what = f"a colour image (mode {img.mode}); convert colours to class indices"
+        raise ImageError(f"{name}: a mask holds one class index per pixel (an 8-bit grey or palette PNG), got {what}")
+    img = _decoded(img, name, own)
     return _mask_array(np.array(img), name)
 
 

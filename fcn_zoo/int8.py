@@ -97,7 +97,7 @@ class QuantizedFCN(
     @property
     def inference_precision(self) -> str:
         """The precision OpenVINO runs what is not int8 in on this CPU (``f32``, or ``bf16`` where it is native)."""
-        return str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
+        return self._compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
     def hub_config(self) -> dict:
         """What ``save_pretrained`` writes to ``config.json``."""
@@ -180,19 +180,35 @@ def load_int8(folder: Path, config: dict) -> QuantizedFCN:
     missing = [name for name in INT8_FILES if not (folder / name).is_file()]
     if missing:
         raise WeightsError(f"{folder}: an int8 model's folder, but {' and '.join(missing)} is missing")
+    from .model import FCN
+
+    try:
+        with torch.device("meta"):
+            FCN(**{k: v for k, v in config.items() if k != "quantization"})
+    except (ValueError, TypeError) as e:
+        raise WeightsError(f"{folder}: config.json does not describe a valid FCN: {e}") from e
     try:
         model = QuantizedFCN(folder / INT8_FILES[0], config)
     except (RuntimeError, ValueError, TypeError) as e:  # OpenVINO's read and compile errors are RuntimeErrors
-        raise WeightsError(
-            f"{folder}: this OpenVINO ({openvino.__version__}) cannot run the int8 model made with OpenVINO "
-            f"{made_with} ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
-            f"install openvino>={made_with}, or quantize the fp32 model again with this one"
-        ) from e
+        # OpenVINO's message ends with the reason, after the lines that say where in its sources it was found
+        why = next((line.strip() for line in reversed(str(e).splitlines()) if line.strip()), type(e).__name__)
+        installed = openvino.__version__.split("-")[0]
+        if _version(made_with) > _version(installed):
+            raise WeightsError(f"{folder}: this OpenVINO ({installed}) cannot run the int8 model made with OpenVINO "
+                               f"{made_with} ({why}); install openvino>={made_with}, or quantize the fp32 model "
+                               "again with this one") from e
+        raise WeightsError(f"{folder}: OpenVINO cannot read its int8 network ({why}); the files may be damaged: "
+                           "download or copy the folder again, or quantize the fp32 model again") from e
     if not cpu_has_int8_dot():
         logger.warning("this CPU has no int8 dot-product instructions (VNNI, AMX): %s runs with less speed-up than "
                        "where it was measured, and its 8-bit sums may saturate (answers further from fp32's than its "
                        "card says); compare it with the fp32 model here", folder)
     return model.eval()
+
+
+def _version(text) -> tuple[int, ...]:
+    """``"2025.1.0"`` as ``(2025, 1, 0)``; what is not a number counts as 0."""
+    return tuple(int(part) if part.isdigit() else 0 for part in str(text).split("-")[0].split("."))
 
 
 def int8_card(config: dict, repo_id: str | None = None):

@@ -89,8 +89,9 @@ def quantize(
             (paths, PIL images, RGB uint8 arrays, tensors) or a dataset of ``(image, mask)`` pairs, such as the
             training split of the model's dataset. Up to ``num_samples`` of them are used, chosen evenly at
             random (``seed``); those that cannot be read are named in a warning and skipped.
-        validation: images, or ``(image, mask)`` pairs, to measure the agreement with the fp32 model on (the
-            share of pixels whose labels agree, and with masks the mIoU of each). Default: up to ``check``
+        validation: images (as ``calibration``), or ``(image, mask)`` pairs, to measure the agreement with the
+            fp32 model on (the share of pixels whose labels agree, and with masks the mIoU of each); read before
+            the calibration, those that cannot be read named in a warning and skipped. Default: up to ``check``
             calibration images held out of the calibration, where there are more than ``num_samples + check``;
             else the calibration images themselves (the card says which).
         progress: NNCF's progress bars.
@@ -100,7 +101,7 @@ def quantize(
         a :class:`~fcn_zoo.int8.QuantizedFCN` on the CPU; ``save_pretrained`` writes its folder.
 
     Raises:
-        FCNZooError: no calibration images, none readable, or OpenVINO / NNCF not installed
+        FCNZooError: no calibration images, none readable, no readable validation images, or OpenVINO / NNCF not installed
             (``pip install 'fcn-zoo[int8]'``).
     """
     openvino = openvino_or_error("quantize")
@@ -108,6 +109,8 @@ def quantize(
         import nncf
     except ImportError as e:
         raise FCNZooError("quantize needs NNCF: pip install 'fcn-zoo[int8]'") from e
+    if isinstance(model, QuantizedFCN):
+        raise ValueError("this model is int8 already; quantize the fp32 model it was made from")
     if getattr(model, "_fused", False):
         raise ValueError("quantize the model as loaded, not a fuse()d one (load it again)")
     if num_samples < 1:
@@ -115,10 +118,17 @@ def quantize(
     items = calibration_items(calibration)
     if not len(items):
         raise FCNZooError(f"calibration {_what(calibration)}: no images; give a folder, a list or a dataset of images")
+    checks = None  # the held-out images and masks, read before the calibration: a bad one is skipped, not fatal
+    if validation is not None:
+        checks = _read_pairs(calibration_items(validation), "validation")
+        if not checks:
+            raise FCNZooError(f"validation {_what(validation)}: no readable images to measure the agreement on; give "
+                              "images, or leave validation out to hold out calibration images")
     chosen = random.Random(seed).sample(range(len(items)), len(items))
     held_out = []
     if validation is None and len(items) > num_samples + check:
         held_out, chosen = chosen[:check], chosen[check:]
+        checks = _read_pairs([items[i] for i in held_out], "held-out image") or None
     chosen = sorted(chosen[:num_samples])
     plain = inference_copy(model, "cpu")  # eval mode, no auxiliary head; the caller's model left as it is
     inputs = _CalibrationInputs(plain, [items[i] for i in chosen])
@@ -155,9 +165,8 @@ def quantize(
         },
     }
     int8 = QuantizedFCN(quantized, config).eval()
-    check_items = list(validation) if validation is not None else [items[i] for i in held_out] or inputs.readable
     int8.quantization["agreement"] = {
-        **agreement(plain, int8, check_items), "held_out": validation is not None or bool(held_out),
+        **agreement(plain, int8, checks or inputs.readable), "held_out": checks is not None,
         "cpu": _cpu_name(), "int8_dot": cpu_has_int8_dot(), "inference_precision": int8.inference_precision,
     }
     return int8
@@ -193,6 +202,18 @@ def agreement(reference, other, items: Iterable) -> dict:
     return result
 
 
+def _read_pairs(items, what: str) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """``items`` (images, or ``(image, mask)`` pairs) read; one that cannot be is named in a warning and left out."""
+    pairs = []
+    for item in items:
+        image, mask = item if isinstance(item, tuple) else (item, None)
+        try:
+            pairs.append((read_image(image, describe(image)), None if mask is None else read_mask(mask, describe(mask))))
+        except (ImageError, OSError) as e:
+            logger.warning("%s %s skipped (%s)", what, describe(image), e)
+    return pairs
+
+
 def summary(int8: QuantizedFCN) -> str:
     """One line: what the int8 model was calibrated on and how it agrees with the fp32 model."""
     q = int8.quantization
@@ -208,6 +229,9 @@ def save_new_folder(int8: QuantizedFCN, folder: Path) -> None:
     so that a failure leaves nothing behind."""
     import shutil
 
+    folder = Path(folder)
+    if folder.exists():
+        raise FCNZooError(f"{folder}: already exists; pass a new folder so that nothing is overwritten")
     partial = folder.parent / f".{folder.name}.partial-{os.getpid()}"
     partial.mkdir(parents=True)  # with the umask's mode, as the folder will keep
     try:

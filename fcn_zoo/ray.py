@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import first_line
-from .images import read_image
+from .images import describe, read_image
 
 __all__ = ["Segmenter"]
 
@@ -29,7 +29,7 @@ class Segmenter:
 
     Args:
         model: a zoo name, Hub repo id, ``save_pretrained`` folder or reference ``.pth`` (loaded once, here), or
-            an :class:`~fcn_zoo.FCN`.
+            an :class:`~fcn_zoo.FCN` (or its int8 version).
         column: the batch's image column (default: the first of ``image``, ``bytes``, ``path``). Its values
             may be RGB arrays ``(H, W, 3)`` (a stacked ``(N, H, W, 3)`` array too), encoded image bytes, paths,
             or Hugging Face ``Image`` cells (``{"bytes": ..., "path": ...}``).
@@ -55,12 +55,11 @@ class Segmenter:
                  confidence: bool = False, fuse: bool = True, **options):
         import torch
 
-        from .model import FCN
         from .engine import Predictor
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if not isinstance(model, FCN):
+        if not isinstance(model, torch.nn.Module):  # an FCN or its int8 version is used as it is
             from .hub import from_pretrained
 
             model = from_pretrained(model, device=device)
@@ -77,8 +76,9 @@ class Segmenter:
         values = list(batch[column])
         if "path" in batch:  # what messages call each image
             names = [str(p) for p in batch["path"]]
-        else:
-            names = [f"row {i} of the batch" for i in range(len(values))]
+        else:  # a path the cell holds, else the row
+            names = [describe(v) if isinstance(v, str) or (isinstance(v, dict) and v.get("path")) else
+                     f"row {i} of the batch" for i, v in enumerate(values)]
         rows = self.predictor.stream(range(len(values)), read=lambda i: read_image(_cell(values[i]), names[i]),
                                      name=names.__getitem__, errors="yield")
         segs, errors = [], []

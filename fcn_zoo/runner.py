@@ -14,7 +14,9 @@ process writes ``--out/summary.csv`` in input order, row by row.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import json
 import os
 import re
@@ -29,7 +31,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ._files import atomic_path
+from ._files import atomic_path, cache_root
 from .devices import distributed_rank
 from .errors import FCNZooError, first_line
 from .images import save_image
@@ -40,11 +42,11 @@ from .records import (
     INPUTS, JOURNAL_DIR, MADE_BY, Journal, Outputs, apart, check_resumable, next_run, read_inputs, write_inputs,
 )
 
-__all__ = ["Outputs", "Totals", "segment_sources"]  # Outputs: from fcn_zoo.records, where it lives
+__all__ = ["Outputs", "Totals", "segment_sources", "only_writer"]  # Outputs: from fcn_zoo.records, where it lives
 
 WRITERS = 2  # threads encoding and writing outputs behind the network
 WRITERS_AHEAD = 2 * WRITERS  # results that may wait for them before the network waits in turn
-_PARTIAL = re.compile(r"^\.(.+)\.\d+\.partial$")  # what _files.atomic_path writes to
+_PARTIAL = re.compile(r"^\.(.+)\.\d+(?:-\d+)?\.partial$")  # what _files.atomic_path writes to
 
 
 @dataclass
@@ -163,6 +165,31 @@ def segment_sources(
     return totals
 
 
+@contextlib.contextmanager
+def only_writer(folder: Path, cache_dir=None):
+    """This machine's one ``fcn-zoo predict`` into ``folder`` while the block runs: another one started meanwhile
+    is refused in one line, since their outputs, journals and summaries would interleave. Held through a file
+    lock in the fcn_zoo cache (not in ``folder``); where the cache cannot be written the run goes unguarded."""
+    from filelock import FileLock, Timeout
+
+    key = hashlib.sha256(os.path.realpath(folder).encode("utf-8")).hexdigest()[:16]
+    locks = cache_root(cache_dir) / ".locks"
+    lock = FileLock(str(locks / f"predict-{key}.lock"), timeout=0)
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except Timeout:
+        raise FCNZooError(f"--out {folder}: another fcn-zoo predict on this machine is writing into it; wait for it "
+                          "to end, or pass another --out") from None
+    except OSError:
+        lock = None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 @dataclass
 class _Plan:
     """A run's start, as every process sees it."""
@@ -240,7 +267,7 @@ def _prepare(sources: list[Source], outputs: Outputs, journal: Journal, resume: 
 
 
 def _clear_leftovers(folder: Path, targets: set[Path]) -> None:
-    """Remove the temporary files (``.<name>.<pid>.partial``) a killed process left beside ``targets``."""
+    """Remove the temporary files (``.<name>.<pid>-<thread>.partial``) a killed process left beside ``targets``."""
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if d != JOURNAL_DIR]
         for name in files:

@@ -98,10 +98,13 @@ class Segmentation:
         return {self.class_names[i]: float(counts[i] / self.labels.size) for i in order if counts[i]}
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the labels as a palette PNG (pixel value = class index), atomically."""
+        """Write the labels as a PNG whose pixel values are the class indices, atomically: a palette PNG (the
+        class colours) up to 256 classes, beyond that a 16-bit greyscale PNG (a palette holds 256 colours)."""
         path = Path(path)
         if path.suffix.lower() != ".png":
             raise ValueError(f"{path}: labels are saved as PNG so that they survive exactly; use a .png name")
+        if len(self.palette) > 256:
+            return save_image(Image.fromarray(self.labels.astype(np.uint16)), path)  # uint16: mode I;16
         return save_image(self.colorize(), path)
 
     def save_confidence(self, path: str | os.PathLike) -> Path:

@@ -60,9 +60,17 @@ def segment_video(
         raise ImageError(f"{path}: no such video file")
     if overlay_path is None and masks_dir is None:
         raise ValueError("nothing to write: pass overlay_path, masks_dir or both")
+    if overlay_path is not None:
+        overlay_path = Path(overlay_path)
+        if overlay_path.suffix.lower() not in _FORMATS:
+            raise FCNZooError(f"{overlay_path}: an overlay video is written as {', '.join(_FORMATS)}; name it so")
+        if overlay_path.resolve() == path.resolve():
+            raise FCNZooError(f"{overlay_path}: is the video being segmented; write the overlay to another file")
     if masks_dir is not None:
         masks_dir = Path(masks_dir)
         _check_masks_dir(masks_dir)
+        if overlay_path is not None and overlay_path.resolve().is_relative_to(masks_dir.resolve()):
+            raise FCNZooError(f"{overlay_path}: lies in the frame masks' folder {masks_dir}; write it elsewhere")
     try:
         source = av.open(str(path))
     except (av.FFmpegError, OSError) as e:
@@ -145,7 +153,7 @@ def _overlay_writer(av, path, source_stream):
     """``write(rgb_frame)`` encoding into a temporary file that becomes ``path`` when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, av.open(str(tmp), "w", format=_FORMATS.get(path.suffix.lower())) as container:
+    with atomic_path(path) as tmp, av.open(str(tmp), "w", format=_FORMATS[path.suffix.lower()]) as container:
         out = None
 
         def write(rgb: np.ndarray) -> None:

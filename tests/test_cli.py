@@ -211,6 +211,9 @@ cases = [
     ["fcn_resnet50os8_voc", photos, "--out", out, "--device", "gpu"],
     ["fcn_resnet50os8_voc", photos, "--out", out, "--engine", "onnxruntime", "--device", "cuda"],
     ["runs/x/best", photos, "--out", out],
+    ["fcn_resnet50os8_voc", photos, "--out", out, "--batch-size", "0"],
+    ["fcn_resnet50os8_voc", photos, "--out", out, "--workers", "-1"],
+    ["fcn_resnet50os8_voc", photos, "--out", photos + "/chelsea.jpg/masks"],
 ]
 codes = [main(["predict", *argv]) for argv in cases]
 print(json.dumps({"codes": codes, "torch": "torch" in sys.modules}))
@@ -223,12 +226,13 @@ def test_predict_refuses_mistakes_before_importing_torch_and_creates_nothing(tmp
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-c", EARLY, str(out), str(DATA)], capture_output=True, text=True)
     result = json.loads(run.stdout.splitlines()[-1])
-    assert result == {"codes": [1] * 6, "torch": False}, run.stderr
+    assert result == {"codes": [1] * 9, "torch": False}, run.stderr
     lines = run.stderr.strip().splitlines()
-    assert len(lines) == 6 and all(line.startswith("fcn-zoo: error: ") for line in lines)
+    assert len(lines) == 9 and all(line.startswith("fcn-zoo: error: ") for line in lines)
     for line, expected in zip(lines, ["did you mean fcn_resnet50os8_voc", "-no-such-folder: no such file or folder",
                                       "fp16 is for GPUs", "--device gpu: not a device", "runs on the CPU in fp32",
-                                      "runs/x/best: no such file or folder"]):
+                                      "runs/x/best: no such file or folder", "--batch-size 0: must be at least 1",
+                                      "--workers -1: must be at least 0", "chelsea.jpg is not a folder this user can write"]):
         assert expected in line, line
     assert not out.exists()
 

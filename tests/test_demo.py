@@ -189,3 +189,16 @@ def test_a_browser_uploads_a_photo_and_sees_the_overlay(page):
     assert abs(natural[0] / natural[1] - width / height) < 0.01, natural
     print(f"upload to overlay: {seconds:.2f} s; screenshot {ARTIFACTS / 'demo_page.png'}")
     assert demo_module.MAX_PIXELS >= width * height
+
+
+def test_an_upload_that_does_not_decode_is_named_once_by_its_own_name(tmp_path, tiny_model):
+    import gradio as gr
+
+    from fcn_zoo.demo import segment
+
+    Image.open(PHOTOS[0]).save(tmp_path / "full.png")
+    whole = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(gr.Error) as raised:
+        segment(ModelCache(loader=lambda name: tiny_model), str(tmp_path / "cut.png"), "tiny", False, False, "fp32", 0.5)
+    assert raised.value.message.startswith("cut.png: cannot read this image") and str(tmp_path) not in raised.value.message

@@ -70,6 +70,9 @@ def test_a_fused_model_exports_as_plain_onnx_operators(tiny_folder, tmp_path):
 def test_export_refuses_a_folder_and_an_unknown_format(tiny_folder, tmp_path, capsys):
     assert main(["export", str(tiny_folder), "--out", str(tmp_path)]) == 1
     assert "is a folder" in capsys.readouterr().err
+    (tmp_path / "kept.onnx").write_text("mine")
+    assert main(["export", str(tiny_folder), "--out", str(tmp_path / "kept.onnx")]) == 1
+    assert "kept.onnx: already exists" in capsys.readouterr().err and (tmp_path / "kept.onnx").read_text() == "mine"
     from fcn_zoo.export import export
 
     with pytest.raises(ValueError, match="format"):
@@ -165,3 +168,34 @@ def test_a_damaged_onnxruntime_cache_entry_is_exported_again(tiny_folder, caplog
         assert len(rebuilt) == 1 and "exporting it again" in rebuilt[0].getMessage(), damage.__name__
         assert sorted(os.listdir(folder)) == [entry.name]
         onnxruntime.InferenceSession(str(entry), providers=["CPUExecutionProvider"])
+
+
+def test_two_threads_on_a_cold_cache_share_one_export(tiny_folder, monkeypatch):
+    """An eval model may be shared by threads: the first onnxruntime predict of two at once exports once."""
+    import threading
+
+    import fcn_zoo.export as export_module
+    from conftest import PHOTOS
+
+    calls = []
+    real_export = export_module.export
+    monkeypatch.setattr(export_module, "export", lambda *a, **k: calls.append(a[1]) or real_export(*a, **k))
+    model = fcn_zoo.from_pretrained(tiny_folder)
+    model.eval_size = (128, 96)
+    expected = model.predict(PHOTOS[0]).labels
+    results = {}
+
+    def run(i):
+        try:
+            results[i] = model.predict(PHOTOS[0], engine="onnxruntime").labels
+        except Exception as e:  # noqa: BLE001 - what the thread met is the result
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not any(isinstance(r, Exception) for r in results.values()), results
+    assert all((r == expected).mean() > 0.999 for r in results.values())
+    assert len(calls) == 1

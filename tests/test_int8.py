@@ -245,3 +245,68 @@ def test_native_bf16_on_a_gpu_is_told_by_its_compute_capability_not_by_emulation
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert native_bf16(torch.device("cuda")) is native
         assert autocast_dtype("auto", torch.device("cuda")) == (torch.bfloat16 if native else None)
+
+
+def test_int8_mistakes_are_one_line_each_and_nothing_is_overwritten(int8_folder, trained, tmp_path):
+    import shutil
+
+    from fcn_zoo.errors import WeightsError
+    from fcn_zoo.export import export
+    from fcn_zoo.quantization import quantize, save_new_folder
+    from fcn_zoo.ray import Segmenter
+
+    int8 = fcn_zoo.from_pretrained(int8_folder)
+    assert int8.inference_precision in ("f32", "bf16", "f16")  # the short name the card and config.json record
+    recorded = json.loads((int8_folder / "config.json").read_text())["quantization"]["agreement"]
+    assert recorded["inference_precision"] == int8.inference_precision
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(int8_folder, damaged)
+    weights = damaged / "openvino_model.bin"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(WeightsError, match=r"OpenVINO cannot read its int8 network \(.+\); the files may be damaged") as caught:
+        fcn_zoo.from_pretrained(damaged)
+    assert "install openvino" not in str(caught.value) and "core.cpp" not in str(caught.value)
+    wrong = tmp_path / "wrong"
+    shutil.copytree(int8_folder, wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps({**config, "backbone": "resnet999"}))
+    with pytest.raises(WeightsError, match="config.json does not describe a valid FCN: unknown timm backbone"):
+        fcn_zoo.from_pretrained(wrong)
+
+    with pytest.raises(ValueError, match="int8 already; quantize the fp32 model"):
+        quantize(int8, trained[1] / "images" / "train")
+    with pytest.raises(fcn_zoo.FCNZooError, match="an int8 model is an OpenVINO network already"):
+        export(int8, tmp_path / "q.onnx")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(fcn_zoo.FCNZooError, match="already exists; pass a new folder"):
+        save_new_folder(int8, existing)
+    assert list(existing.iterdir()) == [] and not (tmp_path / "q.onnx").exists()
+
+    images = _val(trained[1])[0][:2]  # the Ray Segmenter takes an int8 model as it takes an FCN
+    out = Segmenter(int8)({"path": [str(p) for p in images]})
+    assert list(out["error"]) == ["", ""]
+    assert all(np.array_equal(a, s.labels) for a, s in zip(out["labels"], int8.predict(images)))
+
+
+def test_validation_images_are_read_before_calibrating_and_an_unreadable_one_is_skipped(trained, tmp_path, caplog):
+    import shutil
+
+    from fcn_zoo.quantization import quantize
+
+    best, data = trained
+    validation = tmp_path / "val"
+    validation.mkdir()
+    for image in sorted((data / "images" / "val").glob("*.jpg"))[:2]:
+        shutil.copy(image, validation / image.name)
+    (validation / "bad.jpg").write_bytes(b"\xff\xd8 cut short")
+    model = fcn_zoo.from_pretrained(best)
+    calibration = sorted((data / "images" / "train").glob("*.jpg"))[:3]
+    with pytest.raises(fcn_zoo.FCNZooError, match="no readable images to measure the agreement on"):
+        quantize(model, calibration, validation=[], progress=False)
+    with caplog.at_level("WARNING", logger="fcn_zoo.quantization"):
+        q = quantize(model, calibration, validation=str(validation), progress=False)  # a folder, as calibration
+    assert q.quantization["agreement"]["images"] == 2 and q.quantization["agreement"]["held_out"] is True
+    assert any("bad.jpg" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
+

@@ -14,6 +14,7 @@ from PIL import Image
 
 import fcn_zoo
 from conftest import PHOTOS, tiny_fcn
+from fcn_zoo.errors import ImageError
 from fcn_zoo.images import read_image, read_mask
 from sample_data import shapes_sample
 
@@ -409,3 +410,35 @@ def test_labels_that_fail_for_a_batch_are_made_image_by_image():
     images = [np.full((48, 64, 3), value, np.uint8) for value in (1, 7, 3)]
     results = [result for _, result in predictor.stream(images, errors="yield")]
     assert [type(r).__name__ for r in results] == ["Segmentation", "RuntimeError", "Segmentation"]
+
+
+def test_a_callers_pil_image_is_read_on_its_frame_and_left_there(tmp_path):
+    frames = [Image.new("RGB", (8, 6), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    assert tuple(read_image(tmp_path / "a.gif")[0, 0]) == (255, 0, 0)  # a file: its first frame
+    with Image.open(tmp_path / "a.gif") as image:
+        image.seek(2)
+        assert tuple(read_image(image)[0, 0]) == (0, 0, 255) and image.tell() == 2
+
+
+def test_a_mask_of_another_mode_is_not_called_a_colour_image():
+    for mode in ("F", "LA"):
+        with pytest.raises(ImageError, match=f"got an image of mode {mode}; save the masks as 8-bit grey or palette"):
+            read_mask(Image.new(mode, (4, 4)))
+
+
+def test_more_than_256_classes_save_as_16_bit_class_indices(tmp_path):
+    from fcn_zoo.segmentation import Segmentation
+
+    labels = (np.arange(600, dtype=np.int32) % 300).reshape(20, 30)
+    seg = Segmentation(labels, [f"c{i}" for i in range(300)], [(i % 256, i // 256, 0) for i in range(300)])
+    assert np.array_equal(np.asarray(Image.open(seg.save(tmp_path / "m.png"))), labels)
+
+
+def test_evaluate_refuses_a_max_samples_below_one(capsys):
+    from training import evaluate as evaluate_module
+
+    with pytest.raises(SystemExit) as refused:
+        evaluate_module.main(["m", "--data-root", "d", "--max-samples", "0"])
+    assert str(refused.value.code) == ("python -m training.evaluate: --max-samples 0: must be at least 1 (leave it out "
+                                       "for every sample)")

@@ -161,3 +161,9 @@ def test_ray_data_map_batches_gives_predicts_labels_and_a_row_per_failure(small_
         assert row["shares"].shape == (21,)
     with Image.open(photos[0]) as stored:
         assert by_name["phone.jpg"]["labels"].shape == (stored.width, stored.height)  # as displayed
+
+
+def test_a_cell_that_names_its_file_names_it_in_its_error(small_folder, tmp_path):
+    gone = tmp_path / "gone.png"
+    out = Segmenter(small_folder, device="cpu")({"image": [{"bytes": None, "path": str(gone)}]})
+    assert out["error"][0].startswith(f"{gone}: no such image file")

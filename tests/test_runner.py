@@ -547,3 +547,19 @@ def test_an_out_that_the_processes_do_not_share_is_said_at_the_start(small_folde
         assert code == 1 and err.count("\n") == 1, ends
         assert "is not shared by every process: process 1 of 2 cannot see" in err
     assert not [p for node in nodes for p in node.rglob("*.png")]
+
+
+def test_a_second_run_into_the_same_out_meanwhile_is_refused_and_writes_nothing(capsys, small_folder, photo_tree, tmp_path):
+    from fcn_zoo.runner import only_writer
+
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "predict", small_folder, photo_tree / "2023", "--out", out, "--quiet")
+    assert code == 0, err
+    made = tree(out)
+    with only_writer(out):  # as a run under way in another process holds it
+        code, _, err = run(capsys, "predict", small_folder, photo_tree / "2023", "--out", out, "--quiet")
+    assert code == 1 and err.strip() == (f"fcn-zoo: error: --out {out}: another fcn-zoo predict on this "
+                                         "machine is writing into it; wait for it to end, or pass another --out")
+    assert tree(out) == made
+    code, _, err = run(capsys, "predict", small_folder, photo_tree / "2023", "--out", out, "--quiet", "--resume")
+    assert code == 0, err  # the lock is given back with the run

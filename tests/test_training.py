@@ -77,6 +77,7 @@ def test_the_total_batch_is_split_over_devices_and_accumulation(tmp_path, capsys
     assert (run["total_batch"], run["per_device_batch"], run["accumulation"], run["batchnorm_batch"]) == (4, 4, 1, 4)
     assert "batchnorm_caveat" not in run and "BatchNorm" not in capsys.readouterr().err
 
+    out = tmp_path / "accumulated"
     run_train("--recipe", "fcn_resnet50os8_voc", "--data-root", str(tmp_path / "data"),
               "--output-dir", str(out), "--max-iters", "1", "--batch-size", "4", "--per-device-batch", "1", *QUICK)
     run = json.loads((out / "run.json").read_text())
@@ -421,3 +422,19 @@ def test_a_deterministic_cpu_run_runs_and_records_its_choices(tmp_path):
     assert run["loader_workers"] == 0 and "nondeterministic_ops" not in run  # the CPU has a deterministic kernel for each
     steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if "loss" in line]
     assert 0 <= steps[0]["loader_wait_share"] <= 1 and steps[0]["data_images_per_s"] > 0
+
+
+def test_numbers_out_of_range_and_an_earlier_runs_folder_are_refused_before_anything_loads(tmp_path, tiny_folder):
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "ckpt-00000003.pt").write_bytes(b"an earlier run's")
+    start = ["--init", str(tiny_folder), "--data-root", str(tmp_path / "nowhere"), "--device", "cpu", "--output-dir"]
+    for extra, said in [(["--max-iters", "0"], "--max-iters 0: must be at least 1"),
+                        (["--crop-size", "0"], "--crop-size 0: each side must be 1..8192"),
+                        (["--lr", "-1"], "--lr -1.0: must be positive"),
+                        (["--eval-max-samples", "0"], "--eval-max-samples 0: must be at least 1"),
+                        ([], f"--output-dir {earlier}: holds an earlier run (ckpt-00000003.pt); pass --resume to continue it")]:
+        with pytest.raises(SystemExit) as refused:
+            train_module.main([*start, str(earlier if not extra else tmp_path / "new"), *extra])
+        assert str(refused.value.code) == f"python -m training.train: {said}" + (", or a new --output-dir" if not extra else "")
+    assert not (tmp_path / "new").exists() and [p.name for p in earlier.iterdir()] == ["ckpt-00000003.pt"]

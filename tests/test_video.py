@@ -99,3 +99,20 @@ def test_a_masks_folder_holding_other_files_is_refused_and_kept(small_folder, tm
     with pytest.raises(fcn_zoo.FCNZooError, match=r"masks: holds notes.txt besides frame masks; pass masks_dir a new"):
         segment_video(model, tmp_path / "clip.mp4", None, masks_dir=masks)
     assert (masks / "notes.txt").read_text() == "mine"
+
+
+def test_an_overlay_over_the_clip_of_another_kind_or_among_its_masks_is_refused(small_folder, tmp_path):
+    """Nothing is written, and the clip is left as it was."""
+    from fcn_zoo.video import segment_video
+
+    frame = np.asarray(Image.open(PHOTOS[0]).convert("RGB").resize((64, 48)))
+    clip = tmp_path / "clip.mp4"
+    _clip(clip, [frame])
+    before = clip.read_bytes()
+    model = fcn_zoo.from_pretrained(small_folder)
+    for overlay, masks, said in [(clip, None, "is the video being segmented; write the overlay to another file"),
+                                 (tmp_path / "o.gif", None, r"an overlay video is written as \.mp4, \.mov"),
+                                 (tmp_path / "m" / "o.mp4", tmp_path / "m", "lies in the frame masks' folder")]:
+        with pytest.raises(fcn_zoo.FCNZooError, match=said):
+            segment_video(model, clip, overlay, masks_dir=masks)
+    assert clip.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]

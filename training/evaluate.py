@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
     if args.format_only and not args.save_predictions:
         raise SystemExit(f"{prog}: --format-only writes predictions and scores nothing; name their folder with "
                          "--save-predictions DIR")
+    if args.max_samples is not None and args.max_samples < 1:
+        raise SystemExit(f"{prog}: --max-samples {args.max_samples}: must be at least 1 (leave it out for every sample)")
     from fcn_zoo.model import MAX_SIDE
 
     if args.eval_size and not all(1 <= side <= MAX_SIDE for side in args.eval_size):

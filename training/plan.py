@@ -13,6 +13,7 @@ import argparse
 import statistics
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import fcn_zoo
 
@@ -53,6 +54,8 @@ class Plan:
 def make_plan(args: argparse.Namespace, ctx: DistributedContext) -> Plan:
     if bool(args.recipe) == bool(args.init):
         raise SystemExit("give --recipe NAME to reproduce a zoo row, or --init SOURCE to fine-tune on --data-root (not both)")
+    check_numbers(args)
+    check_output_dir(Path(args.output_dir), args.resume)
     if args.push_to_hub:  # found out now, not after hours of training
         import huggingface_hub
 
@@ -61,6 +64,40 @@ def make_plan(args: argparse.Namespace, ctx: DistributedContext) -> Plan:
         if not huggingface_hub.get_token():
             raise SystemExit(f"--push-to-hub {args.push_to_hub}: no Hugging Face token; run `hf auth login` or set HF_TOKEN, then rerun")
     return recipe_plan(args, ctx) if args.recipe else finetune_plan(args, ctx)
+
+
+#: the options that count something, and the least each may be (0: "never" or "none")
+AT_LEAST = {"max_iters": 1, "epochs": 1, "batch_size": 1, "per_device_batch": 1, "head_channels": 1,
+            "eval_max_samples": 1, "checkpoint_interval": 1, "log_interval": 1, "eval_interval": 0, "num_workers": 0}
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Every number of the command line in its range, said in one line before anything loads."""
+    from fcn_zoo.model import MAX_SIDE
+
+    for option, least in AT_LEAST.items():
+        value = getattr(args, option, None)
+        if value is not None and value < least:
+            raise SystemExit(f"--{option.replace('_', '-')} {value}: must be at least {least}")
+    for option in ("crop_size", "scale"):
+        sides = getattr(args, option, None) or []
+        if not all(1 <= side <= MAX_SIDE for side in sides):
+            raise SystemExit(f"--{option.replace('_', '-')} {' '.join(map(str, sides))}: each side must be 1..{MAX_SIDE}")
+    if args.lr is not None and not args.lr > 0:
+        raise SystemExit(f"--lr {args.lr}: must be positive")
+
+
+def check_output_dir(out: Path, resume: bool) -> None:
+    """A new run (not ``--resume``) goes into a folder that holds no earlier run: its checkpoints would be resumed
+    later in place of this run's, and its best/ and last/ taken for this run's."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--output-dir {out}: is a file; pass a folder")
+    if resume or not out.is_dir():
+        return
+    earlier = sorted(p.name for p in out.iterdir() if p.name.startswith("ckpt-") or p.name in ("best", "last", "run.json"))
+    if earlier:
+        raise SystemExit(f"--output-dir {out}: holds an earlier run ({', '.join(earlier[:3])}); pass --resume to continue "
+                         "it, or a new --output-dir")
 
 
 def recipe_plan(args: argparse.Namespace, ctx: DistributedContext) -> Plan:
