@@ -1,14 +1,25 @@
-"""``fcn-zoo info``: what a zoo row or a save_pretrained folder is, as ``(field, value)`` pairs."""
+"""``fcn-zoo list`` and ``info``: the zoo's rows, and what a row or a save_pretrained folder is, as rows of text."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from . import zoo
+from . import list_models, zoo
 from ._files import is_quantized_config
 from .errors import FCNZooError
 
-__all__ = ["describe"]
+__all__ = ["describe", "listing"]
+
+
+def listing(dataset: str | None = None, cache_dir=None) -> list[tuple[str, ...]]:
+    """A header and a row per zoo model (of ``dataset``, if given): name, dataset, classes, mIoU, cached."""
+    from .hub import is_cached
+
+    rows = [("name", "dataset", "classes", "mIoU", "cached")]
+    for c in map(zoo.get_checkpoint, list_models(dataset)):
+        cached = "yes" if is_cached(c.name, cache_dir) else "no"
+        rows.append((c.name, c.dataset, str(c.num_classes), f"{c.reference_miou:.2f}", cached))
+    return rows
 
 
 def describe(name: str, cache_dir=None) -> list[tuple[str, str]]:
@@ -18,7 +29,7 @@ def describe(name: str, cache_dir=None) -> list[tuple[str, str]]:
 
     kind = source_kind(name)  # an unknown name is one line with suggestions
     if kind == "folder":
-        return _folder_fields(Path(name))
+        return _folder_fields(Path(name).expanduser())
     if kind != "zoo":
         raise FCNZooError(f"{name}: fcn-zoo info describes zoo names and save_pretrained folders; make a folder "
                           "of it first (fcn-zoo download for a Hub repo, fcn-zoo convert for a .pth) and pass that")

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import os
 import sys
 from pathlib import Path
 
-from . import list_models, zoo
+from . import zoo
 from .convert import FORMATS
-from .console import configure_logging, report
+from .console import configure_logging, print_columns, report
 from .errors import FCNZooError
 
 EXIT_FAILED = 1
@@ -45,6 +46,12 @@ def _guarded(command, debug: bool) -> int:
     except KeyboardInterrupt:
         print("fcn-zoo: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (fcn-zoo list | head): nothing more to say to it
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the final flush does not fail
+        except (OSError, ValueError, AttributeError):  # a stdout that is no file
+            pass
+        return 0
     except Exception as e:
         report(e, debug)
         return EXIT_FAILED
@@ -52,8 +59,6 @@ def _guarded(command, debug: bool) -> int:
 
 def _run_training(verb: str, argv: list[str]) -> int:
     """``fcn-zoo train ...``, ``evaluate ...`` and ``prepare ...``: the training code's own command lines."""
-    import importlib
-
     _needs(TRAIN_EXTRA, "train", f"fcn-zoo {verb}")
     if any(a == "--dataset-name" or a.startswith("--dataset-name=") for a in argv):
         _needs(("datasets",), "datasets", f"fcn-zoo {verb} --dataset-name")
@@ -170,28 +175,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_list(args) -> int:
-    from .hub import is_cached
+    from .about import listing
 
-    rows = [("name", "dataset", "classes", "mIoU", "cached")]
-    for name in list_models(args.dataset):
-        c = zoo.CHECKPOINTS[name]
-        cached = "yes" if is_cached(name, args.cache_dir) else "no"
-        rows.append((name, c.dataset, str(c.num_classes), f"{c.reference_miou:.2f}", cached))
-    _print_columns(rows)
+    print_columns(listing(args.dataset, args.cache_dir))
     return 0
 
 
 def cmd_info(args) -> int:
     from .about import describe
 
-    _print_columns(describe(args.name, args.cache_dir))
+    print_columns(describe(args.name, args.cache_dir))
     return 0
-
-
-def _print_columns(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(map(len, column)) for column in zip(*rows)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 def _needs(modules: tuple[str, ...], extra: str, what: str) -> None:
@@ -229,8 +223,6 @@ def cmd_predict(args) -> int:
 
     # everything that can be told without torch is checked first: a mistake is one line within a second
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise FCNZooError(f"--out {out}: exists and is not a folder; pass a folder for the masks")
     if args.compile and args.engine != "torch":
         raise FCNZooError("--compile applies to --engine torch; onnxruntime compiles its graph itself")
     if not 0.0 <= args.alpha <= 1.0:
@@ -238,9 +230,9 @@ def cmd_predict(args) -> int:
     for option, value, least in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
         if value is not None and value < least:
             raise FCNZooError(f"{option} {value}: must be at least {least}")
-    nearest = next(p for p in (out, *out.parents) if p.exists())
+    nearest = next(p for p in (out, *out.parents) if p.exists())  # --out, or the folder it is to be made in
     if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
-        raise FCNZooError(f"--out {out}: cannot be made ({nearest} is not a folder this user can write); pass another folder")
+        raise FCNZooError(f"--out {out}: {nearest} is not a folder this user can write; pass another folder")
     source_kind(args.name)  # an unknown name or a missing file, before anything is imported or loaded
     check_device_options(args.device, args.precision, args.engine)
     rank, world, local_rank = distributed_rank()
@@ -294,19 +286,16 @@ def cmd_predict(args) -> int:
 def cmd_convert(args) -> int:
     from .convert import convert_checkpoint
 
-    out = Path(args.out)
-    if out.exists():
-        raise FCNZooError(f"--out {out}: already exists; pass a new folder so that nothing is overwritten")
+    out = _new(Path(args.out))
     checkpoint = zoo.checkpoint_for_file(args.src) if args.source == "reference" else None
     provenance = convert_checkpoint(
         args.src, out, args.source, checkpoint=checkpoint, output_stride=args.output_stride,
         parity=not args.no_parity, provenance={"source_file": Path(args.src).name},
     )
     parity = provenance.get("parity")
-    if parity:
-        figures = f"max abs logit difference {parity['max_abs_diff']:.2e}, label agreement {parity['label_agreement']:.4f} vs {parity['implementation']}"
-    else:
-        figures = "parity not measured" + (" (source implementation not importable)" if "parity" in provenance else "")
+    figures = (f"max abs logit difference {parity['max_abs_diff']:.2e}, label agreement {parity['label_agreement']:.4f} "
+               f"vs {parity['implementation']}" if parity else "parity not measured"
+               + (" (source implementation not importable)" if "parity" in provenance else ""))
     print(f"{out}: converted ({figures})")
     return 0
 
@@ -317,8 +306,7 @@ def cmd_export(args) -> int:
     out = Path(args.out or f"{Path(args.name).name.removesuffix('.pth')}.{args.fmt}")
     if out.is_dir():
         raise FCNZooError(f"--out {out}: is a folder; pass a file name")
-    if out.exists():
-        raise FCNZooError(f"--out {out}: already exists; pass another file name, or delete it, so that nothing is overwritten")
+    _new(out, "file name")
     source_kind(args.name)  # an unknown name or a missing file, before torch is imported
     _needs(("onnx", "onnxscript"), "export", "fcn-zoo export")
     if not out.parent.is_dir():
@@ -338,9 +326,7 @@ def cmd_quantize(args) -> int:
     from .hub import source_kind
     from .inputs import readable_images
 
-    out = Path(args.out)
-    if out.exists():
-        raise FCNZooError(f"--out {out}: already exists; pass a new folder so that nothing is overwritten")
+    out = _new(Path(args.out))
     if args.num_samples < 1:
         raise FCNZooError(f"--num-samples {args.num_samples}: must be at least 1")
     if args.validation_masks and not args.validation:
@@ -378,6 +364,13 @@ def cmd_publish(args) -> int:
     return _for_each(names, publish_one, args, "rows", "; rerun the same command to resume")
 
 
+def _new(out: Path, kind: str = "folder") -> Path:
+    """``--out``, which must not exist yet: nothing is overwritten."""
+    if out.exists():
+        raise FCNZooError(f"--out {out}: already exists; pass a new {kind} so that nothing is overwritten")
+    return out
+
+
 def _for_each(items: list[str], action, args, what: str, hint: str = "") -> int:
     """Run ``action`` on every item; a failure is one line on stderr and does not stop the others."""
     failed = 0
@@ -398,10 +391,8 @@ def run() -> None:
     code = main()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe (fcn-zoo list | head)
-            pass
     os._exit(code)
 
 

@@ -12,7 +12,14 @@ from collections.abc import Iterator
 
 from .errors import FCNZooError, first_line
 
-__all__ = ["configure_logging", "quiet_loggers", "report"]
+__all__ = ["configure_logging", "print_columns", "quiet_loggers", "report"]
+
+
+def print_columns(rows: list[tuple[str, ...]]) -> None:
+    """``rows`` of text in aligned columns on stdout (``fcn-zoo list`` and ``info``)."""
+    widths = [max(map(len, column)) for column in zip(*rows)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 @contextlib.contextmanager

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 __all__ = ["FORMATS", "read_checkpoint", "convert_state_dict", "detect_format"]
 
 FORMATS = ("reference", "torchvision", "mmseg")
+#: what :func:`write_folder` writes
+FOLDER_FILES = ("config.json", "model.safetensors", "provenance.json", "README.md")
 
 # (old prefix, new prefix), first match wins
 _PREFIXES = {
@@ -299,6 +301,12 @@ def write_folder(model, folder: Path, provenance: dict, *, row=None, mean_iou: f
         try:
             os.replace(staged, folder)
         except OSError:
-            if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
+            if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+                return provenance  # a concurrent writer finished first
+            if not folder.is_dir() or not {p.name for p in folder.iterdir()} <= set(FOLDER_FILES):
                 raise
+            # an incomplete copy of such a folder (a cache entry that lost its weights): replaced, and removed
+            # with the staging folder
+            os.replace(folder, Path(tmp) / "incomplete")
+            os.replace(staged, folder)
     return provenance

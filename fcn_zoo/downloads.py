@@ -15,7 +15,7 @@ from ._files import atomic_path, cache_root, writable, write_json
 from .errors import FCNZooError, WeightsError
 from .zoo import Checkpoint
 
-__all__ = ["download", "download_reference", "reference_download_urls"]
+__all__ = ["download", "download_reference", "record_hash", "reference_download_urls"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ def download_reference(checkpoint: Checkpoint, directory: Path, cache_dir=None) 
 
     ``<name>.pth`` is tried first, then the reference's older name ``<name>_train.pth`` if the server
     has no file of the first name (404). The sha256 must equal the table's, or, where the table has none
-    yet, the one recorded in the cache (``cache_dir``'s ``known_hashes.json``) by the first download; a file
-    that differs is deleted and refused.
+    yet, the one recorded in the cache (``cache_dir``'s ``known_hashes.json``) by :func:`record_hash` once a first
+    download converted; a file that differs is deleted and refused.
     """
     from urllib.error import HTTPError
 
@@ -54,11 +54,8 @@ def download_reference(checkpoint: Checkpoint, directory: Path, cache_dir=None) 
             raise FCNZooError(_download_failed(checkpoint, urls[: i + 1], e)) from e
         except (OSError, ValueError, http.client.HTTPException) as e:  # URLError is an OSError
             raise FCNZooError(_download_failed(checkpoint, [url], e)) from e
-    known = _known_hashes(cache_dir)
-    expected = checkpoint.sha256 or known.get(checkpoint.name)
-    if not expected:
-        write_json(_known_hashes_path(cache_dir), {**known, checkpoint.name: sha256})  # its folder: writable()
-    elif sha256 != expected:
+    expected = checkpoint.sha256 or _known_hashes(cache_dir).get(checkpoint.name)
+    if expected and sha256 != expected:
         path.unlink(missing_ok=True)
         if checkpoint.sha256:
             origin = "published in the table"
@@ -70,6 +67,14 @@ def download_reference(checkpoint: Checkpoint, directory: Path, cache_dir=None) 
                    f"{_known_hashes_path(cache_dir)} and load again to accept it")
         raise WeightsError(f"{url}: sha256 {sha256} differs from {expected}, {origin}; the file was not used; {how}")
     return path, url, sha256
+
+
+def record_hash(checkpoint: Checkpoint, sha256: str, cache_dir=None) -> None:
+    """Record the sha256 of a row's reference file, where the table has none, once the file has converted: later
+    downloads must match it. (A page a mirror served in its place never converts, so is never recorded.)"""
+    known = _known_hashes(cache_dir)
+    if not checkpoint.sha256 and checkpoint.name not in known:
+        write_json(_known_hashes_path(cache_dir), {**known, checkpoint.name: sha256})  # its folder: writable()
 
 
 def _known_hashes_path(cache_dir=None) -> Path:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ._files import INT8_FILES, cache_lock, cache_root, is_quantized_config, sha256_file, writable
 from .devices import check_device_available
-from .downloads import download_reference
+from .downloads import download_reference, record_hash
 from .errors import (
     FCNZooError, MissingFileError, NotCachedError, UnknownModelError, WeightsError, first_line, is_connection_error,
 )
@@ -199,8 +199,12 @@ def _resolve_zoo(checkpoint: Checkpoint, revision: str | None, cache_dir, offlin
     with cache_lock(f"reference-{checkpoint.name}", cache_dir):  # other processes wait here, then find it
         if _missing_files(converted):
             with tempfile.TemporaryDirectory(dir=converted.parent, prefix=f".{checkpoint.name}-") as tmp:
-                pth, url, _ = download_reference(checkpoint, Path(tmp), cache_dir)
-                convert_checkpoint(pth, converted, "reference", checkpoint=checkpoint, provenance={"source_url": url})
+                pth, url, sha256 = download_reference(checkpoint, Path(tmp), cache_dir)
+                try:
+                    convert_checkpoint(pth, converted, "reference", checkpoint=checkpoint, provenance={"source_url": url})
+                except WeightsError as e:  # named by its URL: the temporary file is gone
+                    raise WeightsError(str(e).replace(str(pth), url)) from e
+                record_hash(checkpoint, sha256, cache_dir)
     return converted
 
 
@@ -237,7 +241,7 @@ def _download_hub(repo_id: str, revision: str | None, cache_dir, offline: bool) 
 
 
 def _check_hub_reachable(repo_id: str, revision: str | None, cache_dir, where: str) -> None:
-    """Fail at once with one line when the Hub cannot be reached and nothing of ``repo_id`` is cached.
+    """Fail at once with one line when the Hub cannot be reached and ``repo_id`` is not (wholly) cached.
 
     huggingface_hub retries an unreachable Hub for ~24 s before giving up; one request without retries tells
     the same. A repo that is cached is left to huggingface_hub, which serves the cache when the Hub is down.
@@ -245,8 +249,18 @@ def _check_hub_reachable(repo_id: str, revision: str | None, cache_dir, where: s
     from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
     from huggingface_hub.errors import HfHubHTTPError
 
-    if isinstance(try_to_load_from_cache(repo_id, CONFIG_NAME, cache_dir=cache_dir, revision=revision), str):
-        return
+    def cached(filename: str) -> str | None:
+        found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+        return found if isinstance(found, str) else None
+
+    config = cached(CONFIG_NAME)
+    if config is not None:  # the repo is cached when its weights are too, not its config alone
+        try:
+            weights = INT8_FILES if is_quantized_config(_read_config(Path(config).parent)) else (WEIGHTS_NAME,)
+        except WeightsError:
+            weights = (WEIGHTS_NAME,)
+        if all(cached(filename) for filename in weights):
+            return
     try:
         get_hf_file_metadata(hf_hub_url(repo_id, CONFIG_NAME, revision=revision), timeout=HUB_CONNECT_TIMEOUT)
     except HfHubHTTPError as e:
@@ -271,8 +285,13 @@ def _convert_local_pth(path: Path, cache_dir) -> Path:
         writable(folder.parent)
         with cache_lock(f"local-{folder.name}", cache_dir):  # other processes wait here, then find it
             if _missing_files(folder):
-                convert_checkpoint(path, folder, "reference", checkpoint=checkpoint_for_file(path),
-                                   provenance={"source_file": str(path.resolve())})
+                try:
+                    convert_checkpoint(path, folder, "reference", checkpoint=checkpoint_for_file(path),
+                                       provenance={"source_file": str(path.resolve())})
+                except WeightsError as e:  # loading takes no --output-stride: a converted folder records it
+                    raise WeightsError(str(e).replace(
+                        "pass --output-stride", f"convert it once, `fcn-zoo convert {path} --from reference "
+                        "--output-stride 8 --out DIR` (or 16), and load DIR")) from e
     return folder
 
 

@@ -66,13 +66,17 @@ def expand_inputs(inputs: list[str], exclude: str | os.PathLike | None = None) -
         _expand(text, Path.cwd(), found, skipped, lists=())
     if exclude is not None:
         excluded = os.path.realpath(exclude)
-        found = [(p, a) for p, a in found if not _inside(p, excluded)]
-        skipped = [p for p in skipped if not _inside(p, excluded)]
+        outside = [(p, a) for p, a in found if not _inside(p, excluded)]
+        if found and not outside:
+            raise FCNZooError(f"{' '.join(inputs)}: every input lies inside --out {exclude}, whose files are outputs, "
+                              "not inputs; pass an --out outside the inputs")
+        found, skipped = outside, [p for p in skipped if not _inside(p, excluded)]
     unique: dict[str, tuple[Path, Path]] = {}
     for path, anchor in found:
         unique.setdefault(os.path.realpath(path), (path, anchor))
     if not unique:
         raise FCNZooError(f"{' '.join(inputs)}: no images or videos found")
+    skipped = list({os.path.realpath(p): p for p in skipped}.values())  # a file two globs or walks met counts once
     return Expansion(_named(list(unique.values())), skipped)
 
 
@@ -114,12 +118,16 @@ def _expand(text: str, base: Path, found: list, skipped: list, lists: tuple) -> 
         if not matches:
             raise FCNZooError(f"{text}: no file matches this pattern")
         root = _glob_root(path)
-        for match in matches:
+        for match in matches:  # as a folder INPUT's files are: named from the glob's fixed part, by content
             match = Path(match)
+            if _hidden(match.name):
+                continue
             if match.is_dir():
-                _walk(match, found, skipped)
-            elif not _hidden(match.name):
-                found.append((match, _holding(root, match)))
+                _walk(match, found, skipped, _holding(root, match))
+            elif _is_video(match) or _is_image(match):
+                found.append((match, _holding(root, match.parent)))
+            else:
+                skipped.append(match)
     elif not path.exists() and not lists:  # named on the command line: a typo, told before anything loads
         raise MissingFileError(f"{text}: no such file or folder")
     else:
@@ -130,7 +138,7 @@ def _read_list(path: Path, found: list, skipped: list, lists: tuple) -> None:
     if path.resolve() in lists:
         raise FCNZooError(f"@{path}: the list includes itself")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark (Notepad) is not a name
     except (OSError, UnicodeDecodeError) as e:
         raise FCNZooError(f"@{path}: cannot read this list of inputs ({e.__class__.__name__}: {e})") from e
     for line in lines:
@@ -139,7 +147,8 @@ def _read_list(path: Path, found: list, skipped: list, lists: tuple) -> None:
             _expand(line, path.parent, found, skipped, lists + (path.resolve(),))
 
 
-def _walk(folder: Path, found: list, skipped: list) -> None:
+def _walk(folder: Path, found: list, skipped: list, anchor: Path | None = None) -> None:
+    """``folder``'s images and videos, named from ``anchor`` (default the folder itself)."""
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not _hidden(d))
         for name in sorted(files):
@@ -147,7 +156,7 @@ def _walk(folder: Path, found: list, skipped: list) -> None:
                 continue
             path = Path(root, name)
             if _is_video(path) or _is_image(path):
-                found.append((path, folder))
+                found.append((path, anchor or folder))
             else:
                 skipped.append(path)
 
@@ -188,10 +197,10 @@ def _glob_root(pattern: Path) -> Path:
     return Path(*itertools.takewhile(lambda part: not _GLOB_CHARS & set(part), pattern.parts))
 
 
-def _holding(folder: Path, path: Path) -> Path:
-    """``folder``, or where ``path`` climbs out of it (a glob's ``..`` after a wildcard,
-    ``photos/*/../../x.jpg``), the deepest folder that holds both: a name never starts with ``..``."""
-    folder_abs, parent = os.path.abspath(folder), os.path.dirname(os.path.abspath(path))
+def _holding(folder: Path, where: Path) -> Path:
+    """``folder``, or where the folder ``where`` (a match's, or a matched folder) climbs out of it (a glob's ``..``
+    after a wildcard, ``photos/*/../../x.jpg``), the deepest folder that holds both: a name never starts with ``..``."""
+    folder_abs, parent = os.path.abspath(folder), os.path.abspath(where)
     try:
         common = os.path.commonpath([folder_abs, parent])
     except ValueError:  # different drives

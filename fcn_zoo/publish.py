@@ -39,7 +39,7 @@ def publish(
     so ``publish all`` resumes where it stopped.
     """
     from .convert import convert_checkpoint
-    from .downloads import download_reference
+    from .downloads import download_reference, record_hash
 
     checkpoint = CHECKPOINTS[name]
     repo_id = repo_id or checkpoint.hub_repo_id
@@ -55,12 +55,13 @@ def publish(
         log(f"{name}: already published as {repo_id}@{done['commit']}")
         return done
     if not (folder / "README.md").is_file():
-        pth, url, _ = download_reference(checkpoint, out / ".downloads")
+        pth, url, sha256 = download_reference(checkpoint, out / ".downloads")
         try:
             provenance = convert_checkpoint(
                 pth, folder, "reference", checkpoint=checkpoint, parity=True, provenance={"source_url": url}
             )
             _verify(checkpoint, folder, pth, provenance)
+            record_hash(checkpoint, sha256)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)  # never leave a folder that looks verified
             raise

@@ -145,11 +145,13 @@ class Journal:
             self._file = None
 
     def compact(self, names: list[str], rows: dict[str, dict]) -> None:
-        """One journal with the final row of each of ``names`` (from ``rows``), in input order, in place of
-        the per-process ones. Written line by line; the rows keep their stamps, so a stop between the two
+        """One journal with the final row of each of ``rows``, ``names`` first in input order (then the inputs of
+        earlier runs that this one did not name, which a later ``--resume`` of them still finds done), in place
+        of the per-process ones. Written line by line; the rows keep their stamps, so a stop between the two
         steps leaves the same replay."""
+        named = set(names)
         with atomic_path(self.folder / "journal.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
-            for name in names:
+            for name in [*names, *(n for n in rows if n not in named)]:
                 if name in rows:
                     f.write(json.dumps(rows[name], sort_keys=True) + "\n")
         for path in self.folder.glob("journal-*.jsonl"):

@@ -260,7 +260,9 @@ def _prepare(sources: list[Source], outputs: Outputs, journal: Journal, resume: 
         rows = {}
         journal.mark()
     run = next_run(rows)
-    done = {name for name, row in rows.items() if row.get("status") == "ok"}
+    # done: made by an earlier run from this very file (another file of the same name is segmented anew)
+    done = {s.name for s in sources if rows.get(s.name, {}).get("status") == "ok"
+            and rows[s.name].get("input") == _identity(s.path)}
     if world > 1:
         write_inputs(outputs.folder, run, sources, done)
     return _Plan(sources, done, rows, run)
@@ -335,8 +337,19 @@ def _move_frames(frames: Path, folder: Path) -> None:
         os.replace(frame, folder / frame.name)
 
 
+def _identity(path: Path) -> list:
+    """The file a row's outputs are made from: its real path, size and modification time (``--resume`` counts
+    an output as done only when its input is still that file)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return [os.path.realpath(path), None, None]
+    return [os.path.realpath(path), stat.st_size, stat.st_mtime_ns]
+
+
 def _row(source: Source, size=(None, None), shares: dict[str, float] | None = None, frames: int | None = None) -> dict:
-    return {"name": source.name, "path": source.file_name, "kind": "video" if source.video else "image",
+    return {"name": source.name, "input": _identity(source.path), "path": source.file_name,
+            "kind": "video" if source.video else "image",
             "width": size[1], "height": size[0], "frames": frames, "status": "ok", "error": "", "shares": shares or {}}
 
 

@@ -232,7 +232,7 @@ def test_predict_refuses_mistakes_before_importing_torch_and_creates_nothing(tmp
     for line, expected in zip(lines, ["did you mean fcn_resnet50os8_voc", "-no-such-folder: no such file or folder",
                                       "fp16 is for GPUs", "--device gpu: not a device", "runs on the CPU in fp32",
                                       "runs/x/best: no such file or folder", "--batch-size 0: must be at least 1",
-                                      "--workers -1: must be at least 0", "chelsea.jpg is not a folder this user can write"]):
+                                      "--workers -1: must be at least 0", "chelsea.jpg is not a folder this user can write; pass another folder"]):
         assert expected in line, line
     assert not out.exists()
 
@@ -266,3 +266,22 @@ def test_train_with_a_dataset_name_says_which_extra_is_missing(monkeypatch, caps
     err = capsys.readouterr().err.strip()
     assert err == ("fcn-zoo: error: fcn-zoo train --dataset-name needs datasets: pip install "
                    "'fcn-zoo[datasets]' (in a checkout: pip install -e '.[datasets]')")
+
+
+def test_a_reader_that_goes_away_is_no_error(tmp_path):
+    """fcn-zoo list | head: the pipe closes before fcn-zoo has written; it ends quietly."""
+    exe = Path(sys.executable).with_name("fcn-zoo")
+    process = subprocess.Popen([str(exe), "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**_quiet_env(tmp_path), "PYTHONUNBUFFERED": "1"})
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    assert process.wait() == 0 and err == ""
+
+
+def test_info_takes_a_folder_under_the_home_folder(tmp_path, tiny_folder, monkeypatch, capsys):
+    import shutil
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(tiny_folder, tmp_path / "model")
+    assert main(["info", "~/model"]) == 0
+    assert "resnet" in capsys.readouterr().out

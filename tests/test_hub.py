@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -288,3 +289,48 @@ def test_the_cached_weights_have_the_same_permissions_as_the_other_cached_files(
     cached = hub.cache_root() / "reference" / "fcn_resnet50os16_voc"
     modes = {p.name: p.stat().st_mode & 0o777 for p in cached.iterdir()}
     assert modes["model.safetensors"] == modes["config.json"] == modes["README.md"], modes
+
+
+def test_a_page_served_for_the_file_is_not_recorded_and_a_damaged_cache_entry_is_remade(reference_mirror, tmp_path, monkeypatch):
+    folder, reference = reference_mirror
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "fcn_resnet50os16_voc.pth").write_text("<html>down for maintenance</html>")
+    with serve_folder(served) as url:
+        monkeypatch.setenv("FCN_ZOO_REFERENCE_URL", url)
+        with pytest.raises(fcn_zoo.WeightsError) as refused:
+            fcn_zoo.from_pretrained("fcn_resnet50os16_voc")
+        assert str(refused.value).startswith(f"{url}/fcn_resnet50os16_voc.pth: not a checkpoint of plain tensors")
+        assert not (hub.cache_root() / "known_hashes.json").exists()  # the page's hash is not the row's
+        shutil.copy(folder / "fcn_resnet50os16_voc.pth", served)  # the mirror mended: its file is taken
+        model = fcn_zoo.from_pretrained("fcn_resnet50os16_voc")
+        cached = hub.cache_root() / "reference" / "fcn_resnet50os16_voc"
+        (cached / "model.safetensors").unlink()  # a cache entry that lost its weights is converted again
+        again = fcn_zoo.from_pretrained("fcn_resnet50os16_voc")
+    assert _same_weights(model, again) and (cached / "model.safetensors").is_file()
+    assert not list(cached.parent.glob(".*")), "temporary files were left in the cache"
+
+
+def test_a_hub_repo_cached_without_its_weights_is_told_at_once(isolated_caches, tiny_folder, monkeypatch):
+    import time
+
+    partial = isolated_caches / "config-only"
+    partial.mkdir()
+    shutil.copy(tiny_folder / "config.json", partial)
+    build_hub_cache(Path(os.environ["HF_HUB_CACHE"]), "me/half", COMMIT, partial)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: no Hub
+    started = time.perf_counter()
+    with pytest.raises(fcn_zoo.FCNZooError, match="me/half: the Hugging Face Hub cannot be reached"):
+        fcn_zoo.from_pretrained("me/half")
+    assert time.perf_counter() - started < 10  # not huggingface_hub's ~24 s of retries
+
+
+def test_a_local_pth_whose_name_gives_no_output_stride_says_how_to_load_it(reference_mirror, tmp_path):
+    folder, _ = reference_mirror
+    shutil.copy(folder / "fcn_resnet50os16_voc.pth", tmp_path / "weights.pth")
+    with pytest.raises(fcn_zoo.WeightsError, match="the output stride is not stored") as refused:
+        fcn_zoo.from_pretrained(tmp_path / "weights.pth")
+    assert f"`fcn-zoo convert {tmp_path / 'weights.pth'} --from reference --output-stride 8 --out DIR`" in str(refused.value)
+    assert "pass --output-stride" not in str(refused.value)  # loading has no such option

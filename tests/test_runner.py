@@ -469,13 +469,13 @@ def test_a_glob_climbing_above_its_fixed_part_writes_inside_out(capsys, small_fo
     out = tmp_path / "out"
     code, _, err = run(capsys, "predict", small_folder, f"{tmp_path}/photos/*/../../x*.jpg", "--out", out, "--quiet")
     assert code == 0, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "photos", "x1.jpg"]  # nothing beside the input
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "fcn_zoo_cache") == ["out", "photos", "x1.jpg"]  # nothing beside the input
     assert (out / "x1.png").is_file()
     # a caller's name that climbs out of --out: refused in one line, nothing written
     with pytest.raises(FCNZooError, match="outside --out") as refused:
         segment_sources(small_model, [Source(tmp_path / "x1.jpg", "../../x1", False)], Outputs(tmp_path / "o2"), quiet=True)
     assert "\n" not in str(refused.value) and str(tmp_path / "x1.jpg") in str(refused.value)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "photos", "x1.jpg"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "fcn_zoo_cache") == ["out", "photos", "x1.jpg"]
 
 
 def test_adding_inputs_moves_no_other_to_another_process():
@@ -563,3 +563,37 @@ def test_a_second_run_into_the_same_out_meanwhile_is_refused_and_writes_nothing(
     assert tree(out) == made
     code, _, err = run(capsys, "predict", small_folder, photo_tree / "2023", "--out", out, "--quiet", "--resume")
     assert code == 0, err  # the lock is given back with the run
+
+
+def test_a_glob_names_and_filters_as_a_folder_input_does_and_a_list_may_start_with_a_bom(tmp_path, photo_tree):
+    whole = expand_inputs([str(photo_tree)])
+    for pattern in ("*", "**"):
+        found = expand_inputs([str(photo_tree / pattern)])
+        assert [(s.name, s.path.name) for s in found.sources] == [(s.name, s.path.name) for s in whole.sources], pattern
+        assert [p.name for p in found.skipped] == [p.name for p in whole.skipped] == ["notes.txt"], pattern
+    listing = tmp_path / "list.txt"
+    listing.write_text("photos/2023/a.jpg\n", encoding="utf-8-sig")  # as Notepad saves it
+    assert [s.path for s in expand_inputs([f"@{listing}"]).sources] == [photo_tree / "2023" / "a.jpg"]
+
+
+def test_inputs_that_all_lie_inside_out_are_said_to_be_there(capsys, small_folder, photo_tree):
+    code, _, err = run(capsys, "predict", small_folder, photo_tree / "2023" / "a.jpg", "--out", photo_tree)
+    assert code == 1 and err.strip() == (f"fcn-zoo: error: {photo_tree / '2023' / 'a.jpg'}: every input lies inside --out "
+                                         f"{photo_tree}, whose files are outputs, not inputs; pass an --out outside the inputs")
+
+
+def test_resume_remakes_what_another_file_of_the_same_name_made_and_keeps_other_inputs_done(capsys, small_folder, tmp_path):
+    first, second, out = tmp_path / "first", tmp_path / "second", tmp_path / "out"
+    for folder in (first, second):
+        folder.mkdir()
+    small(PHOTOS[0]).save(first / "a.jpg")
+    small(PHOTOS[1]).save(first / "b.jpg")
+    small(PHOTOS[2], (50, 40)).save(second / "a.jpg")  # the same name, another photo
+    assert run(capsys, "predict", small_folder, first, "--out", out, "--quiet")[0] == 0
+    code, printed, _ = run(capsys, "predict", small_folder, second, "--out", out, "--resume")
+    assert code == 0 and printed.strip().splitlines()[-1].startswith("1 done, 0 failed")
+    assert Image.open(out / "a.png").size == (50, 40)  # second/a.jpg's mask, not first/a.jpg's
+    with open(out / "summary.csv", newline="") as f:
+        assert [(r["path"], r["width"]) for r in csv.DictReader(f)] == [("a.jpg", "50")]
+    code, printed, _ = run(capsys, "predict", small_folder, first, "--out", out, "--resume")
+    assert code == 0 and printed.strip().splitlines()[-1].startswith("1 done, 1 already done")  # b.jpg's kept
