@@ -4,6 +4,7 @@ a best/ folder that stands alone, evaluation on the same data."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,9 @@ def _break(root: Path, case: str) -> str:
                 f.rename(root / kind / "train" / f.name)
             (root / kind / "val").rmdir()
         return "--val-fraction 0.1"
+    if case == "two images of one id":
+        (train / "0001.png").write_bytes((train / "0001.jpg").read_bytes())
+        return f"{train / '0001.jpg'} and {train / '0001.png'}: two images of one id '0001'; keep one of them"
     if case == "classes without colours on every line":
         (root / "classes.txt").write_text("background 0 0 0\nbox\nellipse 1 2 3\n")
         return "class 1 (box) has no colour"
@@ -116,7 +120,7 @@ def _break(root: Path, case: str) -> str:
 
 @pytest.mark.parametrize("case", [
     "value outside the classes", "image without mask", "mask without image", "size mismatch", "empty split",
-    "colour mask", "no val split", "classes without colours on every line",
+    "colour mask", "no val split", "classes without colours on every line", "two images of one id",
 ])
 def test_a_malformed_dataset_is_one_line_naming_the_file_before_training(tmp_path, tiny_folder, case):
     data = make_generic(tmp_path / "data", n_train=4, n_val=2)
@@ -226,3 +230,55 @@ def test_median_frequency_weights():
     pixels = np.array([300, 100, 0, 20])
     image_pixels = np.array([400, 200, 0, 100])  # frequencies 0.75, 0.5, -, 0.2: median 0.5
     assert median_frequency_weights(pixels, image_pixels) == [pytest.approx(2 / 3), 1.0, 1.0, 2.5]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("\ufeffbackground 0 0 0\nbox 1 2 3\n", (["background", "box"], [(0, 0, 0), (1, 2, 3)])),  # Notepad's BOM
+    ("\ufeffbackground\nlevel 2\n", (["background", "level 2"], None)),  # no colours: a whole line is a name
+    ("a 0 0 0\nb 3 4\n", "classes.txt:2: the colour of 'b 3 4' is malformed; give the name, then R G B"),
+    ("a 0 0 0\nb ² 0 0\n", "classes.txt:2: the colour of 'b ² 0 0' is malformed"),  # no ASCII digit: no traceback
+    ("a 0 0 0\nb\n", "class 1 (b) has no colour"),
+])
+def test_a_classes_file_with_a_bom_a_numbered_name_or_a_malformed_colour(tmp_path, text, expected):
+    from training.data import DatasetLayoutError, read_classes_file
+
+    (tmp_path / "classes.txt").write_text(text, encoding="utf-8")
+    if isinstance(expected, tuple):
+        classes = read_classes_file(tmp_path / "classes.txt")
+        assert (classes.names, classes.palette) == expected
+    else:
+        with pytest.raises(DatasetLayoutError, match=re.escape(expected)):
+            read_classes_file(tmp_path / "classes.txt")
+
+
+def test_a_given_epochs_count_and_eval_interval_0_are_taken_as_given(tmp_path, tiny_folder):
+    """Fine-tuning's floor of 500 iterations and its 10 evaluations are defaults: --epochs 2 is 2 epochs and
+    --eval-interval 0 evaluates only at the end."""
+    from training.distributed import DistributedContext
+    from training.plan import FINETUNE_MIN_ITERS, make_plan
+
+    data = make_generic(tmp_path / "data", n_train=4, n_val=1, size=(48, 64))
+    start = ["--init", str(tiny_folder), "--data-root", str(data), "--device", "cpu", "--batch-size", "2"]
+    plan = make_plan(train_module.parse_args([*start, "--output-dir", str(tmp_path / "a"), "--epochs", "2",
+                                              "--eval-interval", "0"]), DistributedContext())
+    assert (plan.iters_per_epoch, plan.max_iters, plan.eval_interval, plan.meta["epochs"]) == (2, 4, 0, 2)
+    plan = make_plan(train_module.parse_args([*start, "--output-dir", str(tmp_path / "b")]), DistributedContext())
+    assert (plan.max_iters, plan.eval_interval) == (FINETUNE_MIN_ITERS, FINETUNE_MIN_ITERS // 10)  # the defaults
+
+
+def test_eval_max_samples_is_what_provenance_and_the_card_count(tmp_path, tiny_folder):
+    """With --eval-max-samples 1 of 3 val images the card's val count and sha256 are those of the one image
+    scored; provenance keeps the whole split's beside them."""
+    data = make_generic(tmp_path / "data", n_train=2, n_val=3, size=(48, 64))
+    out = tmp_path / "run"
+    assert train_module.main(["--init", str(tiny_folder), "--data-root", str(data), "--output-dir", str(out),
+                              "--max-iters", "1", "--batch-size", "2", "--crop-size", "32", "--eval-max-samples", "1",
+                              *QUICK]) == 0
+    run = json.loads((out / "best" / "provenance.json").read_text())["run"]
+    val = build_dataset("generic", data, "val")
+    assert run["eval_samples"] == 1 and run["val_samples_sha256"] == val.fingerprint(1) != val.fingerprint()
+    assert (run["data"]["val_images"], run["data"]["val_images_all"]) == (1, 3)
+    assert (run["data"]["val_sha256"], run["data"]["val_sha256_all"]) == (val.fingerprint(1), val.fingerprint())
+    card = (out / "best" / "README.md").read_text()
+    assert "2 train and 1 val images" in card and val.fingerprint(1) in card and val.fingerprint() not in card
+    assert json.loads((out / "run.json").read_text())["data"]["val_images"] == 3  # the data itself, as it is

@@ -435,3 +435,25 @@ def test_a_path_cell_naming_a_fifo_or_a_file_elsewhere_is_refused_without_readin
         cell_source({"bytes": None, "path": str(folder / ".." / "secret.png")}, "row 2", roots)
     (folder / "linked.png").symlink_to(tmp_path / "secret.png")  # git-annex, DVC: a link inside the folder
     assert cell_source({"bytes": None, "path": str(folder / "linked.png")}, "row 3", roots) == str((tmp_path / "secret.png").resolve())
+
+
+@pytest.mark.parametrize("splits,given,expected", [
+    ({"mytrain": 10, "train": 6}, ["--train-split", "mytrain", "--val-fraction", "0.3"], "held out 0.3 of mytrain"),
+    ({"train": 4, "validation": 6}, ["--train-split", "validation", "--val-fraction", "0.5"], "held out 0.5 of validation"),
+    ({"train": 4, "validation": 6}, ["--train-split", "validation", "--val-split", "train"], "train"),
+], ids=["another-train-split", "held-out-of-validation", "another-val-split"])
+def test_evaluate_takes_the_splits_the_model_trained_and_validated_on(tmp_path, source, splits, given, expected):
+    """`fcn-zoo evaluate best/ --dataset-name DS` without split options scores the rows the training run
+    validated on (its --train-split and --val-split or held-out share, from provenance.json): not held-out
+    rows of the default train split, nor a validation split it trained on. The mIoU is the one recorded."""
+    data = make_hub_dataset(tmp_path / "d", splits, size=(48, 64))
+    out = tmp_path / "run"
+    assert train_module.main(["--init", str(source), "--dataset-name", str(data), *given, "--output-dir", str(out),
+                              "--max-iters", "1", "--batch-size", "2", "--crop-size", "32", *QUICK]) == 0
+    assert evaluate_module.main([str(out / "best"), "--dataset-name", str(data), "--device", "cpu",
+                                 "--output-dir", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    provenance = json.loads((out / "best" / "provenance.json").read_text())
+    assert report["split"] == expected == provenance["run"]["data"]["val_split"]
+    assert report["samples_sha256"] == provenance["run"]["val_samples_sha256"]
+    assert abs(100 * report["mIoU"] - provenance["measured_miou"]) < 0.01

@@ -438,3 +438,52 @@ def test_numbers_out_of_range_and_an_earlier_runs_folder_are_refused_before_anyt
             train_module.main([*start, str(earlier if not extra else tmp_path / "new"), *extra])
         assert str(refused.value.code) == f"python -m training.train: {said}" + (", or a new --output-dir" if not extra else "")
     assert not (tmp_path / "new").exists() and [p.name for p in earlier.iterdir()] == ["ckpt-00000003.pt"]
+
+
+def test_an_lr_below_the_poly_floor_never_rises(tmp_path):
+    """The poly decay ends at 1e-4, or at --lr where that is lower: --lr 1e-5 does not climb towards 1e-4."""
+    make_voc(tmp_path / "data", n_train=4, n_val=1, size=(48, 64))
+    out = tmp_path / "run"
+    run_train("--recipe", "fcn_resnet50os8_voc", "--data-root", str(tmp_path / "data"), "--output-dir", str(out),
+              "--max-iters", "2", "--batch-size", "2", "--lr", "1e-5", *QUICK)
+    lrs = [json.loads(line)["lr"] for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(lrs) == 2 and all(lr <= 1e-5 for lr in lrs), lrs
+
+
+def test_a_resumed_run_logs_each_iteration_once(tmp_path):
+    """Iterations logged after the checkpoint a run resumes from (and a line cut short by the kill) are not
+    kept twice: log.jsonl holds each iteration's record once, and one evaluation."""
+    make_voc(tmp_path / "data", n_train=4, n_val=1, size=(48, 64))
+    out = tmp_path / "run"
+    args = ["--recipe", "fcn_resnet50os8_voc", "--data-root", str(tmp_path / "data"), "--output-dir", str(out),
+            "--max-iters", "3", "--batch-size", "2", "--checkpoint-interval", "2", *QUICK]
+    run_train(*args)
+    (out / "ckpt-00000003.pt").unlink()  # as if killed after iteration 3 was logged, before its checkpoint
+    with open(out / "log.jsonl", "a") as log:
+        log.write('{"iter": 4, "lo')
+    run_train(*args, "--resume")
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in log if "loss" in r] == [1, 2, 3]
+    assert [r["iter"] for r in log if "mIoU" in r] == [3]
+
+
+def test_a_leftover_old_folder_does_not_stop_the_export(tmp_path):
+    """best.old/ left by a run killed between export's two renames: the next export replaces best/ all the same."""
+    from types import SimpleNamespace
+
+    from training.results import export_folder
+
+    data = make_generic(tmp_path / "data", n_train=1, n_val=1, size=(48, 64))
+    val = build_dataset("generic", data, "val")
+    plan = SimpleNamespace(val_set=val, row=None, meta={"data": {"name": "data"}})
+    model = fcn_zoo.FCN(num_classes=3, backbone="resnet10t", head_channels=8, aux_channels=None)
+    results = {"mIoU": 0.5, "IoU": [0.5, 0.5, 0.5]}
+    (tmp_path / "best.old").mkdir()
+    (tmp_path / "best.old" / "model.safetensors").write_bytes(b"the previous best")
+    export_folder(model, plan, results, {"iteration": 1}, tmp_path / "best")
+    (tmp_path / "best.old").mkdir()
+    (tmp_path / "best.old" / "model.safetensors").write_bytes(b"the previous best")
+    export_folder(model, plan, {**results, "mIoU": 0.75}, {"iteration": 2}, tmp_path / "best")
+    provenance = json.loads((tmp_path / "best" / "provenance.json").read_text())
+    assert (provenance["run"]["iteration"], provenance["measured_miou"]) == (2, 75.0)
+    assert not (tmp_path / "best.old").exists() and not (tmp_path / "best.new").exists()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sample_data import make_ade20k, make_cityscapes, make_voc
+from sample_data import make_ade20k, make_cityscapes, make_generic, make_voc
 from training.data import DatasetLayoutError
 from training.sources import build_dataset
 from training.transforms import PadToSize, RandomCrop, RandomResize, train_transforms
@@ -84,6 +84,20 @@ def test_the_train_pipeline_is_reproducible_per_sample_and_epoch(tmp_path):
     assert not torch.equal(dataset[2][0], a_img)
 
 
+def test_portrait_images_under_a_landscape_crop_give_samples_of_the_crops_shape(tmp_path):
+    """--crop-size 32 64 on portrait images: every sample is 32x64, so a batch stacks."""
+    make_generic(tmp_path, n_train=4, n_val=1, size=(60, 20))
+    transforms = train_transforms((60, 20), (32, 64), (123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
+    dataset = build_dataset("generic", tmp_path, "train", transforms)
+    shapes = set()
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        shapes |= {(tuple(image.shape), tuple(label.shape)) for image, label in (dataset[i] for i in range(len(dataset)))}
+    assert shapes == {((3, 32, 64), (32, 64))}
+    images, labels = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
+    assert images.shape == (4, 3, 32, 64) and labels.shape == (4, 32, 64)
+
+
 def test_resize_crop_and_pad_keep_image_and_label_aligned():
     g = torch.Generator().manual_seed(0)
     image = torch.arange(60 * 90, dtype=torch.float32).view(1, 60, 90).expand(3, -1, -1).round().to(torch.uint8)
@@ -139,10 +153,17 @@ def test_photometric_distortion_is_the_references_given_the_same_draws(monkeypat
 
 
 def test_padding_is_the_references(monkeypatch):
+    """The reference's Padding where the image's orientation is the crop's (or the crop is square); a
+    portrait image under a landscape crop is padded to the crop's shape, not the transposed one, so that
+    every sample of a batch has one shape."""
     from ssseg.modules.datasets.pipelines.transforms import Padding
 
     g = torch.Generator().manual_seed(0)
-    for (h, w), size in [((30, 41), (48, 48)), ((37, 20), (32, 64)), ((20, 37), (32, 64)), ((48, 48), (48, 48))]:
+    image, label = torch.randn(3, 30, 20), torch.randint(0, 3, (30, 20))
+    padded_image, padded_label = PadToSize((32, 64))(image, label, g)
+    assert padded_image.shape == (3, 32, 64) and torch.equal(padded_label[1:31, 22:42], label)
+    assert (padded_label[:, :22] == 255).all() and (padded_image[:, :, 42:] == 0).all()
+    for (h, w), size in [((30, 41), (48, 48)), ((20, 37), (32, 64)), ((37, 20), (64, 32)), ((48, 48), (48, 48))]:
         image = torch.randn(3, h, w)
         label = torch.randint(0, 3, (h, w))
         reference = Padding(size, data_type="tensor")({"image": image.clone(), "seg_target": label.clone()})

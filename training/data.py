@@ -131,13 +131,13 @@ class SegmentationDataset(torch.utils.data.Dataset):
             )
         return self.lookup[raw]
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, count: int | None = None) -> str:
         """sha256 of the list of (image, label) file names (of the sorted ids in the generic layout): which
-        files an evaluation used."""
+        files an evaluation used; ``count``: of the first ``count`` samples only (``--max-samples``)."""
         if self.ids is not None:
-            text = "\n".join(sorted(self.ids))
+            text = "\n".join(sorted(self.ids[:count]))
         else:
-            text = "\n".join(f"{i.name} {label.name}" if label else i.name for i, label in self.samples)
+            text = "\n".join(f"{i.name} {label.name}" if label else i.name for i, label in self.samples[:count])
         return hashlib.sha256(text.encode()).hexdigest()
 
     def checked_labels(self, indices, sizes: list, progress: bool = False):
@@ -182,25 +182,31 @@ class Classes:
 
 
 def read_classes_file(path: str | Path) -> Classes:
-    """A ``classes.txt`` file anywhere (``--classes FILE``): a name per line, optionally ``R G B``."""
+    """A ``classes.txt`` file anywhere (``--classes FILE``): a name per line, optionally ``R G B``. Colours are
+    given on every line or on none; without any, a whole line is a name (``level 2`` too)."""
     path = Path(path)
     if not path.is_file():
         raise DatasetLayoutError(f"{path}: no such file; write one class name per line, in index order")
-    names, colours = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    lines = []
+    # utf-8-sig: a byte order mark (Notepad's) is not part of the first name
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
         text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        parts = text.split()
-        if len(parts) >= 4 and all(p.isdigit() for p in parts[-3:]):
-            rgb = tuple(int(p) for p in parts[-3:])
+        if text and not text.startswith("#"):
+            lines.append((number, text, text.split()))
+    coloured = any(_colour(parts) for _, _, parts in lines)
+    names, colours = [], []
+    for number, text, parts in lines:
+        rgb = _colour(parts) if coloured else None
+        if rgb is not None:
             if max(rgb) > 255:
                 raise DatasetLayoutError(f"{path}:{number}: colour {rgb} is outside 0..255")
             names.append(" ".join(parts[:-3]))
-            colours.append(rgb)
+        elif coloured and _is_number(parts[-1]):  # one or two numbers, or no name before them: a colour cut short
+            raise DatasetLayoutError(f"{path}:{number}: the colour of {text!r} is malformed; give the name, then R G B "
+                                     "(three numbers 0..255)")
         else:
             names.append(text)
-            colours.append(None)
+        colours.append(rgb)
     if not names:
         raise DatasetLayoutError(f"{path}: no class names; write one per line, in index order")
     if len(names) > IGNORE_INDEX:
@@ -213,6 +219,18 @@ def read_classes_file(path: str | Path) -> Classes:
         line = given.index(False) + 1
         raise DatasetLayoutError(f"{path}: class {line - 1} ({names[line - 1]}) has no colour; give R G B on every line or on none")
     return Classes(names, colours if all(given) else None)
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only (``"²"`` and ``"٣"`` are no colour values)."""
+    return text.isascii() and text.isdecimal()
+
+
+def _colour(parts: list[str]) -> tuple[int, int, int] | None:
+    """The ``R G B`` that ends a line of a name and a colour, or None."""
+    if len(parts) >= 4 and all(_is_number(p) for p in parts[-3:]):
+        return tuple(int(p) for p in parts[-3:])
+    return None
 
 
 def unit_hash(text: str) -> float:

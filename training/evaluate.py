@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
         if predictions and ctx.is_main:  # before anything loads: a folder that holds files is refused at once
             kind = (args.dataset or detect_layout(args.data_root)) if args.data_root else "hub"
             check_folder(predictions, args.overwrite_predictions, archive=kind if args.format_only and kind in SERVERS else None)
-        dataset, layout = evaluation_data(args, _training_val_fraction(args.model))  # the share its training held out
+        # the share its training held out, and on its Hugging Face dataset the splits it trained and validated on
+        dataset, layout = evaluation_data(args, inherit_training_splits(args))
         model = fcn_zoo.from_pretrained(args.model, device=str(ctx.device))
         if model.num_classes != dataset.num_classes:
             raise SystemExit(f"{args.model} predicts {model.num_classes} classes; {args.data_root or args.dataset_name} has "
@@ -235,7 +236,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
         write_report(results, dataset.class_names, out, {
             "model": args.model, "dataset": layout, "data_root": args.data_root, "dataset_name": args.dataset_name,
             "revision": args.revision, "split": getattr(dataset, "description", args.split), "mode": args.mode,
-            "tta": tta_record(args.tta), "eval_size": list(args.eval_size or model.eval_size), "samples_sha256": dataset.fingerprint(),
+            "tta": tta_record(args.tta), "eval_size": list(args.eval_size or model.eval_size), "samples": sample_count(dataset, args.max_samples),
+            "samples_sha256": dataset.fingerprint(sample_count(dataset, args.max_samples)),  # of the samples scored
             **extra,
         })
         official = extra.get("official")
@@ -300,14 +302,46 @@ def default_output_dir(model: str, split: str) -> Path:
     return Path("eval") / f"{model.replace('/', '--').replace('@', '-')}-{split}"
 
 
-def _training_val_fraction(model: str) -> float | None:
-    """The ``--val-fraction`` the training run of a ``best/`` folder used, from its ``provenance.json``."""
+def inherit_training_splits(args: argparse.Namespace) -> float | None:
+    """What the training run of a model folder (``best/``) chose, from its ``provenance.json``, for what the
+    command line leaves out: returns its ``--val-fraction`` (the share of train it held out); on the same
+    Hugging Face dataset it trained on, sets ``args.train_split`` to its training split where
+    ``--train-split`` is not given, and ``args.val_split`` to its validation split where it validated on a
+    named split and neither ``--val-split`` nor ``--val-fraction`` is given. Its held-out rows, or its
+    validation split, are then the ones evaluated, not those of the default ``train`` split."""
+    run = _training_run(args.model)
+    fraction = run.get("val_fraction")
+    fraction = fraction if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) else None
+    data = run.get("data")
+    if not getattr(args, "dataset_name", None) or not isinstance(data, dict) or not _same_hub_dataset(args, data):
+        return fraction
+    trained, validated = data.get("train_split"), data.get("val_split")
+    if args.train_split is None and isinstance(trained, str):
+        args.train_split = trained
+    if (args.train_split == trained and args.val_split is None and args.val_fraction is None and fraction is None
+            and isinstance(validated, str) and not validated.startswith("held out ")):
+        args.val_split = validated
+    return fraction
+
+
+def _same_hub_dataset(args: argparse.Namespace, data: dict) -> bool:
+    """Whether ``--dataset-name`` (and ``--dataset-config``) name the Hugging Face dataset ``data`` records."""
+    if data.get("layout") != "hub" or args.dataset_config not in (None, data.get("config")):
+        return False
+    if data.get("local_folder"):  # a folder is recorded by its name
+        return Path(args.dataset_name).exists() and Path(args.dataset_name).resolve().name == data.get("name")
+    return args.dataset_name == data.get("name")
+
+
+def _training_run(model: str) -> dict:
+    """The ``run`` of a model folder's ``provenance.json`` (what its training run recorded), or ``{}``."""
     import json
 
     try:
-        return json.loads((Path(model) / "provenance.json").read_text())["run"]["val_fraction"]
+        run = json.loads((Path(model) / "provenance.json").read_text())["run"]
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return {}
+    return run if isinstance(run, dict) else {}
 
 
 if __name__ == "__main__":

@@ -42,13 +42,13 @@ def pairs(root: str | Path, split: str | None) -> list[tuple[str, Path, Path | N
     expected = TEST_LAYOUTS["generic"] if split == "test" else LAYOUT
     if not images_dir.is_dir():
         raise DatasetLayoutError(f"{images_dir}: missing; expected {expected}")
-    images = {_id(p, images_dir): p for p in _files(images_dir, IMAGE_SUFFIXES)
-              if split or p.relative_to(images_dir).parts[0] != "test"}  # images/ alone: its test/ has no masks
+    images = _by_id([p for p in _files(images_dir, IMAGE_SUFFIXES)  # images/ alone: its test/ has no masks
+                     if split or p.relative_to(images_dir).parts[0] != "test"], images_dir, "image")
     if split == "test":
         if not images:
             raise DatasetLayoutError(f"{images_dir}: no images (.jpg, .png, ...) in the test split; expected {expected}")
         return [(i, images[i], None) for i in sorted(images)]
-    masks = {_id(p, masks_dir): p for p in _files(masks_dir, {".png"})} if masks_dir.is_dir() else {}
+    masks = _by_id(_files(masks_dir, {".png"}), masks_dir, "mask") if masks_dir.is_dir() else {}
     lone_images = sorted(set(images) - set(masks))
     if lone_images:
         raise DatasetLayoutError(_missing(images[lone_images[0]], masks_dir / f"{lone_images[0]}.png", "mask", len(lone_images)))
@@ -124,6 +124,17 @@ def _files(folder: Path, suffixes: set[str]) -> list[Path]:
             continue
         if path.is_file() and path.suffix.lower() in suffixes:
             found.append(path)
+    return found
+
+
+def _by_id(paths: list[Path], folder: Path, what: str) -> dict[str, Path]:
+    """``paths`` by their id; two files of one id (``0001.jpg`` and ``0001.png``) are an error naming both."""
+    found: dict[str, Path] = {}
+    for path in paths:
+        key = _id(path, folder)
+        if key in found:
+            raise DatasetLayoutError(f"{found[key]} and {path}: two {what}s of one id {key!r}; keep one of them")
+        found[key] = path
     return found
 
 

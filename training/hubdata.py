@@ -83,9 +83,10 @@ class HubDataset(SegmentationDataset):
         except ImageError as e:
             raise DatasetLayoutError(str(e)) from None
 
-    def fingerprint(self) -> str:
-        """sha256 of the dataset's fingerprint, the split and the rows taken: which rows an evaluation used."""
-        text = f"{getattr(self.table, '_fingerprint', '')}\n{self.split}\n{','.join(map(str, self.rows))}"
+    def fingerprint(self, count: int | None = None) -> str:
+        """sha256 of the dataset's fingerprint, the split and the rows taken: which rows an evaluation used
+        (``count``: the first ``count`` of them only)."""
+        text = f"{getattr(self.table, '_fingerprint', '')}\n{self.split}\n{','.join(map(str, self.rows[:count]))}"
         return hashlib.sha256(text.encode()).hexdigest()
 
 

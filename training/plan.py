@@ -1,7 +1,8 @@
 """What a run trains: the model, the data, the schedule, from ``--recipe`` (reproduce a zoo row) or from
 ``--init`` (fine-tune anything loadable on your data, with your classes).
 
-Fine-tuning defaults, for small datasets: 50 epochs and at least 500 iterations, SGD lr 0.01 with the
+Fine-tuning defaults, for small datasets: 50 epochs and at least 500 iterations (a given ``--epochs`` is
+taken as it is), evaluation 10 times over the run, SGD lr 0.01 with the
 recipe's momentum, weight decay and poly decay, batch 8 (or the training set, if smaller), a square crop of
 512 or the images' evaluation size if they are smaller, and the recipe's augmentations. The resize bound
 is the images' median size, unless it exceeds the ``--init`` model's own bound.
@@ -155,8 +156,9 @@ def finetune_plan(args: argparse.Namespace, ctx: DistributedContext) -> Plan:
     total_batch = args.batch_size or max(ctx.world_size, min(FINETUNE_BATCH, len(train_set)) // ctx.world_size * ctx.world_size)
     per_device = _per_device(args, total_batch, ctx)
     iters_per_epoch = _iters_per_epoch(train_set, total_batch)
-    epochs = args.epochs or FINETUNE_EPOCHS
-    max_iters = args.max_iters or max(epochs * iters_per_epoch, FINETUNE_MIN_ITERS)
+    # the floor of iterations is the default's (a small dataset's 50 epochs are few steps), not a given --epochs'
+    max_iters = args.max_iters or (args.epochs * iters_per_epoch if args.epochs
+                                   else max(FINETUNE_EPOCHS * iters_per_epoch, FINETUNE_MIN_ITERS))
     meta = {
         "init": str(args.init), "init_classes": source_classes, "reinitialised_classifiers": source_classes != len(names),
         "data": data.record, "epochs": round(max_iters / iters_per_epoch, 2), "lr": args.lr or FINETUNE_LR,
@@ -165,7 +167,8 @@ def finetune_plan(args: argparse.Namespace, ctx: DistributedContext) -> Plan:
     }
     return Plan(
         data.record["name"], None, model, train_set, val_set, total_batch, per_device, _accumulation(total_batch, per_device, ctx),
-        crop, scale, iters_per_epoch, max_iters, args.lr or FINETUNE_LR, args.eval_interval or max(1, max_iters // 10),
+        crop, scale, iters_per_epoch, max_iters, args.lr or FINETUNE_LR,
+        max(1, max_iters // 10) if args.eval_interval is None else args.eval_interval,  # 0: only at the end
         class_weights=weights, freeze_backbone=args.freeze_backbone, meta=meta,
     )
 

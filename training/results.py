@@ -18,8 +18,9 @@ def export_folder(model, plan: Plan, results: dict, meta: dict, folder: Path, re
     the per-class IoU and the run (for fine-tuning: the init source and the data)."""
     import shutil
 
+    run = evaluated_run(meta, plan.val_set)
     provenance = {
-        "run": {**meta, "val_samples_sha256": plan.val_set.fingerprint()},
+        "run": run,
         "measured_miou": round(100 * results["mIoU"], 2),
         "per_class_iou": {n: None if v != v else round(100 * v, 2) for n, v in zip(plan.val_set.class_names, results["IoU"])},
     }
@@ -28,10 +29,25 @@ def export_folder(model, plan: Plan, results: dict, meta: dict, folder: Path, re
     write_folder(model, fresh, provenance, row=plan.row, mean_iou=provenance["measured_miou"],
                  eval_dataset=None if plan.row else plan.meta["data"]["name"], repo_id=repo_id)
     old = folder.with_name(f"{folder.name}.old")
+    shutil.rmtree(old, ignore_errors=True)  # left by a run killed between the renames: its folder is complete
     if folder.exists():
         os.replace(folder, old)
     os.replace(fresh, folder)  # between the two renames best.old holds the previous best
     shutil.rmtree(old, ignore_errors=True)
+
+
+def evaluated_run(meta: dict, val_set) -> dict:
+    """What provenance.json says of the run, the val samples its evaluations scored among it: with
+    ``--eval-max-samples`` the first ``eval_samples`` of them, whose count and sha256 are the data's
+    ``val_images`` and ``val_sha256`` (what the card prints); the whole val split's stay in ``val_images_all``
+    and ``val_sha256_all``."""
+    count = meta.get("eval_samples", len(val_set))
+    run = {**meta, "val_samples_sha256": val_set.fingerprint(count)}
+    if count < len(val_set) and isinstance(meta.get("data"), dict):
+        data = meta["data"]
+        run["data"] = {**data, "val_images": count, "val_images_all": data.get("val_images", len(val_set)),
+                       "val_sha256": run["val_samples_sha256"], "val_sha256_all": data.get("val_sha256")}
+    return run
 
 
 def plot_curves(history: dict, path: Path) -> None:

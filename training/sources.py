@@ -32,8 +32,13 @@ def add_hub_arguments(parser: argparse.ArgumentParser, evaluation: bool = False)
     hub.add_argument("--id2label", metavar="FILE", help="class names as JSON {\"0\": \"name\", ...} (default: the dataset's id2label.json)")
     hub.add_argument("--classes", metavar="FILE", help="class names (and colours) in the classes.txt format, in place of id2label")
     hub.add_argument("--reduce-labels", action="store_true", help="mask value 0 is ignored and every other value moves down by one")
-    hub.add_argument("--train-split", help="default: train")
-    hub.add_argument("--val-split", help="default: the first of validation, val, valid (else --val-fraction holds part of train out)")
+    if evaluation:  # evaluate.inherit_training_splits
+        hub.add_argument("--train-split", help="default: the one the model's training run used on this dataset, else train")
+        hub.add_argument("--val-split", help="default: the one the model's training run validated on with this dataset, "
+                         "else the first of validation, val, valid (else --val-fraction holds part of train out)")
+    else:
+        hub.add_argument("--train-split", help="default: train")
+        hub.add_argument("--val-split", help="default: the first of validation, val, valid (else --val-fraction holds part of train out)")
     if not evaluation:
         hub.add_argument("--max-train-samples", type=int, help="train on the first N rows of the train split only")
 

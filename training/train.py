@@ -5,7 +5,7 @@
     fcn-zoo train --recipe fcn_resnet50os8_voc --data-root /data --output-dir /tmp/run \\
         --device cpu --max-iters 2 --batch-size 2 --crop-size 64 --backbone-weights none
 
-SGD (momentum 0.9, weight decay 5e-4), poly decay (power 0.9, min lr 1e-4) per iteration, cross-entropy +
+SGD (momentum 0.9, weight decay 5e-4), poly decay (power 0.9, min lr 1e-4, or ``--lr`` if lower) per iteration, cross-entropy +
 0.4 x auxiliary cross-entropy (the main head's alone for a model without an auxiliary head), SyncBatchNorm and DDP over the processes. ``--recipe``: the row's lr,
 epochs, crop and total batch (16, Cityscapes 8), split over the processes with gradient accumulation when
 fewer devices hold it. ``--init``: the fine-tuning defaults of :mod:`training.plan`. bf16 autocast and
@@ -41,7 +41,7 @@ from fcn_zoo.protocol import native_bf16
 from .checkpoints import resume, save_checkpoint
 from .data import IGNORE_INDEX, DatasetLayoutError, RunSampler, TimedSamples
 from .distributed import DistributedContext, init_distributed, shared_step
-from .evaluate import evaluate
+from .evaluate import evaluate, sample_count
 from .plan import FINETUNE_BATCH, FINETUNE_CROP, FINETUNE_EPOCHS, FINETUNE_LR, FINETUNE_MIN_ITERS, make_plan
 from .precision import configure_determinism, nondeterministic_ops, training_precision, without_autotuning
 from .results import export_folder, final_line, plot_curves, push_best
@@ -55,7 +55,8 @@ AUX_WEIGHT = 0.4
 def parse_args(argv: list[str] | None = None, prog: str = "python -m training.train") -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog=prog, description=__doc__.split("\n")[0],
-        epilog=f"Fine-tuning defaults (--init): {FINETUNE_EPOCHS} epochs and at least {FINETUNE_MIN_ITERS} iterations, "
+        epilog=f"Fine-tuning defaults (--init): {FINETUNE_EPOCHS} epochs and at least {FINETUNE_MIN_ITERS} iterations (a given "
+        "--epochs as it is), "
         f"lr {FINETUNE_LR}, batch {FINETUNE_BATCH} (or the training set if smaller), crop {FINETUNE_CROP} (or the "
         "images' size if smaller), resize bound the images' median size (or the --init model's if smaller), "
         "evaluation 10 times over the run; best/ keeps the best.",
@@ -93,7 +94,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m training.tr
                    help="data-loading processes per training process (default: on GPUs the cores per process less one, "
                    "at most 8; on the CPU 0, since the network uses every core)")
     p.add_argument("--checkpoint-interval", type=int, default=1000)
-    p.add_argument("--eval-interval", type=int, default=0, help="also evaluate every N iterations (default: only at the end; fine-tuning: 10 times)")
+    p.add_argument("--eval-interval", type=int, help="also evaluate every N iterations; 0: only at the end (default: only at "
+                   "the end; fine-tuning: 10 times over the run)")
     p.add_argument("--eval-max-samples", type=int, help="evaluate on the first N val samples only")
     p.add_argument("--log-interval", type=int, default=50)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --output-dir")
@@ -164,9 +166,10 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
     if args.compile:
         net = torch.compile(net)
     base_lr = plan.lr
+    min_lr = min(MIN_LR, base_lr)  # an --lr below the floor stays constant: the decay never raises it
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=base_lr, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: ((base_lr - MIN_LR) * (1 - min(it, max_iters) / max_iters) ** POLY_POWER + MIN_LR) / base_lr
+        optimizer, lambda it: ((base_lr - min_lr) * (1 - min(it, max_iters) / max_iters) ** POLY_POWER + min_lr) / base_lr
     )
     class_weights = torch.tensor(plan.class_weights, device=ctx.device) if plan.class_weights else None
     aux_loss_on = model.auxiliary_head is not None
@@ -186,6 +189,7 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
         "precision": precision.name, "grad_scaler": precision.scaler, "tf32": bool(on_gpu and torch.backends.cudnn.allow_tf32),
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark), "deterministic": args.deterministic, "loader_workers": workers,
         "aux_loss_weight": AUX_WEIGHT if aux_loss_on else None,
+        "eval_samples": sample_count(val_set, args.eval_max_samples),  # the val samples each evaluation scores
         "commit": _git_commit(),
     }
     if plan.row is not None and batchnorm_batch != plan.total_batch and ctx.is_main:
@@ -197,7 +201,10 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
         print(meta["batchnorm_caveat"], file=sys.stderr)
     if ctx.is_main:
         write_json(out / "run.json", {**meta, "args": vars(args)})
-    # a resumed run continues its log; a new run into the same folder starts it afresh (curves of one run)
+    # a resumed run continues its log from its checkpoint (the records after it are logged again); a new run into
+    # the same folder starts it afresh (curves of one run)
+    if ctx.is_main and state["iteration"]:
+        trim_log(out / "log.jsonl", state["iteration"])
     log_file = open(out / "log.jsonl", "a" if state["iteration"] else "w") if ctx.is_main else None
     # as the reference's sampler: a permutation per epoch, padded by repeating its start, split over the processes
     sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed, drop_last=False)
@@ -304,6 +311,25 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
             push_best(out / "best", args.push_to_hub, getattr(args, "prog", "python -m training.train"))
         print(final_line(state, out))
     return state
+
+
+def trim_log(path: Path, iteration: int) -> None:
+    """``log.jsonl`` rewritten (atomically) with its records up to ``iteration`` only: those of the iterations
+    after the checkpoint a run resumes from are logged again by the resumed run, once."""
+    from fcn_zoo._files import atomic_path
+
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by the kill
+            continue
+        if isinstance(record, dict) and isinstance(record.get("iter"), int) and record["iter"] <= iteration:
+            kept.append(line + "\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(kept), encoding="utf-8")
 
 
 def default_workers(ctx: DistributedContext) -> int:

@@ -143,7 +143,10 @@ class Normalize:
 
 class PadToSize:
     """Pad to ``size`` (h, w) around the centre, as the reference's ``Padding`` (image 0 after normalising,
-    label ignore); an image whose orientation differs from ``size``'s is padded to the transposed size."""
+    label ignore), whatever the image's orientation: every sample of a batch has the crop's shape. (The
+    reference pads an image whose orientation differs from ``size``'s to the transposed size, which mixes
+    two shapes in a batch under a non-square crop; for a square crop the two are the same.) The image is at
+    most ``size`` on each side, as :class:`RandomCrop` leaves it."""
 
     def __init__(self, size: tuple[int, int]):
         self.size = size
@@ -151,8 +154,6 @@ class PadToSize:
     def __call__(self, image, label, generator):
         h, w = image.shape[-2:]
         out_h, out_w = self.size
-        if (h > w and out_h < out_w) or (h < w and out_h > out_w):
-            out_h, out_w = out_w, out_h
         top, left = (out_h - h) // 2, (out_w - w) // 2
         pad = (left, out_w - w - left, top, out_h - h - top)
         if any(pad):
