@@ -150,9 +150,9 @@ class ConvAct(nn.Module):
         parts = [part.contiguous(memory_format=torch.channels_last) for part in x.split(width, dim=1)]
         y = torch.ops.mkldnn._convolution_pointwise(parts[0], weights[0], bias, *geometry, "none", [], "")
         for i in range(1, len(weights)):
-            last = i == len(weights) - 1
+            last = i == len(weights) - 1  # the binary operator takes no unary "none": None, where no ReLU follows
             y = torch.ops.mkldnn._convolution_pointwise.binary(
-                parts[i], y, weights[i], None, *geometry, "add", 1.0, unary if last else None, [], ""
+                parts[i], y, weights[i], None, *geometry, "add", 1.0, "relu" if last and self.relu else None, [], ""
             )
         return y
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import numbers
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -23,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from ._inference import device_of, evaluating, inference_copy
+from .devices import check_device_available
 from .errors import ImageError, is_out_of_memory
 from .images import describe, read_image
 from ._files import is_quantized_config
@@ -50,15 +52,30 @@ class Predictor:
         if compile and engine != "torch":
             raise ValueError("compile=True applies to engine='torch'; onnxruntime compiles its graph itself")
         caller, own_device = model, device_of(model)
-        device = torch.device(device) if device is not None else own_device
+        try:
+            device = torch.device(device) if device is not None else own_device
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
+        if device.type == "cpu":
+            device = torch.device("cpu")  # cpu:N names the same CPU
+        elif device != own_device:
+            check_device_available(str(device))  # a GPU torch cannot see: one line saying why
+        if not (tta is None or isinstance(tta, (bool, TTA))):
+            raise ValueError(f"tta must be True, False, None or a TTA, got {tta!r}")
+        for what, pair in (("window", window), ("stride", stride)):
+            if pair is not None and not _pair_of_counts(pair):
+                raise ValueError(f"{what} must be (height, width), two integers >= 1, got {pair!r}")
+        if stride is not None and any(s > w for s, w in zip(stride, window or model.crop_size)):
+            raise ValueError(f"stride {tuple(stride)} is larger than the window {tuple(window or model.crop_size)}: the "
+                             "pixels between windows would be in none")
         if is_quantized_config(getattr(model, "config", {})) and (device.type != "cpu" or precision not in ("fp32", "auto")
                                                                 or engine != "torch" or compile):
             raise ValueError("an int8 model runs on the CPU by OpenVINO, at OpenVINO's precision: leave device, "
                              "precision, engine and compile at their defaults")
         if batch_size is None:
             batch_size = 1 if device.type == "cpu" else 8
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not _count(batch_size, 1):
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         dtype = autocast_dtype(precision, device)
         if engine == "onnxruntime" and (device.type != "cpu" or dtype is not None):
             raise ValueError("engine='onnxruntime' runs on the CPU in fp32; use engine='torch' for GPUs")
@@ -104,10 +121,11 @@ class Predictor:
         if num_workers is None:
             idle = (os.cpu_count() or 1) - torch.get_num_threads()
             num_workers = 2 if self.device.type != "cpu" else max(0, min(2, idle))
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        prefetch = prefetch or (2 * max(num_workers, self.batch_size) if num_workers else self.batch_size)
-        if prefetch < self.batch_size:
+        if not _count(num_workers, 0):
+            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+        if prefetch is None:
+            prefetch = 2 * max(num_workers, self.batch_size) if num_workers else self.batch_size
+        if not _count(prefetch, 1) or prefetch < self.batch_size:
             raise ValueError(f"prefetch ({prefetch}) must be at least the batch size ({self.batch_size})")
         overlap = overlaps(self.device) if overlap is None else overlap
         read = read or (lambda item: read_image(item, name(item)))
@@ -169,6 +187,8 @@ class Predictor:
                 item, loaded = batch[0]
                 if isinstance(loaded, Exception):  # a failed read: what came before it first
                     yield from settle(0)
+                    if item is _SOURCE_FAILED:  # the items themselves failed (a generator that raised): it ends here
+                        raise loaded
                     yield failed(item, loaded)
                 else:
                     yield from segment(batch)
@@ -231,6 +251,18 @@ class Predictor:
             ) from e
 
 
+def _count(value, least: int) -> bool:
+    """Whether ``value`` is a whole number (not a bool) of at least ``least``."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
+
+
+def _pair_of_counts(value) -> bool:
+    try:
+        return len(value) == 2 and all(_count(v, 1) for v in value)
+    except TypeError:  # not a sequence
+        return False
+
+
 def overlaps(device: torch.device) -> bool:
     """Whether labels are made beside the next forward pass by default: on CUDA GPUs, where the network's time
     is the device's and the host would idle. Not on the CPU (both would share its cores), nor on MPS (two
@@ -257,17 +289,35 @@ def _run_now(fn, *args) -> Future:
     return future
 
 
+_SOURCE_FAILED = object()  # the item of an error of the items' own iterator
+
+
 def _read_ahead(items: Iterator, load: Callable, submit: Callable[..., Future], prefetch: int) -> Iterator:
-    """``(item, load(item) or its exception)`` in input order, at most ``prefetch`` items loading ahead."""
-    pending: deque = deque((item, submit(load, item)) for item in itertools.islice(items, prefetch))
+    """``(item, load(item) or its exception)`` in input order, at most ``prefetch`` items loading ahead. An error
+    of ``items`` itself (a generator that raises) comes last, as ``(_SOURCE_FAILED, error)``, after every item
+    it gave before it."""
+    pending: deque = deque()
+    failure = None
+
+    def take(count: int) -> None:
+        nonlocal failure
+        try:
+            for item in itertools.islice(items, count if failure is None else 0):
+                pending.append((item, submit(load, item)))
+        except Exception as e:
+            failure = e
+
+    take(prefetch)
     while pending:
         item, future = pending.popleft()
-        pending.extend((item, submit(load, item)) for item in itertools.islice(items, prefetch - len(pending)))
+        take(prefetch - len(pending))
         try:
             loaded = future.result()
         except Exception as e:
             loaded = e
         yield item, loaded
+    if failure is not None:
+        yield _SOURCE_FAILED, failure
 
 
 def _batches(reads: Iterator, batch_size: int) -> Iterator[list]:

@@ -55,17 +55,22 @@ def upsample_softmax(
 
 def _summed_bands(logits: list[torch.Tensor], height: int, width: int, budget_bytes: int):
     """Yield ``(top, bottom, scores)``: the sum of ``logits`` upsampled bilinearly to ``(height, width)``,
-    for output rows ``top:bottom``, ``(C, bottom - top, width)``, one band of ``budget_bytes`` at a time."""
+    for output rows ``top:bottom``, ``(C, bottom - top, width)``, one band of ``budget_bytes`` at a time. Each
+    band widens only the input rows it blends (a resize of the width alone leaves each row apart, and equal),
+    so a TTA sum of twelve sets costs one band's rows at a time, not twelve width-upsampled sets."""
     classes = logits[0].shape[1]
     device = logits[0].device
-    wide = [F.interpolate(lg.float(), size=(lg.shape[2], width), mode="bilinear", align_corners=False)[0] for lg in logits]
     taps = [bilinear_taps(lg.shape[2], height, device) for lg in logits]
-    band = max(1, budget_bytes // (4 * classes * width * 4))  # two gathered rows, their blend, the sum
+    band = max(1, budget_bytes // (5 * classes * width * 4))  # the widened rows, two gathered, their blend, the sum
     for top in range(0, height, band):
         bottom = min(height, top + band)
         total = None
-        for w, (lower, upper, frac) in zip(wide, taps):
-            scores = torch.lerp(w[:, lower[top:bottom]], w[:, upper[top:bottom]], frac[top:bottom].view(1, -1, 1))
+        for lg, (lower, upper, frac) in zip(logits, taps):
+            first, last = int(lower[top]), int(upper[bottom - 1])  # the input rows this band blends
+            rows = lg[:, :, first:last + 1].float()
+            wide = F.interpolate(rows, size=(rows.shape[2], width), mode="bilinear", align_corners=False)[0]
+            scores = torch.lerp(wide[:, lower[top:bottom] - first], wide[:, upper[top:bottom] - first],
+                                frac[top:bottom].view(1, -1, 1))
             total = scores if total is None else total.add_(scores)
         yield top, bottom, total
 

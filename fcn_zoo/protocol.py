@@ -30,6 +30,12 @@ class TTA:
     scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
     flip: bool = True
 
+    def __post_init__(self):
+        scales = tuple(self.scales) if isinstance(self.scales, (list, tuple)) else ()
+        if not scales or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in scales):
+            raise ValueError(f"TTA scales must be one or more positive numbers, got {self.scales!r}")
+        object.__setattr__(self, "scales", scales)
+
 
 def network_logits(
     model, prepared: list[torch.Tensor], *, tta: TTA | None = None, mode: str = "whole", window=None, stride=None,
@@ -51,11 +57,18 @@ def network_logits(
     batch = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
     outs = []
     for scale in tta.scales if tta else (1,):
-        x = batch if scale == 1 else F.interpolate(batch, scale_factor=scale, mode="bilinear", align_corners=False)
+        if scale == 1:
+            x = batch
+        elif min(int(side * scale) for side in batch.shape[-2:]) >= 1:
+            x = F.interpolate(batch, scale_factor=scale, mode="bilinear", align_corners=False)
+        else:  # a side of a narrow strip that would vanish at this scale keeps one pixel
+            size = [max(1, int(side * scale)) for side in batch.shape[-2:]]
+            x = F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
         outs.append(run(x))
         if tta and tta.flip:
             outs.append(run(x.flip(-1)).flip(-1))
-    return [[out[i:i + 1].float() for out in outs] for i in range(len(inputs))]
+    # each image's own copy where a batch holds several: a result does not keep the whole batch's logits alive
+    return [[(out if len(inputs) == 1 else out[i:i + 1].clone()).float() for out in outs] for i in range(len(inputs))]
 
 
 def prepare(model, rgb, eval_size: Sequence[int] | None = None) -> torch.Tensor:

@@ -177,7 +177,7 @@ def folder_metadata(class_names, palette, mean, std, eval_size, crop_size) -> di
 def eval_resize_shape(height: int, width: int, eval_size) -> tuple[int, int]:
     """The reference's keep-ratio resize: the ``(h, w)`` an image of ``height x width`` is evaluated at."""
     scale = min(max(eval_size) / max(height, width), min(eval_size) / min(height, width))
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))  # a thin strip keeps a pixel
 
 
 DATASETS: dict[str, DatasetInfo] = {

@@ -329,3 +329,93 @@ def test_predict_and_predict_iter_leave_the_model_as_they_found_it(tiny_model, p
     if setup == "training":  # and training goes on as it was: BatchNorm in training mode, the auxiliary output
         logits, aux = tiny_model(torch.randn(2, 3, 64, 64))
         assert aux is not None
+
+
+def test_a_generator_that_raises_gives_every_result_before_its_error(tiny_model):
+    def photos():
+        yield PHOTOS[0]
+        yield PHOTOS[0]
+        raise RuntimeError("the camera went away")
+
+    for workers, batch in ((0, 1), (2, 1), (0, 4)):
+        got = []
+        with pytest.raises(RuntimeError, match="the camera went away"):
+            for item, seg in tiny_model.predict_iter(photos(), num_workers=workers, batch_size=batch, errors="yield"):
+                got.append(seg.size)
+        assert len(got) == 2, (workers, batch)
+
+
+def test_bad_options_are_value_errors_before_anything_runs(tiny_model):
+    image = np.zeros((32, 48, 3), np.uint8)
+    for options, said in [
+        ({"mode": "slide", "window": (16, 16), "stride": (40, 40)}, "larger than the window"),
+        ({"mode": "slide", "stride": (0, 0)}, "stride must be"),
+        ({"mode": "slide", "window": (0, 0)}, "window must be"),
+        ({"mode": "slide", "stride": 5}, "stride must be"),
+        ({"device": "gpu"}, "unknown device"),
+        ({"tta": "yes"}, "tta must be"),
+        ({"batch_size": 2.5}, "batch_size must be"),
+        ({"batch_size": True}, "batch_size must be"),
+    ]:
+        with pytest.raises(ValueError, match=said):
+            tiny_model.predict(image, **options)
+    with pytest.raises(ValueError, match="TTA scales"):
+        TTA(scales=())
+    for stream_options, said in [({"num_workers": 1.5}, "num_workers"), ({"prefetch": 0}, "prefetch")]:
+        with pytest.raises(ValueError, match=said):
+            tiny_model.predict_iter([image], **stream_options)
+
+
+def test_cpu_0_is_the_cpu_and_a_thin_strip_is_segmented(tiny_model):
+    from fcn_zoo.engine import Predictor
+
+    assert Predictor(tiny_model, device="cpu:0").model is tiny_model  # no copy for the CPU it is on
+    strip = np.full((1, 300, 3), 128, np.uint8)
+    tiny_model.eval_size = (96, 64)
+    assert eval_resize_shape(1, 300, tiny_model.eval_size) == (1, 96)
+    assert tiny_model.predict(strip).labels.shape == (1, 300)
+    assert tiny_model.predict(strip, tta=True).labels.shape == (1, 300)
+
+
+def test_each_result_of_a_batch_holds_its_own_logits_and_results_compare_as_objects(tiny_model):
+    first, second = tiny_model.predict([PHOTOS[0], PHOTOS[0]], batch_size=2)
+    for seg in (first, second):
+        logits = seg.logits[0]
+        assert logits.untyped_storage().nbytes() == logits.numel() * logits.element_size()  # not the batch's
+    assert first == first and first != second
+
+
+def test_tta_bands_equal_interpolation_of_the_summed_sets_and_widen_only_their_rows(monkeypatch):
+    import torch.nn.functional as F
+
+    from fcn_zoo.labels import upsample_argmax, upsample_softmax
+
+    generator = torch.Generator().manual_seed(0)
+    logits = [torch.randn(1, 7, h, w, generator=generator) for h, w in ((5, 9), (8, 13), (11, 19))]
+    size = (37, 61)
+    summed = sum(F.interpolate(lg, size=size, mode="bilinear", align_corners=False) for lg in logits)[0]
+    widened, interpolate = [], F.interpolate
+    monkeypatch.setattr(F, "interpolate", lambda x, **k: widened.append(x.shape[2]) or interpolate(x, **k))
+    for budget in (7 * 61 * 4 * 5, 1 << 20):  # a band of one row, and one band
+        widened.clear()
+        assert torch.equal(upsample_argmax(logits, size, budget_bytes=budget, prune=False), summed.argmax(0))
+        confidence = upsample_softmax(logits, size, budget_bytes=budget)
+        assert torch.allclose(confidence, (summed / 3).softmax(0).amax(0), atol=1e-6)
+        if budget < 1 << 20:  # a band of one output row widens the two input rows it blends, not a whole set
+            assert max(widened) <= 2, max(widened)
+
+
+def test_a_split_convolution_without_relu_runs_fused(monkeypatch):
+    from fcn_zoo import _fusion
+
+    torch.manual_seed(0)
+    model = fcn_zoo.FCN(num_classes=5, backbone="resnet18", head_channels=128, aux_channels=None).eval()
+    classifier = model.decode_head.classifier.weight
+    monkeypatch.setattr(_fusion, "SPLIT_BYTES", classifier.numel() * 4 // 2)  # the classifier in two slices
+    assert _fusion.input_splits(classifier) == 2
+    fused = model.fuse(inplace=False)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        expected, got = model(x), fused(x)
+    assert torch.allclose(got, expected, atol=1e-3)
+    assert not any(m._failed for m in fused.modules() if isinstance(m, _fusion.ConvAct)) or not _fusion.onednn_available()

@@ -201,8 +201,8 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
         print(meta["batchnorm_caveat"], file=sys.stderr)
     if ctx.is_main:
         write_json(out / "run.json", {**meta, "args": vars(args)})
-    # a resumed run continues its log from its checkpoint (the records after it are logged again); a new run into
-    # the same folder starts it afresh (curves of one run)
+    # a resumed run continues its log from its checkpoint (the records after it are logged again); a new run's
+    # folder holds no earlier run (plan.check_output_dir)
     if ctx.is_main and state["iteration"]:
         trim_log(out / "log.jsonl", state["iteration"])
     log_file = open(out / "log.jsonl", "a" if state["iteration"] else "w") if ctx.is_main else None
