@@ -117,8 +117,7 @@ def segment_sources(
             record(source, row, f"{source.path} -> {', '.join(map(str, written))} ({_top(row['shares'])})")
 
     try:
-        if resume:
-            _clear_leftovers(outputs.folder, {p for s in todo for p in outputs.paths(s)})
+        _clear_leftovers(outputs.folder, {p for s in todo for p in outputs.paths(s)})  # a killed run's, beside them
         images = [s for s in todo if not s.video]
         stream = predict_iter(model, [s.path for s in images], errors="yield", confidence=outputs.confidence, **options)
         for (_, result), source in zip(stream, images):

@@ -597,3 +597,12 @@ def test_resume_remakes_what_another_file_of_the_same_name_made_and_keeps_other_
         assert [(r["path"], r["width"]) for r in csv.DictReader(f)] == [("a.jpg", "50")]
     code, printed, _ = run(capsys, "predict", small_folder, first, "--out", out, "--resume")
     assert code == 0 and printed.strip().splitlines()[-1].startswith("1 done, 1 already done")  # b.jpg's kept
+
+
+def test_a_rerun_without_resume_clears_what_a_killed_run_was_writing(capsys, small_folder, photo_tree):
+    out = photo_tree.parent / "out"
+    assert run(capsys, "predict", small_folder, photo_tree / "2023", "--out", out, "--quiet")[0] == 0
+    leftover = out / ".a.png.99999-1.partial"  # as a kill mid-write leaves it
+    leftover.write_bytes(b"half a PNG")
+    assert run(capsys, "predict", small_folder, photo_tree / "2023", "--out", out, "--quiet")[0] == 0
+    assert not leftover.exists() and (out / "a.png").is_file()
