@@ -487,3 +487,14 @@ def test_a_leftover_old_folder_does_not_stop_the_export(tmp_path):
     provenance = json.loads((tmp_path / "best" / "provenance.json").read_text())
     assert (provenance["run"]["iteration"], provenance["measured_miou"]) == (2, 75.0)
     assert not (tmp_path / "best.old").exists() and not (tmp_path / "best.new").exists()
+
+
+def test_evaluate_refuses_a_val_fraction_on_a_layout_with_its_own_val_split(tmp_path, tiny_folder):
+    from training import evaluate as evaluate_module
+
+    make_voc(tmp_path / "data")
+    with pytest.raises(SystemExit) as refused:
+        evaluate_module.main([str(tiny_folder), "--data-root", str(tmp_path / "data"), "--val-fraction", "0.2",
+                              "--device", "cpu", "--output-dir", str(tmp_path / "eval")])
+    assert "--val-fraction holds out part of your own folder's" in str(refused.value.code)
+    assert "voc's layout, whose val split is its own" in str(refused.value.code)

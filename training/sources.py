@@ -125,6 +125,9 @@ def evaluation_data(args: argparse.Namespace, inherited: float | None) -> tuple[
         return hubdata.load_split(args, args.split, args.val_fraction, inherited), "hub"
     layout = args.dataset or detect_layout(args.data_root)
     fraction = args.val_fraction
+    if fraction is not None and layout != "generic":
+        raise DatasetLayoutError(f"--val-fraction holds out part of your own folder's or a Hugging Face dataset's "
+                                 f"train split; {args.data_root} is {layout}'s layout, whose val split is its own")
     if fraction is None and not (Path(args.data_root) / "images" / "val").is_dir():
         fraction = inherited
     return build_dataset(layout, args.data_root, args.split, val_fraction=fraction if layout == "generic" else None), layout
