@@ -44,7 +44,7 @@ def test_bad_predict_options_are_named(tiny_model):
         tiny_model.predict(image, mode="tiles")
     with pytest.raises(ValueError, match="precision must be"):
         tiny_model.predict(image, precision="int8")
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         tiny_model.predict(image, batch_size=0)
 
 
