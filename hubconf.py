@@ -20,7 +20,11 @@ def _entry_point(name):
         config = checkpoint.model_config()
         if num_classes is not None and num_classes != config["num_classes"]:
             config.update(num_classes=num_classes, dataset=None)
-        return _fcn_zoo.FCN(**config, **kwargs)
+        device = kwargs.pop("device", None)
+        for loading_only in ("revision", "cache_dir", "local_files_only"):  # nothing is loaded
+            kwargs.pop(loading_only, None)
+        model = _fcn_zoo.FCN(**config, **kwargs)  # random weights, in training mode as torchvision's builders give
+        return model.to(device) if device is not None else model
 
     load.__name__ = load.__qualname__ = name
     load.__doc__ = (
@@ -30,7 +34,7 @@ def _entry_point(name):
         "    pretrained: load the published weights (default); False gives random weights.\n"
         "    num_classes: a different number of classes freshly initialises the classifiers (fine-tuning).\n"
         "    **kwargs: passed to fcn_zoo.from_pretrained (revision, device, cache_dir, local_files_only)\n"
-        "        or, without weights, to fcn_zoo.FCN.\n"
+        "        or, without weights, device and the others to fcn_zoo.FCN (the model in training mode).\n"
     )
     return load
 

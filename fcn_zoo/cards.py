@@ -240,13 +240,13 @@ def model_card(
         title = f"FCN {cfg['backbone']} OS{cfg['output_stride']}{trained_on}" + (f" (`{repo_id}`)" if repo_id else "")
 
     results = []  # (dataset, split, mIoU, source)
-    if row is not None:
+    if same_architecture:  # the row's figures are its own architecture's
         results.append((data.title, data.val_split, row.miou, "reference, seed table"))
         if row.miou_newest is not None:
             results.append((data.title, data.val_split, row.miou_newest, "reference, newest"))
     if mean_iou is not None:
         results.append((eval_dataset or data.title, eval_split, mean_iou, "measured with these weights"))
-    index_miou = mean_iou if mean_iou is not None else (row.reference_miou if row is not None else None)
+    index_miou = mean_iou if mean_iou is not None else (row.reference_miou if same_architecture else None)
     hub_dataset = eval_dataset if eval_dataset is not None else (data.hub_dataset if data else None)
     run_data = (provenance.get("run") or {}).get("data") or {}
     on_hub = run_data.get("layout", "hub") == "hub" and not run_data.get("local_folder")  # a folder is no Hub id
@@ -256,7 +256,7 @@ def model_card(
         pipeline_tag="image-segmentation",
         tags=["semantic-segmentation", "fcn", "timm", "pytorch", "safetensors"],
         datasets=[hub_dataset] if hub_dataset and on_hub else None,
-        model_name=row.name if row is not None else (repo_id or (model_id if index_miou is not None else None)),
+        model_name=row.name if row is not None else (repo_id or (title if index_miou is not None else None)),
         eval_results=None if index_miou is None else [
             EvalResult(
                 task_type="image-segmentation",

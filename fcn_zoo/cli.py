@@ -293,9 +293,9 @@ def cmd_convert(args) -> int:
         parity=not args.no_parity, provenance={"source_file": Path(args.src).name},
     )
     parity = provenance.get("parity")
+    why = " (mmsegmentation's needs mmcv's compiled ops)" if args.source == "mmseg" else " (sssegmentation not importable)"
     figures = (f"max abs logit difference {parity['max_abs_diff']:.2e}, label agreement {parity['label_agreement']:.4f} "
-               f"vs {parity['implementation']}" if parity else "parity not measured"
-               + (" (source implementation not importable)" if "parity" in provenance else ""))
+               f"vs {parity['implementation']}" if parity else "parity not measured" + (why if "parity" in provenance else ""))
     print(f"{out}: converted ({figures})")
     return 0
 

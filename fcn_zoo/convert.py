@@ -93,7 +93,7 @@ def _refusal(error: Exception) -> str:
     for line in str(error).splitlines():
         if "Unsupported global" in line or "Unsupported operand" in line:
             return line.split("WeightsUnpickler error:", 1)[-1].strip().split(" was not an allowed global")[0]
-    return first_line(error)
+    return f"{type(error).__name__}: {first_line(error)}"  # a bare KeyError(101) says nothing alone
 
 
 def detect_format(state_dict: dict[str, torch.Tensor]) -> str:

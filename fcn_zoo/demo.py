@@ -42,8 +42,14 @@ class ModelCache:
     changes their weights); loading is serialised."""
 
     def __init__(self, device: str | None = None, capacity: int = 2, loader=None):
+        from .devices import check_device_available, check_device_options
         from .hub import from_pretrained
 
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise FCNZooError(f"--max-models {capacity}: must be at least 1 (the models kept loaded at once)")
+        if loader is None:  # a device that is not here is one line now, not an error on every request of the page
+            check_device_options(device, "fp32", "torch")
+            check_device_available(device or "cpu", f"--device {device}")
         self.capacity = capacity
         self.loader = loader or (lambda name: from_pretrained(name, device=device).fuse())
         self._models: OrderedDict[str, object] = OrderedDict()

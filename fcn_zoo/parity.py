@@ -42,6 +42,7 @@ def build_reference_segmentor(config: dict) -> torch.nn.Module:
 
 def source_model(source: str, config: dict, state_dict: dict[str, torch.Tensor]) -> tuple[Callable, str] | None:
     """``(x -> logits at x's size, description)`` of the source implementation, or ``None`` if not importable."""
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}  # saved from a DDP wrapper
     if source == "torchvision":
         import torchvision
         from torchvision.models import segmentation

@@ -101,3 +101,14 @@ def test_push_to_hub_uploads_the_same_card_naming_the_repo(monkeypatch):
     assert card.data.eval_results[0].metric_value == 70.5 and card.data.eval_results[0].dataset_type == "cityscapes"
     assert json.loads(uploaded["config.json"])["class_names"][0] == "road"
 
+
+
+def test_a_row_recipe_on_another_backbone_claims_none_of_the_rows_figures():
+    from fcn_zoo.cards import model_card
+
+    row = fcn_zoo.CHECKPOINTS["fcn_resnet50os8_voc"]
+    config = {**row.model_config(), **row.data.metadata(), "backbone": "resnet18"}
+    card = str(model_card(config, row=row, mean_iou=12.0))
+    assert "reference, seed table" not in card and "66.86" not in card and "12.00" in card
+    mine = str(model_card(tiny_fcn(num_classes=4, dataset=None).hub_config(), mean_iou=55.5, eval_dataset="me/data"))
+    assert "OWNER/REPO" not in mine.split("---")[1]  # the model-index names no placeholder

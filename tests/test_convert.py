@@ -217,3 +217,17 @@ def test_every_converted_folder_has_a_card_and_describes_itself(tmp_path, capsys
     assert "torchvision" in card.text and json.loads((tmp_path / "out" / "provenance.json").read_text())["weights_sha256"] in card.text
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["class_names"][15] == "person" and config["eval_size"] == [2048, 512] and len(config["palette"]) == 21
+
+
+def test_a_checkpoint_saved_from_ddp_converts_with_parity_and_a_non_torch_file_says_its_error(tmp_path, capsys):
+    pytest.importorskip("ssseg", reason="the reference implementation (the test extra)")
+    from reference import build_reference_fcn
+
+    reference = build_reference_fcn(50, 16, num_classes=21, seed=3)
+    torch.save({"model": {f"module.{k}": v for k, v in reference.state_dict().items()}}, tmp_path / "ddp_os16.pth")
+    assert main(["convert", str(tmp_path / "ddp_os16.pth"), "--from", "reference", "--out", str(tmp_path / "out")]) == 0
+    assert "max abs logit difference" in capsys.readouterr().out
+    (tmp_path / "hello.pth").write_bytes(b"hello")
+    assert main(["convert", str(tmp_path / "hello.pth"), "--from", "torchvision", "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "not a checkpoint of plain tensors (" in err and "Error" in err.split("not a checkpoint of plain tensors (")[1]

@@ -202,3 +202,13 @@ def test_an_upload_that_does_not_decode_is_named_once_by_its_own_name(tmp_path, 
     with pytest.raises(gr.Error) as raised:
         segment(ModelCache(loader=lambda name: tiny_model), str(tmp_path / "cut.png"), "tiny", False, False, "fp32", 0.5)
     assert raised.value.message.startswith("cut.png: cannot read this image") and str(tmp_path) not in raised.value.message
+
+
+def test_the_model_cache_refuses_no_room_and_a_device_that_is_not_here(monkeypatch):
+    from fcn_zoo import devices
+
+    with pytest.raises(fcn_zoo.FCNZooError, match="--max-models 0: must be at least 1"):
+        ModelCache(capacity=0)
+    monkeypatch.setattr(devices, "no_cuda_device", lambda: "this machine has no NVIDIA driver")
+    with pytest.raises(fcn_zoo.FCNZooError, match="--device cuda: this machine has no NVIDIA driver"):
+        ModelCache(device="cuda")

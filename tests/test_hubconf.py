@@ -67,3 +67,9 @@ def test_torch_hub_from_pretrained_loads_any_fcn_folder(tiny_folder):
     model = torch.hub.load(str(REPO), "from_pretrained", str(tiny_folder), source="local")
     reference = fcn_zoo.from_pretrained(tiny_folder)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+def test_an_entry_point_without_weights_takes_the_loading_keywords():
+    model = torch.hub.load(str(REPO), "fcn_resnet50os16_voc", source="local", pretrained=False, device="cpu",
+                           local_files_only=True, num_classes=5)
+    assert isinstance(model, fcn_zoo.FCN) and model.num_classes == 5 and model.training

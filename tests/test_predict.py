@@ -419,3 +419,15 @@ def test_a_split_convolution_without_relu_runs_fused(monkeypatch):
         expected, got = model(x), fused(x)
     assert torch.allclose(got, expected, atol=1e-3)
     assert not any(m._failed for m in fused.modules() if isinstance(m, _fusion.ConvAct)) or not _fusion.onednn_available()
+
+
+def test_a_label_or_prediction_outside_the_classes_is_an_error_not_a_wrong_count():
+    from fcn_zoo.metrics import ConfusionMatrix
+
+    matrix = ConfusionMatrix(3)
+    with pytest.raises(ValueError, match="a label value outside 0..2"):
+        matrix.update(torch.tensor([0, 1]), torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match="a prediction value outside 0..2"):
+        matrix.update(torch.tensor([0, 3]), torch.tensor([0, 0]))
+    matrix.update(torch.tensor([0, 2, 1]), torch.tensor([0, 255, 1]))  # 255 is ignored
+    assert matrix.matrix.sum() == 2

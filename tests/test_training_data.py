@@ -234,3 +234,21 @@ def test_timed_samples_measure_the_pipelines_own_rate(workers):
     assert sorted(seen) == list(range(40)) and int(clock[:, 1].sum()) == 40
     per_process = 1 / 0.01
     assert 0.4 * per_process * max(workers, 1) < rate < 1.05 * per_process * max(workers, 1), rate
+
+
+def test_mmsegs_aug_list_holding_the_train_ids_gives_each_id_once(tmp_path):
+    from training.layouts import zoo_dataset
+
+    make_voc(tmp_path, n_train=6, n_val=2, layout="mmseg")
+    sets = tmp_path / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation"
+    train_ids = (sets / "train.txt").read_text().split()
+    aug_ids = (sets / "aug.txt").read_text().split()
+    (sets / "aug.txt").write_text("\n".join(train_ids + aug_ids) + "\n")  # as mmsegmentation's converter writes it
+    base = tmp_path / "VOCdevkit" / "VOC2012"
+    for i in train_ids:  # the train ids' SBD labels too
+        (base / "SegmentationClassAug" / f"{i}.png").write_bytes((base / "SegmentationClass" / f"{i}.png").read_bytes())
+    dataset = zoo_dataset("voc", tmp_path, "train")
+    assert sorted(p.stem for p, _ in dataset.samples) == sorted(train_ids + aug_ids)
+    assert all(label.parent.name == "SegmentationClass" for p, label in dataset.samples if p.stem in train_ids)
+    with pytest.raises(ValueError, match="unknown split 'trainval'"):
+        zoo_dataset("voc", tmp_path, "trainval")

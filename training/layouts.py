@@ -34,6 +34,8 @@ def zoo_dataset(dataset: str, root: str | Path, split: str, transforms=None, see
     builders = {"voc": _voc, "ade20k": _ade20k, "cityscapes": _cityscapes}
     if dataset not in builders:
         raise ValueError(f"unknown dataset {dataset!r}; use one of {', '.join(builders)}")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"unknown split {split!r}; use train, val or test")
     samples, lookup = builders[dataset](Path(root), split)
     expected = TEST_LAYOUTS[dataset] if split == "test" else LAYOUTS[dataset]
     if not samples:
@@ -61,7 +63,14 @@ def _voc(root: Path, split: str):
     # told apart by the label folders: mmsegmentation's converter also writes a trainaug.txt, but its SBD
     # labels are in SegmentationClassAug, listed by aug.txt
     if (base / "SegmentationClassAug").is_dir() and (sets / "aug.txt").is_file():  # mmsegmentation's layout
-        return pairs(sets / "train.txt", "SegmentationClass") + pairs(sets / "aug.txt", "SegmentationClassAug"), lookup
+        # its aug.txt is the whole train-aug set, VOC's train ids included: each id once (VOC's own label first),
+        # 10,582 images as the reference's trainaug, not 12,046
+        seen, samples = set(), []
+        for image, label in pairs(sets / "train.txt", "SegmentationClass") + pairs(sets / "aug.txt", "SegmentationClassAug"):
+            if image.stem not in seen:
+                seen.add(image.stem)
+                samples.append((image, label))
+        return samples, lookup
     if (sets / "trainaug.txt").is_file():  # the reference layout: SBD labels converted into SegmentationClass
         return pairs(sets / "trainaug.txt", "SegmentationClass"), lookup
     raise DatasetLayoutError(f"{sets / 'trainaug.txt'}: missing (nor aug.txt + SegmentationClassAug); expected {LAYOUTS['voc']}")
