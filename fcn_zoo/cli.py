@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import zoo
 from .convert import FORMATS
-from .console import configure_logging, print_columns, report
+from .console import configure_logging, interrupt_on_sigterm, print_columns, report
 from .errors import FCNZooError
 
 EXIT_FAILED = 1
@@ -364,8 +364,7 @@ def cmd_publish(args) -> int:
     return _for_each(names, publish_one, args, "rows", "; rerun the same command to resume")
 
 
-def _new(out: Path, kind: str = "folder") -> Path:
-    """``--out``, which must not exist yet: nothing is overwritten."""
+def _new(out: Path, kind: str = "folder") -> Path:  # --out, which must not exist yet: nothing is overwritten
     if out.exists():
         raise FCNZooError(f"--out {out}: already exists; pass a new {kind} so that nothing is overwritten")
     return out
@@ -388,10 +387,11 @@ def _for_each(items: list[str], action, args, what: str, hint: str = "") -> int:
 def run() -> None:
     """The console script: :func:`main`, then exit without tearing the interpreter down (all is written by then;
     freeing torch's, torchvision's and timm's modules takes 1.4 s of a 10 s one-photo predict: RESULTS.md)."""
+    interrupt_on_sigterm()
     code = main()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed pipe
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # a closed pipe, or no stream (>&-)
             stream.flush()
     os._exit(code)
 

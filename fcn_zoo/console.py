@@ -12,7 +12,17 @@ from collections.abc import Iterator
 
 from .errors import FCNZooError, first_line
 
-__all__ = ["configure_logging", "print_columns", "quiet_loggers", "report"]
+__all__ = ["configure_logging", "interrupt_on_sigterm", "print_columns", "quiet_loggers", "report"]
+
+
+def interrupt_on_sigterm() -> None:
+    """``kill`` (a scheduler's, torchrun's stop) as Ctrl-C: the outputs under way are finished or removed whole,
+    and the command says "interrupted" in one line (exit 130) instead of dying between two files."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def print_columns(rows: list[tuple[str, ...]]) -> None:

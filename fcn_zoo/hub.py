@@ -130,6 +130,8 @@ def source_kind(name_or_path: str | os.PathLike) -> str:
     ``"zoo"`` (a row's name) or ``"hub"`` (a repo id, ``owner/name[@revision]``). A missing path, a file of
     another kind or an unknown name raises the error :func:`resolve` would."""
     text = os.fspath(name_or_path)
+    if not text.strip():  # Path("") is the current folder
+        raise MissingFileError(f"{text!r}: an empty model name; pass a zoo name, Hub repo id, folder or .pth file")
     path = Path(text).expanduser()
     if path.is_dir():
         return "folder"

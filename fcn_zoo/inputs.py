@@ -107,6 +107,8 @@ def readable_images(inputs: list[str], flag: str, masks: str | os.PathLike | Non
 
 
 def _expand(text: str, base: Path, found: list, skipped: list, lists: tuple) -> None:
+    if not text.strip():  # an unset shell variable: not the current folder
+        raise MissingFileError(f"{text!r}: an empty INPUT names no file or folder")
     if text.startswith("@"):
         _read_list(Path(base, text[1:]), found, skipped, lists)
         return
@@ -124,7 +126,7 @@ def _expand(text: str, base: Path, found: list, skipped: list, lists: tuple) -> 
                 continue
             if match.is_dir():
                 _walk(match, found, skipped, _holding(root, match))
-            elif _is_video(match) or _is_image(match):
+            elif match.is_file() and (_is_video(match) or _is_image(match)):  # a named pipe is no input
                 found.append((match, _holding(root, match.parent)))
             else:
                 skipped.append(match)
@@ -155,7 +157,7 @@ def _walk(folder: Path, found: list, skipped: list, anchor: Path | None = None) 
             if _hidden(name):
                 continue
             path = Path(root, name)
-            if _is_video(path) or _is_image(path):
+            if path.is_file() and (_is_video(path) or _is_image(path)):  # a named pipe or device is skipped
                 found.append((path, anchor or folder))
             else:
                 skipped.append(path)

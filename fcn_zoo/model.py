@@ -130,8 +130,13 @@ class FCN(
         super().__init__()
         import timm  # deferred: timm takes seconds to import and `import fcn_zoo` must stay fast
 
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if not _whole(num_classes, 1) or num_classes > MAX_CLASSES:
+            raise ValueError(f"num_classes must be an integer from 1 to {MAX_CLASSES}, got {num_classes!r}")
+        for name, value in (("head_channels", head_channels), ("aux_channels", aux_channels)):
+            if not (_whole(value, 1) or (name == "aux_channels" and value is None)):
+                raise ValueError(f"{name} must be a positive integer{' or None' if name == 'aux_channels' else ''}, got {value!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
         if dataset is not None and dataset not in DATASETS:
@@ -139,7 +144,7 @@ class FCN(
         if not isinstance(num_convs, int) or num_convs < 0 or (concat_input and num_convs == 0):
             raise ValueError(f"num_convs must be an integer >= 0 (>= 1 with concat_input=True, which joins the head's "
                              f"input to its convolutions' output), got {num_convs!r}")
-        if not timm.is_model(backbone):
+        if not isinstance(backbone, str) or not timm.is_model(backbone):
             raise ValueError(f"unknown timm backbone {backbone!r}; use a timm ResNet such as 'resnet50c'")
         self.num_classes = num_classes
         self.output_stride = output_stride
@@ -360,6 +365,14 @@ def _floats(values, what: str) -> tuple[float, float, float]:
     if what == "std" and min(values) <= 0:
         raise ValueError(f"std must be positive, got {values!r}")
     return tuple(float(v) for v in values)
+
+
+#: The most classes a model may have: a label map's 16-bit PNG (Segmentation.save) holds 65,536.
+MAX_CLASSES = 65536
+
+
+def _whole(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 #: The largest eval_size or crop_size side a config may ask for: 8192 x 8192 already needs tens of GB of

@@ -353,9 +353,11 @@ def _row(source: Source, size=(None, None), shares: dict[str, float] | None = No
 
 
 def _failure(source: Source, error: BaseException) -> dict:
-    message = first_line(error)
-    if str(source.path) not in message:
-        message = f"{source.path}: {message}"
+    path = str(source.path)
+    shown = path if path.isprintable() else repr(path)[1:-1]  # a name holding a newline stays on one line
+    message = (str(error).replace(path, shown).strip().splitlines() or [type(error).__name__])[0].strip()
+    if shown not in message:
+        message = f"{shown}: {message}"
     return {**_row(source), "status": "failed", "error": message}
 
 

@@ -285,3 +285,10 @@ def test_info_takes_a_folder_under_the_home_folder(tmp_path, tiny_folder, monkey
     shutil.copytree(tiny_folder, tmp_path / "model")
     assert main(["info", "~/model"]) == 0
     assert "resnet" in capsys.readouterr().out
+
+
+def test_a_closed_stdout_is_no_error(tmp_path):
+    exe = Path(sys.executable).with_name("fcn-zoo")
+    result = subprocess.run([str(exe), "list"], stderr=subprocess.PIPE, text=True, env=_quiet_env(tmp_path),
+                            preexec_fn=lambda: os.close(1))
+    assert result.returncode == 0 and result.stderr == ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -403,3 +404,21 @@ def test_training_hooks_deepcopy_and_pickling_see_the_plain_module(tmp_path):
     model.train()
     logits, aux = model(x)
     assert logits.shape == aux.shape == (1, 5, 64, 80)
+
+
+@pytest.mark.parametrize("key,value,said", [
+    ("backbone", None, "unknown timm backbone None"),
+    ("num_classes", 10**9, "num_classes must be an integer from 1 to 65536"),
+    ("head_channels", "16", "head_channels must be a positive integer"),
+    ("aux_channels", "x", "aux_channels must be a positive integer or None"),
+    ("dropout", "x", "dropout must be a number in [0, 1)"),
+])
+def test_a_config_value_of_the_wrong_kind_is_named(tmp_path, key, value, said):
+    import json
+
+    folder = tmp_path / "m"
+    fcn_zoo.FCN(num_classes=3, backbone="resnet18", head_channels=16, aux_channels=None).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(fcn_zoo.WeightsError, match=re.escape(said)):
+        fcn_zoo.from_pretrained(folder)

@@ -606,3 +606,55 @@ def test_a_rerun_without_resume_clears_what_a_killed_run_was_writing(capsys, sma
     leftover.write_bytes(b"half a PNG")
     assert run(capsys, "predict", small_folder, photo_tree / "2023", "--out", out, "--quiet")[0] == 0
     assert not leftover.exists() and (out / "a.png").is_file()
+
+
+def test_a_named_pipe_in_a_folder_is_skipped_and_an_empty_input_is_refused(photo_tree):
+    import threading
+
+    fifo = photo_tree / "2023" / "pipe.dat"
+    os.mkfifo(fifo)
+    found = {}
+    walker = threading.Thread(target=lambda: found.update(expansion=expand_inputs([str(photo_tree / "2023")])), daemon=True)
+    walker.start()
+    walker.join(30)
+    assert "expansion" in found, "walking a folder with a named pipe hung"
+    assert fifo in found["expansion"].skipped and fifo not in [s.path for s in found["expansion"].sources]
+    from fcn_zoo.errors import MissingFileError
+    from fcn_zoo.hub import source_kind
+
+    with pytest.raises(MissingFileError, match="an empty INPUT"):
+        expand_inputs([str(photo_tree / "2023"), ""])
+    with pytest.raises(MissingFileError, match="an empty model name"):
+        source_kind("")
+
+
+def test_a_file_name_with_a_newline_fails_in_one_line_that_says_why(capsys, small_folder, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    small(PHOTOS[0]).save(folder / "good.jpg")
+    (folder / "bad\nname.jpg").write_bytes(b"not a JPEG")
+    code, _, err = run(capsys, "predict", small_folder, folder, "--out", tmp_path / "out", "--quiet")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 2, err  # the input's error and the end line
+    assert "bad\\nname.jpg: not an image" in lines[0]
+
+
+@pytest.mark.slow
+def test_sigterm_is_an_interruption_that_leaves_each_inputs_outputs_whole(small_folder, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(60):
+        small(PHOTOS[i % 3], (48 + i % 5, 36)).save(folder / f"{i:02d}.jpg")
+    out = tmp_path / "out"
+    process = subprocess.Popen([str(Path(sys.executable).with_name("fcn-zoo")), "predict", str(small_folder), str(folder),
+                                "--out", str(out), "--overlay", "--confidence", "--quiet"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(out.glob("*_confidence.png")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    err = process.communicate(timeout=60)[1]
+    assert process.returncode == 130 and err.strip().splitlines()[-1] == "fcn-zoo: interrupted", err
+    masks = {p.stem for p in out.glob("[0-9][0-9].png")}
+    assert masks and masks == {p.stem.removesuffix("_overlay") for p in out.glob("*_overlay.jpg")}
+    assert masks == {p.stem.removesuffix("_confidence") for p in out.glob("*_confidence.png")}
+    assert not list(out.rglob("*.partial"))
