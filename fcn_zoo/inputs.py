@@ -1,8 +1,8 @@
 """What ``fcn-zoo predict`` is asked to segment: its INPUT arguments become an ordered list of sources, each
 with the name its outputs get under ``--out``.
 
-An INPUT is an image or video file, a folder (walked recursively, in name order; hidden files and folders
-skipped; files with an image suffix are taken, others only if their content is an image; videos by
+An INPUT is an image or video file, a folder (walked recursively, in name order, linked sub-folders too; hidden
+files and folders skipped; files with an image suffix are taken, others only if their content is an image; videos by
 suffix), a glob (``"photos/**/*.jpg"``, quoted so that the shell leaves it alone), or ``@list.txt``: a text
 file of such inputs, one per line, relative to the list's folder (blank lines and ``#`` comments skipped).
 
@@ -150,8 +150,15 @@ def _read_list(path: Path, found: list, skipped: list, lists: tuple) -> None:
 
 
 def _walk(folder: Path, found: list, skipped: list, anchor: Path | None = None) -> None:
-    """``folder``'s images and videos, named from ``anchor`` (default the folder itself)."""
-    for root, dirs, files in os.walk(folder):
+    """``folder``'s images and videos, named from ``anchor`` (default the folder itself). Linked sub-folders are
+    walked too (each real folder once: a link to a folder above is no loop)."""
+    walked = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in walked:
+            dirs[:] = []
+            continue
+        walked.add(real)
         dirs[:] = sorted(d for d in dirs if not _hidden(d))
         for name in sorted(files):
             if _hidden(name):

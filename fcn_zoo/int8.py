@@ -10,6 +10,7 @@ it runs with less speed-up, and a warning says so.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -115,6 +116,10 @@ class QuantizedFCN(
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(self.forward_features(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    def __deepcopy__(self, memo) -> "QuantizedFCN":
+        # OpenVINO's compiled model does not copy: the copy compiles its own from the same network and config
+        return QuantizedFCN(self.network.clone(), copy.deepcopy(self.config, memo)).train(False)
 
     def train(self, mode: bool = True) -> "QuantizedFCN":
         if mode:

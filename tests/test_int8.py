@@ -310,3 +310,13 @@ def test_validation_images_are_read_before_calibrating_and_an_unreadable_one_is_
     assert q.quantization["agreement"]["images"] == 2 and q.quantization["agreement"]["held_out"] is True
     assert any("bad.jpg" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
 
+
+def test_an_int8_model_copies(int8_folder, trained):
+    import copy
+
+    int8 = fcn_zoo.from_pretrained(int8_folder)
+    copied = copy.deepcopy(int8)
+    images = _val(trained[1])[0][:2]
+    assert copied is not int8 and copied.weights_sha256 == int8.weights_sha256 and not copied.training
+    assert all(np.array_equal(a.labels, b.labels) for a, b in zip(copied.predict(images), int8.predict(images)))
+

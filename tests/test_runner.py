@@ -658,3 +658,14 @@ def test_sigterm_is_an_interruption_that_leaves_each_inputs_outputs_whole(small_
     assert masks and masks == {p.stem.removesuffix("_overlay") for p in out.glob("*_overlay.jpg")}
     assert masks == {p.stem.removesuffix("_confidence") for p in out.glob("*_confidence.png")}
     assert not list(out.rglob("*.partial"))
+
+
+def test_a_linked_sub_folder_is_walked_and_a_link_to_a_folder_above_is_no_loop(tmp_path, photo_tree):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    small(PHOTOS[1]).save(elsewhere / "x.jpg")
+    (photo_tree / "2024" / "linked").symlink_to(elsewhere)
+    (photo_tree / "2023" / "up").symlink_to(photo_tree)  # a loop, for a walk that follows links
+    names = [s.name for s in expand_inputs([str(photo_tree)]).sources]
+    assert "2024/linked/x" in names and len(names) == len(set(names))
+    assert len(names) == len(expand_inputs([str(photo_tree)]).sources)
