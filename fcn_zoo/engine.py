@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import numbers
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -29,6 +28,7 @@ from .errors import ImageError, is_out_of_memory
 from .images import describe, read_image
 from ._files import is_quantized_config
 from .labels import upsample_argmax, upsample_softmax
+from .model import whole_number
 from .protocol import TTA, autocast, autocast_dtype, compiled_features, network_logits, prepare
 from .segmentation import Segmentation
 
@@ -74,7 +74,7 @@ class Predictor:
                              "precision, engine and compile at their defaults")
         if batch_size is None:
             batch_size = 1 if device.type == "cpu" else 8
-        if not _count(batch_size, 1):
+        if not whole_number(batch_size, 1):
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         dtype = autocast_dtype(precision, device)
         if engine == "onnxruntime" and (device.type != "cpu" or dtype is not None):
@@ -121,11 +121,11 @@ class Predictor:
         if num_workers is None:
             idle = (os.cpu_count() or 1) - torch.get_num_threads()
             num_workers = 2 if self.device.type != "cpu" else max(0, min(2, idle))
-        if not _count(num_workers, 0):
+        if not whole_number(num_workers, 0):
             raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
         if prefetch is None:
             prefetch = 2 * max(num_workers, self.batch_size) if num_workers else self.batch_size
-        if not _count(prefetch, 1) or prefetch < self.batch_size:
+        if not whole_number(prefetch, 1) or prefetch < self.batch_size:
             raise ValueError(f"prefetch ({prefetch}) must be at least the batch size ({self.batch_size})")
         overlap = overlaps(self.device) if overlap is None else overlap
         read = read or (lambda item: read_image(item, name(item)))
@@ -251,14 +251,9 @@ class Predictor:
             ) from e
 
 
-def _count(value, least: int) -> bool:
-    """Whether ``value`` is a whole number (not a bool) of at least ``least``."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
-
-
 def _pair_of_counts(value) -> bool:
     try:
-        return len(value) == 2 and all(_count(v, 1) for v in value)
+        return len(value) == 2 and all(whole_number(v, 1) for v in value)
     except TypeError:  # not a sequence
         return False
 

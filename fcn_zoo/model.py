@@ -7,6 +7,7 @@ this model by renaming keys alone. torchvision's FCN is the same model with ``ba
 
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -130,10 +131,10 @@ class FCN(
         super().__init__()
         import timm  # deferred: timm takes seconds to import and `import fcn_zoo` must stay fast
 
-        if not _whole(num_classes, 1) or num_classes > MAX_CLASSES:
+        if not whole_number(num_classes, 1, MAX_CLASSES):
             raise ValueError(f"num_classes must be an integer from 1 to {MAX_CLASSES}, got {num_classes!r}")
         for name, value in (("head_channels", head_channels), ("aux_channels", aux_channels)):
-            if not (_whole(value, 1) or (name == "aux_channels" and value is None)):
+            if not (whole_number(value, 1) or (name == "aux_channels" and value is None)):
                 raise ValueError(f"{name} must be a positive integer{' or None' if name == 'aux_channels' else ''}, got {value!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
@@ -354,7 +355,7 @@ def _colours(palette, num_classes: int) -> list[tuple[int, int, int]]:
     if len(colours) != num_classes:
         raise ValueError(f"palette has {len(colours)} colours but num_classes is {num_classes}")
     for c in colours:
-        if len(c) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in c):
+        if len(c) != 3 or not all(whole_number(v, 0, 255) for v in c):
             raise ValueError(f"palette colours must be three integers in 0..255, got {list(c)}")
     return colours
 
@@ -371,8 +372,10 @@ def _floats(values, what: str) -> tuple[float, float, float]:
 MAX_CLASSES = 65536
 
 
-def _whole(value, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+def whole_number(value, least: int = 0, most: int | None = None) -> bool:
+    """Whether ``value`` is an integer (not a bool) from ``least`` to ``most``: what a count or a size must be."""
+    return (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
+            and (most is None or value <= most))
 
 
 #: The largest eval_size or crop_size side a config may ask for: 8192 x 8192 already needs tens of GB of
@@ -381,7 +384,7 @@ MAX_SIDE = 8192
 
 
 def _pair(values, what: str) -> tuple[int, int]:
-    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_SIDE for v in values):
+    if len(values) != 2 or not all(whole_number(v, 1, MAX_SIDE) for v in values):
         raise ValueError(f"{what} must be two integers from 1 to {MAX_SIDE}, got {values!r}")
     return int(values[0]), int(values[1])
 
