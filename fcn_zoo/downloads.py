@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from ._files import atomic_path, cache_root, writable, write_json
+from ._files import atomic_path, cache_lock, cache_root, writable, write_json
 from .errors import FCNZooError, WeightsError
 from .zoo import Checkpoint
 
@@ -72,9 +72,12 @@ def download_reference(checkpoint: Checkpoint, directory: Path, cache_dir=None) 
 def record_hash(checkpoint: Checkpoint, sha256: str, cache_dir=None) -> None:
     """Record the sha256 of a row's reference file, where the table has none, once the file has converted: later
     downloads must match it. (A page a mirror served in its place never converts, so is never recorded.)"""
-    known = _known_hashes(cache_dir)
-    if not checkpoint.sha256 and checkpoint.name not in known:
-        write_json(_known_hashes_path(cache_dir), {**known, checkpoint.name: sha256})  # its folder: writable()
+    if checkpoint.sha256:
+        return
+    with cache_lock("known_hashes", cache_dir):  # rows converting in other processes at once each add theirs
+        known = _known_hashes(cache_dir)
+        if checkpoint.name not in known:
+            write_json(_known_hashes_path(cache_dir), {**known, checkpoint.name: sha256})
 
 
 def _known_hashes_path(cache_dir=None) -> Path:

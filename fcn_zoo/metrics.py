@@ -23,10 +23,12 @@ class ConfusionMatrix:
         """Count the pixels of ``prediction`` against ``target`` (integer tensors of one shape)."""
         keep = target != self.ignore_index
         target, prediction = target[keep].long(), prediction[keep].long()
-        for what, values in (("label", target), ("prediction", prediction)):
-            if values.numel() and not 0 <= int(values.min()) <= int(values.max()) < self.num_classes:
-                raise ValueError(f"a {what} value outside 0..{self.num_classes - 1} (found {int(values.min())}.."
-                                 f"{int(values.max())}; {self.ignore_index} is ignored): not this dataset's classes")
+        if target.numel():  # one device sync for the four bounds
+            bounds = torch.stack([target.min(), target.max(), prediction.min(), prediction.max()]).tolist()
+            for what, (low, high) in (("label", bounds[:2]), ("prediction", bounds[2:])):
+                if not 0 <= low <= high < self.num_classes:
+                    raise ValueError(f"a {what} value outside 0..{self.num_classes - 1} (found {low}..{high}; "
+                                     f"{self.ignore_index} is ignored): not this dataset's classes")
         index = target * self.num_classes + prediction
         self.matrix += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, self.num_classes)
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import fcn_zoo
-from conftest import serve_folder
+from conftest import serve_folder, tiny_fcn
 from sample_data import make_generic
 from reference import build_reference_fcn, save_reference_checkpoint
 from training import evaluate as evaluate_module
@@ -282,3 +282,24 @@ def test_eval_max_samples_is_what_provenance_and_the_card_count(tmp_path, tiny_f
     card = (out / "best" / "README.md").read_text()
     assert "2 train and 1 val images" in card and val.fingerprint(1) in card and val.fingerprint() not in card
     assert json.loads((out / "run.json").read_text())["data"]["val_images"] == 3  # the data itself, as it is
+
+
+def test_a_val_split_without_a_labelled_pixel_is_one_line_not_a_nan_mIoU(tmp_path, tiny_folder):
+    """Val masks that are all 255 (ignored) have no mIoU: training and evaluate say so in one line. Before, the
+    mIoU was NaN, which never beats the best so far: training ended without writing best/."""
+    data = make_generic(tmp_path / "data", n_train=2, n_val=2, size=(48, 64))
+    for mask in (data / "masks" / "val").iterdir():
+        Image.fromarray(np.full((48, 64), 255, np.uint8)).save(mask)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as raised:
+        train_module.main(["--init", str(tiny_folder), "--data-root", str(data), "--output-dir", str(out),
+                           "--max-iters", "1", "--batch-size", "2", "--crop-size", "32", *QUICK])
+    message = str(raised.value)
+    assert "have no labelled pixel" in message and "\n" not in message, message
+    three = tmp_path / "three"
+    tiny_fcn(num_classes=3, dataset=None).save_pretrained(three)
+    with pytest.raises(SystemExit) as raised:
+        evaluate_module.main([str(three), "--data-root", str(data), "--output-dir", str(tmp_path / "eval"),
+                              "--device", "cpu"])
+    assert "the 2 sample(s) scored have no labelled pixel" in str(raised.value)
+    assert not (tmp_path / "eval" / "eval.json").exists()

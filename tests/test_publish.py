@@ -141,3 +141,28 @@ def test_publish_with_no_network_is_one_line_and_keeps_the_verified_folder(mirro
     assert len(lines) == 2 and "me/fcn: the Hugging Face Hub cannot be reached" in lines[0] and "rerun" in lines[1]
     assert err.strip().splitlines()[-2:] == lines
     assert (tmp_path / NAME / "model.safetensors").is_file()  # built and verified: a rerun only uploads
+
+
+def test_rows_recorded_at_once_from_two_processes_are_both_kept(tmp_path, monkeypatch):
+    """Two rows converting at once (other processes, other row locks) each record their hash: the read and the
+    write of known_hashes.json are one step. Before, the later write dropped the earlier row's hash."""
+    import threading
+    import time
+
+    monkeypatch.setenv("FCN_ZOO_CACHE", str(tmp_path))
+    read = downloads._known_hashes
+
+    def slow_read(cache_dir=None):  # both writers read before either writes, as two processes may
+        known = read(cache_dir)
+        time.sleep(0.3)
+        return known
+
+    monkeypatch.setattr(downloads, "_known_hashes", slow_read)
+    names = list(zoo.CHECKPOINTS)[:2]
+    threads = [threading.Thread(target=downloads.record_hash, args=(zoo.CHECKPOINTS[n], f"{i}" * 64))
+               for i, n in enumerate(names)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert json.loads((tmp_path / "known_hashes.json").read_text()) == {names[0]: "0" * 64, names[1]: "1" * 64}

@@ -235,6 +235,26 @@ def test_evaluate_under_two_processes_stops_both_when_the_report_cannot_be_writt
     assert ended[0][1].startswith(f"python -m training.evaluate: {out}: the report's folder cannot be written"), ended
 
 
+@pytest.mark.slow  # two processes each: run after the suite (python -m pytest -q -m slow)
+@pytest.mark.parametrize("failing", ["checkpoint", "best"])
+def test_a_write_that_fails_on_rank_0_stops_every_process(tmp_path, tiny_folder, failing):
+    """Rank 0 alone writes checkpoints and best/: when its disk is full, rank 1 stops with the same line rather
+    than waiting in the next step's gradient reduction for a process that has gone."""
+    data = make_generic(tmp_path / "data", n_train=4, n_val=1, size=(48, 64))
+    setup = "import os, torch\nif os.environ['RANK'] == '0':\n"
+    if failing == "checkpoint":
+        setup += "    def save(*a, **k): raise OSError(28, 'No space left on device')\n    torch.save = save\n"
+    else:
+        setup += ("    import training.train\n    def export(*a, **k): raise SystemExit('best: No space left on device')\n"
+                  "    training.train.export_folder = export\n")
+    ended = _two_ranks(["--init", str(tiny_folder), "--data-root", str(data), "--output-dir", str(tmp_path / "run"),
+                        "--max-iters", "2", "--eval-interval", "1", "--checkpoint-interval", "1", "--batch-size", "2",
+                        "--crop-size", "32", "--device", "cpu", "--num-workers", "0", "--no-progress"],
+                       "train", setup=setup)
+    assert all(status != 0 for status, _ in ended), ended
+    assert ended[0][1] == ended[1][1] and "No space left on device" in ended[0][1], ended
+
+
 def test_curves_show_a_single_logged_point(tmp_path):
     import matplotlib.image
 

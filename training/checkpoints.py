@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from fcn_zoo._files import atomic_path
 
-from .distributed import DistributedContext
+from .distributed import DistributedContext, shared_step
 
 __all__ = ["save_checkpoint", "resume", "rng_state", "set_rng_state"]
 
@@ -52,8 +52,12 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict, ctx: Di
     """``ckpt-<iteration>.pt`` written to a temporary file and renamed; the ``keep`` newest are kept. Every
     process's RNG state is gathered into it (``rng``: one entry per rank)."""
     rngs = _gather_rng(rng_state(ctx), ctx)
-    if not ctx.is_main:
-        return
+    # written by rank 0; every process meets after it, so that a failure there stops every process
+    shared_step(lambda: _write_checkpoint(out, model, optimizer, scheduler, state, rngs, keep, scaler) if ctx.is_main else None,
+                ctx.world_size)
+
+
+def _write_checkpoint(out: Path, model, optimizer, scheduler, state: dict, rngs: list, keep: int, scaler) -> None:
     payload = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "state": state, "rng": rngs, **({"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {}),

@@ -96,6 +96,12 @@ def evaluate(model, dataset, *, tta: TTA | None = None, mode: str = "whole", ctx
         return None
     matrix.all_reduce()
     results = matrix.compute()
+    if not results["pixels"]:  # every process holds the summed matrix: each raises the same line
+        raise DatasetLayoutError(
+            f"the {count} sample(s) scored have no labelled pixel: every ground-truth pixel is {IGNORE_INDEX} "
+            f"(ignored) after the dataset's mapping, so there is no mIoU to measure; check the masks' values"
+            + (" (or score more samples than --eval-max-samples/--max-samples)" if count < len(dataset) else "")
+        )
     if single is not None:
         single.all_reduce()
         results["single_scale"] = single.compute()

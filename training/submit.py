@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fcn_zoo._files import writable
+from fcn_zoo._files import atomic_path, writable
 from fcn_zoo.errors import FCNZooError
 from fcn_zoo.images import save_image
 from fcn_zoo.metrics import IGNORE_INDEX
@@ -150,7 +150,8 @@ class PredictionWriter:
         """``classes.txt`` for generic and hub (the other layouts' classes are the benchmark's own)."""
         if self.layout in ("generic", "hub"):
             lines = [f"{name} {r} {g} {b}" for name, (r, g, b) in zip(self.dataset.class_names, self.palette)]
-            (self.folder / "classes.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            with atomic_path(self.folder / "classes.txt") as tmp:  # a reader never sees half the classes
+                tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     def __call__(self, index: int, labels: np.ndarray) -> None:
         path = self.folder / self.name(index)

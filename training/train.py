@@ -293,12 +293,17 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
             if log_file:
                 log_file.write(json.dumps({"iter": it, "mIoU": results["mIoU"], "aAcc": results["aAcc"]}) + "\n")
                 log_file.flush()
-            if results["mIoU"] > state["best_miou"]:
+            best = results["mIoU"] > state["best_miou"]
+            if best:
                 state["best_miou"] = results["mIoU"]
-                if ctx.is_main:
-                    export_folder(model, plan, results, {**meta, "selected": "best", "iteration": it}, out / "best", repo_id=args.push_to_hub)
-            if final and ctx.is_main:  # the reference reports its last evaluation
-                export_folder(model, plan, results, {**meta, "selected": "last", "iteration": it}, out / "last", repo_id=args.push_to_hub)
+
+            def export() -> None:  # rank 0 writes; every process meets after it, so a failure stops them all
+                for selected, wanted in (("best", best), ("last", final)):  # the reference reports its last evaluation
+                    if wanted and ctx.is_main:
+                        export_folder(model, plan, results, {**meta, "selected": selected, "iteration": it}, out / selected,
+                                      repo_id=args.push_to_hub)
+
+            shared_step(export, ctx.world_size)
         state["iteration"] = it
         if it % args.checkpoint_interval == 0 or final:
             save_checkpoint(out, model, optimizer, scheduler, state, ctx, scaler=scaler)
