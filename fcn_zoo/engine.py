@@ -174,6 +174,7 @@ class Predictor:
                 in_flight.append(([item for item, _ in batch], post(self._labels, rgbs, names, logits, side, ready)))
                 yield from settle(1 if overlap else 0)  # one batch's labels beside the next forward
             elif len(batch) > 1:  # out of memory, or one image the network cannot take: only those fail that fail alone
+                del logits  # its traceback holds the failed batch's input and activations: freed before the retries
                 for one in batch:
                     yield from segment([one])
             else:
@@ -305,12 +306,14 @@ def _read_ahead(items: Iterator, load: Callable, submit: Callable[..., Future], 
     take(prefetch)
     while pending:
         item, future = pending.popleft()
-        take(prefetch - len(pending))
         try:
             loaded = future.result()
         except Exception as e:
             loaded = e
         yield item, loaded
+        # the next items only once this one's result is out: a live source (a camera, a request answered by its
+        # result) is not waited for before it, and without workers each image is read when the network needs it
+        take(prefetch - len(pending))
     if failure is not None:
         yield _SOURCE_FAILED, failure
 

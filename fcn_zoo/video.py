@@ -51,6 +51,8 @@ def segment_video(
     numbered from ``000000``. Both appear whole or not at all. Frames are segmented, masked and overlaid as
     displayed (the clip's display matrix applied; the overlay is written upright, without one). ``options`` as
     :func:`fcn_zoo.predict.predict_iter` (the clip runs on a fused copy of the model unless ``fuse=False``)."""
+    if "errors" in options:  # a frame that fails ends the clip: its outputs are whole or absent
+        raise ValueError("segment_video takes no errors=: a frame that cannot be segmented ends the video with its error")
     try:
         import av
     except ImportError as e:
@@ -88,8 +90,8 @@ def segment_video(
         frames = width = height = 0
         try:
             writer = contextlib.nullcontext() if overlay_path is None else _overlay_writer(av, overlay_path, stream)
-            with writer as write:
-                segments = predict_iter(model, _frames(av, source, stream, path), **options)
+            frames_in = _frames(av, source, stream, path)
+            with writer as write, contextlib.closing(predict_iter(model, frames_in, **options)) as segments:
                 for frames, (_, seg) in enumerate(segments, start=1):
                     height, width = seg.size
                     counts += np.bincount(seg.labels.ravel(), minlength=model.num_classes)[: model.num_classes]

@@ -431,3 +431,45 @@ def test_a_label_or_prediction_outside_the_classes_is_an_error_not_a_wrong_count
         matrix.update(torch.tensor([0, 3]), torch.tensor([0, 0]))
     matrix.update(torch.tensor([0, 2, 1]), torch.tensor([0, 255, 1]))  # 255 is ignored
     assert matrix.matrix.sum() == 2
+
+
+def test_a_live_source_gives_each_result_before_it_is_asked_for_the_next(tiny_model):
+    """Without reader threads, each image is read when the network needs it: a source that makes item k only
+    once result k-1 is out (a camera answered frame by frame, a request answered by its result) gets it.
+    Before, the stream asked for item k before giving result k-1, and waited for ever."""
+    image = np.zeros((40, 56, 3), np.uint8)
+    results = []
+
+    def source():
+        for k in range(3):
+            assert len(results) == k, f"item {k} asked for before result {k - 1} was given"
+            yield image
+
+    for _, seg in tiny_model.predict_iter(source(), num_workers=0, fuse=False):
+        results.append(seg)
+    assert len(results) == 3
+
+
+def test_a_failed_batch_is_retried_image_by_image_with_its_memory_freed(tiny_model):
+    """A batch that fails (out of memory, say) is retried one image at a time, after what the failed forward
+    held is freed: before, the exception's traceback kept the batch's input and activations alive through
+    every retry, which on a GPU would run out of memory again."""
+    import weakref
+
+    held, alive_in_retries = [], []
+    features = tiny_model.forward_features
+
+    def forward_features(x):
+        if x.shape[0] > 1:
+            activation = torch.ones(1 << 16)  # what a forward pass holds when it fails
+            held.append(weakref.ref(activation))
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        alive_in_retries.append(any(ref() is not None for ref in held))
+        return features(x)
+
+    tiny_model.forward_features = forward_features
+    try:
+        segs = tiny_model.predict([np.zeros((40, 56, 3), np.uint8)] * 3, batch_size=3)
+    finally:
+        del tiny_model.forward_features
+    assert len(segs) == 3 and len(held) == 1 and alive_in_retries == [False, False, False]

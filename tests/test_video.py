@@ -116,3 +116,32 @@ def test_an_overlay_over_the_clip_of_another_kind_or_among_its_masks_is_refused(
         with pytest.raises(fcn_zoo.FCNZooError, match=said):
             segment_video(model, clip, overlay, masks_dir=masks)
     assert clip.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+
+
+def test_a_clip_that_fails_midway_leaves_no_stream_running_and_refuses_errors(small_folder, tmp_path, monkeypatch):
+    """A failure while writing frame 2 ends segment_video with its error, and its stream is shut down then, not
+    when the caller drops the exception: no reader thread or fused copy lives on beside a kept error. A stream
+    that yields errors has no place in a video whose outputs are whole or absent: errors= is refused."""
+    import threading
+
+    from fcn_zoo.segmentation import Segmentation
+    from fcn_zoo.video import segment_video
+
+    frames = [np.asarray(Image.open(PHOTOS[i % 2]).convert("RGB").resize((64, 48))) for i in range(6)]
+    clip = tmp_path / "clip.mp4"
+    _clip(clip, frames)
+    model = fcn_zoo.from_pretrained(small_folder)
+    with pytest.raises(ValueError, match="takes no errors="):
+        segment_video(model, clip, tmp_path / "o.mp4", errors="yield")
+    save = Segmentation.save
+
+    def full_disk(self, path, *args, **kwargs):
+        if Path(path).name == "000002.png":
+            raise OSError(28, "No space left on device")
+        return save(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(Segmentation, "save", full_disk)
+    with pytest.raises(OSError) as kept:  # the caller keeps the error (a batch job listing failures)
+        segment_video(model, clip, None, masks_dir=tmp_path / "masks", num_workers=2)
+    assert [t.name for t in threading.enumerate() if t.name.startswith("fcn_zoo-")] == [], kept
+    assert not (tmp_path / "masks").exists()

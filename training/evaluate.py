@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fcn_zoo._files import write_json
+from fcn_zoo._files import atomic_path, write_json
 from fcn_zoo._inference import device_of
 from fcn_zoo.metrics import IGNORE_INDEX, ConfusionMatrix
 from fcn_zoo.protocol import TTA
@@ -135,7 +135,8 @@ def write_report(results: dict, class_names: list[str], out_dir: Path, extra: di
     ax.set_ylim(0, 100)
     ax.set_title(f"mIoU {100 * results['mIoU']:.2f}")
     fig.tight_layout()
-    fig.savefig(out_dir / "eval_iou.png", dpi=120)
+    with atomic_path(out_dir / "eval_iou.png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 
