@@ -457,3 +457,15 @@ def test_evaluate_takes_the_splits_the_model_trained_and_validated_on(tmp_path, 
     assert report["split"] == expected == provenance["run"]["data"]["val_split"]
     assert report["samples_sha256"] == provenance["run"]["val_samples_sha256"]
     assert abs(100 * report["mIoU"] - provenance["measured_miou"]) < 0.01
+
+
+def test_an_id2label_file_with_a_negative_id_names_it(tmp_path):
+    from training.data import DatasetLayoutError
+    from training.hubopen import read_id2label
+
+    path = tmp_path / "id2label.json"
+    path.write_text('{"-1": "void", "0": "road"}')
+    with pytest.raises(DatasetLayoutError, match=r"class ids must be 0\.\.1; 1 is missing and -1 is not a class id"):
+        read_id2label(path)
+    path.write_text('{"0": "void", "1": "road"}')
+    assert read_id2label(path) == ["void", "road"]

@@ -148,7 +148,9 @@ def read_id2label(path: Path) -> list[str]:
         raise DatasetLayoutError(f"{path}: not an id2label JSON object {{\"0\": \"name\", ...}} ({e})") from None
     missing = sorted(set(range(len(ids))) - set(ids))
     if not ids or missing:
-        raise DatasetLayoutError(f"{path}: class ids must be 0..{len(ids) - 1}" + (f"; {missing[0]} is missing" if missing else ""))
+        stray = sorted(set(ids) - set(range(len(ids))))  # a negative or too large id in place of the missing one
+        raise DatasetLayoutError(f"{path}: class ids must be 0..{len(ids) - 1}" + (f"; {missing[0]} is missing" if missing else "")
+                                 + (f" and {stray[0]} is not a class id" if stray else ""))
     return [ids[i] for i in range(len(ids))]
 
 
