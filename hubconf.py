@@ -6,6 +6,7 @@
 """
 
 import fcn_zoo as _fcn_zoo
+from fcn_zoo.hub import model_device as _model_device
 
 # every runtime dependency of pyproject.toml, by import name: torch.hub checks each before loading
 dependencies = ["torch", "torchvision", "timm", "huggingface_hub", "safetensors", "PIL", "numpy", "jinja2", "tqdm", "filelock"]
@@ -20,11 +21,11 @@ def _entry_point(name):
         config = checkpoint.model_config()
         if num_classes is not None and num_classes != config["num_classes"]:
             config.update(num_classes=num_classes, dataset=None)
-        device = kwargs.pop("device", None)
+        device = _model_device(kwargs.pop("device", None))  # checked as the pretrained path checks it
         for loading_only in ("revision", "cache_dir", "local_files_only"):  # nothing is loaded
             kwargs.pop(loading_only, None)
-        model = _fcn_zoo.FCN(**config, **kwargs)  # random weights, in training mode as torchvision's builders give
-        return model.to(device) if device is not None else model
+        config.update(kwargs)  # FCN's keywords replace the row's (output_stride=8, dataset=None)
+        return _fcn_zoo.FCN(**config).to(device)  # random weights, in training mode as torchvision's builders give
 
     load.__name__ = load.__qualname__ = name
     load.__doc__ = (

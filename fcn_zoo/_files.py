@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import FCNZooError
+from .errors import FCNZooError, WeightsError
 
 #: an int8 model's network in its folder, in place of model.safetensors (fcn_zoo.int8)
 INT8_FILES = ("openvino_model.xml", "openvino_model.bin")
@@ -59,6 +59,29 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     if os.environ.get("FCN_ZOO_CACHE"):
         return Path(os.environ["FCN_ZOO_CACHE"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "fcn_zoo"
+
+
+def known_sha256(checkpoint, cache_dir=None) -> str | None:
+    """The sha256 a zoo row's reference file must have: the table's, or the one recorded in the cache's
+    ``known_hashes.json`` when it first converted (``fcn_zoo.downloads.record_hash``)."""
+    return checkpoint.sha256 or known_hashes(cache_dir).get(checkpoint.name)
+
+
+def known_hashes_path(cache_dir=None) -> Path:
+    return cache_root(cache_dir) / "known_hashes.json"
+
+
+def known_hashes(cache_dir=None) -> dict[str, str]:
+    path = known_hashes_path(cache_dir)
+    try:
+        known = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as e:
+        raise WeightsError(f"{path}: not valid JSON ({e}); delete it to record hashes anew") from e
+    if not isinstance(known, dict):
+        raise WeightsError(f"{path}: expected a JSON object, got {type(known).__name__}; delete it to record hashes anew")
+    return known
 
 
 @contextlib.contextmanager

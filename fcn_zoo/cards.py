@@ -31,9 +31,11 @@ FCN semantic segmentation (Long et al., [arXiv:1411.4038](https://arxiv.org/abs/
 {%- if provenance.get("run") %} The weights were trained with [fcn-zoo]({{ repo_url }})'s `training/`
 {%- if row %}, which reproduces the recipe of the reference implementation,
 [sssegmentation](https://github.com/SegmentationBLWX/sssegmentation){% endif %}.
-{%- elif row %} The weights are those the reference implementation,
+{%- elif row and checked %} The weights are those the reference implementation,
 [sssegmentation](https://github.com/SegmentationBLWX/sssegmentation), published as `{{ row.name }}.pth`,
 converted to safetensors by [fcn-zoo]({{ repo_url }}).
+{%- elif row %} The weights were converted by [fcn-zoo]({{ repo_url }}) from `{{ local_file }}`, a file named as the
+reference's `{{ row.name }}.pth` whose sha256 is not the one known for it: none of that row's figures are claimed.
 {%- else %} It loads with [fcn-zoo]({{ repo_url }}).
 {%- endif %}
 
@@ -98,7 +100,7 @@ Per-class IoU (%) of the measured mIoU:
 | {{ name }} | {{ "%.2f" % iou if iou is not none else "absent from val" }} |
 {%- endfor %}
 {%- endif %}
-{%- if row %}
+{%- if row and checked %}
 
 ## Training
 
@@ -158,7 +160,7 @@ matrix. `model.predict(image)` does exactly this. Images are RGB: an OpenCV (BGR
 - `model.safetensors` sha256: {{ provenance.get("weights_sha256") }}
 {%- elif row or provenance %}
 {%- if row %}
-- Source: {{ provenance.get("source_url") or row.reference_url }}
+- {% if local_file %}Converted from {{ local_file }}{% else %}Source: {{ provenance.get("source_url") or row.reference_url }}{% endif %}
 - Source sha256: {{ provenance.get("source_sha256") or "recorded when the weights are converted" }}
 - `model.safetensors` sha256: {{ provenance.get("weights_sha256") or "recorded when the weights are converted" }}
 {%- else %}
@@ -233,20 +235,27 @@ def model_card(
     )
     if num_params is None and same_architecture:
         num_params = round(row.params_m * 1e6)
-    if row is not None:
+    # a local file named as a row (no download checked it) is that row's only if its sha256 is the row's known one
+    local = provenance.get("source_file") and not provenance.get("source_url")
+    local_file = Path(provenance["source_file"]).name if local else None
+    checked = row is not None and (local_file is None or _is_row_file(row, provenance.get("source_sha256")))
+    claims = same_architecture and checked
+    if row is not None and same_architecture:
         title = f"{row.title} (`{row.name}`)"
-    else:
+    else:  # from the config: a row converted at another output stride, or its recipe on another backbone, is not the row
+        backbone = f"R-{row.depth}" if row is not None and cfg["backbone"] == row.backbone else cfg["backbone"]
         trained_on = f" {data.title}" if data else f", {cfg['num_classes']} classes"
-        title = f"FCN {cfg['backbone']} OS{cfg['output_stride']}{trained_on}" + (f" (`{repo_id}`)" if repo_id else "")
+        title = (f"FCN {backbone} OS{cfg['output_stride']}{trained_on}" + (f", from `{row.name}`" if row else "")
+                 + (f" (`{repo_id}`)" if repo_id else ""))
 
     results = []  # (dataset, split, mIoU, source)
-    if same_architecture:  # the row's figures are its own architecture's
+    if claims:  # the row's figures are its own architecture's, and its own file's
         results.append((data.title, data.val_split, row.miou, "reference, seed table"))
         if row.miou_newest is not None:
             results.append((data.title, data.val_split, row.miou_newest, "reference, newest"))
     if mean_iou is not None:
         results.append((eval_dataset or data.title, eval_split, mean_iou, "measured with these weights"))
-    index_miou = mean_iou if mean_iou is not None else (row.reference_miou if same_architecture else None)
+    index_miou = mean_iou if mean_iou is not None else (row.reference_miou if claims else None)
     hub_dataset = eval_dataset if eval_dataset is not None else (data.hub_dataset if data else None)
     run_data = (provenance.get("run") or {}).get("data") or {}
     on_hub = run_data.get("layout", "hub") == "hub" and not run_data.get("local_folder")  # a folder is no Hub id
@@ -282,8 +291,20 @@ def model_card(
         provenance=provenance,
         results=results,
         same_architecture=same_architecture,
+        checked=checked,
+        local_file=local_file,
         num_params=num_params,
     )
+
+
+def _is_row_file(row: Checkpoint, sha256: str | None) -> bool:
+    from ._files import known_sha256
+    from .errors import FCNZooError
+
+    try:
+        return sha256 is not None and sha256 == known_sha256(row)
+    except FCNZooError:  # an unreadable known_hashes.json: no file is known
+        return False
 
 
 def row_card(checkpoint: Checkpoint, *, provenance: dict | None = None, mean_iou: float | None = None):

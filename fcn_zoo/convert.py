@@ -198,10 +198,13 @@ def _infer_config(
         "concat_input": concat_input,
         "aux_channels": aux_channels,
     }
-    named = next((d for d in DATASETS if Path(name).stem.endswith(f"_{d}")), None)
-    dataset = named or ("voc" if source == "torchvision" else None)  # torchvision's weights predict VOC's classes
-    if dataset is not None and DATASETS[dataset].num_classes == num_classes:
-        config["dataset"] = dataset
+    parts = Path(name).stem.split("_")  # mmseg's names go on after the dataset: ..._cityscapes_20200604_192608-efe53f0d
+    named = next((d for d in DATASETS if any(part.startswith(d) for part in parts)), None)  # also mmseg's voc12aug
+    if named is not None and DATASETS[named].num_classes == num_classes:
+        config["dataset"] = named
+    elif source == "torchvision" and DATASETS["voc"].num_classes == num_classes:
+        # VOC's 20 classes, but trained on a COCO subset (COCO_WITH_VOC_LABELS_V1): VOC's names, not its dataset
+        config.update(DATASETS["voc"].metadata())
     return config
 
 

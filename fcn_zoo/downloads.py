@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import json
 import logging
 import os
 from pathlib import Path
 
-from ._files import atomic_path, cache_lock, cache_root, writable, write_json
-from .errors import FCNZooError, WeightsError
+from ._files import atomic_path, cache_lock, cache_root, known_hashes, known_hashes_path, known_sha256, writable, write_json
+from .errors import FCNZooError, WeightsError, first_line
 from .zoo import Checkpoint
 
 __all__ = ["download", "download_reference", "record_hash", "reference_download_urls"]
@@ -40,6 +39,7 @@ def download_reference(checkpoint: Checkpoint, directory: Path, cache_dir=None) 
     from urllib.error import HTTPError
 
     writable(cache_root(cache_dir))  # where the hash is recorded: checked before the transfer, not after it
+    expected = known_sha256(checkpoint, cache_dir)  # a damaged known_hashes.json too
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{checkpoint.name}.pth"
     urls = reference_download_urls(checkpoint)
@@ -54,7 +54,6 @@ def download_reference(checkpoint: Checkpoint, directory: Path, cache_dir=None) 
             raise FCNZooError(_download_failed(checkpoint, urls[: i + 1], e)) from e
         except (OSError, ValueError, http.client.HTTPException) as e:  # URLError is an OSError
             raise FCNZooError(_download_failed(checkpoint, [url], e)) from e
-    expected = checkpoint.sha256 or _known_hashes(cache_dir).get(checkpoint.name)
     if expected and sha256 != expected:
         path.unlink(missing_ok=True)
         if checkpoint.sha256:
@@ -64,7 +63,7 @@ def download_reference(checkpoint: Checkpoint, directory: Path, cache_dir=None) 
         else:
             origin = "recorded at the first download"
             how = (f"if the mirror's file was changed on purpose, delete the \"{checkpoint.name}\" entry of "
-                   f"{_known_hashes_path(cache_dir)} and load again to accept it")
+                   f"{known_hashes_path(cache_dir)} and load again to accept it")
         raise WeightsError(f"{url}: sha256 {sha256} differs from {expected}, {origin}; the file was not used; {how}")
     return path, url, sha256
 
@@ -75,23 +74,9 @@ def record_hash(checkpoint: Checkpoint, sha256: str, cache_dir=None) -> None:
     if checkpoint.sha256:
         return
     with cache_lock("known_hashes", cache_dir):  # rows converting in other processes at once each add theirs
-        known = _known_hashes(cache_dir)
+        known = known_hashes(cache_dir)
         if checkpoint.name not in known:
-            write_json(_known_hashes_path(cache_dir), {**known, checkpoint.name: sha256})
-
-
-def _known_hashes_path(cache_dir=None) -> Path:
-    return cache_root(cache_dir) / "known_hashes.json"
-
-
-def _known_hashes(cache_dir=None) -> dict[str, str]:
-    path = _known_hashes_path(cache_dir)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except ValueError as e:
-        raise WeightsError(f"{path}: not valid JSON ({e}); delete it to record hashes anew") from e
+            write_json(known_hashes_path(cache_dir), {**known, checkpoint.name: sha256})
 
 
 def download(url: str, path: Path, timeout: float | None = None) -> str:
@@ -108,7 +93,14 @@ def download(url: str, path: Path, timeout: float | None = None) -> str:
     from tqdm.auto import tqdm
 
     if timeout is None:
-        timeout = float(os.environ.get("FCN_ZOO_DOWNLOAD_TIMEOUT", 60))
+        setting = os.environ.get("FCN_ZOO_DOWNLOAD_TIMEOUT") or "60"
+        try:
+            timeout = float(setting)
+        except ValueError:
+            timeout = float("nan")
+        if not 0 < timeout < float("inf"):  # a setting, not the network: named apart from download failures
+            raise FCNZooError(f"FCN_ZOO_DOWNLOAD_TIMEOUT={setting!r}: expected a positive number of seconds "
+                              "without data (default 60); fix or unset it")
     digest = hashlib.sha256()
     with atomic_path(path) as tmp:
         with urlopen(Request(url, headers={"User-Agent": "fcn-zoo"}), timeout=timeout) as response, open(tmp, "wb") as f:
@@ -136,4 +128,4 @@ def _download_failed(checkpoint: Checkpoint, urls: list[str], error: BaseExcepti
         return (f"{checkpoint.name}: {where} has no such file ({tried} answered 404); "
                 + (f"put {checkpoint.name}.pth there" if mirror else "set FCN_ZOO_REFERENCE_URL to a mirror that holds it"))
     setting = f"FCN_ZOO_REFERENCE_URL={mirror} is the mirror used" if mirror else "or set FCN_ZOO_REFERENCE_URL to a mirror"
-    return f"{checkpoint.name}: downloading {tried} failed ({error}); check the network ({setting})"
+    return f"{checkpoint.name}: downloading {tried} failed ({first_line(error)}); check the network ({setting})"

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -68,17 +69,11 @@ def from_pretrained(
         an :class:`fcn_zoo.FCN` in eval mode; for an int8 folder (:func:`fcn_zoo.quantization.quantize`), a
         :class:`fcn_zoo.int8.QuantizedFCN` (on the CPU; ``pip install 'fcn-zoo[int8]'``).
     """
-    import torch
-
     from .model import FCN
 
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    try:
-        device = torch.device(device or "cpu")
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
-    check_device_available(str(device))  # before anything is downloaded or loaded
+    device = model_device(device)  # before anything is downloaded or loaded
     folder = resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     saved = _read_config(folder)
     from .int8 import load_int8
@@ -95,6 +90,18 @@ def from_pretrained(
         overrides = dict(num_classes=num_classes, new_classes=True, class_names=None, palette=None, dataset=None)
     model = FCN.from_pretrained(folder, **overrides)
     return model.to(device).eval()
+
+
+def model_device(device: str | None):
+    """``device`` (default CPU) as a ``torch.device``, checked to exist here; shared with hubconf.py's entry points."""
+    import torch
+
+    try:
+        parsed = torch.device(device or "cpu")
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
+    check_device_available(str(parsed))
+    return parsed
 
 
 def resolve(
@@ -120,6 +127,9 @@ def resolve(
     if kind == "pth":
         return _convert_local_pth(path, cache_dir)
     if kind == "zoo":
+        if (path / CONFIG_NAME).is_file():  # e.g. an earlier `predict NAME ... --out NAME`
+            logger.warning("%s: loading the zoo model, not the folder of that name here; pass ./%s to load the folder",
+                           text, text)
         return _resolve_zoo(CHECKPOINTS[text], revision, cache_dir, offline)
     repo_id, _, repo_revision = text.partition("@")
     return _download_hub(repo_id, revision or repo_revision or None, cache_dir, offline)
@@ -132,6 +142,8 @@ def source_kind(name_or_path: str | os.PathLike) -> str:
     text = os.fspath(name_or_path)
     if not text.strip():  # Path("") is the current folder
         raise MissingFileError(f"{text!r}: an empty model name; pass a zoo name, Hub repo id, folder or .pth file")
+    if text in CHECKPOINTS:  # a row's name is the row, even beside a folder of that name: `./NAME` is the folder
+        return "zoo"
     path = Path(text).expanduser()
     if path.is_dir():
         return "folder"
@@ -141,8 +153,6 @@ def source_kind(name_or_path: str | os.PathLike) -> str:
         raise WeightsError(
             f"{path}: expected a save_pretrained folder (config.json + model.safetensors) or a reference .pth file"
         )
-    if text in CHECKPOINTS:
-        return "zoo"
     if _REPO_ID.match(text.partition("@")[0]) and not text.endswith((".pth", ".pt", "/")):
         return "hub"
     if os.sep in text or text.endswith((".pth", ".pt")):
@@ -188,10 +198,14 @@ def _resolve_zoo(checkpoint: Checkpoint, revision: str | None, cache_dir, offlin
         except FCNZooError as e:
             logger.info("%s; using the reference weights instead", e)
     converted = cache_root(cache_dir) / "reference" / checkpoint.name
+    if offline and _hub_offline():  # also what stops `fcn-zoo download NAME` itself
+        raise NotCachedError(
+            f"{checkpoint.name} is not cached and HF_HUB_OFFLINE=1 disables downloads: unset HF_HUB_OFFLINE to "
+            f"download it (`fcn-zoo download {checkpoint.name}`), or copy {converted} from a machine that has it"
+        )
     if offline:
         raise NotCachedError(
-            f"{checkpoint.name} is not cached and downloads are disabled "
-            f"({'local_files_only=True' if not _hub_offline() else 'HF_HUB_OFFLINE=1'}). "
+            f"{checkpoint.name} is not cached and downloads are disabled (local_files_only=True). "
             f"On a machine with network run `fcn-zoo download {checkpoint.name}` and copy {converted}, "
             f"or place {checkpoint.name}.pth behind FCN_ZOO_REFERENCE_URL and allow downloads."
         )
@@ -200,6 +214,8 @@ def _resolve_zoo(checkpoint: Checkpoint, revision: str | None, cache_dir, offlin
     writable(converted.parent)
     with cache_lock(f"reference-{checkpoint.name}", cache_dir):  # other processes wait here, then find it
         if _missing_files(converted):
+            for stale in converted.parent.glob(f".{checkpoint.name}-*"):  # a killed load's: the lock says none is in use
+                shutil.rmtree(stale, ignore_errors=True)
             with tempfile.TemporaryDirectory(dir=converted.parent, prefix=f".{checkpoint.name}-") as tmp:
                 pth, url, sha256 = download_reference(checkpoint, Path(tmp), cache_dir)
                 try:
@@ -224,6 +240,9 @@ def _download_hub(repo_id: str, revision: str | None, cache_dir, offline: bool) 
         for filename in INT8_FILES if is_quantized_config(_read_config(config.parent)) else (WEIGHTS_NAME,):
             download(filename)
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as e:  # before the HTTP errors: not an answer
+        if offline and _hub_offline():
+            raise NotCachedError(f"{where} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 disables downloads: "
+                                 "unset HF_HUB_OFFLINE to download it") from e
         if offline:
             raise NotCachedError(
                 f"{where} is not in the Hugging Face cache and downloads are disabled; "
@@ -307,7 +326,10 @@ def _hub_offline() -> bool:
 
 
 def _missing_files(folder: Path) -> list[str]:
-    weights = INT8_FILES if (folder / INT8_FILES[0]).is_file() else (WEIGHTS_NAME,)  # an int8 model's, or the fp32
+    try:  # the config says which: a stray openvino_model.xml beside fp32 weights does not make them int8
+        weights = INT8_FILES if is_quantized_config(_read_config(folder)) else (WEIGHTS_NAME,)
+    except WeightsError:
+        weights = (WEIGHTS_NAME,)
     return [f for f in (CONFIG_NAME, *weights) if not (folder / f).is_file()]
 
 

@@ -35,7 +35,8 @@ def publish(
     """Convert, verify and (unless ``dry_run``) upload one zoo row; returns its entry in ``out/published.json``.
 
     The work folder ``out/<name>`` holds exactly what is uploaded: ``config.json``, ``model.safetensors``,
-    ``provenance.json`` and ``README.md``. A row already done (uploaded, or built for a dry run) is skipped,
+    ``provenance.json`` and ``README.md``; it is built in ``out/.<name>.staging`` and renamed only once verified,
+    so a present folder is a verified one. A row already done (uploaded, or built for a dry run) is skipped,
     so ``publish all`` resumes where it stopped.
     """
     from .convert import convert_checkpoint
@@ -51,22 +52,23 @@ def publish(
     except ValueError as e:
         raise FCNZooError(f"{state_path}: not valid JSON ({e}); fix or delete it") from e
     done = state.get(name, {})
+    staging = out / f".{name}.staging"  # the download and the unverified folder; a killed run's are removed here
+    shutil.rmtree(staging, ignore_errors=True)
     if done.get("commit") and done.get("repo_id") == repo_id:
         log(f"{name}: already published as {repo_id}@{done['commit']}")
         return done
     if not (folder / "README.md").is_file():
-        pth, url, sha256 = download_reference(checkpoint, out / ".downloads")
         try:
+            pth, url, sha256 = download_reference(checkpoint, staging)
             provenance = convert_checkpoint(
-                pth, folder, "reference", checkpoint=checkpoint, parity=True, provenance={"source_url": url}
+                pth, staging / name, "reference", checkpoint=checkpoint, parity=True, provenance={"source_url": url}
             )
-            _verify(checkpoint, folder, pth, provenance)
+            _verify(checkpoint, staging / name, pth, provenance)
             record_hash(checkpoint, sha256)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)  # never leave a folder that looks verified
-            raise
+            shutil.rmtree(folder, ignore_errors=True)  # without README.md: not one this function verified
+            (staging / name).rename(folder)
         finally:
-            pth.unlink(missing_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
     provenance = json.loads((folder / "provenance.json").read_text())
     if sha256_file(folder / "model.safetensors") != provenance["weights_sha256"]:
         raise WeightsError(f"{folder}: model.safetensors changed since it was verified; delete the folder and rerun")

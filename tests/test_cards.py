@@ -112,3 +112,36 @@ def test_a_row_recipe_on_another_backbone_claims_none_of_the_rows_figures():
     assert "reference, seed table" not in card and "66.86" not in card and "12.00" in card
     mine = str(model_card(tiny_fcn(num_classes=4, dataset=None).hub_config(), mean_iou=55.5, eval_dataset="me/data"))
     assert "OWNER/REPO" not in mine.split("---")[1]  # the model-index names no placeholder
+
+
+def test_a_local_file_of_a_rows_name_claims_the_rows_figures_only_when_it_is_the_rows_known_file(monkeypatch):
+    import dataclasses
+
+    from fcn_zoo import zoo
+    from fcn_zoo.cards import model_card
+    from fcn_zoo.hub import cache_root
+
+    row = fcn_zoo.CHECKPOINTS["fcn_resnet50os16_voc"]
+    config = {**row.model_config(), **row.data.metadata()}
+    local = {"source_file": "/data/fine-tuned/fcn_resnet50os16_voc.pth", "source_sha256": "a" * 64}
+    card = model_card(config, row=row, provenance=local)
+    assert "- Converted from fcn_resnet50os16_voc.pth" in card.text and row.reference_url not in card.text
+    assert "## Results" not in card.text and "## Training" not in card.text and card.data.eval_results is None
+    assert "published as" not in card.text and "none of that row's figures are claimed" in card.text
+
+    cache_root().mkdir(parents=True)
+    (cache_root() / "known_hashes.json").write_text(json.dumps({row.name: "a" * 64}))  # recorded at a download
+    assert model_card(config, row=row, provenance=local).data.eval_results[0].metric_value == row.reference_miou
+    (cache_root() / "known_hashes.json").unlink()
+    monkeypatch.setitem(zoo.CHECKPOINTS, row.name, dataclasses.replace(row, sha256="a" * 64))  # published in the table
+    card = model_card(config, row=zoo.CHECKPOINTS[row.name], provenance=local)
+    assert "66.58 (reference, seed table)" in card.text and "- Converted from fcn_resnet50os16_voc.pth" in card.text
+
+
+def test_a_row_converted_at_another_output_stride_is_titled_from_its_config():
+    from fcn_zoo.cards import model_card
+
+    row = fcn_zoo.CHECKPOINTS["fcn_resnet50os16_voc"]
+    card = model_card({**row.model_config(), **row.data.metadata(), "output_stride": 8}, row=row)
+    assert "\n# FCN R-50 OS8 PASCAL VOC 2012, from `fcn_resnet50os16_voc`\n" in card.text
+    assert "66.58" not in card.text and card.data.eval_results is None

@@ -231,3 +231,21 @@ def test_a_checkpoint_saved_from_ddp_converts_with_parity_and_a_non_torch_file_s
     assert main(["convert", str(tmp_path / "hello.pth"), "--from", "torchvision", "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
     assert "not a checkpoint of plain tensors (" in err and "Error" in err.split("not a checkpoint of plain tensors (")[1]
+
+
+def test_torchvision_weights_get_vocs_classes_but_no_claim_of_voc_training():
+    """torchvision's FCN weights predict VOC's 20 classes but were trained on a COCO subset (COCO_WITH_VOC_LABELS_V1)."""
+    from fcn_zoo.cards import model_card
+
+    tv = torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None, num_classes=21, aux_loss=True)
+    config, _ = convert_state_dict(tv.state_dict(), "torchvision", name="fcn_resnet50_coco-1167a1af.pth")
+    voc = fcn_zoo.DATASETS["voc"]
+    assert "dataset" not in config and config["class_names"] == list(voc.classes) and config["eval_size"] == list(voc.eval_size)
+    card = model_card(fcn_zoo.FCN(**config).hub_config())
+    assert voc.title not in str(card) and "trained on" not in str(card) and card.data.datasets is None
+
+
+def test_mmseg_file_names_give_their_dataset_before_the_date_and_hash():
+    config, _ = convert_state_dict(_mmseg_state_dict(), "mmseg",
+                                   name="fcn_r50-d8_512x1024_40k_cityscapes_20200604_192608-efe53f0d.pth")
+    assert config["dataset"] == "cityscapes"

@@ -334,3 +334,82 @@ def test_a_local_pth_whose_name_gives_no_output_stride_says_how_to_load_it(refer
         fcn_zoo.from_pretrained(tmp_path / "weights.pth")
     assert f"`fcn-zoo convert {tmp_path / 'weights.pth'} --from reference --output-stride 8 --out DIR`" in str(refused.value)
     assert "pass --output-stride" not in str(refused.value)  # loading has no such option
+
+
+def test_a_zoo_name_is_the_row_even_beside_a_folder_of_that_name(tiny_folder, tmp_path, monkeypatch, caplog):
+    """`fcn-zoo predict NAME img --out NAME` leaves a folder NAME here; the next run must still load the row."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_folder, tmp_path / "fcn_resnet50os8_voc")
+    cached = hub.cache_root() / "reference" / "fcn_resnet50os8_voc"
+    shutil.copytree(tiny_folder, cached)
+    assert hub.source_kind("fcn_resnet50os8_voc") == "zoo" and hub.source_kind("./fcn_resnet50os8_voc") == "folder"
+    with caplog.at_level(logging.WARNING, logger="fcn_zoo"):
+        assert hub.resolve("fcn_resnet50os8_voc", local_files_only=True) == cached
+    assert "./fcn_resnet50os8_voc" in caplog.text and len(caplog.records) == 1
+    assert hub.resolve("./fcn_resnet50os8_voc") == Path("fcn_resnet50os8_voc")
+
+
+def test_a_killed_loads_temporary_folders_are_removed_by_the_next_load(monkeypatch):
+    stale = hub.cache_root() / "reference" / ".fcn_resnet50os8_voc-k1ll3d"
+    stale.mkdir(parents=True)
+    (stale / "fcn_resnet50os8_voc.pth").write_bytes(b"\0" * 1000)  # a download cut by SIGKILL
+    other = hub.cache_root() / "reference" / ".fcn_resnet50os16_voc-k1ll3d"  # another row's: maybe in use
+    other.mkdir()
+    with pytest.raises(fcn_zoo.FCNZooError, match="downloading"):  # nothing listens at the mirror
+        fcn_zoo.from_pretrained("fcn_resnet50os8_voc")
+    assert not stale.exists() and other.exists()
+
+
+def test_a_stray_int8_file_beside_fp32_weights_does_not_make_the_folder_int8(tiny_folder, tmp_path):
+    folder = tmp_path / "stray"
+    shutil.copytree(tiny_folder, folder)
+    (folder / "openvino_model.xml").write_text("<net/>")
+    assert _same_weights(fcn_zoo.from_pretrained(folder), fcn_zoo.from_pretrained(tiny_folder))
+
+
+def test_hf_hub_offline_says_that_it_is_what_blocks_the_download(monkeypatch, tiny_folder):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("fcn_resnet50os8_voc", "me/some-fcn"):  # `fcn-zoo download NAME` itself gets this message
+        with pytest.raises(fcn_zoo.NotCachedError) as e:
+            hub.resolve(name)
+        assert "HF_HUB_OFFLINE=1 disables downloads: unset HF_HUB_OFFLINE to download it" in str(e.value)
+        assert "on a machine with network" not in str(e.value).lower()
+
+
+class RedirectLoopHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(302)
+        self.send_header("Location", self.path)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_download_failures_and_bad_settings_are_one_line_naming_the_cause(tmp_path, monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RedirectLoopHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:  # urllib's redirect-loop error runs over three lines
+        monkeypatch.setenv("FCN_ZOO_REFERENCE_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(fcn_zoo.FCNZooError) as e:
+            fcn_zoo.from_pretrained("fcn_resnet50os8_voc")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "\n" not in str(e.value) and "infinite loop" in str(e.value)
+
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "fcn_resnet50os8_voc.pth").write_bytes(b"PK")
+    QuietHandler.requests.clear()
+    with serve_folder(served) as url:
+        monkeypatch.setenv("FCN_ZOO_REFERENCE_URL", url)
+        monkeypatch.setenv("FCN_ZOO_DOWNLOAD_TIMEOUT", "abc")
+        with pytest.raises(fcn_zoo.FCNZooError, match=r"FCN_ZOO_DOWNLOAD_TIMEOUT='abc': expected a positive number"):
+            fcn_zoo.from_pretrained("fcn_resnet50os8_voc")
+        monkeypatch.delenv("FCN_ZOO_DOWNLOAD_TIMEOUT")
+        (hub.cache_root() / "known_hashes.json").write_text("[1, 2]")  # JSON, not an object: refused before the transfer
+        with pytest.raises(fcn_zoo.WeightsError, match="known_hashes.json: expected a JSON object, got list"):
+            fcn_zoo.from_pretrained("fcn_resnet50os8_voc")
+    assert QuietHandler.requests == []

@@ -73,3 +73,11 @@ def test_an_entry_point_without_weights_takes_the_loading_keywords():
     model = torch.hub.load(str(REPO), "fcn_resnet50os16_voc", source="local", pretrained=False, device="cpu",
                            local_files_only=True, num_classes=5)
     assert isinstance(model, fcn_zoo.FCN) and model.num_classes == 5 and model.training
+
+
+def test_without_weights_the_rows_config_gives_way_to_the_callers_keywords_and_the_device_is_checked():
+    model = torch.hub.load(str(REPO), "fcn_resnet50os16_voc", source="local", pretrained=False, output_stride=8,
+                           dataset=None, num_convs=1)
+    assert (model.output_stride, model.dataset, model.decode_head.num_convs) == (8, None, 1)
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):  # as with pretrained=True, before building anything
+        torch.hub.load(str(REPO), "fcn_resnet50os16_voc", source="local", pretrained=False, device="gpu")

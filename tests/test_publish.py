@@ -150,14 +150,14 @@ def test_rows_recorded_at_once_from_two_processes_are_both_kept(tmp_path, monkey
     import time
 
     monkeypatch.setenv("FCN_ZOO_CACHE", str(tmp_path))
-    read = downloads._known_hashes
+    read = downloads.known_hashes
 
     def slow_read(cache_dir=None):  # both writers read before either writes, as two processes may
         known = read(cache_dir)
         time.sleep(0.3)
         return known
 
-    monkeypatch.setattr(downloads, "_known_hashes", slow_read)
+    monkeypatch.setattr(downloads, "known_hashes", slow_read)
     names = list(zoo.CHECKPOINTS)[:2]
     threads = [threading.Thread(target=downloads.record_hash, args=(zoo.CHECKPOINTS[n], f"{i}" * 64))
                for i, n in enumerate(names)]
@@ -166,3 +166,34 @@ def test_rows_recorded_at_once_from_two_processes_are_both_kept(tmp_path, monkey
     for t in threads:
         t.join()
     assert json.loads((tmp_path / "known_hashes.json").read_text()) == {names[0]: "0" * 64, names[1]: "1" * 64}
+
+
+def test_only_a_verified_folder_is_ever_at_its_place_and_a_killed_runs_files_are_removed(tmp_path, monkeypatch):
+    """A run killed while verifying left out/<name> that the rerun trusted, and the downloaded .pth for good."""
+    from fcn_zoo import convert, publish
+
+    out, served = tmp_path / "publish", tmp_path / "served"
+    served.mkdir()
+    (served / f"{NAME}.pth").write_bytes(b"the reference file")
+    staging = out / f".{NAME}.staging"
+    staging.mkdir(parents=True)
+    (staging / f"{NAME}.pth").write_bytes(b"\0" * 1000)  # what a run killed (SIGKILL) mid-verification leaves
+    seen = []
+
+    def converted(pth, folder, *args, **kwargs):  # the folder as conversion writes it, card last
+        folder.mkdir()
+        (folder / "README.md").write_text("card")
+        return {}
+
+    def interrupted(checkpoint, folder, pth, provenance):  # stands for the kill: no cleanup of its own can help
+        seen.append((folder.exists(), (out / NAME).exists(), pth.read_bytes()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert, "convert_checkpoint", converted)
+    monkeypatch.setattr(publish, "_verify", interrupted)
+    with serve_folder(served) as url:
+        monkeypatch.setenv("FCN_ZOO_REFERENCE_URL", url)
+        with pytest.raises(KeyboardInterrupt):
+            publish.publish(NAME, out, repo_id="me/fcn", dry_run=True, log=lambda *a: None)
+    assert seen == [(True, False, b"the reference file")], "an unverified folder was at out/<name>"
+    assert list(out.iterdir()) == []  # neither the unverified folder nor the .pth is left
