@@ -37,12 +37,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     deleted when it fails. Readers of ``path`` never see a partial file. The name is this thread's own, so
     that two threads (or processes) writing ``path`` at once never write into one file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
+    tmp = path.with_name(f".{partial_stem(path.name)}.{os.getpid()}-{threading.get_ident()}.partial")
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def partial_stem(name: str) -> str:
+    """What :func:`atomic_path`'s temporary name holds of ``name``: all of it, or where the temporary name would pass
+    the 255 bytes a file name may have, its first 160 bytes and a hash of the whole."""
+    encoded = name.encode("utf-8", "surrogateescape")
+    if len(encoded) <= 200:
+        return name
+    return encoded[:160].decode("utf-8", "ignore") + "~" + hashlib.sha256(encoded).hexdigest()[:16]
 
 
 def write_json(path: str | Path, data) -> None:

@@ -41,12 +41,12 @@ class Source:
     path: Path
     name: str
     video: bool
+    suffixed: bool = False  # the name keeps the input's suffix (x.jpg and x.png side by side)
 
     @property
     def file_name(self) -> str:
         """:attr:`name` with the input's suffix (``a/x.jpg``): what ``summary.csv`` calls it."""
-        suffix = self.path.suffix
-        return self.name if self.name.endswith(suffix) else self.name + suffix
+        return self.name if self.suffixed else self.name + self.path.suffix
 
 
 @dataclass
@@ -184,7 +184,7 @@ def _named(found: list[tuple[Path, Path]]) -> list[Source]:
     stems = [_stem(r) for r in anchored]
     counts = Counter(stems)
     return [
-        Source(path, relative if counts[stem] > 1 else stem, _is_video(path))
+        Source(path, relative if counts[stem] > 1 else stem, _is_video(path), counts[stem] > 1)
         for (path, _), relative, stem in zip(found, anchored, stems)
     ]
 

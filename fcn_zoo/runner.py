@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ._files import atomic_path, cache_root
+from ._files import atomic_path, cache_root, partial_stem
 from .devices import distributed_rank
 from .errors import FCNZooError, first_line
 from .images import save_image
@@ -39,7 +39,7 @@ from .inputs import Source
 from .predict import predict_iter
 from .ranks import Heartbeat, join, meet_at_the_end, shard, timeout, together
 from .records import (
-    INPUTS, JOURNAL_DIR, MADE_BY, Journal, Outputs, apart, check_resumable, next_run, read_inputs, write_inputs,
+    INPUTS, JOURNAL_DIR, MADE_BY, Journal, Outputs, Rows, apart, check_resumable, next_run, read_inputs, write_inputs,
 )
 
 __all__ = ["Outputs", "Totals", "segment_sources", "only_writer"]  # Outputs: from fcn_zoo.records, where it lives
@@ -114,7 +114,7 @@ def segment_sources(
             except Exception as e:  # a full disk, a folder where a file should go: this source fails alone
                 record(source, _failure(source, e))
                 continue
-            record(source, row, f"{source.path} -> {', '.join(map(str, written))} ({_top(row['shares'])})")
+            record(source, row, f"{_shown(source.path)} -> {', '.join(map(_shown, written))} ({_top(row['shares'])})")
 
     try:
         _clear_leftovers(outputs.folder, {p for s in todo for p in outputs.paths(s)})  # a killed run's, beside them
@@ -135,8 +135,8 @@ def segment_sources(
                 record(source, _failure(source, e))
                 continue
             row = _row(source, (result.height, result.width), result.shares, frames=result.frames)
-            paths = ", ".join(map(str, outputs.paths(source)))
-            record(source, row, f"{source.path} -> {paths} ({result.frames} frames; {_top(row['shares'])})")
+            paths = ", ".join(map(_shown, outputs.paths(source)))
+            record(source, row, f"{_shown(source.path)} -> {paths} ({result.frames} frames; {_top(row['shares'])})")
     finally:
         writers.shutdown(wait=True, cancel_futures=True)  # a write under way finishes (atomically)
         bar.close()
@@ -195,7 +195,7 @@ class _Plan:
 
     sources: list[Source]  # named apart and inside --out, in input order
     done: set[str]  # names an earlier run's journal records as done (--resume)
-    rows: dict[str, dict]  # the first process: each source's newest row so far (others: empty)
+    rows: Rows  # the first process: each source's newest row so far (others: empty)
     run: int  # this run's stamp (records.next_run)
 
 
@@ -221,7 +221,7 @@ def _begin(sources: list[Source], outputs: Outputs, journal: Journal, rank: int,
             raise error or FCNZooError(message)  # the first process's own error; the others' copy of it
         if rank != 0:
             shared = read_inputs(outputs.folder, run)
-            plan = _Plan(*shared, rows={}, run=run) if shared is not None else None
+            plan = _Plan(*shared, rows=Rows(), run=run) if shared is not None else None
         sees = [None] * world
         together(rank, world, dist.all_gather_object, sees, plan is not None)
         blind = [str(r) for r, ok in enumerate(sees) if not ok]
@@ -246,8 +246,10 @@ def _prepare(sources: list[Source], outputs: Outputs, journal: Journal, resume: 
     elif made is not None:  # every output is remade: no earlier row may count as done later
         for old in journal_dir.glob("journal*.jsonl"):
             old.unlink()
-    # an earlier run's marks, and the frame masks a killed run was making (_segment_video)
-    for old in [*journal_dir.glob("done-*.json"), *journal_dir.glob("alive-*.json"), *journal_dir.glob("frames-*")]:
+    # an earlier run's marks, the frame masks a killed run was making (_segment_video), and what a killed run was
+    # writing of the summary and the journals
+    for old in [*journal_dir.glob("done-*.json"), *journal_dir.glob("alive-*.json"), *journal_dir.glob("frames-*"),
+                *journal_dir.glob(".*.partial"), *outputs.folder.glob(".summary.csv.*.partial")]:
         _remove(old)
     journal_dir.mkdir(parents=True, exist_ok=True)
     if made is not None:
@@ -256,12 +258,12 @@ def _prepare(sources: list[Source], outputs: Outputs, journal: Journal, resume: 
     if resume:
         rows = journal.read()
     else:
-        rows = {}
+        rows = Rows()
         journal.mark()
     run = next_run(rows)
     # done: made by an earlier run from this very file (another file of the same name is segmented anew)
-    done = {s.name for s in sources if rows.get(s.name, {}).get("status") == "ok"
-            and rows[s.name].get("input") == _identity(s.path)}
+    done = {s.name for s in sources if (row := rows.get(s.name)) is not None and row.get("status") == "ok"
+            and row.get("input") == _identity(s.path)}
     if world > 1:
         write_inputs(outputs.folder, run, sources, done)
     return _Plan(sources, done, rows, run)
@@ -269,11 +271,12 @@ def _prepare(sources: list[Source], outputs: Outputs, journal: Journal, resume: 
 
 def _clear_leftovers(folder: Path, targets: set[Path]) -> None:
     """Remove the temporary files (``.<name>.<pid>-<thread>.partial``) a killed process left beside ``targets``."""
+    stems = {(str(t.parent), partial_stem(t.name)) for t in targets}
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if d != JOURNAL_DIR]
         for name in files:
             match = _PARTIAL.match(name)
-            if match and Path(root, match.group(1)) in targets:
+            if match and (root, match.group(1)) in stems:
                 Path(root, name).unlink(missing_ok=True)
 
 
@@ -317,13 +320,18 @@ def _segment_video(model, source: Source, outputs: Outputs, options: dict):
     try:
         result = segment_video(model, source.path, paths[0], masks_dir=staging / "frames", alpha=outputs.alpha,
                                **options)
-        _move_frames(staging / "frames", folder)
+        try:
+            _move_frames(staging / "frames", folder)
+        except BaseException:  # the clip failed: its overlay and the frames this run moved go, nothing else
+            paths[0].unlink(missing_ok=True)
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # fcn-zoo's own, and by now empty unless this failed
     return result
 
 
 def _move_frames(frames: Path, folder: Path) -> None:
+    """The frame masks moved into ``folder``, beside what it holds; where one cannot go, none is left there."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     if not folder.exists():
         try:
@@ -332,8 +340,15 @@ def _move_frames(frames: Path, folder: Path) -> None:
         except OSError:  # made meanwhile: merge below
             if not folder.is_dir():
                 raise
-    for frame in sorted(frames.iterdir()):
-        os.replace(frame, folder / frame.name)
+    moved = []
+    try:
+        for frame in sorted(frames.iterdir()):
+            os.replace(frame, folder / frame.name)  # a folder of that name there: IsADirectoryError
+            moved.append(folder / frame.name)
+    except BaseException:
+        for path in moved:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def _identity(path: Path) -> list:
@@ -352,9 +367,14 @@ def _row(source: Source, size=(None, None), shares: dict[str, float] | None = No
             "width": size[1], "height": size[0], "frames": frames, "status": "ok", "error": "", "shares": shares or {}}
 
 
+def _shown(path) -> str:
+    """``path`` as one line: a name holding a newline (or another unprintable character) escaped."""
+    path = str(path)
+    return path if path.isprintable() else repr(path)[1:-1]
+
+
 def _failure(source: Source, error: BaseException) -> dict:
-    path = str(source.path)
-    shown = path if path.isprintable() else repr(path)[1:-1]  # a name holding a newline stays on one line
+    path, shown = str(source.path), _shown(source.path)
     message = (str(error).replace(path, shown).strip().splitlines() or [type(error).__name__])[0].strip()
     if shown not in message:
         message = f"{shown}: {message}"
@@ -366,7 +386,7 @@ def _top(shares: dict[str, float]) -> str:
     return "; ".join(f"{k} {v:.0%}" for k, v in list(shares.items())[:3])
 
 
-def _write_summary(folder: Path, sources: list[Source], rows: dict, class_names: list[str]) -> None:
+def _write_summary(folder: Path, sources: list[Source], rows: Rows, class_names: list[str]) -> None:
     """``summary.csv``, one row per source in input order, then each class's share; written row by row."""
     columns = ["path", "kind", "width", "height", "frames", "status", "error"]
     with atomic_path(folder / "summary.csv") as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:

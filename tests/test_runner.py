@@ -606,6 +606,49 @@ def test_a_rerun_without_resume_clears_what_a_killed_run_was_writing(capsys, sma
     leftover.write_bytes(b"half a PNG")
     assert run(capsys, "predict", small_folder, photo_tree / "2023", "--out", out, "--quiet")[0] == 0
     assert not leftover.exists() and (out / "a.png").is_file()
+    # what a kill while the summary or the journal was being written leaves, with or without --resume
+    for resume in ([], ["--resume"]):
+        halves = [out / ".summary.csv.99999-1.partial", out / ".fcn-zoo" / ".journal.jsonl.99999-1.partial"]
+        for half in halves:
+            half.write_text("half")
+        assert run(capsys, "predict", small_folder, photo_tree / "2023", "--out", out, "--quiet", *resume)[0] == 0
+        assert not any(half.exists() for half in halves), resume
+
+
+def test_names_at_the_length_limit_double_suffixes_and_newlines_are_written_and_said_right(capsys, small_folder, tmp_path):
+    """A 230-character name (its temporary name would pass the 255 a file system allows) is written; b.png and
+    b.png.png keep their own names in summary.csv; a name holding a newline is said on one line."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    long = "p" * 226 + ".png"
+    for name in (long, "b.png", "b.png.png", "new\nline.png"):
+        small(PHOTOS[0]).save(folder / name)
+    out = tmp_path / "out"
+    (out / ".fcn-zoo").mkdir(parents=True)
+    from fcn_zoo._files import partial_stem
+
+    leftover = out / f".{partial_stem(long[:-4] + '.png')}.99999-1.partial"  # a killed run's, of the long name
+    leftover.write_bytes(b"half")
+    code, said, err = run(capsys, "predict", small_folder, folder, "--out", out)
+    assert code == 0, err
+    assert (out / (long[:-4] + ".png")).is_file() and not leftover.exists()
+    with open(out / "summary.csv", newline="") as f:
+        assert sorted(row["path"] for row in csv.DictReader(f)) == sorted(["b.png", "b.png.png", long, "new\nline.png"])
+    lines = said.strip().splitlines()
+    assert len(lines) == 5 and any(line.startswith(f"{folder}/new\\nline.png -> ") for line in lines), said
+
+
+def test_a_video_that_fails_leaves_neither_its_overlay_nor_some_of_its_frames(capsys, small_folder, tmp_path):
+    pytest.importorskip("av")
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    _video(clips / "good.mp4", frames=4)
+    out = tmp_path / "out"
+    (out / "good" / "000002.png").mkdir(parents=True)  # a folder where a frame mask must go
+    code, _, err = run(capsys, "predict", small_folder, clips / "good.mp4", "--out", out, "--masks")
+    assert code == 1 and "000002.png" in err, err
+    assert not (out / "good_overlay.mp4").exists()
+    assert sorted(p.name for p in (out / "good").iterdir()) == ["000002.png"]  # what was there, alone
 
 
 def test_a_named_pipe_in_a_folder_is_skipped_and_an_empty_input_is_refused(photo_tree):
