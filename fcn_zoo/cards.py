@@ -228,7 +228,6 @@ def model_card(
         data = None  # fine-tuned to other classes: the dataset named in the config no longer describes them
     if mean_iou is not None and eval_dataset is None and data is None:
         raise ValueError("mean_iou needs eval_dataset= (the Hub dataset id or name it was measured on)")
-    model_id = repo_id or (row.name if row is not None else "OWNER/REPO")
     # the row's figures hold for its own architecture, not for a smaller backbone trained with its recipe
     same_architecture = row is not None and all(
         cfg.get(k) == v for k, v in {**_ARCHITECTURE_DEFAULTS, **row.model_config()}.items() if k != "dataset"
@@ -240,6 +239,9 @@ def model_card(
     local_file = Path(provenance["source_file"]).name if local else None
     checked = row is not None and (local_file is None or _is_row_file(row, provenance.get("source_sha256")))
     claims = same_architecture and checked
+    # the row's own weights load by its name; a training run's (its recipe reproduced, or its weights fine-tuned) do not
+    published = claims and not provenance.get("run")
+    model_id = repo_id or (row.name if published else "OWNER/REPO")
     if row is not None and same_architecture:
         title = f"{row.title} (`{row.name}`)"
     else:  # from the config: a row converted at another output stride, or its recipe on another backbone, is not the row
@@ -265,7 +267,7 @@ def model_card(
         pipeline_tag="image-segmentation",
         tags=["semantic-segmentation", "fcn", "timm", "pytorch", "safetensors"],
         datasets=[hub_dataset] if hub_dataset and on_hub else None,
-        model_name=row.name if row is not None else (repo_id or (title if index_miou is not None else None)),
+        model_name=row.name if published else (repo_id or (title if index_miou is not None else None)),
         eval_results=None if index_miou is None else [
             EvalResult(
                 task_type="image-segmentation",

@@ -88,8 +88,9 @@ def publish(
     return entry
 
 
-def upload(folder: Path, repo_id: str, files: list[str], token: str | None, message: str):
-    """One commit of ``files`` to ``repo_id``; the Hub's errors and unreachable networks become one line."""
+def upload(folder: Path, repo_id: str, files: list[str], token: str | None, message: str, rerun: str = "rerun to upload it"):
+    """One commit of ``files`` to ``repo_id``; the Hub's errors and unreachable networks become one line, which ends
+    with ``rerun``: how to upload the folder later."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -107,7 +108,7 @@ def upload(folder: Path, repo_id: str, files: list[str], token: str | None, mess
             raise
         raise FCNZooError(
             f"{repo_id}: the Hugging Face Hub cannot be reached ({first_line(e)}); "
-            f"the folder {folder} is built and verified: rerun to upload it"
+            f"the folder {folder} is built and verified: {rerun}"
         ) from e
 
 

@@ -303,3 +303,76 @@ def test_a_val_split_without_a_labelled_pixel_is_one_line_not_a_nan_mIoU(tmp_pat
                               "--device", "cpu"])
     assert "the 2 sample(s) scored have no labelled pixel" in str(raised.value)
     assert not (tmp_path / "eval" / "eval.json").exists()
+
+
+def test_an_upload_that_fails_leaves_a_complete_run_that_resume_uploads(tmp_path, tiny_folder, monkeypatch, capsys):
+    """The run's last line comes before the upload; the failure says to rerun with --resume, which uploads
+    without training again. Only best/ is uploaded, so only best/'s card names the repo."""
+    data = make_generic(tmp_path / "data", n_train=2, n_val=1, size=(48, 64))
+    out = tmp_path / "run"
+    uploads = []
+
+    class Api:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, exist_ok, repo_type):
+            if not uploads:
+                raise ConnectionError("Name or service not known")
+
+        def upload_folder(self, folder_path, repo_id, allow_patterns, commit_message):
+            uploads.append(folder_path)
+            return type("CommitInfo", (), {"oid": "0" * 40})()
+
+    monkeypatch.setattr("huggingface_hub.HfApi", Api)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    argv = ["--init", str(tiny_folder), "--data-root", str(data), "--output-dir", str(out), "--max-iters", "1",
+            "--batch-size", "2", "--crop-size", "32", "--push-to-hub", "me/shapes", *QUICK]
+    with pytest.raises(SystemExit) as failed:
+        train_module.main(argv)
+    assert "cannot be reached" in str(failed.value) and "rerun the command with --resume" in str(failed.value)
+    assert "1 iterations: final mIoU" in capsys.readouterr().out
+    assert "me/shapes" in (out / "best" / "README.md").read_text()
+    assert "me/shapes" not in (out / "last" / "README.md").read_text()
+    log = (out / "log.jsonl").read_text()
+    uploads.append("reachable now")
+    assert train_module.main([*argv, "--resume"]) == 0
+    assert uploads[-1] == out / "best" and (out / "log.jsonl").read_text() == log  # uploaded, nothing trained again
+
+
+def test_resume_continues_the_run_it_finds_or_says_there_is_none(tmp_path, tiny_folder, capsys, monkeypatch):
+    """--resume with other data is refused in one line (the card would describe data the run began without); the
+    same folder named another way is the same data. A folder without a checkpoint is said to start anew, and a
+    killed run's partial checkpoint is removed."""
+    data = make_generic(tmp_path / "data", n_train=2, n_val=1, size=(48, 64))
+    other = make_generic(tmp_path / "other", n_train=2, n_val=1, size=(48, 64))
+    out = tmp_path / "run"
+    common = ["--init", str(tiny_folder), "--output-dir", str(out), "--batch-size", "2", "--crop-size", "32", *QUICK]
+    assert train_module.main([*common, "--data-root", str(data), "--max-iters", "1", "--resume"]) == 0
+    assert f"--resume: no checkpoint in {out}; starting at iteration 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        train_module.main([*common, "--data-root", str(other), "--max-iters", "2", "--resume"])
+    assert f"--resume: {out} holds a run made with --data-root {str(data)!r}" in str(refused.value)
+    assert "\n" not in str(refused.value)
+    (out / ".ckpt-00000002.pt.99999-1.partial").write_bytes(b"half a checkpoint")
+    monkeypatch.chdir(tmp_path)
+    assert train_module.main([*common, "--data-root", "./data/", "--max-iters", "2", "--resume"]) == 0
+    assert not list(out.glob(".*.partial")) and (out / "ckpt-00000002.pt").is_file()
+
+
+def test_an_int8_model_is_refused_as_init_before_anything_is_written(tmp_path, tiny_folder):
+    import shutil
+
+    int8 = tmp_path / "int8"
+    int8.mkdir()
+    config = json.loads((tiny_folder / "config.json").read_text())
+    (int8 / "config.json").write_text(json.dumps({**config, "quantization": {"engine": "openvino", "source": "runs/x/best"}}))
+    for name in ("openvino_model.xml", "openvino_model.bin"):
+        (int8 / name).write_bytes(b"")
+    shutil.copy(tiny_folder / "README.md", int8 / "README.md")
+    data = make_generic(tmp_path / "data", n_train=2, n_val=1, size=(48, 64))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as refused:
+        train_module.main(["--init", str(int8), "--data-root", str(data), "--output-dir", str(out), *QUICK])
+    assert "an int8 model cannot be trained; fine-tune the fp32 model it was made from (runs/x/best)" in str(refused.value)
+    assert not out.exists()

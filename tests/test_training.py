@@ -56,6 +56,8 @@ def test_two_iterations_per_recipe_family_then_resume(tmp_path, recipe, make):
     assert config["eval_size"] == [256, 64] and config["crop_size"] == [48, 48] and config["mean"] == list(data.mean)
     card = (out / "best" / "README.md").read_text()
     assert f"{json.loads((out / 'best' / 'provenance.json').read_text())['measured_miou']:.2f} (measured" in card
+    # these weights are this run's (resnet10t): the card's usage does not load the row's published ones
+    assert f'from_pretrained("{recipe}")' not in card and f"name: {recipe}" not in card
 
     run_train("--recipe", recipe, "--data-root", str(tmp_path / "data"), "--output-dir", str(out),
               "--max-iters", "3", "--batch-size", "2", "--checkpoint-interval", "1", "--resume", *QUICK)

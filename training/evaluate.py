@@ -205,9 +205,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
         dataset, layout = evaluation_data(args, inherit_training_splits(args))
         model = fcn_zoo.from_pretrained(args.model, device=str(ctx.device))
         if model.num_classes != dataset.num_classes:
+            how = (f"fcn-zoo train --init {args.model} fine-tunes one on them" if not hasattr(model, "quantization")
+                   else "fine-tune the fp32 model this int8 one was made from, then quantize that")
             raise SystemExit(f"{args.model} predicts {model.num_classes} classes; {args.data_root or args.dataset_name} has "
-                             f"{dataset.num_classes}: evaluate a model of these classes (fcn-zoo train --init "
-                             f"{args.model} fine-tunes one on them)")
+                             f"{dataset.num_classes}: evaluate a model of these classes ({how})")
         if ctx.is_main and not args.format_only:  # before the evaluation, not after it: rank 0 writes the report
             writable(out, "the report's folder", "pass --output-dir a writable folder")
         writer = PredictionWriter(predictions, dataset, layout, model.palette, args.split) if predictions else None

@@ -11,6 +11,8 @@ is the images' median size, unless it exceeds the ``--init`` model's own bound.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -56,7 +58,7 @@ def make_plan(args: argparse.Namespace, ctx: DistributedContext) -> Plan:
     if bool(args.recipe) == bool(args.init):
         raise SystemExit("give --recipe NAME to reproduce a zoo row, or --init SOURCE to fine-tune on --data-root (not both)")
     check_numbers(args)
-    check_output_dir(Path(args.output_dir), args.resume)
+    check_output_dir(Path(args.output_dir), args.resume, args)
     if args.push_to_hub:  # found out now, not after hours of training
         import huggingface_hub
 
@@ -88,17 +90,41 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise SystemExit(f"--lr {args.lr}: must be positive")
 
 
-def check_output_dir(out: Path, resume: bool) -> None:
+#: the arguments that make a run's model and data: a --resume that changes one would continue another run
+SAME_ON_RESUME = ("recipe", "init", "data_root", "dataset", "dataset_name", "dataset_config", "revision", "image_column",
+                  "label_column", "id2label", "classes", "reduce_labels", "train_split", "val_split", "val_fraction",
+                  "max_train_samples", "backbone", "head_channels", "freeze_backbone", "class_weights", "seed")
+
+
+def check_output_dir(out: Path, resume: bool, args: argparse.Namespace | None = None) -> None:
     """A new run (not ``--resume``) goes into a folder that holds no earlier run: its checkpoints would be resumed
-    later in place of this run's, and its best/ and last/ taken for this run's."""
+    later in place of this run's, and its best/ and last/ taken for this run's. A ``--resume`` continues the run
+    the folder holds: with the same model and data (:data:`SAME_ON_RESUME`, as its ``run.json`` records them)."""
     if out.exists() and not out.is_dir():
         raise SystemExit(f"--output-dir {out}: is a file; pass a folder")
+    if resume and args is not None:
+        try:
+            before = json.loads((out / "run.json").read_text(encoding="utf-8")).get("args", {})
+        except (OSError, ValueError, AttributeError):
+            before = {}  # no run recorded yet (killed before its start was written): nothing to compare
+        for key in (k for k in SAME_ON_RESUME if k in before and not _same(before[k], getattr(args, k, None))):
+            option = "--" + key.replace("_", "-")
+            raise SystemExit(f"--resume: {out} holds a run made with {option} {before[key]!r}, this one asks for "
+                             f"{getattr(args, key, None)!r}; resume it as it was, or pass a new --output-dir")
     if resume or not out.is_dir():
         return
     earlier = sorted(p.name for p in out.iterdir() if p.name.startswith("ckpt-") or p.name in ("best", "last", "run.json"))
     if earlier:
         raise SystemExit(f"--output-dir {out}: holds an earlier run ({', '.join(earlier[:3])}); pass --resume to continue "
                          "it, or a new --output-dir")
+
+
+def _same(before, now) -> bool:
+    """An argument as the earlier run gave it and as this one does: equal, or paths to the same file or folder."""
+    if before == now:
+        return True
+    paths = [os.path.realpath(os.path.expanduser(v)) if isinstance(v, str) else v for v in (before, now)]
+    return isinstance(now, str) and os.path.exists(now) and paths[0] == paths[1]
 
 
 def recipe_plan(args: argparse.Namespace, ctx: DistributedContext) -> Plan:
@@ -178,10 +204,16 @@ def load_init(source: str, num_classes: int, log) -> tuple[fcn_zoo.FCN, int]:
     from fcn_zoo.console import quiet_loggers
     from fcn_zoo.hub import _read_config, resolve
 
+    from fcn_zoo._files import is_quantized_config
+
     try:
         with quiet_loggers("fcn_zoo.weights"):  # its note on re-initialised classifiers: said below, once
             folder = resolve(source)
-            source_classes = _read_config(folder).get("num_classes")
+            config = _read_config(folder)
+            if is_quantized_config(config):
+                raise SystemExit(f"--init {source}: an int8 model cannot be trained; fine-tune the fp32 model it was "
+                                 f"made from ({config['quantization'].get('source', 'its source')}), then quantize that")
+            source_classes = config.get("num_classes")
             model = fcn_zoo.from_pretrained(folder, num_classes=num_classes)
     except fcn_zoo.FCNZooError as e:
         raise SystemExit(f"--init {source}: {e}") from e

@@ -76,7 +76,8 @@ def push_best(folder: Path, repo_id: str, prog: str = "python -m training.train"
     from fcn_zoo.publish import upload
 
     try:
-        commit = upload(folder, repo_id, sorted(p.name for p in folder.iterdir() if p.is_file()), None, f"Upload {folder} (fcn-zoo training)")
+        commit = upload(folder, repo_id, sorted(p.name for p in folder.iterdir() if p.is_file()), None,
+                        f"Upload {folder} (fcn-zoo training)", rerun="rerun the command with --resume to upload it (nothing is trained again)")
     except FCNZooError as e:
         raise SystemExit(f"{prog}: {e}") from e
     print(f"uploaded {folder} to https://huggingface.co/{repo_id} (commit {getattr(commit, 'oid', commit)})")

@@ -153,6 +153,9 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
     plan = shared_step(lambda: make_plan(args, ctx), ctx.world_size)
     workers = args.num_workers if args.num_workers is not None else default_workers(ctx)
     out.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:  # what a run killed while writing a checkpoint, run.json or the log left (fcn_zoo._files.atomic_path)
+        for partial in out.glob(".*.partial"):
+            partial.unlink(missing_ok=True)
     model, train_set, val_set = plan.model, plan.train_set, plan.val_set
     per_device, accumulation, max_iters, iters_per_epoch = plan.per_device, plan.accumulation, plan.max_iters, plan.iters_per_epoch
     model.to(ctx.device)
@@ -178,7 +181,10 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
 
     state = {"iteration": 0, "best_miou": -1.0, "history": {"loss": [], "miou": []}}
     if args.resume:
-        state = resume(out, model, optimizer, scheduler, ctx, scaler) or state
+        resumed = resume(out, model, optimizer, scheduler, ctx, scaler)
+        if resumed is None and ctx.is_main:  # a mistyped --output-dir, or a run killed before its first checkpoint
+            print(f"--resume: no checkpoint in {out}; starting at iteration 0", file=sys.stderr)
+        state = resumed or state
     # BatchNorm normalises over the images of one step on one device, or over all devices with SyncBatchNorm
     # (GPUs); the reference's is the whole total batch, synchronised
     batchnorm_batch = per_device * (ctx.world_size if ctx.distributed and on_gpu else 1)
@@ -301,7 +307,7 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
                 for selected, wanted in (("best", best), ("last", final)):  # the reference reports its last evaluation
                     if wanted and ctx.is_main:
                         export_folder(model, plan, results, {**meta, "selected": selected, "iteration": it}, out / selected,
-                                      repo_id=args.push_to_hub)
+                                      repo_id=args.push_to_hub if selected == "best" else None)  # best/ alone is uploaded
 
             shared_step(export, ctx.world_size)
         state["iteration"] = it
@@ -312,9 +318,9 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict:
         log_file.close()
     if ctx.is_main:
         plot_curves(state["history"], out / "curves.png")
+        print(final_line(state, out))  # before the upload, which may fail: the run itself is complete
         if args.push_to_hub:
             push_best(out / "best", args.push_to_hub, getattr(args, "prog", "python -m training.train"))
-        print(final_line(state, out))
     return state
 
 
