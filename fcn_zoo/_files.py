@@ -17,6 +17,15 @@ from .errors import FCNZooError, WeightsError
 INT8_FILES = ("openvino_model.xml", "openvino_model.bin")
 
 
+def clear_for_save(folder: Path, weights: tuple[str, ...]) -> None:
+    """Before a model's ``weights`` are saved into ``folder``: the card and weights of what was saved there before
+    removed (huggingface_hub keeps a README.md it finds, which would describe the earlier model, and int8 files
+    beside fp32 ones, or the reverse, are another model's)."""
+    for name in ("README.md", "model.safetensors", *INT8_FILES):
+        if name not in weights:
+            (folder / name).unlink(missing_ok=True)
+
+
 def is_quantized_config(config: dict) -> bool:
     """Whether a folder's ``config.json`` describes an int8 model (whose files are :data:`INT8_FILES`)."""
     return isinstance(config.get("quantization"), dict)

@@ -59,8 +59,12 @@ def read_mask(mask, name: str | None = None) -> np.ndarray:
 
     ``mask``: a path, encoded bytes, a PIL image or a Hugging Face ``Image`` cell, in one of
     :data:`MASK_MODES` (8-bit grey or palette: the palette's indices are the classes, not its colours; 16-bit
-    images must hold 0..255), or a 2-D integer array. A colour image is refused with what to do."""
+    images must hold 0..255), or a 2-D integer array or tensor (``(1, H, W)`` too). A colour image is refused with
+    what to do."""
     name = name or describe(mask)
+    if type(mask).__module__.startswith("torch") and hasattr(mask, "detach"):  # a torch dataset's (image, mask) pair
+        mask = mask.detach().cpu().numpy()
+        mask = mask[0] if mask.ndim == 3 and mask.shape[0] == 1 else mask
     if isinstance(mask, np.ndarray):
         return _mask_array(mask, name)
     if isinstance(mask, Image.Image):

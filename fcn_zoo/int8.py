@@ -14,6 +14,7 @@ import copy
 import hashlib
 import json
 import logging
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from huggingface_hub import ModelHubMixin, snapshot_download
 from torch import nn
 
-from ._files import INT8_FILES, is_quantized_config
+from ._files import INT8_FILES, clear_for_save, is_quantized_config
 from .errors import FCNZooError, WeightsError
 
 __all__ = ["QuantizedFCN", "INT8_FILES", "is_quantized_config", "openvino_or_error", "cpu_has_int8_dot"]
@@ -42,9 +43,10 @@ def openvino_or_error(what: str):
 def cpu_has_int8_dot() -> bool:
     """Whether this CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX), where int8 is fastest."""
     try:
-        return bool(torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # a torch without these queries: say nothing rather than guess
+        found = torch.cpu.get_capabilities()  # cpuinfo's flags; torch.cpu._is_vnni_supported() sees AVX512-VNNI only
+    except AttributeError:  # a torch without this query: say nothing rather than guess
         return True
+    return any(found.get(flag) for flag in ("avx512_vnni", "avx_vnni", "avx_vnni_int8", "amx_int8"))
 
 
 class QuantizedFCN(
@@ -117,6 +119,14 @@ class QuantizedFCN(
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(self.forward_features(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
+    def __reduce__(self):
+        # Ray and multiprocessing pickle their arguments: the network goes as its IR (xml and weights), compiled anew
+        openvino = openvino_or_error("pickling an int8 model")
+        with tempfile.TemporaryDirectory() as tmp:
+            openvino.save_model(self.network, str(Path(tmp) / INT8_FILES[0]), compress_to_fp16=False)
+            files = tuple((Path(tmp) / name).read_bytes() for name in INT8_FILES)
+        return _unpickled, (files, self.config)
+
     def __deepcopy__(self, memo) -> "QuantizedFCN":
         # OpenVINO's compiled model does not copy: the copy compiles its own from the same network and config
         return QuantizedFCN(self.network.clone(), copy.deepcopy(self.config, memo)).train(False)
@@ -150,6 +160,7 @@ class QuantizedFCN(
 
     def _save_pretrained(self, save_directory: Path) -> None:
         openvino = openvino_or_error("saving an int8 model")
+        clear_for_save(Path(save_directory), INT8_FILES)
         # weights stay int8 as they are; compressing the rest to fp16 would change the answers
         openvino.save_model(self.network, str(Path(save_directory) / INT8_FILES[0]), compress_to_fp16=False)
 
@@ -161,7 +172,8 @@ class QuantizedFCN(
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
         """Upload the folder :meth:`save_pretrained` writes to the Hub repo ``repo_id`` in one commit."""
         kwargs.setdefault("model_card_kwargs", {}).setdefault("repo_id", repo_id)
-        return super().push_to_hub(repo_id, config=self.config, **kwargs)
+        kwargs.setdefault("config", self.config)  # save_pretrained(push_to_hub=True) passes its own
+        return super().push_to_hub(repo_id, **kwargs)
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download=False,
@@ -176,6 +188,13 @@ class QuantizedFCN(
         if config is None:
             config = json.loads((folder / "config.json").read_text())
         return load_int8(folder, config)
+
+
+def _unpickled(files: tuple[bytes, bytes], config: dict) -> QuantizedFCN:
+    with tempfile.TemporaryDirectory() as tmp:  # the network is read and compiled before the files go
+        for name, data in zip(INT8_FILES, files):
+            (Path(tmp) / name).write_bytes(data)
+        return QuantizedFCN(Path(tmp) / INT8_FILES[0], config).train(False)
 
 
 def load_int8(folder: Path, config: dict) -> QuantizedFCN:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
 from torch import nn
 
+from ._files import clear_for_save
 from .errors import WeightsError
 from .weights import load_weights
 from .zoo import DATASETS, IMAGENET_MEAN, IMAGENET_STD, folder_metadata
@@ -253,11 +254,14 @@ class FCN(
         from safetensors.torch import save_file
 
         path = Path(save_directory) / constants.SAFETENSORS_SINGLE_FILE
+        clear_for_save(path.parent, (path.name,))
         # contiguous copies of the tensors that are not (a channels_last model, as GPUs train and run it): some
         # safetensors versions refuse strided tensors; the model itself keeps its memory format
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata={"format": "pt"})
         # safetensors creates the file readable by its owner only; give it the mode of the config and card
-        os.chmod(path, 0o666 & ~_umask())
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(path, 0o666 & ~mask)
 
     def push_to_hub(
         self, repo_id: str, *, mean_iou: float | None = None, eval_dataset: str | None = None, eval_split: str = "val",
@@ -330,12 +334,6 @@ class FCN(
             raise WeightsError(f"{model_id}: config.json does not describe a valid FCN: {e}") from e
         load_weights(model, model_file, strict=strict, map_location=map_location, new_classes=new_classes)
         return model.eval()
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _inference_params(model: FCN) -> int:

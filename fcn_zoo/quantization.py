@@ -30,6 +30,7 @@ import torch
 from ._inference import inference_copy
 from .console import quiet_loggers
 from .errors import FCNZooError, ImageError
+from .metrics import IGNORE_INDEX
 from .images import describe, read_image, read_mask
 from .int8 import QuantizedFCN, cpu_has_int8_dot, openvino_or_error
 
@@ -120,7 +121,7 @@ def quantize(
         raise FCNZooError(f"calibration {_what(calibration)}: no images; give a folder, a list or a dataset of images")
     checks = None  # the held-out images and masks, read before the calibration: a bad one is skipped, not fatal
     if validation is not None:
-        checks = _read_pairs(calibration_items(validation), "validation")
+        checks = _read_pairs(calibration_items(validation), "validation", model.num_classes)
         if not checks:
             raise FCNZooError(f"validation {_what(validation)}: no readable images to measure the agreement on; give "
                               "images, or leave validation out to hold out calibration images")
@@ -128,7 +129,7 @@ def quantize(
     held_out = []
     if validation is None and len(items) > num_samples + check:
         held_out, chosen = chosen[:check], chosen[check:]
-        checks = _read_pairs([items[i] for i in held_out], "held-out image") or None
+        checks = _read_pairs([items[i] for i in held_out], "held-out image", model.num_classes) or None
     chosen = sorted(chosen[:num_samples])
     plain = inference_copy(model, "cpu")  # eval mode, no auxiliary head; the caller's model left as it is
     inputs = _CalibrationInputs(plain, [items[i] for i in chosen])
@@ -189,7 +190,7 @@ def agreement(reference, other, items: Iterable) -> dict:
         matrices[key] = ConfusionMatrix(reference.num_classes)
         for label, mask in zip(labels, masks):
             if mask is not None:
-                matrices[key].update(torch.from_numpy(label), torch.from_numpy(np.asarray(mask)))
+                matrices[key].update(torch.from_numpy(label), torch.from_numpy(np.array(mask)))
         if key == "fp32":
             first = labels
     for a, b in zip(first, labels):
@@ -202,13 +203,22 @@ def agreement(reference, other, items: Iterable) -> dict:
     return result
 
 
-def _read_pairs(items, what: str) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """``items`` (images, or ``(image, mask)`` pairs) read; one that cannot be is named in a warning and left out."""
+def _read_pairs(items, what: str, num_classes: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """``items`` (images, or ``(image, mask)`` pairs) read, and each mask checked against its image's size and the
+    classes: one that cannot be read or does not fit is named in a warning and left out, before the calibration."""
     pairs = []
     for item in items:
         image, mask = item if isinstance(item, tuple) else (item, None)
         try:
-            pairs.append((read_image(image, describe(image)), None if mask is None else read_mask(mask, describe(mask))))
+            rgb, labels = read_image(image, describe(image)), None if mask is None else read_mask(mask, describe(mask))
+            if labels is not None and labels.shape != rgb.shape[:2]:
+                raise ImageError(f"its mask {describe(mask)} is {labels.shape[1]}x{labels.shape[0]}, the image "
+                                 f"{rgb.shape[1]}x{rgb.shape[0]}")
+            stray = None if labels is None else np.setdiff1d(np.unique(labels), [*range(num_classes), IGNORE_INDEX])
+            if stray is not None and stray.size:
+                raise ImageError(f"its mask {describe(mask)} holds {stray.tolist()[:5]}, outside the model's "
+                                 f"{num_classes} classes (and {IGNORE_INDEX}, ignored)")
+            pairs.append((rgb, labels))
         except (ImageError, OSError) as e:
             logger.warning("%s %s skipped (%s)", what, describe(image), e)
     return pairs

@@ -57,12 +57,12 @@ class Segmenter:
 
         from .engine import Predictor
 
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         if not isinstance(model, torch.nn.Module):  # an FCN or its int8 version is used as it is
             from .hub import from_pretrained
 
-            model = from_pretrained(model, device=device)
+            model = from_pretrained(model, device=device)  # default the CPU: a copy goes to the GPU below
+        if device is None:  # an int8 model runs on the CPU, GPU or not
+            device = "cuda" if torch.cuda.is_available() and not hasattr(model, "quantization") else "cpu"
         self.predictor = Predictor(model, fuse=fuse, confidence=confidence, device=device, **options)
         self.class_names = list(model.class_names)
         self.column = column

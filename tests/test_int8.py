@@ -227,9 +227,17 @@ def test_bf16_is_native_only_with_avx512_bf16_or_amx(monkeypatch):
     _fusion.cpu_has_bf16.cache_clear()
 
 
+def test_int8_dot_products_are_found_in_every_instruction_set_that_has_them(monkeypatch):
+    """AVX-VNNI (Alder Lake, Sierra Forest) has them too, though torch.cpu._is_vnni_supported() sees AVX512-VNNI only."""
+    from fcn_zoo.int8 import cpu_has_int8_dot
+
+    for flags, found in (({}, False), ({"avx512_vnni": True}, True), ({"avx_vnni": True}, True), ({"amx_int8": True}, True)):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda f=flags: f)
+        assert cpu_has_int8_dot() is found, flags
+
+
 def test_an_int8_model_on_a_cpu_without_int8_dot_products_says_to_compare_with_fp32(int8_folder, monkeypatch, caplog):
-    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_vnni": False, "avx_vnni": False})
     with caplog.at_level("WARNING", logger="fcn_zoo.int8"):
         fcn_zoo.from_pretrained(int8_folder)
     assert any("no int8 dot-product instructions" in r.getMessage() and "fp32 model" in r.getMessage() for r in caplog.records)
@@ -320,3 +328,79 @@ def test_an_int8_model_copies(int8_folder, trained):
     assert copied is not int8 and copied.weights_sha256 == int8.weights_sha256 and not copied.training
     assert all(np.array_equal(a.labels, b.labels) for a, b in zip(copied.predict(images), int8.predict(images)))
 
+
+
+def test_an_int8_model_pickles_for_ray_and_a_gpu_machine_runs_it_on_the_cpu(int8_folder, trained, monkeypatch):
+    """Ray pickles a Segmenter's arguments: the int8 network travels as its IR. On a machine with a GPU, the
+    Segmenter and evaluate run an int8 model on the CPU by default, rather than refusing the default device."""
+    import pickle
+
+    from fcn_zoo.ray import Segmenter
+    from training.evaluate import _int8_folder
+
+    int8 = fcn_zoo.from_pretrained(int8_folder)
+    again = pickle.loads(pickle.dumps(int8))
+    images = _val(trained[1])[0][:2]
+    assert again.weights_sha256 == int8.weights_sha256 and again.config == int8.config
+    assert all(np.array_equal(a.labels, b.labels) for a, b in zip(again.predict(images), int8.predict(images)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for model in (int8_folder, int8):
+        assert Segmenter(model).predictor.device.type == "cpu"
+    assert _int8_folder(str(int8_folder)) and not _int8_folder(str(trained[0])) and not _int8_folder("fcn_resnet50os8_voc")
+
+
+def test_saving_over_another_model_leaves_only_the_new_ones_card_and_weights(int8_folder, trained, tmp_path, monkeypatch):
+    """huggingface_hub keeps a README.md it finds: saving into a folder that held another model kept that model's
+    card (and the other kind's weights, which could then be loaded in place of the new ones)."""
+    folder = tmp_path / "m"
+    fcn = fcn_zoo.from_pretrained(trained[0])
+    int8 = fcn_zoo.from_pretrained(int8_folder)
+    fcn.save_pretrained(folder)
+    int8.save_pretrained(folder)
+    assert not (folder / "model.safetensors").exists() and "OpenVINO" in (folder / "README.md").read_text()
+    assert fcn_zoo.from_pretrained(folder).weights_sha256 == int8.weights_sha256
+    fcn.save_pretrained(folder)
+    assert not (folder / "openvino_model.xml").exists() and "OpenVINO" not in (folder / "README.md").read_text()
+    assert isinstance(fcn_zoo.from_pretrained(folder), fcn_zoo.FCN)
+
+    calls = []
+
+    class FakeApi:  # save_pretrained(push_to_hub=True) passes config= itself
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            return type("RepoUrl", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, *, repo_id, folder_path, **kwargs):
+            calls.append(sorted(p.name for p in Path(folder_path).iterdir()))
+            return type("CommitInfo", (), {"oid": "0" * 40})()
+
+    monkeypatch.setattr("huggingface_hub.hub_mixin.HfApi", FakeApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    int8.save_pretrained(tmp_path / "pushed", push_to_hub=True, repo_id="me/q")
+    assert calls == [["README.md", "config.json", "openvino_model.bin", "openvino_model.xml"]]
+
+
+def test_validation_masks_that_do_not_fit_are_skipped_before_calibrating_and_tensor_pairs_are_read(trained, tmp_path, caplog):
+    """A validation mask of another size, or with values outside the classes, is named and skipped before the
+    calibration (before, the whole calibration ran first, then a torch IndexError); a torch dataset's (image,
+    mask) tensor pairs are read (before, each was skipped and the agreement fell back on calibration images)."""
+    from fcn_zoo.quantization import quantize
+
+    best, data = trained
+    images, masks = _val(data)
+    wrong_size = Image.fromarray(masks[1][:-4])
+    stray = masks[2].copy()
+    stray[0, 0] = 7
+    pairs = [(images[0], masks[0]), (images[1], wrong_size), (images[2], stray),
+             (torch.from_numpy(np.array(Image.open(images[3]).convert("RGB"))).permute(2, 0, 1),
+              torch.from_numpy(masks[3].astype(np.int64))[None])]
+    model = fcn_zoo.from_pretrained(best)
+    calibration = sorted((data / "images" / "train").glob("*.jpg"))[:3]
+    with caplog.at_level("WARNING", logger="fcn_zoo.quantization"):
+        q = quantize(model, calibration, validation=pairs, progress=False)
+    said = [r.getMessage() for r in caplog.records]
+    assert any(images[1].name in m and "its mask" in m and "the image" in m and "skipped" in m for m in said), said
+    assert any(images[2].name in m and "holds [7]" in m for m in said), said
+    assert q.quantization["agreement"]["images"] == 2 and q.quantization["agreement"]["held_out"] is True

@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate
     from fcn_zoo.errors import FCNZooError
 
     out = Path(args.output_dir) if args.output_dir else default_output_dir(args.model, args.split + ("-tta" if args.tta else ""))
+    if args.device is None and _int8_folder(args.model):  # OpenVINO runs it on the CPU, GPU or not
+        args.device = "cpu"
     try:
         ctx = init_distributed(args.device)
     except FCNZooError as e:
@@ -285,6 +287,17 @@ def _strict_json(value):
     if isinstance(value, (list, tuple)):
         return [_strict_json(v) for v in value]
     return value
+
+
+def _int8_folder(model: str) -> bool:
+    import json
+
+    from fcn_zoo._files import is_quantized_config
+
+    try:
+        return is_quantized_config(json.loads((Path(model).expanduser() / "config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, AttributeError):  # not a folder (a zoo name, a Hub repo), or no readable config
+        return False
 
 
 def sample_count(dataset, max_samples: int | None) -> int:
