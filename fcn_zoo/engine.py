@@ -303,17 +303,19 @@ def _read_ahead(items: Iterator, load: Callable, submit: Callable[..., Future], 
         except Exception as e:
             failure = e
 
+    threads = submit is not _run_now
     take(prefetch)
     while pending:
         item, future = pending.popleft()
+        if threads:  # reader threads start the next reads before this one is waited for: they keep ahead
+            take(prefetch - len(pending))
         try:
             loaded = future.result()
         except Exception as e:
             loaded = e
         yield item, loaded
-        # the next items only once this one's result is out: a live source (a camera, a request answered by its
-        # result) is not waited for before it, and without workers each image is read when the network needs it
-        take(prefetch - len(pending))
+        if not threads:  # without them, each image is read when the network needs it, once the result before it
+            take(prefetch - len(pending))  # is out: a live source (a camera, a request answered by it) is not waited on
     if failure is not None:
         yield _SOURCE_FAILED, failure
 

@@ -96,7 +96,8 @@ def predict_iter(
         images: any iterable (a list, a generator, a dataset) of what :func:`fcn_zoo.predict.predict`
             takes: paths, PIL images, RGB arrays or tensors. It is consumed as the results are.
         num_workers: threads reading, decoding and resizing images ahead of the network; 0 reads each
-            image when the network needs it. Default: 2 on GPUs; on the CPU, as many (up to 2) as there are
+            image when the network needs it, and asks ``images`` for the next one only once the result before
+            it is out (for a live source: a camera, requests each answered by its result). Default: 2 on GPUs; on the CPU, as many (up to 2) as there are
             cores that torch's threads leave idle, which is none by default: there the network uses every
             core, and readers would only take time from it (benchmarks/RESULTS.md: 2-7% slower on 2 cores).
         prefetch: how many images may be read ahead (default ``2 x max(num_workers, batch_size)``, or the
