@@ -469,3 +469,27 @@ def test_an_id2label_file_with_a_negative_id_names_it(tmp_path):
         read_id2label(path)
     path.write_text('{"0": "void", "1": "road"}')
     assert read_id2label(path) == ["void", "road"]
+
+
+def test_evaluate_reads_the_dataset_as_training_did_without_repeating_its_options(tmp_path):
+    """A model trained with --reduce-labels and --classes on a dataset without id2label.json is evaluated there
+    with --dataset-name alone: the labels are reduced as in training and the classes are the model's, so the mIoU
+    is the one training measured. Before, the classes were missing (an error), and without --reduce-labels the
+    masks would be scored unreduced."""
+    from conftest import tiny_fcn
+    from training import evaluate as evaluate_module
+    from training import train as train_module
+
+    data = make_hub_dataset(tmp_path / "d", {"train": 4, "validation": 2}, id2label=None, shift=1)
+    (tmp_path / "classes.txt").write_text("background\nbox\nellipse\n")
+    init = tmp_path / "init"
+    tiny_fcn(num_classes=3, dataset=None).save_pretrained(init)
+    out = tmp_path / "run"
+    assert train_module.main(["--init", str(init), "--dataset-name", str(data), "--reduce-labels", "--classes",
+                              str(tmp_path / "classes.txt"), "--output-dir", str(out), "--max-iters", "1",
+                              "--batch-size", "2", "--crop-size", "32", "--device", "cpu", "--num-workers", "0",
+                              "--no-progress"]) == 0
+    measured = json.loads((out / "best" / "provenance.json").read_text())["measured_miou"]
+    assert evaluate_module.main([str(out / "best"), "--dataset-name", str(data), "--device", "cpu",
+                                 "--output-dir", str(tmp_path / "eval")]) == 0
+    assert round(100 * json.loads((tmp_path / "eval" / "eval.json").read_text())["mIoU"], 2) == measured

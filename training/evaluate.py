@@ -329,13 +329,21 @@ def inherit_training_splits(args: argparse.Namespace) -> float | None:
     Hugging Face dataset it trained on, sets ``args.train_split`` to its training split where
     ``--train-split`` is not given, and ``args.val_split`` to its validation split where it validated on a
     named split and neither ``--val-split`` nor ``--val-fraction`` is given. Its held-out rows, or its
-    validation split, are then the ones evaluated, not those of the default ``train`` split."""
+    validation split, are then the ones evaluated, not those of the default ``train`` split. On that dataset its
+    ``--reduce-labels`` and columns hold too (its masks read otherwise would be scored against other classes), and
+    on any Hugging Face dataset without class names of its own the model's are taken."""
     run = _training_run(args.model)
     fraction = run.get("val_fraction")
     fraction = fraction if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) else None
+    if getattr(args, "dataset_name", None):
+        args.model_classes = _model_classes(args.model)
     data = run.get("data")
     if not getattr(args, "dataset_name", None) or not isinstance(data, dict) or not _same_hub_dataset(args, data):
         return fraction
+    args.reduce_labels = args.reduce_labels or data.get("reduce_labels") is True
+    columns = data.get("columns") if isinstance(data.get("columns"), dict) else {}
+    args.image_column = args.image_column or columns.get("image")
+    args.label_column = args.label_column or columns.get("label")
     trained, validated = data.get("train_split"), data.get("val_split")
     if args.train_split is None and isinstance(trained, str):
         args.train_split = trained
@@ -352,6 +360,17 @@ def _same_hub_dataset(args: argparse.Namespace, data: dict) -> bool:
     if data.get("local_folder"):  # a folder is recorded by its name
         return Path(args.dataset_name).exists() and Path(args.dataset_name).resolve().name == data.get("name")
     return args.dataset_name == data.get("name")
+
+
+def _model_classes(model: str) -> tuple[list[str], list] | None:
+    """The class names and palette a model folder's ``config.json`` records, or ``None``."""
+    import json
+
+    try:
+        config = json.loads((Path(model).expanduser() / "config.json").read_text(encoding="utf-8"))
+        return (list(config["class_names"]), config.get("palette")) if config.get("class_names") else None
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return None
 
 
 def _training_run(model: str) -> dict:

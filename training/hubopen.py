@@ -120,6 +120,8 @@ def classes(args: argparse.Namespace) -> tuple[list[str], list | None]:
         found = hub_id2label(args.dataset_name, args.revision)
         if found is not None:
             return read_id2label(found), None
+    if getattr(args, "model_classes", None):  # evaluate: the classes of the model being evaluated
+        return args.model_classes
     raise DatasetLayoutError(f"{args.dataset_name}: no class names (no id2label.json in the dataset); give --id2label FILE "
                              "(JSON {\"0\": \"name\", ...}) or --classes FILE (one name per line)")
 
