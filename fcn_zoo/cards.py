@@ -35,7 +35,7 @@ FCN semantic segmentation (Long et al., [arXiv:1411.4038](https://arxiv.org/abs/
 [sssegmentation](https://github.com/SegmentationBLWX/sssegmentation), published as `{{ row.name }}.pth`,
 converted to safetensors by [fcn-zoo]({{ repo_url }}).
 {%- elif row %} The weights were converted by [fcn-zoo]({{ repo_url }}) from `{{ local_file }}`, a file named as the
-reference's `{{ row.name }}.pth` whose sha256 is not the one known for it: none of that row's figures are claimed.
+reference's `{{ row.name }}.pth` whose sha256 was not found to be that file's: none of that row's figures are claimed.
 {%- else %} It loads with [fcn-zoo]({{ repo_url }}).
 {%- endif %}
 

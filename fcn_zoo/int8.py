@@ -44,8 +44,11 @@ def cpu_has_int8_dot() -> bool:
     """Whether this CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX), where int8 is fastest."""
     try:
         found = torch.cpu.get_capabilities()  # cpuinfo's flags; torch.cpu._is_vnni_supported() sees AVX512-VNNI only
-    except AttributeError:  # a torch without this query: say nothing rather than guess
-        return True
+    except AttributeError:  # an older torch: its own queries
+        try:
+            return bool(torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported())
+        except AttributeError:  # none at all: say nothing rather than guess
+            return True
     return any(found.get(flag) for flag in ("avx512_vnni", "avx_vnni", "avx_vnni_int8", "amx_int8"))
 
 

@@ -57,12 +57,15 @@ class Segmenter:
 
         from .engine import Predictor
 
-        if not isinstance(model, torch.nn.Module):  # an FCN or its int8 version is used as it is
+        loaded = not isinstance(model, torch.nn.Module)  # an FCN or its int8 version is used as it is
+        if loaded:
             from .hub import from_pretrained
 
-            model = from_pretrained(model, device=device)  # default the CPU: a copy goes to the GPU below
-        if device is None:  # an int8 model runs on the CPU, GPU or not
+            model = from_pretrained(model, device=device)  # default the CPU: an int8 model runs there, GPU or not
+        if device is None:
             device = "cuda" if torch.cuda.is_available() and not hasattr(model, "quantization") else "cpu"
+        if loaded and not hasattr(model, "quantization"):
+            model = model.to(device)  # its own: moved, not copied
         self.predictor = Predictor(model, fuse=fuse, confidence=confidence, device=device, **options)
         self.class_names = list(model.class_names)
         self.column = column

@@ -271,12 +271,12 @@ def _prepare(sources: list[Source], outputs: Outputs, journal: Journal, resume: 
 
 def _clear_leftovers(folder: Path, targets: set[Path]) -> None:
     """Remove the temporary files (``.<name>.<pid>-<thread>.partial``) a killed process left beside ``targets``."""
-    stems = {(str(t.parent), partial_stem(t.name)) for t in targets}
+    stems = {(t.parent, partial_stem(t.name)) for t in targets}
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if d != JOURNAL_DIR]
         for name in files:
             match = _PARTIAL.match(name)
-            if match and (root, match.group(1)) in stems:
+            if match and (Path(root), match.group(1)) in stems:  # Path: "./a" and "a" are one folder
                 Path(root, name).unlink(missing_ok=True)
 
 

@@ -234,6 +234,10 @@ def test_int8_dot_products_are_found_in_every_instruction_set_that_has_them(monk
     for flags, found in (({}, False), ({"avx512_vnni": True}, True), ({"avx_vnni": True}, True), ({"amx_int8": True}, True)):
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda f=flags: f)
         assert cpu_has_int8_dot() is found, flags
+    monkeypatch.delattr(torch.cpu, "get_capabilities")  # an older torch: its own queries
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert cpu_has_int8_dot() is False
 
 
 def test_an_int8_model_on_a_cpu_without_int8_dot_products_says_to_compare_with_fp32(int8_folder, monkeypatch, caplog):

@@ -712,3 +712,15 @@ def test_a_linked_sub_folder_is_walked_and_a_link_to_a_folder_above_is_no_loop(t
     names = [s.name for s in expand_inputs([str(photo_tree)]).sources]
     assert "2024/linked/x" in names and len(names) == len(set(names))
     assert len(names) == len(expand_inputs([str(photo_tree)]).sources)
+
+
+def test_leftovers_are_cleared_in_sub_folders_of_an_out_given_as_dot(tmp_path, monkeypatch):
+    from fcn_zoo.runner import _clear_leftovers
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    halves = [tmp_path / "a" / ".x.png.123-456.partial", tmp_path / ".y.png.1-2.partial"]
+    for half in halves:
+        half.write_bytes(b"half")
+    _clear_leftovers(Path("."), {Path("./a/x.png"), Path("./y.png")})
+    assert not any(half.exists() for half in halves)

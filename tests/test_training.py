@@ -520,3 +520,18 @@ def test_evaluate_refuses_a_val_fraction_on_a_layout_with_its_own_val_split(tmp_
                               "--device", "cpu", "--output-dir", str(tmp_path / "eval")])
     assert "--val-fraction holds out part of your own folder's" in str(refused.value.code)
     assert "voc's layout, whose val split is its own" in str(refused.value.code)
+
+
+def test_evaluate_takes_nothing_from_a_folder_named_as_the_zoo_row_it_scores(tmp_path, monkeypatch):
+    """A zoo name is its row even beside a folder of that name: evaluate's report, classes and splits are not that
+    folder's."""
+    from training.evaluate import _model_classes, _training_run, default_output_dir
+
+    name = "fcn_resnet50os8_voc"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "config.json").write_text(json.dumps({"class_names": ["a", "b"]}))
+    (tmp_path / name / "provenance.json").write_text(json.dumps({"run": {"val_fraction": 0.5}}))
+    assert _model_classes(name) is None and _training_run(name) == {}
+    assert default_output_dir(name, "val") == Path("eval") / f"{name}-val"
+    assert _model_classes(f"./{name}") == (["a", "b"], None) and _training_run(f"./{name}") == {"val_fraction": 0.5}

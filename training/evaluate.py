@@ -289,15 +289,33 @@ def _strict_json(value):
     return value
 
 
-def _int8_folder(model: str) -> bool:
-    import json
-
-    from fcn_zoo._files import is_quantized_config
+def _is_folder(model: str) -> bool:
+    """Whether ``model`` names a folder to load (a zoo name is its row, even beside a folder of that name)."""
+    from fcn_zoo.errors import FCNZooError
+    from fcn_zoo.hub import source_kind
 
     try:
-        return is_quantized_config(json.loads((Path(model).expanduser() / "config.json").read_text(encoding="utf-8")))
-    except (OSError, ValueError, AttributeError):  # not a folder (a zoo name, a Hub repo), or no readable config
+        return source_kind(model) == "folder"
+    except FCNZooError:
         return False
+
+
+def _folder_file(model: str, name: str) -> dict:
+    """The JSON object ``name`` (``config.json``, ``provenance.json``) of the model folder ``model`` names, or ``{}``
+    where ``model`` is no folder or the file is unreadable."""
+    import json
+
+    try:
+        found = json.loads((Path(model).expanduser() / name).read_text(encoding="utf-8")) if _is_folder(model) else {}
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _int8_folder(model: str) -> bool:
+    from fcn_zoo._files import is_quantized_config
+
+    return is_quantized_config(_folder_file(model, "config.json"))
 
 
 def sample_count(dataset, max_samples: int | None) -> int:
@@ -317,8 +335,8 @@ def tta_record(tta: bool) -> dict | bool:
 
 def default_output_dir(model: str, split: str) -> Path:
     """Beside a model folder (``runs/mine/best`` -> ``runs/mine/eval-best-val``), else ``eval/<model>-<split>``."""
-    folder = Path(model)
-    if folder.is_dir():
+    folder = Path(model).expanduser()
+    if _is_folder(model):
         return folder.resolve().parent / f"eval-{folder.resolve().name}-{split}"
     return Path("eval") / f"{model.replace('/', '--').replace('@', '-')}-{split}"
 
@@ -364,23 +382,14 @@ def _same_hub_dataset(args: argparse.Namespace, data: dict) -> bool:
 
 def _model_classes(model: str) -> tuple[list[str], list] | None:
     """The class names and palette a model folder's ``config.json`` records, or ``None``."""
-    import json
-
-    try:
-        config = json.loads((Path(model).expanduser() / "config.json").read_text(encoding="utf-8"))
-        return (list(config["class_names"]), config.get("palette")) if config.get("class_names") else None
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
-        return None
+    config = _folder_file(model, "config.json")
+    names = config.get("class_names")
+    return (list(names), config.get("palette")) if isinstance(names, list) and names else None
 
 
 def _training_run(model: str) -> dict:
     """The ``run`` of a model folder's ``provenance.json`` (what its training run recorded), or ``{}``."""
-    import json
-
-    try:
-        run = json.loads((Path(model) / "provenance.json").read_text())["run"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
+    run = _folder_file(model, "provenance.json").get("run")
     return run if isinstance(run, dict) else {}
 
 
