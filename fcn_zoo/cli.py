@@ -152,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="a page to try models in a browser (Gradio; pip install 'fcn-zoo[demo]')")
     p.add_argument("names", nargs="*", metavar="NAME", help="models to offer (default: the twelve rows); zoo names, Hub repo ids, folders")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, default=7860, help="0-65535 (default 7860)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default cpu)")
     p.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link")
     p.add_argument("--max-models", type=int, default=2, help="models kept loaded at once (default 2)")
@@ -201,10 +201,12 @@ def _needs(modules: tuple[str, ...], extra: str, what: str) -> None:
 def cmd_demo(args) -> int:
     _needs(("gradio",), "demo", "the demo")
     from .demo import launch
+    from .hub import resolve, source_kind
 
-    for name in args.names:
-        if "/" not in name and not Path(name).exists():
-            zoo.get_checkpoint(name)  # an unknown name is one line now, not a page that cannot load it
+    if not 0 <= args.port <= 65535:
+        raise FCNZooError(f"--port {args.port}: must be 0-65535")
+    for name in (n for n in args.names if source_kind(n) == "folder"):  # an unknown name, a missing path or a folder
+        resolve(name)  # without a model is one line now, not a page that cannot load it
     launch(args.names or None, host=args.host, port=args.port, device=args.device, share=args.share, max_models=args.max_models)
     return 0
 
@@ -265,11 +267,9 @@ def cmd_predict(args) -> int:
         raise FCNZooError(f"--out {out}: cannot be made ({e.strerror or e}); pass another folder") from e
     # one run at a time into --out on this machine (under torchrun the processes share it: see runner.py)
     with only_writer(out, args.cache_dir) if world == 1 else contextlib.nullcontext():
-        totals = segment_sources(
-            model, found.sources, outputs, resume=args.resume, not_inputs=len(found.skipped), quiet=args.quiet,
-            made=made, num_workers=args.workers, batch_size=args.batch_size, compile=args.compile,
-            cache_dir=args.cache_dir, **options,
-        )
+        totals = segment_sources(model, found.sources, outputs, resume=args.resume, not_inputs=len(found.skipped),
+                                 quiet=args.quiet, made=made, num_workers=args.workers, batch_size=args.batch_size,
+                                 compile=args.compile, cache_dir=args.cache_dir, **options)
     if rank != 0:  # its failed inputs are told by the first process, in the end line and its exit status:
         return 0  # torchrun would end every process (the first one writing the summary) at a non-zero exit
     already = f", {totals.already} already done" if totals.already else ""  # by an earlier run (--resume)
@@ -288,10 +288,8 @@ def cmd_convert(args) -> int:
 
     out = _new(Path(args.out))
     checkpoint = zoo.checkpoint_for_file(args.src) if args.source == "reference" else None
-    provenance = convert_checkpoint(
-        args.src, out, args.source, checkpoint=checkpoint, output_stride=args.output_stride,
-        parity=not args.no_parity, provenance={"source_file": Path(args.src).name},
-    )
+    provenance = convert_checkpoint(args.src, out, args.source, checkpoint=checkpoint, output_stride=args.output_stride,
+                                    parity=not args.no_parity, provenance={"source_file": Path(args.src).name})
     parity = provenance.get("parity")
     why = " (mmsegmentation's needs mmcv's compiled ops)" if args.source == "mmseg" else " (sssegmentation not importable)"
     figures = (f"max abs logit difference {parity['max_abs_diff']:.2e}, label agreement {parity['label_agreement']:.4f} "

@@ -99,11 +99,17 @@ def segment(models: ModelCache, image_path, name: str, tta: bool, slide: bool, p
     shown = Path(image_path).name
     try:
         with Image.open(image_path) as probe:
+            if probe.width * probe.height > MAX_PIXELS:  # from the header, before anything is decoded (a TIFF would be)
+                raise gr.Error(f"The photo is {probe.width}x{probe.height} ({probe.width * probe.height / 1e6:.0f} MP); "
+                               f"the demo takes up to {MAX_PIXELS / 1e6:.0f} MP: resize it first.")
             width, height = displayed_size(probe)
     except Image.DecompressionBombError:
         raise gr.Error(f"{shown} is too large to decode safely; the demo takes photos up to {MAX_PIXELS / 1e6:.0f} MP: resize it first.") from None
-    except Exception as e:
-        raise gr.Error(f"{shown} is not an image ({first_line(e)}): upload a JPEG, PNG or WebP photo.") from None
+    except gr.Error:
+        raise
+    except Exception as e:  # the server's temporary path is not the user's to see
+        raise gr.Error(f"{shown} is not an image ({first_line(e).replace(str(image_path), shown)}): upload a JPEG, PNG "
+                       "or WebP photo.") from None
     if width * height > MAX_PIXELS:
         raise gr.Error(f"The photo is {width}x{height} ({width * height / 1e6:.0f} MP); the demo takes up to {MAX_PIXELS / 1e6:.0f} MP: resize it first.")
     try:

@@ -79,6 +79,8 @@ def export(
     path = Path(path)
     if not path.parent.is_dir():
         raise FCNZooError(f"{path}: the folder {path.parent} does not exist; create it or name another file")
+    if path.is_dir():
+        raise FCNZooError(f"{path}: is a folder; pass a file name")
     module = _Features(model) if features else model
     x = torch.randn(2, 3, *example_size, device=device_of(model))  # batch 2: 1 would be a constant
     # named axes: export finds their ranges itself (the dilated convolutions add guards)

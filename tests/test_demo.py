@@ -212,3 +212,37 @@ def test_the_model_cache_refuses_no_room_and_a_device_that_is_not_here(monkeypat
     monkeypatch.setattr(devices, "no_cuda_device", lambda: "this machine has no NVIDIA driver")
     with pytest.raises(fcn_zoo.FCNZooError, match="--device cuda: this machine has no NVIDIA driver"):
         ModelCache(device="cuda")
+
+
+def test_a_huge_upload_is_refused_from_its_header_and_messages_name_the_upload_not_the_servers_path(tmp_path, monkeypatch):
+    """A TIFF's size was only checked after decoding it whole (hundreds of MB for a 4 MB upload); a file that is
+    no image was said with the server's temporary path."""
+    import gradio as gr
+
+    from fcn_zoo.demo import segment
+
+    def decoded(*args):
+        raise AssertionError("decoded before its size was checked")
+
+    monkeypatch.setattr(demo_module, "displayed_size", decoded)
+    Image.new("1", (8000, 8000)).save(tmp_path / "huge.tif", compression="group4")
+    models = ModelCache(loader=lambda name: pytest.fail("no model is needed to refuse an upload"))
+    with pytest.raises(gr.Error, match=r"The photo is 8000x8000 \(64 MP\)"):
+        segment(models, str(tmp_path / "huge.tif"), "tiny", False, False, "fp32", 0.5)
+    (tmp_path / "notes.jpg").write_text("not a photo")
+    with pytest.raises(gr.Error) as raised:
+        segment(models, str(tmp_path / "notes.jpg"), "tiny", False, False, "fp32", 0.5)
+    assert "notes.jpg is not an image" in str(raised.value) and str(tmp_path) not in str(raised.value)
+
+
+def test_demo_arguments_are_checked_before_the_page_is_built(tmp_path, monkeypatch, capsys):
+    from fcn_zoo.cli import main
+
+    monkeypatch.setattr(demo_module, "launch", lambda *a, **k: pytest.fail("the page was built"))
+    (tmp_path / "photos").mkdir()
+    for argv, said in ((["--port", "99999", "fcn_resnet50os8_voc"], "--port 99999: must be 0-65535"),
+                       ([str(tmp_path / "missing")], "no such file or folder"),
+                       ([str(tmp_path / "photos")], "not a save_pretrained folder")):
+        assert main(["demo", *argv]) == 1
+        err = capsys.readouterr().err.strip()
+        assert said in err and len(err.splitlines()) == 1, err

@@ -199,3 +199,12 @@ def test_two_threads_on_a_cold_cache_share_one_export(tiny_folder, monkeypatch):
     assert not any(isinstance(r, Exception) for r in results.values()), results
     assert all((r == expected).mean() > 0.999 for r in results.values())
     assert len(calls) == 1
+
+
+def test_export_to_a_folder_is_refused_before_exporting(tmp_path):
+    from conftest import tiny_fcn
+    from fcn_zoo.export import export
+
+    (tmp_path / "out").mkdir()
+    with pytest.raises(fcn_zoo.FCNZooError, match="is a folder; pass a file name"):
+        export(tiny_fcn(), tmp_path / "out")
