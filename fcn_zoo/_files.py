@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -52,6 +53,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+#: the temporary names :func:`atomic_path` writes to; group 1 is the :func:`partial_stem` of the file being written
+PARTIAL_NAME = re.compile(r"^\.(.+)\.\d+(?:-\d+)?\.partial$")
 
 
 def partial_stem(name: str) -> str:

@@ -19,7 +19,6 @@ import csv
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ._files import atomic_path, cache_root, partial_stem
+from ._files import PARTIAL_NAME, atomic_path, cache_root, partial_stem
 from .devices import distributed_rank
 from .errors import FCNZooError, first_line
 from .images import save_image
@@ -46,7 +45,6 @@ __all__ = ["Outputs", "Totals", "segment_sources", "only_writer"]  # Outputs: fr
 
 WRITERS = 2  # threads encoding and writing outputs behind the network
 WRITERS_AHEAD = 2 * WRITERS  # results that may wait for them before the network waits in turn
-_PARTIAL = re.compile(r"^\.(.+)\.\d+(?:-\d+)?\.partial$")  # what _files.atomic_path writes to
 
 
 @dataclass
@@ -275,7 +273,7 @@ def _clear_leftovers(folder: Path, targets: set[Path]) -> None:
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if d != JOURNAL_DIR]
         for name in files:
-            match = _PARTIAL.match(name)
+            match = PARTIAL_NAME.match(name)
             if match and (Path(root), match.group(1)) in stems:  # Path: "./a" and "a" are one folder
                 Path(root, name).unlink(missing_ok=True)
 
